@@ -1,0 +1,42 @@
+"""The package's exceptions: one base class, :class:`SurgeryError`, and its specialisations."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from fxsurgery.result import SurgeryResult
+
+__all__ = ["SurgeryError", "TraceError", "ValidationError", "InputError"]
+
+
+class SurgeryError(Exception):
+    """Base class of every error fxsurgery raises for a bad model or bad input."""
+
+
+class InputError(SurgeryError):
+    """The arguments are malformed: wrong example inputs, unknown options, unusable model object."""
+
+
+class TraceError(SurgeryError):
+    """torch.fx could not trace the model (or shape propagation failed).
+
+    ``module`` names the submodule that failed (qualified name, ``""`` for the root) when it is known.
+    """
+
+    def __init__(self, message: str, *, module: str | None = None) -> None:
+        super().__init__(message)
+        self.module = module
+
+
+class ValidationError(SurgeryError):
+    """The rewritten model's outputs differ from the original's beyond tolerance.
+
+    ``result`` carries the :class:`~fxsurgery.SurgeryResult` (with its ``validation``) so the caller can inspect it;
+    ``sites`` names the sites found responsible.
+    """
+
+    def __init__(self, message: str, *, result: SurgeryResult | Any, sites: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.result = result
+        self.sites = sites

@@ -1,0 +1,252 @@
+"""The graph-rewriting engine shared by both directions.
+
+A rule turns a candidate node into new nodes that compute the same values in another *layout* (a 2-D Linear
+output carried as ``(N, O, 1, 1)``; an NCHW map carried channels-last as ``(N, H, W, C)``). The engine keeps, for each
+original node, its counterpart in the other layout, lets elementwise ops run on that counterpart so that consecutive
+sites share it, and converts back (one node) only where a consumer outside the region needs the original layout.
+Original nodes left without users are then removed, so the graph holds no reshape ping-pong between sites.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.nn.utils import parametrize
+
+from fxsurgery import _runtime
+from fxsurgery.result import Site
+from fxsurgery.rules._ops import elementwise_tensor_inputs
+from fxsurgery.tracing import shape_of
+
+__all__ = ["Layout", "Rewriter", "Rule", "Skip", "module_skip_reason", "guard", "permutation_layout", "permute_dims"]
+
+log = logging.getLogger(__name__)
+
+
+class Skip(Exception):
+    """Raised inside a rule to skip the current site; the message is the site's reason."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """An alternative layout: ``enter`` builds it from an original node, ``exit`` (one node) converts back.
+
+    ``to_alt`` is the permutation ``enter`` applies when the layout is a pure permutation: a ``permute`` that would
+    undo a conversion is then cancelled instead of added.
+    """
+
+    name: str
+    enter: Callable[[fx.Graph, fx.Node, str], fx.Node]
+    exit: Callable[[fx.Graph, fx.Node, fx.Node], fx.Node]
+    to_alt: tuple[int, ...] | None = None
+
+
+def permutation_layout(name: str, to_alt: tuple[int, ...]) -> Layout:
+    """A layout that carries values permuted by ``to_alt`` (e.g. NCHW as NHWC)."""
+    back = tuple(to_alt.index(i) for i in range(len(to_alt)))
+
+    def enter(graph: fx.Graph, x: fx.Node, site: str) -> fx.Node:
+        return graph.call_method("permute", (x, to_alt))
+
+    def exit(graph: fx.Graph, alt: fx.Node, orig: fx.Node) -> fx.Node:
+        return graph.call_method("permute", (alt, back))
+
+    return Layout(name, enter, exit, to_alt)
+
+
+def permute_dims(node: object) -> tuple[int, ...] | None:
+    """The dims of ``node`` if it is ``x.permute(...)`` / ``torch.permute(x, ...)`` with constant dims, else None."""
+    if not isinstance(node, fx.Node):
+        return None
+    if not (node.op == "call_method" and node.target == "permute") and not (
+        node.op == "call_function" and node.target is torch.permute
+    ):
+        return None
+    dims = node.kwargs["dims"] if "dims" in node.kwargs else node.args[1:]
+    if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+        dims = dims[0]
+    if not dims or not all(isinstance(d, int) for d in dims) or not isinstance(node.args[0], fx.Node):
+        return None
+    return tuple(d % len(dims) for d in dims)
+
+
+def _composes_to_identity(first: tuple[int, ...], then: tuple[int, ...]) -> bool:
+    """True when ``x.permute(first).permute(then)`` is ``x``."""
+    return len(first) == len(then) and all(first[then[i]] == i for i in range(len(then)))
+
+
+class Rule(Protocol):
+    """A rewrite rule: ``is_candidate`` selects nodes; ``apply`` rewrites one (or raises :class:`Skip`)."""
+
+    pattern_names: Sequence[str]
+
+    def is_candidate(self, node: fx.Node, rw: Rewriter) -> bool: ...
+
+    def apply(self, node: fx.Node, rw: Rewriter) -> Site: ...
+
+    def describe(self, node: fx.Node, rw: Rewriter) -> tuple[str, str]:
+        """(site name, pattern) for a site that is skipped before a pattern was matched."""
+        ...
+
+
+def guard(graph: fx.Graph, x: fx.Node, spatial: tuple[int, ...], site: str, original_rejects: bool) -> fx.Node:
+    """Insert a run-time check that ``x`` still has the traced spatial size."""
+    return graph.call_function(_runtime.check_spatial_size, (x, spatial, site, original_rejects))
+
+
+def module_skip_reason(name: str, mod: nn.Module, exact_types: tuple[type, ...], rw: Rewriter) -> str | None:
+    """Why a module-call site must be left alone, or None.
+
+    Hooks, parametrizations and subclasses would be dropped by a replacement layer; a module called more than once
+    or a parameter shared with another module would be split in two.
+    """
+    if parametrize.is_parametrized(mod):
+        names = ", ".join(sorted(mod.parametrizations.keys()))  # type: ignore[union-attr]
+        return f"parametrized ({names}: weight_norm/spectral_norm-style); the parametrization would be dropped"
+    if type(mod) not in exact_types:
+        return f"{type(mod).__name__} is a subclass of {exact_types[0].__name__} whose forward may differ"
+    hooks = [
+        label
+        for label, d in (
+            ("forward hooks", mod._forward_hooks),
+            ("forward pre-hooks", mod._forward_pre_hooks),
+            ("backward hooks", mod._backward_hooks),
+            ("backward pre-hooks", mod._backward_pre_hooks),
+        )
+        if d
+    ]
+    if hooks:
+        return f"has {' and '.join(hooks)}, which a replacement layer would not run"
+    if rw.module_calls[name] > 1:
+        return f"called {rw.module_calls[name]} times in forward (a shared layer); left as it is"
+    for pname, p in mod.named_parameters(recurse=False):
+        others = [o for o in rw.param_owners.get(id(p), []) if o != f"{name}.{pname}"]
+        if others:
+            return f"{pname} shared with {others[0].rsplit('.', 1)[0] or others[0]} (tied weights)"
+    return None
+
+
+class Rewriter:
+    """State of one pass over one GraphModule."""
+
+    def __init__(self, gm: fx.GraphModule, exclude: Sequence[str] = ()) -> None:
+        self.gm = gm
+        self.graph = gm.graph
+        self.modules: dict[str, nn.Module] = dict(gm.named_modules())
+        self.exclude = set(exclude)
+        self.alt: dict[fx.Node, tuple[fx.Node, Layout]] = {}
+        self.sites: list[Site] = []
+        self.new_modules: dict[str, nn.Module] = {}
+        self._exits: dict[fx.Node, fx.Node] = {}
+        self._enters: dict[tuple[fx.Node, str], fx.Node] = {}
+        self.module_calls = Counter(str(n.target) for n in self.graph.nodes if n.op == "call_module")
+        self.param_owners: dict[int, list[str]] = {}
+        for pname, p in gm.named_parameters(remove_duplicate=False):
+            self.param_owners.setdefault(id(p), []).append(pname)
+        self._seen_modules: set[str] = set()
+
+    # -- layout bookkeeping -------------------------------------------------------------------------------------
+    def set_alt(self, node: fx.Node, alt: fx.Node, layout: Layout) -> None:
+        self.alt[node] = (alt, layout)
+
+    def enter(self, node: fx.Node, layout: Layout, site: str) -> fx.Node:
+        """``node`` in ``layout``: its counterpart if it has one, else a conversion (built once)."""
+        if node in self.alt and self.alt[node][1] is layout:
+            return self.alt[node][0]
+        source = self.exit_of(node) if node in self.alt else node
+        dims = permute_dims(source)
+        if layout.to_alt is not None and dims is not None and _composes_to_identity(dims, layout.to_alt):
+            return source.args[0]  # type: ignore[return-value]  # the permute undoes itself
+        key = (source, layout.name)
+        if key not in self._enters:
+            with self.graph.inserting_before(key[0].next):  # keeps a multi-node conversion in order
+                self._enters[key] = layout.enter(self.graph, key[0], site)
+        return self._enters[key]
+
+    def exit_of(self, node: fx.Node) -> fx.Node:
+        """The original-layout value of ``node``: itself, or one conversion back from its counterpart."""
+        if node not in self.alt:
+            return node
+        if node not in self._exits:
+            alt, layout = self.alt[node]
+            with self.graph.inserting_before(alt.next):
+                self._exits[node] = layout.exit(self.graph, alt, node)
+        return self._exits[node]
+
+    # -- the pass -----------------------------------------------------------------------------------------------
+    def run(self, rule: Rule) -> list[Site]:
+        for node in list(self.graph.nodes):
+            if rule.is_candidate(node, self):
+                self._apply(rule, node)
+            else:
+                self._propagate(node)
+        self._finish()
+        return self.sites
+
+    def _apply(self, rule: Rule, node: fx.Node) -> None:
+        name, pattern = rule.describe(node, self)
+        if node.op == "call_module":
+            if name in self._seen_modules:
+                return  # one Site per module; a module called twice was skipped at its first call
+            self._seen_modules.add(name)
+        if name in self.exclude:
+            self.sites.append(Site(name, pattern, "skipped", "excluded by the caller"))
+            return
+        try:
+            site = rule.apply(node, self)
+        except Skip as s:
+            site = Site(name, pattern, "skipped", str(s))
+        self.sites.append(site)
+
+    def _propagate(self, node: fx.Node) -> None:
+        inputs = elementwise_tensor_inputs(node, self.modules)
+        if not inputs:
+            return
+        layouts = {self.alt[i][1].name for i in inputs if i in self.alt}
+        if len(layouts) != 1:
+            return
+        layout = next(self.alt[i][1] for i in inputs if i in self.alt)
+        mapped = {i: self.enter(i, layout, node.name) for i in inputs}
+        with self.graph.inserting_before(node):
+            new = self.graph.node_copy(node, lambda a: mapped.get(a, a))
+        new.meta = {}
+        self.set_alt(node, new, layout)
+
+    def _finish(self) -> None:
+        for node in list(self.alt):
+            alt, layout = self.alt[node]
+            outside = [u for u in node.users if u not in self.alt]
+            for u in list(outside):
+                dims = permute_dims(u)
+                if layout.to_alt is not None and dims == layout.to_alt:
+                    u.replace_all_uses_with(alt)  # the user permutes back to the layout we carry: cancel both
+                    self.graph.erase_node(u)
+                    outside.remove(u)
+            if outside:
+                back = self.exit_of(node)
+                for u in outside:
+                    if u is not back:
+                        u.replace_input_with(node, back)
+        # Original nodes now computed in another layout: remove them (last first), then whatever fed only them.
+        for node in reversed(list(self.alt)):
+            if not node.users:
+                self.graph.erase_node(node)
+        self.graph.eliminate_dead_code()
+        for name, mod in self.new_modules.items():
+            self.gm.add_submodule(name, mod)
+        self.graph.lint()
+        self.gm.recompile()
+
+
+def static_shape(node: fx.Node, what: str) -> tuple[int, ...]:
+    shape = shape_of(node)
+    if shape is None:
+        raise Skip(f"no static shape is known for {what} ({node.name})")
+    return shape

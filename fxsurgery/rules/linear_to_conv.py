@@ -1,0 +1,226 @@
+"""Linear -> Conv2d.
+
+Rules (found by graph pattern and propagated shapes, never by layer names):
+
+* ``flatten->linear``: ``Linear(C*H*W -> O)`` fed by an order-preserving reshape of a 4-D map ``Y (N, C, H, W)``
+  (``torch.flatten(x, 1)``, ``x.flatten(1)``, ``nn.Flatten()``, ``x.view(x.size(0), -1)``,
+  ``x.reshape(x.shape[0], -1)``, ``x.view(-1, K)``, ``x.squeeze(-1).squeeze(-1)``, possibly after
+  ``.contiguous()``) becomes ``Conv2d(C, O, kernel_size=(H, W))`` on ``Y`` with kernel ``W.view(O, C, H, W)``. If ``Y``
+  is itself ``Z.permute(0, a, b, c)`` (a channels-last flatten), the convolution reads ``Z`` and the kernel is the
+  permuted view ``W.view(O, *Y.shape[1:]).permute(...)``. A run-time check keeps the rewritten model rejecting
+  feature-map sizes that the original rejects.
+* ``pool->linear``: ``Linear`` fed by ``x.mean([2, 3])`` becomes ``x.mean([2, 3], keepdim=True)`` + 1x1 conv.
+* ``chain-linear``: once a value is carried as ``(N, O, 1, 1)``, elementwise ops run on it unchanged and a following
+  Linear becomes a 1x1 conv; one flatten at the end restores ``(N, O)``.
+
+Functional ``F.linear(x, w, b)`` sites become ``F.conv2d(x, w.view(...), b)``, so the parameter keeps its 2-D shape.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from fxsurgery.result import Site
+from fxsurgery.rules._engine import (
+    Layout,
+    Rewriter,
+    Skip,
+    guard,
+    module_skip_reason,
+    permutation_layout,
+    permute_dims,
+    static_shape,
+)
+from fxsurgery.tracing import shape_of
+from fxsurgery.weights import linear_to_conv_weight
+
+__all__ = ["LinearToConv", "POINT_LAYOUT"]
+
+_EXACT = (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear)
+
+
+def _enter_point(graph: fx.Graph, x: fx.Node, site: str) -> fx.Node:
+    return graph.call_method("reshape", (x, (-1, static_shape(x, "a chained value")[1], 1, 1)))
+
+
+def _exit_point(graph: fx.Graph, alt: fx.Node, orig: fx.Node) -> fx.Node:
+    return graph.call_function(torch.flatten, (alt, 1))
+
+
+#: ``(N, O)`` values carried as ``(N, O, 1, 1)``.
+POINT_LAYOUT = Layout("(N,C,1,1)", _enter_point, _exit_point)
+#: Channels-last ``(N, H, W, O)`` values carried as NCHW ``(N, O, H, W)``.
+NCHW_LAYOUT = permutation_layout("NCHW", (0, 3, 1, 2))
+_CONV_LAYOUTS = (POINT_LAYOUT, NCHW_LAYOUT)
+
+# Order-preserving reshapes that may stand between a 4-D map and the Linear that reads it flattened.
+_RESHAPE_METHODS = {"flatten", "view", "reshape", "squeeze", "contiguous"}
+_RESHAPE_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze}
+
+
+def _is_reshape(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    if node.op == "call_method":
+        return node.target in _RESHAPE_METHODS
+    if node.op == "call_function":
+        return node.target in _RESHAPE_FUNCTIONS
+    if node.op == "call_module":
+        return isinstance(modules.get(str(node.target)), nn.Flatten)
+    return False
+
+
+def _check_batch_safe(node: fx.Node) -> None:
+    """Reject reshapes that only flatten correctly at the traced batch size."""
+    if node.target == "squeeze" or node.target is torch.squeeze:
+        if len(node.args) < 2 and "dim" not in node.kwargs:
+            raise Skip(f"{node.name}: squeeze() without dims also drops a batch of size 1")
+    if node.target in ("view", "reshape") or node.target is torch.reshape:
+        shape = node.args[1:] if node.op == "call_method" else node.args[1:2]
+        if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+            shape = tuple(shape[0])
+        first = shape[0] if shape else None
+        if isinstance(first, int) and first != -1:
+            raise Skip(f"{node.name}: the reshape hard-codes the batch size ({first}); use x.size(0) or -1")
+
+
+def _flatten_source(x: fx.Node, rw: Rewriter) -> fx.Node | None:
+    """The 4-D node whose flatten is ``x``, walking back through order-preserving reshapes; None if none."""
+    n = static_shape(x, "the Linear input")[0]
+    cur = x
+    while _is_reshape(cur, rw.modules) and isinstance(cur.args[0], fx.Node):
+        _check_batch_safe(cur)
+        if static_shape(cur, "a reshape")[0] != n:
+            raise Skip(f"{cur.name} moves the batch axis (dim 0 is not {n})")
+        cur = cur.args[0]
+        shape = static_shape(cur, "a reshape input")
+        if shape[0] != n:
+            raise Skip(f"{cur.name} moves the batch axis (dim 0 is not {n})")
+        if len(shape) == 4:
+            return cur
+    return None
+
+
+def _spatial_mean_source(x: fx.Node) -> fx.Node | None:
+    """``y`` if ``x`` is ``y.mean([2, 3])`` (or ``torch.mean``) of a 4-D ``y`` without keepdim, else None."""
+    if not ((x.op == "call_method" and x.target == "mean") or (x.op == "call_function" and x.target is torch.mean)):
+        return None
+    if not isinstance(x.args[0], fx.Node) or len(shape_of(x.args[0]) or ()) != 4:
+        return None
+    dims = x.args[1] if len(x.args) > 1 else x.kwargs.get("dim")
+    keepdim = x.args[2] if len(x.args) > 2 else x.kwargs.get("keepdim", False)
+    if keepdim or "dtype" in x.kwargs or not isinstance(dims, (tuple, list)):
+        return None
+    return x.args[0] if sorted(d % 4 for d in dims) == [2, 3] else None
+
+
+class LinearToConv:
+    """Rewrite Linear layers that read flattened or pooled 4-D maps (and their chains) as Conv2d."""
+
+    pattern_names = ("flatten->linear", "pool->linear", "chain-linear", "channels-last-linear")
+
+    def is_candidate(self, node: fx.Node, rw: Rewriter) -> bool:
+        if node.op == "call_module":
+            return isinstance(rw.modules.get(str(node.target)), nn.Linear)
+        return node.op == "call_function" and node.target is F.linear
+
+    def describe(self, node: fx.Node, rw: Rewriter) -> tuple[str, str]:
+        name = str(node.target) if node.op == "call_module" else node.name
+        return name, self._pattern(node, rw)
+
+    def _pattern(self, node: fx.Node, rw: Rewriter) -> str:
+        x = node.args[0] if node.args else node.kwargs.get("input")
+        if x in rw.alt:
+            return "chain-linear"
+        if permute_dims(x) == (0, 2, 3, 1):
+            return "channels-last-linear"
+        if isinstance(x, fx.Node) and _spatial_mean_source(x) is not None:
+            return "pool->linear"
+        return "flatten->linear"
+
+    def apply(self, node: fx.Node, rw: Rewriter) -> Site:
+        name, pattern = self.describe(node, rw)
+        functional = node.op == "call_function"
+        if functional:
+            args = list(node.args) + [None] * (3 - len(node.args))
+            x, w, b = (node.kwargs.get(k, args[i]) for i, k in enumerate(("input", "weight", "bias")))
+            mod = None
+        else:
+            mod = rw.modules[name]
+            reason = module_skip_reason(name, mod, _EXACT, rw)
+            if reason:
+                raise Skip(reason)
+            x, w, b = node.args[0], None, None
+        if not isinstance(x, fx.Node):
+            raise Skip("the input is not a graph value")
+        if functional and not isinstance(w, fx.Node):
+            raise Skip("the weight is not a graph value")
+        x_shape = static_shape(x, "the Linear input")
+        out_features, in_features = static_shape(w, "the weight") if functional else mod.weight.shape  # type: ignore[union-attr]
+
+        order: tuple[int, ...] | None = None
+        layout = POINT_LAYOUT
+        if x in rw.alt:
+            src, layout, feature = rw.alt[x][0], rw.alt[x][1], (in_features, 1, 1)
+            if layout not in _CONV_LAYOUTS:
+                raise Skip(f"the input is carried in layout {layout.name}")
+            before = f"Linear({in_features}->{out_features}) after a rewritten site"
+        elif len(x_shape) == 4 and permute_dims(x) == (0, 2, 3, 1):
+            src, layout, feature = x.args[0], NCHW_LAYOUT, (in_features, 1, 1)
+            before = f"Linear({in_features}->{out_features}) on NCHW permuted to channels-last"
+        elif (pooled := _spatial_mean_source(x)) is not None:
+            c = static_shape(pooled, "the pooled map")[1]
+            with rw.graph.inserting_before(node):
+                src = rw.graph.call_method("mean", (pooled, [2, 3]), {"keepdim": True})
+            feature = (c, 1, 1)
+            before = f"Linear({in_features}->{out_features}) on mean over HxW of {c} channels"
+        else:
+            if len(x_shape) != 2:
+                kind = "(N, S, C) tokens" if len(x_shape) == 3 else f"{len(x_shape)}-D"
+                raise Skip(f"input is {kind}, not a flattened or pooled 4-D feature map")
+            y = _flatten_source(x, rw)
+            if y is None:
+                raise Skip(f"input ({x.name}) is not a flattened or pooled 4-D feature map")
+            y_shape = static_shape(y, "the flattened map")
+            dims = permute_dims(y)
+            if dims is not None and len(dims) == 4 and dims[0] == 0:
+                order = tuple(d - 1 for d in dims[1:])
+                y = y.args[0]
+                y_shape = static_shape(y, "the permuted map")
+            feature = tuple(y_shape[1:])
+            with rw.graph.inserting_before(node):
+                src = guard(rw.graph, y, (feature[1], feature[2]), name, original_rejects=True)
+            size = "x".join(map(str, feature))
+            before = f"Linear({in_features}->{out_features}) on flatten({size}{' permuted' if order else ''})"
+        if math.prod(feature) != in_features:
+            raise Skip(f"in_features={in_features} does not match the {feature} map")
+
+        kernel = (feature[1], feature[2])
+        with rw.graph.inserting_before(node):
+            if functional:
+                w4 = rw.graph.call_method("view", (w, (out_features, *(feature[d] for d in (order or (0, 1, 2))))))
+                if order:
+                    w4 = rw.graph.call_method("permute", (w4, (0, *(1 + order.index(d) for d in range(3)))))
+                conv = rw.graph.call_function(F.conv2d, (src, w4, b))
+            else:
+                rw.new_modules[name] = _conv_from_linear(mod, feature, order)  # type: ignore[arg-type]
+                conv = rw.graph.call_module(name, (src,))
+        rw.set_alt(node, conv, layout)
+        after = f"Conv2d({feature[0]}, {out_features}, kernel={kernel[0]}x{kernel[1]})"
+        return Site(name, pattern, "rewritten", before=before, after=after)
+
+
+def _conv_from_linear(lin: nn.Linear, feature: tuple[int, ...], order: tuple[int, ...] | None) -> nn.Conv2d:
+    weight = linear_to_conv_weight(lin.weight.detach(), feature, order)
+    conv = nn.Conv2d(
+        feature[0], lin.out_features, (feature[1], feature[2]), bias=lin.bias is not None, device="meta",
+        dtype=lin.weight.dtype,
+    )  # fmt: skip
+    conv.weight = nn.Parameter(weight, requires_grad=lin.weight.requires_grad)
+    if lin.bias is not None:
+        conv.bias = lin.bias
+    conv.train(lin.training)
+    return conv

@@ -1,0 +1,227 @@
+"""Tracing, copying and shape propagation: everything the rules need before they look at a graph.
+
+* :func:`prepare_model` unwraps ``DataParallel``/``DistributedDataParallel`` and rejects models fx cannot represent
+  faithfully (ScriptModules, hooks on the root, uninitialised lazy modules) with a specific message.
+* :func:`trace` runs ``torch.fx.symbolic_trace`` with user leaf modules and names the submodule that failed.
+* :func:`working_copy` copies a module's structure while its parameters stay views of the original storage (zero
+  copy) and its buffers are cloned, so nothing done to the copy (train/eval, BatchNorm statistics) reaches the original.
+* :func:`propagate_shapes` records ``node.meta["val"]`` with fake tensors: no real activations are computed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from fxsurgery import _runtime
+from fxsurgery.errors import InputError, TraceError
+
+__all__ = [
+    "LeafSpec",
+    "normalize_inputs",
+    "prepare_model",
+    "trace",
+    "working_copy",
+    "propagate_shapes",
+    "shape_of",
+]
+
+log = logging.getLogger(__name__)
+
+LeafSpec = Sequence["type[nn.Module] | str"]
+
+# Functions the rewritten graphs call; re-tracing a rewritten model must keep them as single nodes.
+_AUTOWRAP = (_runtime.check_spatial_size,)
+
+
+def normalize_inputs(example_inputs: Any) -> tuple[torch.Tensor, ...]:
+    """Return ``example_inputs`` as a tuple of tensors, or raise :class:`InputError` saying what is wrong."""
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, list):
+        example_inputs = tuple(example_inputs)
+    if not isinstance(example_inputs, tuple) or not example_inputs:
+        raise InputError(
+            f"example_inputs must be a Tensor or a non-empty tuple of Tensors, got {type(example_inputs).__name__}"
+        )
+    for i, t in enumerate(example_inputs):
+        if not isinstance(t, torch.Tensor):
+            raise InputError(f"example_inputs[{i}] is a {type(t).__name__}, not a Tensor; pass tensors only")
+    return example_inputs
+
+
+def prepare_model(model: Any) -> nn.Module:
+    """Check that ``model`` can be traced faithfully and unwrap data-parallel wrappers."""
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TraceError(
+            "model is a TorchScript ScriptModule, which torch.fx cannot trace; pass the eager nn.Module it was "
+            "scripted from",
+            module="",
+        )
+    if not isinstance(model, nn.Module):
+        raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    while isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        model = model.module
+    hooks = [
+        kind
+        for kind, d in (
+            ("forward hooks", model._forward_hooks),
+            ("forward pre-hooks", model._forward_pre_hooks),
+        )
+        if d
+    ]
+    if hooks and not isinstance(model, fx.GraphModule):
+        raise TraceError(
+            f"the root module has {' and '.join(hooks)}, which torch.fx drops when tracing; remove them before the "
+            "rewrite (or wrap the model in a parent nn.Module so the hooks run inside the traced graph)",
+            module="",
+        )
+    lazy = [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params()
+    ]
+    if lazy:
+        raise InputError(
+            f"model has uninitialised lazy modules ({', '.join(lazy[:3])}); run one forward pass on a real input "
+            "first so their shapes are known"
+        )
+    return model
+
+
+class _Tracer(fx.Tracer):
+    """A tracer that honours user leaf modules and remembers the innermost submodule that failed."""
+
+    def __init__(self, leaf_modules: LeafSpec) -> None:
+        super().__init__(autowrap_functions=_AUTOWRAP)
+        self._leaf_types = tuple(x for x in leaf_modules if isinstance(x, type))
+        self._leaf_names = {x for x in leaf_modules if isinstance(x, str)}
+        self.failed_module: str | None = None
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if module_qualified_name in self._leaf_names or (self._leaf_types and isinstance(m, self._leaf_types)):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_module is None:
+                with contextlib.suppress(NameError):
+                    self.failed_module = self.path_of_module(m)
+            raise
+
+
+def trace(model: nn.Module, leaf_modules: LeafSpec = ()) -> fx.GraphModule:
+    """Symbolically trace ``model``; a GraphModule is returned as it is (its graph is already explicit)."""
+    for leaf in leaf_modules:
+        if not isinstance(leaf, (str, type)):
+            raise InputError(f"leaf_modules entries must be module types or qualified names, got {leaf!r}")
+    if isinstance(model, fx.GraphModule) and not leaf_modules:
+        return model
+    tracer = _Tracer(leaf_modules)
+    try:
+        graph = tracer.trace(model)
+    except Exception as e:  # torch.fx raises many types (TraceError, TypeError, NameError, RuntimeError, ...)
+        where = tracer.failed_module
+        if where:
+            sub = model.get_submodule(where)
+            hint = f"leaf_modules=({where!r},) or leaf_modules=({type(sub).__name__},)"
+            msg = f"cannot trace submodule {where!r} ({type(sub).__name__}): {_first_line(e)}; mark it as a leaf: {hint}"
+        else:
+            msg = (
+                f"cannot trace {type(model).__name__}.forward: {_first_line(e)}; move the untraceable code into a "
+                "submodule and pass it in leaf_modules"
+            )
+        raise TraceError(msg, module=where or "") from e
+    name = model.__class__.__name__
+    return fx.GraphModule(tracer.root, graph, name)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def working_copy(module: nn.Module, *, clone_params: bool = False) -> Any:
+    """Copy ``module``'s structure; parameters alias the original storage unless ``clone_params``.
+
+    New module objects (so ``train()``/``eval()``, hooks and attribute changes stay local), new ``Parameter`` objects
+    viewing the same data (so no memory is copied and ``requires_grad`` is kept), cloned buffers (so BatchNorm
+    statistics never move in the original).
+    """
+    memo: dict[int, Any] = {}
+    if not clone_params:
+        for p in module.parameters():
+            memo[id(p)] = nn.Parameter(p.detach(), requires_grad=p.requires_grad)
+    try:
+        return copy.deepcopy(module, memo)
+    except Exception as e:
+        raise InputError(f"cannot copy the model ({_first_line(e)}); fxsurgery never modifies the model in place") from e
+
+
+@contextlib.contextmanager
+def _frozen_buffers(module: nn.Module) -> Iterator[None]:
+    """Restore every buffer after the block: shape propagation runs train-mode code that updates statistics."""
+    saved = [(b, b.detach().clone()) for b in module.buffers() if b.device.type != "meta"]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, v in saved:
+                if b.shape == v.shape:
+                    b.copy_(v)
+
+
+def propagate_shapes(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> None:
+    """Record ``node.meta["val"]`` (a fake tensor, or a Python value) for every node of ``gm``.
+
+    Fake tensors carry shape, dtype and device without data, so this costs no FLOPs. Leaf modules that cannot run on
+    fake tensors fall back to one real run on clones of the inputs.
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    with _frozen_buffers(gm), torch.no_grad():
+        try:
+            FakeTensorProp(gm, FakeTensorMode(allow_non_fake_inputs=True)).propagate(*inputs)
+            return
+        except Exception as fake_error:  # fall back to real values below
+            log.info("fake shape propagation failed (%s); running the example inputs for real", fake_error)
+        try:
+            _RealProp(gm).run(*[t.clone() for t in inputs])
+        except Exception as e:
+            raise TraceError(
+                f"the traced model fails on the example inputs: {_first_line(e)}; check the input shapes and dtypes"
+            ) from e
+
+
+class _RealProp(fx.Interpreter):
+    def run_node(self, n: fx.Node) -> Any:
+        result = super().run_node(n)
+        if isinstance(result, torch.Tensor):
+            n.meta["val"] = torch.empty_like(result, device="meta")
+        elif isinstance(result, (int, float, bool, torch.Size, tuple, list)):
+            n.meta["val"] = result
+        return result
+
+
+def shape_of(node: Any) -> tuple[int, ...] | None:
+    """The static shape recorded for ``node``, or None when it is not a tensor node."""
+    if not isinstance(node, fx.Node):
+        return None
+    val = node.meta.get("val")
+    if isinstance(val, torch.Tensor):
+        try:
+            return tuple(int(d) for d in val.shape)
+        except TypeError:  # symbolic sizes
+            return None
+    return None

@@ -1,0 +1,92 @@
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+
+import pytest
+import torch
+import torch.utils._pytree as pytree
+from torch import nn
+
+import fxsurgery
+
+# float64 comparisons of the rewritten model against the original: a correct rewrite agrees to ~1e-15 of the
+# output scale; a wrong weight mapping is off by O(1).
+EXACT_RTOL = 1e-10
+
+
+def snapshot(model: nn.Module) -> dict:
+    """Everything about a model that surgery must not change."""
+    return {
+        "state": {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()},
+        "requires_grad": {k: p.requires_grad for k, p in model.named_parameters()},
+        "training": {k: m.training for k, m in model.named_modules()},
+        "modules": [(k, type(m)) for k, m in model.named_modules()],
+    }
+
+
+def assert_unchanged(model: nn.Module, before: dict) -> None:
+    after = snapshot(model)
+    assert after["modules"] == before["modules"]
+    assert after["training"] == before["training"]
+    assert after["requires_grad"] == before["requires_grad"]
+    assert after["state"].keys() == before["state"].keys()
+    for k, v in before["state"].items():
+        assert torch.equal(after["state"][k], v), f"{k} changed"
+
+
+def outputs_close(ref, got, rtol: float = EXACT_RTOL) -> float:
+    """Max error relative to the output scale; asserts structure, shapes and dtypes are equal."""
+    ref_leaves, ref_spec = pytree.tree_flatten(ref)
+    got_leaves, got_spec = pytree.tree_flatten(got)
+    assert ref_spec == got_spec
+    worst = 0.0
+    for a, b in zip(ref_leaves, got_leaves):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        scale = max(float(a.abs().max()), 1e-3)
+        err = float((a.double() - b.double()).abs().max()) / scale
+        assert err <= rtol, f"error {err:.3g} > {rtol}"
+        worst = max(worst, err)
+    return worst
+
+
+def run_surgery(
+    direction: str,
+    model: nn.Module,
+    inputs,
+    *,
+    rewritten: Iterable[str],
+    skipped: dict[str, str] | None = None,
+    **kwargs,
+) -> fxsurgery.SurgeryResult:
+    """Run a pass and check everything: graph lint, rewritten/skipped sites, exactness in float64 against the
+    original model, and that neither the model nor the inputs changed."""
+    inputs = inputs if isinstance(inputs, tuple) else (inputs,)
+    before = snapshot(model)
+    inputs_before = [t.clone() for t in inputs]
+    res = fxsurgery.rewrite(model, inputs, direction, precision="float64", **kwargs)
+    res.module.graph.lint()
+    assert sorted(s.name for s in res.rewritten) == sorted(rewritten), res.summary()
+    for s in res.skipped:
+        assert s.reason, s
+    if skipped is not None:
+        got = {s.name: s.reason for s in res.skipped}
+        assert got.keys() == skipped.keys(), res.summary()
+        for name, fragment in skipped.items():
+            assert fragment in got[name], f"{name}: {got[name]!r} lacks {fragment!r}"
+    assert res.validation is not None and res.validation.passed
+    # Independent check: the original model (not the tool's validation) in float64.
+    ref_model = copy.deepcopy(model).double().eval()
+    new_model = copy.deepcopy(res.module).double().eval()
+    x64 = tuple(t.double() if t.is_floating_point() else t for t in inputs)
+    with torch.no_grad():
+        outputs_close(ref_model(*[t.clone() for t in x64]), new_model(*[t.clone() for t in x64]))
+    assert_unchanged(model, before)
+    for a, b in zip(inputs, inputs_before):
+        assert torch.equal(a, b)
+    return res
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
