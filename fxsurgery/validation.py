@@ -22,6 +22,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
+from fxsurgery.errors import InputError
 from fxsurgery.tracing import working_copy
 
 __all__ = ["RTOL", "SCALE_FLOOR", "Validation", "validate", "compare_outputs", "random_inputs"]
@@ -246,8 +247,11 @@ def _validate_copies(
         try:
             ref = _run(orig, inputs)
         except Exception as e:
-            errors.fail(label, f"the original model fails: {type(e).__name__}: {e}")
-            break
+            where = " in float64 (use precision='native')" if precision == "float64" else ""
+            if k == 0:
+                raise InputError(f"the original model fails on the example inputs{where}: {type(e).__name__}: {e}") from e
+            notes.append(f"{label} skipped: the original model fails on it: {type(e).__name__}: {e}"[:300])
+            continue
         try:
             got = _run(rew, inputs)
         except Exception as e:

@@ -10,6 +10,7 @@ Original nodes left without users are then removed, so the graph holds no reshap
 from __future__ import annotations
 
 import logging
+import operator
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -235,14 +236,39 @@ class Rewriter:
                     if u is not back:
                         u.replace_input_with(node, back)
         # Original nodes now computed in another layout: remove them (last first), then whatever fed only them.
+        # (Not graph.eliminate_dead_code(): it also drops in-place ops such as x.mul_(2) whose result is unused.)
+        work = [n for n in self.graph.nodes if n.op == "call_function" and n.target is _runtime.check_spatial_size]
         for node in reversed(list(self.alt)):
             if not node.users:
+                work.extend(node.all_input_nodes)
                 self.graph.erase_node(node)
-        self.graph.eliminate_dead_code()
+        while work:
+            node = work.pop()
+            if getattr(node, "_erased", False) or node.users or not _erasable(node, self.modules):
+                continue
+            inputs = list(node.all_input_nodes)
+            self.graph.erase_node(node)
+            work.extend(inputs)
         for name, mod in self.new_modules.items():
             self.gm.add_submodule(name, mod)
         self.graph.lint()
         self.gm.recompile()
+
+
+_INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.setitem}
+
+
+def _erasable(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether an unused node may be removed: no in-place op, no module with side effects, no graph input."""
+    if node.op in ("placeholder", "output") or node.is_impure():
+        return False
+    target = node.target
+    name = target if isinstance(target, str) else getattr(target, "__name__", "")
+    if node.op != "get_attr" and (name.endswith("_") or target in _INPLACE_OPERATORS):  # relu_, mul_, +=, ...
+        return False
+    if node.op == "call_module":
+        return elementwise_tensor_inputs(node, modules) is not None or isinstance(modules.get(str(target)), nn.Flatten)
+    return True
 
 
 def static_shape(node: fx.Node, what: str) -> tuple[int, ...]:
