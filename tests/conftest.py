@@ -10,6 +10,16 @@ from torch import nn
 
 import fxsurgery
 
+# Every flatten spelling the linear_to_conv rule must recognise.
+FLATTEN_FORMS = {
+    "torch.flatten": lambda x: torch.flatten(x, 1),
+    "method flatten": lambda x: x.flatten(1),
+    "view size(0)": lambda x: x.view(x.size(0), -1),
+    "reshape shape[0]": lambda x: x.reshape(x.shape[0], -1),
+    "view(-1, K)": lambda x: x.view(-1, x.shape[1] * x.shape[2] * x.shape[3]),
+    "contiguous.view": lambda x: x.contiguous().view(x.size(0), -1),
+}
+
 # float64 comparisons of the rewritten model against the original: a correct rewrite agrees to ~1e-15 of the
 # output scale; a wrong weight mapping is off by O(1).
 EXACT_RTOL = 1e-10

@@ -11,16 +11,9 @@ from torch.nn.utils import parametrizations
 
 import fxsurgery
 from tests import reference
-from tests.conftest import run_surgery
+from tests.conftest import FLATTEN_FORMS, run_surgery
 
-FLATTENS = {
-    "torch.flatten": lambda x: torch.flatten(x, 1),
-    "method flatten": lambda x: x.flatten(1),
-    "view size(0)": lambda x: x.view(x.size(0), -1),
-    "reshape shape[0]": lambda x: x.reshape(x.shape[0], -1),
-    "view(-1, K)": lambda x: x.view(-1, x.shape[1] * x.shape[2] * x.shape[3]),
-    "contiguous.view": lambda x: x.contiguous().view(x.size(0), -1),
-}
+FLATTENS = FLATTEN_FORMS
 
 
 class Head(nn.Module):

@@ -1,0 +1,78 @@
+"""Validation catches wrong rewrites and names the site; the tolerance policy is what the README says."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import fxsurgery
+from fxsurgery import validation
+from fxsurgery.models import demo_model
+from fxsurgery.rules import linear_to_conv as l2c_rule
+
+
+def _wrong_mapping(weight, feature_shape, flatten_order=None):
+    """A plausible-looking but wrong mapping: kernel laid out (O, H, W, C) instead of (O, C, H, W)."""
+    c, h, w = feature_shape
+    return weight.view(weight.shape[0], h, w, c).permute(0, 3, 1, 2)
+
+
+def test_wrong_weight_mapping_raises_naming_the_site(monkeypatch):
+    monkeypatch.setattr(l2c_rule, "linear_to_conv_weight", _wrong_mapping)
+    with pytest.raises(fxsurgery.ValidationError) as info:
+        fxsurgery.linear_to_conv(demo_model(), torch.randn(2, 3, 32, 32))
+    err = info.value
+    assert err.sites == ("classifier.1",)  # the 4x4 site; the 1x1 sites are unaffected by the layout mistake
+    assert "classifier.1" in str(err)
+    assert not err.result.validation.passed and err.result.validation.max_rel_error > 1e-2
+
+
+def test_validation_false_skips_it():
+    res = fxsurgery.linear_to_conv(demo_model(), torch.randn(2, 3, 32, 32), validate=False)
+    assert res.validation is None and res.passed
+
+
+def test_float64_proof_is_exact():
+    res = fxsurgery.linear_to_conv(demo_model(), torch.randn(2, 3, 32, 32), precision="float64")
+    v = res.validation
+    assert v.precision == "float64" and v.rtol == 1e-10 and v.max_rel_error < 1e-13
+    assert v.batch_sizes == (2, 3) and v.num_inputs == 4
+
+
+def test_fp32_large_k_is_within_policy_but_above_per_element_defaults():
+    """Linear vs 7x7 conv at K = 25088 in float32: passes the magnitude-scaled policy."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(512 * 7 * 7, 64)).eval()
+    x = torch.randn(2, 512, 7, 7) * 3
+    res = fxsurgery.linear_to_conv(model, x)
+    assert res.validation.passed and 0 < res.validation.max_rel_error < validation.RTOL[torch.float32]
+
+
+def test_compare_outputs_policy():
+    ref = torch.tensor([100.0, -50.0])
+    ok = validation.compare_outputs(ref, ref + 5e-3, rtol=1e-4)  # 5e-3 <= 1e-4 * 100
+    assert not ok.failure and 0 < ok.max_rel <= 1e-4
+    bad = validation.compare_outputs(ref, ref + 2e-2, rtol=1e-4)
+    assert "exceeds" in bad.failure
+    shape = validation.compare_outputs(ref, ref[:1])
+    assert "original gives (2,)" in shape.failure
+    nan = validation.compare_outputs(torch.tensor([float("nan"), 1.0]), torch.tensor([float("nan"), 1.0]))
+    assert not nan.failure
+    ints = validation.compare_outputs(torch.tensor([1, 2]), torch.tensor([1, 3]))
+    assert ints.failure
+
+
+def test_validate_reports_batch_axis_not_free():
+    class FixedBatch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.fc(x.reshape(2, 8))
+
+    res = fxsurgery.linear_to_conv(FixedBatch(), torch.randn(2, 2, 2, 2))
+    assert res.validation.batch_sizes == (2,)
+    assert any("batch axis is not free" in n for n in res.validation.notes)
+    assert res.skipped[0].reason.startswith("reshape: the reshape hard-codes the batch size")
