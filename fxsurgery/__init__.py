@@ -7,6 +7,8 @@
 from __future__ import annotations
 
 from fxsurgery.errors import InputError, SurgeryError, TraceError, ValidationError
+from fxsurgery.onnx_check import Comparison, OnnxCheck, cross_check
+from fxsurgery.pipeline import CheckReport, check
 from fxsurgery.result import Site, SurgeryResult
 from fxsurgery.surgery import conv_to_linear, linear_to_conv, rewrite
 from fxsurgery.validation import RTOL, Validation, validate
@@ -16,6 +18,11 @@ __all__ = [
     "conv_to_linear",
     "rewrite",
     "validate",
+    "cross_check",
+    "check",
+    "OnnxCheck",
+    "Comparison",
+    "CheckReport",
     "Site",
     "SurgeryResult",
     "Validation",
