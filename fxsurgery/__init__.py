@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+from fxsurgery.checkpoint import load_state_dict, original_state_dict
 from fxsurgery.errors import InputError, SurgeryError, TraceError, ValidationError
 from fxsurgery.onnx_check import Comparison, OnnxCheck, cross_check
 from fxsurgery.pipeline import CheckReport, check
@@ -18,6 +19,8 @@ __all__ = [
     "conv_to_linear",
     "rewrite",
     "validate",
+    "load_state_dict",
+    "original_state_dict",
     "cross_check",
     "check",
     "OnnxCheck",

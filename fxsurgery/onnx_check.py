@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 EXPORTERS = ("dynamo", "torchscript")
 _OPT_LEVELS = {"disabled": "ORT_DISABLE_ALL", "all": "ORT_ENABLE_ALL"}
 _MATMUL_OPS = ("Gemm", "MatMul")
+_CONV_OPS = ("Conv", "ConvTranspose")
 # Beyond this many parameter bytes a single protobuf (2 GiB limit) cannot hold the model: write external data.
 _EXTERNAL_DATA_BYTES = 1_800_000_000
 
@@ -207,12 +208,12 @@ def _rewrite_visibility(counts: dict[str, dict[str, int]], direction: str | None
     if direction is None or n_sites is None:
         return None, "not checked (direction unknown)"
     orig, rew = counts["original"], counts["rewritten"]
-    conv_delta = rew.get("Conv", 0) - orig.get("Conv", 0)
+    conv_delta = sum(rew.get(op, 0) for op in _CONV_OPS) - sum(orig.get(op, 0) for op in _CONV_OPS)
     mm_delta = sum(rew.get(op, 0) for op in _MATMUL_OPS) - sum(orig.get(op, 0) for op in _MATMUL_OPS)
     sign = 1 if direction == "linear_to_conv" else -1
     ok = conv_delta == sign * n_sites and mm_delta == -sign * n_sites
-    detail = f"Conv {conv_delta:+d}, Gemm+MatMul {mm_delta:+d} for {n_sites} rewritten site(s)"
-    return ok, detail + ("" if ok else f" (expected Conv {sign * n_sites:+d}, Gemm+MatMul {-sign * n_sites:+d})")
+    detail = f"Conv+ConvTranspose {conv_delta:+d}, Gemm+MatMul {mm_delta:+d} for {n_sites} rewritten site(s)"
+    return ok, detail + ("" if ok else f" (expected Conv+ConvTranspose {sign * n_sites:+d}, Gemm+MatMul {-sign * n_sites:+d})")
 
 
 def cross_check(

@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from fxsurgery import _runtime
+from fxsurgery.checkpoint import record_layout
 from fxsurgery.result import Site
 from fxsurgery.rules._ops import elementwise_tensor_inputs
 from fxsurgery.tracing import shape_of
@@ -250,6 +251,9 @@ class Rewriter:
             self.graph.erase_node(node)
             work.extend(inputs)
         for name, mod in self.new_modules.items():
+            old = self.modules[name]
+            for pname, p in mod.named_parameters(recurse=False):
+                record_layout(self.gm, f"{name}.{pname}", getattr(old, pname), p)
             self.gm.add_submodule(name, mod)
         self.graph.lint()
         self.gm.recompile()

@@ -1,0 +1,117 @@
+"""Checkpoints across a rewrite: load an original-format state dict into a rewritten model, and back.
+
+A rewritten parameter keeps its name (``fc.weight``) and is a view of the original one, so its layout is fully
+described by the two views' (shape, stride, offset) over the same storage. :func:`record_layout` stores that in
+``gm.meta["fxsurgery_layouts"]``; :func:`load_state_dict` and :func:`original_state_dict` replay it, bit-identically.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from fxsurgery.tracing import working_copy
+
+__all__ = ["ParamLayout", "record_layout", "load_state_dict", "original_state_dict", "save_rewritten"]
+
+META_KEY = "fxsurgery_layouts"
+
+
+@dataclass(frozen=True)
+class ParamLayout:
+    """Where the original and the rewritten view of one parameter sit in a common storage of ``numel`` elements."""
+
+    original: tuple[tuple[int, ...], tuple[int, ...], int]
+    rewritten: tuple[tuple[int, ...], tuple[int, ...], int]
+    numel: int
+
+    def to_rewritten(self, t: torch.Tensor) -> torch.Tensor:
+        buf = torch.empty(self.numel, dtype=t.dtype, device=t.device)
+        buf.as_strided(*self.original).copy_(t)
+        return buf.as_strided(*self.rewritten)
+
+    def to_original(self, t: torch.Tensor) -> torch.Tensor:
+        buf = torch.empty(self.numel, dtype=t.dtype, device=t.device)
+        buf.as_strided(*self.rewritten).copy_(t)
+        return buf.as_strided(*self.original).contiguous()
+
+
+def _view(t: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...], int]:
+    return tuple(t.shape), tuple(t.stride()), t.storage_offset()
+
+
+def record_layout(gm: fx.GraphModule, name: str, original: torch.Tensor, rewritten: torch.Tensor) -> None:
+    """Remember how parameter ``name`` of ``gm`` views the original parameter's storage."""
+    if original.shape == rewritten.shape and original.stride() == rewritten.stride():
+        return
+    numel = max(original.storage_offset() + _extent(original), rewritten.storage_offset() + _extent(rewritten))
+    gm.meta.setdefault(META_KEY, {})[name] = ParamLayout(_view(original), _view(rewritten), numel)
+
+
+def _extent(t: torch.Tensor) -> int:
+    return 1 + sum((s - 1) * st for s, st in zip(t.shape, t.stride())) if t.numel() else 0
+
+
+def _layouts(module: nn.Module) -> dict[str, ParamLayout]:
+    meta = getattr(module, "meta", None)
+    return dict(meta.get(META_KEY, {})) if isinstance(meta, dict) else {}
+
+
+def original_state_dict(rewritten: nn.Module) -> dict[str, torch.Tensor]:
+    """The rewritten model's state in the original model's format (names and shapes), as new tensors."""
+    layouts = _layouts(rewritten)
+    out = {}
+    for k, v in rewritten.state_dict().items():
+        out[k] = layouts[k].to_original(v.detach()) if k in layouts else v.detach().clone()
+    return out
+
+
+def load_state_dict(rewritten: nn.Module, state_dict: dict[str, torch.Tensor], strict: bool = True) -> Any:
+    """Load an original-format state dict into ``rewritten``. Tensors already in the rewritten format load as is.
+
+    Like ``nn.Module.load_state_dict`` the values are copied into the existing parameters, which are views of the
+    original model's storage: loading into the rewritten model updates the original model too.
+    """
+    layouts = _layouts(rewritten)
+    converted = {}
+    own = rewritten.state_dict()
+    for k, v in state_dict.items():
+        if k in layouts and k in own and tuple(v.shape) == layouts[k].original[0] and v.shape != own[k].shape:
+            converted[k] = layouts[k].to_rewritten(v)
+        else:
+            converted[k] = v
+    return rewritten.load_state_dict(converted, strict=strict)
+
+
+def save_rewritten(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...], out_dir: str | os.PathLike) -> dict[str, str]:
+    """Save ``gm`` in forms a user can load back; returns {file: what it is}.
+
+    * ``rewritten.safetensors``: its state dict (rewritten shapes) and ``original_format.safetensors``: the same
+      weights in the original model's format;
+    * ``rewritten_code.py``: the generated forward;
+    * ``rewritten.pt2``: a ``torch.export`` program (load with ``torch.export.load``), when the model exports.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    saved: dict[str, str] = {}
+    state = {k: v.detach().contiguous().clone() for k, v in gm.state_dict().items()}
+    save_file(state, str(out / "rewritten.safetensors"))
+    saved["rewritten.safetensors"] = "state dict of the rewritten model (safetensors)"
+    save_file(original_state_dict(gm), str(out / "original_format.safetensors"))
+    saved["original_format.safetensors"] = "the same weights in the original model's layout"
+    (out / "rewritten_code.py").write_text(gm.code)
+    saved["rewritten_code.py"] = "generated forward of the rewritten GraphModule"
+    try:
+        program = torch.export.export(working_copy(gm).eval(), inputs, strict=False)
+        torch.export.save(program, str(out / "rewritten.pt2"))
+        saved["rewritten.pt2"] = "torch.export program: torch.export.load(path).module()"
+    except Exception as e:  # an exportable fx graph is not guaranteed; the other files still hold everything
+        saved["rewritten.pt2"] = f"not written: torch.export failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+    return saved

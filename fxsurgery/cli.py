@@ -1,0 +1,333 @@
+"""The ``fxsurgery`` command line.
+
+Exit codes: 0 everything passed, 1 validation or the ONNX cross-check found a mismatch, 2 bad usage or bad input.
+Errors are one line on stderr, without a traceback. Output is written to a temporary folder beside ``--out`` and
+renamed into place at the end, so a failed run leaves nothing that looks valid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+__all__ = ["main"]
+
+EXIT_OK, EXIT_MISMATCH, EXIT_USAGE = 0, 1, 2
+DTYPES = ("float32", "float64", "float16", "bfloat16")
+
+
+class UsageError(Exception):
+    """Bad command-line input; its message is printed as one line and the exit code is 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse would exit 2 with usage; keep its code, make it one line
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+class _Progress:
+    """Step messages on stderr with the time each step took; silent with --quiet."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+
+    @contextmanager
+    def step(self, what: str) -> Iterator[None]:
+        start = time.perf_counter()
+        if not self.quiet:
+            print(f"fxsurgery: {what} ...", file=sys.stderr, flush=True)
+        yield
+        if not self.quiet:
+            print(f"fxsurgery: {what}: done in {time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="fxsurgery", description="Rewrite Linear <-> Conv2d layers in a PyTorch model, validated.")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--quiet", action="store_true", help="no progress messages on stderr")
+        p.add_argument("--json", action="store_true", help="print the report as JSON instead of the summary table")
+        p.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo", help="torch.onnx exporter")
+        p.add_argument("--precision", choices=("native", "float64"), default="native",
+                       help="validate in the model's dtype, or prove exactness in float64")  # fmt: skip
+
+    rw = sub.add_parser("rewrite", help="rewrite a model, validate, export both versions and cross-check them")
+    rw.add_argument("model", help="package.module:callable or path/to/file.py:callable returning an nn.Module")
+    rw.add_argument("--to", choices=("conv", "linear"), required=True, help="target layer type")
+    rw.add_argument("--input-shape", action="append", required=True, metavar="N,C,H,W",
+                    help="shape of one example input (repeat for several inputs)")  # fmt: skip
+    rw.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the model and its inputs")
+    rw.add_argument("--out", required=True, help="output directory (must not exist, or be empty)")
+    rw.add_argument("--weights", help="safetensors file, or a state dict saved with torch.save")
+    rw.add_argument("--unsafe-pickle", action="store_true",
+                    help="allow --weights files that need full unpickling (runs code from the file!)")  # fmt: skip
+    rw.add_argument("--leaf-module", action="append", default=[], help="qualified name fx must not trace into")
+    rw.add_argument("--exclude", action="append", default=[], help="site name to leave alone")
+    common(rw)
+
+    demo = sub.add_parser("demo", help="run the whole pipeline on the built-in model, both directions")
+    demo.add_argument("--out", help="output directory (default: a temporary one, removed afterwards)")
+    common(demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = _build_parser().parse_args(argv)
+    except UsageError as e:
+        return _fail(str(e))
+    if args.command is None:
+        _build_parser().print_help(sys.stderr)
+        return EXIT_USAGE
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" notices on every export
+    from fxsurgery.errors import InputError, SurgeryError, TraceError
+
+    progress = _Progress(args.quiet)
+    try:
+        if args.command == "demo":
+            return _demo(args, progress)
+        return _rewrite(args, progress)
+    except (UsageError, InputError, TraceError) as e:
+        return _fail(str(e))
+    except SurgeryError as e:
+        return _fail(str(e), EXIT_MISMATCH)
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130)
+
+
+def _fail(message: str, code: int = EXIT_USAGE) -> int:
+    print(f"fxsurgery: error: {message}", file=sys.stderr)
+    return code
+
+
+# -- rewrite -------------------------------------------------------------------------------------------------------
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(p) for p in text.replace("x", ",").split(","))
+    except ValueError:
+        raise UsageError(f"malformed --input-shape {text!r}: expected comma-separated integers like 1,3,224,224")
+    if not shape or any(d <= 0 for d in shape):
+        raise UsageError(f"malformed --input-shape {text!r}: every dimension must be a positive integer")
+    return shape
+
+
+def load_factory(spec: str) -> Callable[[], Any]:
+    """Resolve ``package.module:callable`` or ``path/to/file.py:callable``."""
+    if ":" not in spec:
+        raise UsageError(f"MODEL must be package.module:callable or file.py:callable, got {spec!r}")
+    where, _, name = spec.rpartition(":")
+    if where.endswith(".py") or os.sep in where:
+        path = Path(where)
+        if not path.is_file():
+            raise UsageError(f"model file not found: {where}")
+        module_spec = importlib.util.spec_from_file_location(f"_fxsurgery_user_{path.stem}", path)
+        module = importlib.util.module_from_spec(module_spec)  # type: ignore[arg-type]
+        sys.path.insert(0, str(path.parent.resolve()))
+        try:
+            module_spec.loader.exec_module(module)  # type: ignore[union-attr]
+        except Exception as e:
+            raise UsageError(f"cannot import {where}: {type(e).__name__}: {e}") from e
+        finally:
+            sys.path.pop(0)
+    else:
+        try:
+            module = importlib.import_module(where)
+        except Exception as e:
+            raise UsageError(f"cannot import module {where!r}: {type(e).__name__}: {e}") from e
+    obj = module
+    for part in name.split("."):
+        if not hasattr(obj, part):
+            raise UsageError(f"{where} has no attribute {name!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise UsageError(f"{spec} is not callable: expected a function or class returning an nn.Module")
+    return obj
+
+
+def build_model(spec: str) -> Any:
+    from torch import nn
+
+    factory = load_factory(spec)
+    try:
+        model = factory()
+    except Exception as e:
+        raise UsageError(f"calling {spec}() failed: {type(e).__name__}: {e}") from e
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"{spec}() returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def load_weights(model: Any, path: str, allow_pickle: bool) -> None:
+    import torch
+
+    file = Path(path)
+    if not file.is_file():
+        raise UsageError(f"weights file not found: {path}")
+    try:
+        if file.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(file))
+        else:
+            state = torch.load(str(file), map_location="cpu", weights_only=not allow_pickle)
+    except Exception as e:
+        hint = "" if allow_pickle else " (only tensors are loaded by default; see --unsafe-pickle)"
+        raise UsageError(f"cannot read weights file {path}: {type(e).__name__}: {str(e).splitlines()[0]}{hint}") from e
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UsageError(f"weights file {path} does not hold a state dict of tensors")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        expected = model.state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        shapes = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
+        parts = [f"{label} {keys[:3]}{'...' if len(keys) > 3 else ''}"
+                 for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes))
+                 if keys]  # fmt: skip
+        raise UsageError(f"weights file {path} does not match the model: {'; '.join(parts) or e}") from e
+
+
+@contextmanager
+def staged_output(out: str) -> Iterator[Path]:
+    """A temporary folder beside ``out`` that becomes ``out`` only if the block completes."""
+    target = Path(out)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise UsageError(f"output directory {out} exists and is not empty; choose another --out or remove it")
+    parent = target.parent if str(target.parent) else Path(".")
+    if not parent.is_dir():
+        raise UsageError(f"cannot write to {out}: parent directory {parent} does not exist")
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=parent))
+    except OSError as e:
+        raise UsageError(f"cannot write to {out}: {e.strerror or e}") from e
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder
+    if target.exists():
+        target.rmdir()
+    os.replace(tmp, target)
+
+
+def _rewrite(args: argparse.Namespace, progress: _Progress) -> int:
+    import torch
+
+    shapes = [parse_shape(s) for s in args.input_shape]
+    dtype = getattr(torch, args.dtype)
+    with staged_output(args.out) as tmp:
+        with progress.step(f"building {args.model}"):
+            model = build_model(args.model)
+            if args.weights:
+                load_weights(model, args.weights, args.unsafe_pickle)
+            model = model.to(dtype).eval()
+        gen = torch.Generator().manual_seed(0)
+        inputs = tuple(torch.randn(s, generator=gen).to(dtype) for s in shapes)
+        _check_input_dims(model, inputs)
+        report = _run_pipeline(model, inputs, args.to, tmp, args, progress)
+        _write_report(report, tmp, inputs, args, progress)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.summary())
+    return EXIT_OK if report.passed else EXIT_MISMATCH
+
+
+def _check_input_dims(model: Any, inputs: tuple) -> None:
+    """Catch the commonest shape mistake early: an input whose rank the model's first layer cannot take."""
+    import torch
+    from torch import nn
+
+    first = next((m for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear))), None)
+    if first is None or len(inputs) != 1:
+        return
+    want = {nn.Conv2d: (3, 4), nn.Conv1d: (2, 3)}.get(type(first))
+    if want and inputs[0].dim() not in want:
+        raise UsageError(
+            f"--input-shape has {inputs[0].dim()} dims but the model starts with {type(first).__name__}, which takes "
+            f"{want[1]}-D (N, C, ...) input"
+        )
+    del torch
+
+
+def _run_pipeline(model: Any, inputs: tuple, to: str, out_dir: Path, args: argparse.Namespace, progress: _Progress):
+    from fxsurgery.errors import ValidationError
+    from fxsurgery.onnx_check import cross_check
+    from fxsurgery.pipeline import CheckReport
+    from fxsurgery.surgery import rewrite
+
+    with progress.step(f"tracing, rewriting towards {to} and validating ({args.precision})"):
+        try:
+            result = rewrite(model, inputs, to, precision=args.precision,
+                             leaf_modules=tuple(getattr(args, "leaf_module", ())),
+                             exclude=tuple(getattr(args, "exclude", ())))  # fmt: skip
+        except ValidationError as e:
+            result = e.result
+    with progress.step(f"exporting both versions to ONNX ({args.exporter}) and cross-checking in onnxruntime"):
+        onnx = cross_check(model, result.module, inputs, out_dir, exporter=args.exporter,
+                           direction=result.direction, rewritten_sites=len(result.rewritten))  # fmt: skip
+    return CheckReport(result, onnx)
+
+
+def _write_report(report: Any, out_dir: Path, inputs: tuple, args: argparse.Namespace, progress: _Progress) -> None:
+    from fxsurgery.checkpoint import save_rewritten
+
+    with progress.step("saving the rewritten model"):
+        notes = save_rewritten(report.surgery.module, inputs, out_dir)
+    data = report.to_dict()
+    data["saved"] = notes
+    data["command"] = " ".join(sys.argv)
+    # The files will live in --out once the staging folder is renamed.
+    for key in ("original_path", "rewritten_path"):
+        if data["onnx"]:
+            data["onnx"][key] = str(Path(args.out) / Path(data["onnx"][key]).name)
+    (out_dir / "report.json").write_text(json.dumps(data, indent=2))
+
+
+# -- demo ------------------------------------------------------------------------------------------------------------
+
+
+def _demo(args: argparse.Namespace, progress: _Progress) -> int:
+    import torch
+
+    from fxsurgery.models import DEMO_INPUT_SHAPE, demo_model
+
+    model = demo_model()
+    inputs = (torch.randn(DEMO_INPUT_SHAPE, generator=torch.Generator().manual_seed(0)),)
+    base = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="fxsurgery-demo-"))
+    reports = {}
+    try:
+        for to in ("conv", "linear"):
+            reports[to] = _run_pipeline(model, inputs, to, base / f"to_{to}", args, progress)
+    finally:
+        if not args.out:
+            shutil.rmtree(base, ignore_errors=True)
+    if args.json:
+        print(json.dumps({to: r.to_dict() for to, r in reports.items()}, indent=2))
+    else:
+        print(f"fxsurgery demo: NiNClassifier{tuple(DEMO_INPUT_SHAPE)}, both directions\n")
+        print("\n\n".join(f"=== to {to} ===\n{r.summary()}" for to, r in reports.items()))
+    return EXIT_OK if all(r.passed for r in reports.values()) else EXIT_MISMATCH
+
+
+if __name__ == "__main__":
+    sys.exit(main())

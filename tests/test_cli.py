@@ -1,0 +1,196 @@
+"""The command line, through a subprocess: success paths, every bad input, and the example scripts."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+MODELS = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+    from fxsurgery.models import NiNClassifier
+
+    def make():
+        torch.manual_seed(0)
+        return NiNClassifier()
+
+    def not_a_module():
+        return 42
+
+    def broken():
+        raise ValueError("cannot build")
+
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(12, 2)
+        def forward(self, x):
+            if x.sum() > 0:
+                x = -x
+            return self.fc(torch.flatten(x, 1))
+    """
+)
+
+
+def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fxsurgery", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=600)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def models_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("models") / "models.py"
+    path.write_text(MODELS)
+    return path
+
+
+def test_rewrite_success_writes_everything(models_file, tmp_path):
+    out = tmp_path / "out"
+    proc = run("rewrite", f"{models_file}:make", "--to", "conv", "--input-shape", "2,3,32,32", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "overall: PASSED" in proc.stdout and "Traceback" not in proc.stderr
+    assert "fxsurgery: exporting both versions" in proc.stderr  # progress on stderr
+    files = {p.name for p in out.iterdir()}
+    assert {"original.onnx", "rewritten.onnx", "report.json", "rewritten.safetensors", "rewritten_code.py"} <= files
+    report = json.loads((out / "report.json").read_text())
+    assert report["passed"] is True and report["onnx"]["passed"] is True
+    assert {s["name"] for s in report["sites"] if s["status"] == "rewritten"} == {"classifier.1", "classifier.4", "aux"}
+    assert set(report["sites"][0]) == {"name", "pattern", "status", "reason", "before", "after"}
+    # the saved program loads back and computes what the original computes
+    program = torch.export.load(str(out / "rewritten.pt2")).module()
+    sys.path.insert(0, str(models_file.parent))
+    try:
+        import models  # type: ignore[import-not-found]
+
+        original = models.make().eval()
+    finally:
+        sys.path.pop(0)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(program(x), original(x), rtol=1e-4, atol=1e-5)
+
+
+def test_rewrite_json_quiet_weights_and_torchscript(models_file, tmp_path):
+    sys.path.insert(0, str(models_file.parent))
+    try:
+        import models  # type: ignore[import-not-found]
+
+        model = models.make()
+    finally:
+        sys.path.pop(0)
+    from safetensors.torch import save_file
+
+    weights = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    out = tmp_path / "out"
+    proc = run("rewrite", f"{models_file}:make", "--to", "linear", "--input-shape", "2,3,32,32", "--out", str(out),
+               "--weights", str(weights), "--exporter", "torchscript", "--json", "--quiet")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    data = json.loads(proc.stdout)
+    assert data["passed"] and data["onnx"]["exporter"] == "torchscript"
+    pt = tmp_path / "w.pt"
+    torch.save(model.state_dict(), pt)
+    proc = run("rewrite", f"{models_file}:make", "--to", "linear", "--input-shape", "2,3,32,32", "--out",
+               str(tmp_path / "out2"), "--weights", str(pt), "--quiet")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_module_spec_and_several_inputs(tmp_path):
+    pkg = tmp_path / "pkg_models"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text(
+        "import torch\nfrom torch import nn\n"
+        "class Two(nn.Module):\n"
+        "    def __init__(self):\n        super().__init__()\n        self.fc = nn.Linear(8, 3)\n"
+        "    def forward(self, a, b):\n        return self.fc(torch.flatten(a + b, 1))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "fxsurgery", "rewrite", "pkg_models:Two", "--to", "conv", "--input-shape", "2,2,2,2",
+         "--input-shape", "2,2,2,2", "--out", str(tmp_path / "o"), "--quiet"],
+        capture_output=True, text=True, cwd=tmp_path, env={**__import__("os").environ, "PYTHONPATH": str(tmp_path)},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "fc" in proc.stdout and "rewritten" in proc.stdout
+
+
+def _bad_weights(tmp_path: Path) -> str:
+    from safetensors.torch import save_file
+
+    path = tmp_path / "bad.safetensors"
+    save_file({"nope.weight": torch.zeros(2)}, str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["rewrite", "no_such_pkg.mod:make", "--to", "conv", "--input-shape", "1,3,32,32"], "cannot import module"),
+        (["rewrite", "{models}:missing", "--to", "conv", "--input-shape", "1,3,32,32"], "has no attribute 'missing'"),
+        (["rewrite", "{models}:not_a_module", "--to", "conv", "--input-shape", "1,3,32,32"], "not a torch.nn.Module"),
+        (["rewrite", "{models}:broken", "--to", "conv", "--input-shape", "1,3,32,32"], "ValueError: cannot build"),
+        (["rewrite", "{models}", "--to", "conv", "--input-shape", "1,3,32,32"], "MODEL must be"),
+        (["rewrite", "{models}:make", "--to", "conv", "--input-shape", "1,3,x,y"], "malformed --input-shape"),
+        (["rewrite", "{models}:make", "--to", "conv", "--input-shape", "1,3,0,32"], "positive integer"),
+        (["rewrite", "{models}:make", "--to", "conv", "--input-shape", "3,32"], "has 2 dims"),
+        (["rewrite", "{models}:make", "--to", "conv", "--input-shape", "1,3,32,32", "--weights", "{tmp}/none.pt"],
+         "weights file not found"),
+        (["rewrite", "{models}:make", "--to", "conv", "--input-shape", "1,3,32,32", "--weights", "{bad}"],
+         "does not match the model: missing"),
+        (["rewrite", "{models}:Branchy", "--to", "conv", "--input-shape", "1,3,2,2"], "cannot trace"),
+        (["rewrite", "{models}:make", "--to", "cnv", "--input-shape", "1,3,32,32"], "invalid choice"),
+        (["rewrite", "{models}:make", "--input-shape", "1,3,32,32"], "required: --to"),
+    ],
+    ids=["module", "callable", "not-module", "factory-raises", "no-colon", "shape", "zero-dim", "ndim", "no-weights",
+         "bad-weights", "untraceable", "bad-to", "missing-to"],
+)  # fmt: skip
+def test_bad_input_exits_2_with_one_line(models_file, tmp_path, argv, message):
+    out = tmp_path / "out"
+    subst = {"models": str(models_file), "tmp": str(tmp_path)}
+    if "{bad}" in argv:
+        subst["bad"] = _bad_weights(tmp_path)
+    argv = [a.format(**subst) for a in argv] + ["--out", str(out), "--quiet"]
+    proc = run(*argv)
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("fxsurgery: error:") and message in lines[0], proc.stderr
+    assert not out.exists()  # nothing half-written that looks valid
+    assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
+
+
+def test_output_dir_problems(models_file, tmp_path):
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "keep.txt").write_text("x")
+    proc = run("rewrite", f"{models_file}:make", "--to", "conv", "--input-shape", "1,3,32,32", "--out", str(taken))
+    assert proc.returncode == 2 and "exists and is not empty" in proc.stderr
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    proc = run("rewrite", f"{models_file}:make", "--to", "conv", "--input-shape", "1,3,32,32", "--out",
+               str(afile / "sub"))  # fmt: skip
+    assert proc.returncode == 2 and "cannot write to" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_demo():
+    proc = run("demo", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert "=== to conv ===" in proc.stdout and "=== to linear ===" in proc.stdout
+    assert proc.stdout.count("overall: PASSED") == 2
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "scripts").glob("*.py")))
+def test_example_scripts_run(script, tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / script), str(tmp_path)], capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (tmp_path / "rewritten.onnx").is_file()

@@ -1,0 +1,123 @@
+"""ONNX export of both versions and the onnxruntime cross-check, for a small model of every rule, both exporters."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxsurgery
+from fxsurgery.onnx_check import op_histogram
+
+
+class Flat(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 4 * 4, 6)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.conv(x), 1))
+
+
+class Chain(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(2)
+        self.fc1 = nn.Linear(3 * 4, 8)
+        self.fc2 = nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(self.pool(x).flatten(1))))
+
+
+class Pooled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 4)
+
+    def forward(self, x):
+        return self.fc(x.mean([2, 3]))
+
+
+class ChannelsLast(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 5)
+
+    def forward(self, x):
+        return self.fc(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+CASES = {
+    # name: (model factory, input shape, direction, rewritten sites)
+    "flatten->linear": (Flat, (2, 3, 4, 4), "conv", 1),
+    "chain-linear": (Chain, (2, 3, 4, 4), "conv", 2),
+    "pool->linear": (Pooled, (2, 3, 5, 5), "conv", 1),
+    "channels-last-linear": (ChannelsLast, (2, 3, 4, 4), "conv", 1),
+    "conv1x1": (lambda: nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 4, 1)), (2, 3, 5, 5), "linear", 2),
+    "conv1x1-strided": (lambda: nn.Sequential(nn.Conv2d(3, 6, 1, stride=2)), (2, 3, 7, 7), "linear", 1),
+    "conv-full-extent": (lambda: nn.Sequential(nn.Conv2d(3, 6, (4, 3))), (2, 3, 4, 3), "linear", 1),
+    "conv1d-k1": (lambda: nn.Sequential(nn.Conv1d(3, 6, 1)), (2, 3, 9), "linear", 1),
+    "convtranspose1x1": (lambda: nn.Sequential(nn.ConvTranspose2d(3, 6, 1)), (2, 3, 4, 4), "linear", 1),
+}
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_cross_check_every_rule(case, exporter, tmp_path):
+    make, shape, to, n_sites = CASES[case]
+    torch.manual_seed(0)
+    model = make().eval()
+    x = torch.randn(shape)
+    report = fxsurgery.check(model, x, to, tmp_path, exporter=exporter)
+    assert report.passed, report.summary()
+    assert len(report.surgery.rewritten) == n_sites
+    chk = report.onnx
+    assert chk.rewrite_visible is True and chk.dynamic_batch
+    orig, rew = chk.op_counts["original"], chk.op_counts["rewritten"]
+    conv_delta = sum(rew.get(op, 0) - orig.get(op, 0) for op in ("Conv", "ConvTranspose"))
+    assert conv_delta == (n_sites if to == "conv" else -n_sites)
+    assert {c.batch for c in chk.comparisons} == {2, 5}
+    assert len(chk.comparisons) == 2 * 7  # torch rewritten + 4 ORT sessions vs torch; 2 ORT-vs-ORT pairs; 2 batches
+
+    # An independent session in the test: the written rewritten file at a batch size the tool never used.
+    sess = ort.InferenceSession(chk.rewritten_path, providers=["CPUExecutionProvider"])
+    x7 = torch.randn(7, *shape[1:])
+    got = sess.run(None, {sess.get_inputs()[0].name: x7.numpy()})[0]
+    with torch.no_grad():
+        expected = model(x7).numpy()
+    scale = max(np.abs(expected).max(), 1e-3)
+    assert np.abs(got - expected).max() / scale < 1e-4
+    assert op_histogram(chk.rewritten_path) == rew
+
+
+def test_to_dict_and_summary(tmp_path):
+    report = fxsurgery.check(Flat().eval(), torch.randn(2, 3, 4, 4), "conv", tmp_path)
+    d = report.to_dict()
+    assert d["passed"] is True and d["onnx"]["op_counts"]["rewritten"]["Conv"] == 2
+    assert {"reference", "candidate", "batch", "max_abs_error", "max_rel_error", "passed"} <= set(d["onnx"]["comparisons"][0])
+    assert "ONNX cross-check PASSED" in report.summary()
+
+
+def test_cross_check_catches_a_wrong_rewritten_model(tmp_path):
+    """A rewritten model that is not equivalent fails the cross-check, four ways."""
+    model = Flat().eval()
+    wrong = Flat().eval()  # different random weights
+    chk = fxsurgery.cross_check(model, wrong, torch.randn(2, 3, 4, 4), tmp_path)
+    assert not chk.passed and any("torch rewritten vs torch original" in f for f in chk.failures)
+
+
+def test_dtype_limits_are_reported_not_crashed_on(tmp_path):
+    model = nn.Sequential(nn.Conv2d(3, 4, 1)).to(torch.float64).eval()
+    report = fxsurgery.check(model, torch.randn(2, 3, 4, 4, dtype=torch.float64), "linear", tmp_path)
+    chk = report.onnx
+    assert chk.passed and any("dtype limit: float64" in s for s in chk.skipped), chk.summary()
+
+
+def test_unknown_exporter(tmp_path):
+    with pytest.raises(fxsurgery.InputError, match="unknown exporter"):
+        fxsurgery.cross_check(Flat(), Flat(), torch.randn(1, 3, 4, 4), tmp_path, exporter="tflite")
