@@ -61,6 +61,8 @@ def _build_parser() -> argparse.ArgumentParser:
         p.add_argument("--quiet", action="store_true", help="no progress messages on stderr")
         p.add_argument("--json", action="store_true", help="print the report as JSON instead of the summary table")
         p.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo", help="torch.onnx exporter")
+        p.add_argument("--provider", action="append", default=None, metavar="EP",
+                       help="onnxruntime execution provider (repeatable; default CPUExecutionProvider)")  # fmt: skip
         p.add_argument("--precision", choices=("native", "float64"), default="native",
                        help="validate in the model's dtype, or prove exactness in float64")  # fmt: skip
 
@@ -284,7 +286,8 @@ def _run_pipeline(model: Any, inputs: tuple, to: str, out_dir: Path, args: argpa
             result = e.result
     with progress.step(f"exporting both versions to ONNX ({args.exporter}) and cross-checking in onnxruntime"):
         onnx = cross_check(model, result.module, inputs, out_dir, exporter=args.exporter,
-                           direction=result.direction, rewritten_sites=len(result.rewritten))  # fmt: skip
+                           providers=args.provider or ("CPUExecutionProvider",), direction=result.direction,
+                           rewritten_sites=len(result.rewritten))  # fmt: skip
     return CheckReport(result, onnx)
 
 

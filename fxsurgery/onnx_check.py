@@ -241,6 +241,12 @@ def cross_check(
 
     if exporter not in EXPORTERS:
         raise InputError(f"unknown exporter {exporter!r}; use one of {', '.join(EXPORTERS)}")
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    unknown = [p for p in providers if p not in available]
+    if unknown:
+        raise InputError(f"onnxruntime execution provider(s) {unknown} not available here; available: {available}")
     inputs = normalize_inputs(example_inputs)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

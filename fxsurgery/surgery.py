@@ -16,7 +16,7 @@ import torch.fx as fx
 from torch import nn
 
 from fxsurgery import validation as _validation
-from fxsurgery.errors import InputError, ValidationError
+from fxsurgery.errors import InputError, SurgeryError, ValidationError
 from fxsurgery.result import Site, SurgeryResult
 from fxsurgery.rules import RULES, Rewriter
 from fxsurgery.tracing import LeafSpec, normalize_inputs, prepare_model, propagate_shapes, trace, working_copy
@@ -96,8 +96,13 @@ def rewrite(
     if validate and any(p.device.type == "meta" for p in model.parameters()):
         raise InputError("the model's parameters are on the meta device and hold no values; pass validate=False")
     log.info("tracing %s", type(model).__name__)
-    traced = trace(model, leaf_modules)
-    gm, sites = _apply(traced, inputs, direction, exclude)
+    traced = trace(model, leaf_modules, n_inputs=len(inputs))
+    try:
+        gm, sites = _apply(traced, inputs, direction, exclude)
+    except SurgeryError:
+        raise
+    except Exception as e:
+        raise SurgeryError(f"internal error while rewriting ({type(e).__name__}: {e}); please report it") from e
     result = SurgeryResult(gm, sites, None, direction)
     if not validate:
         return result

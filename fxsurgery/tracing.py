@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import logging
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -120,16 +121,52 @@ class _Tracer(fx.Tracer):
             raise
 
 
-def trace(model: nn.Module, leaf_modules: LeafSpec = ()) -> fx.GraphModule:
-    """Symbolically trace ``model``; a GraphModule is returned as it is (its graph is already explicit)."""
+def _concrete_args(model: nn.Module, n_inputs: int | None) -> dict[str, Any]:
+    """Optional ``forward`` arguments the example inputs do not supply, fixed to their defaults.
+
+    Without this, fx would trace ``if scale is not None:`` on a Proxy as true and bake in a branch the original does
+    not take. fx guards the specialisation: the traced model raises if called with another value.
+    """
+    if n_inputs is None:
+        return {}
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if any(p.kind == p.VAR_POSITIONAL for p in params):
+        return {}
+    required = [p.name for p in positional if p.default is p.empty]
+    if n_inputs < len(required):
+        raise InputError(
+            f"{type(model).__name__}.forward({', '.join(required)}) needs {len(required)} inputs but example_inputs "
+            f"has {n_inputs}"
+        )
+    if n_inputs > len(positional):
+        raise InputError(
+            f"{type(model).__name__}.forward takes {len(positional)} positional inputs but example_inputs has {n_inputs}"
+        )
+    rest = positional[n_inputs:] + [p for p in params if p.kind == p.KEYWORD_ONLY]
+    return {p.name: p.default for p in rest if p.default is not p.empty and isinstance(p.default, _CONCRETE)}
+
+
+_CONCRETE = (type(None), bool, int, float, str)
+
+
+def trace(model: nn.Module, leaf_modules: LeafSpec = (), n_inputs: int | None = None) -> fx.GraphModule:
+    """Symbolically trace ``model``; a GraphModule is returned as it is (its graph is already explicit).
+
+    ``n_inputs``, the number of example inputs, lets optional arguments past them be fixed to their defaults.
+    """
     for leaf in leaf_modules:
         if not isinstance(leaf, (str, type)):
             raise InputError(f"leaf_modules entries must be module types or qualified names, got {leaf!r}")
     if isinstance(model, fx.GraphModule) and not leaf_modules:
         return model
     tracer = _Tracer(leaf_modules)
+    concrete = _concrete_args(model, n_inputs)
     try:
-        graph = tracer.trace(model)
+        graph = tracer.trace(model, concrete_args=concrete or None)
     except Exception as e:  # torch.fx raises many types (TraceError, TypeError, NameError, RuntimeError, ...)
         where = tracer.failed_module
         if where:
@@ -162,6 +199,10 @@ def working_copy(module: nn.Module, *, clone_params: bool = False) -> Any:
     if not clone_params:
         for p in module.parameters():
             memo[id(p)] = nn.Parameter(p.detach(), requires_grad=p.requires_grad)
+    for m in module.modules():  # computed tensors kept as attributes (old-style weight_norm) cannot be deep-copied
+        for v in vars(m).values():
+            if isinstance(v, torch.Tensor) and not v.is_leaf:
+                memo[id(v)] = v.detach()
     try:
         return copy.deepcopy(module, memo)
     except Exception as e:
@@ -170,8 +211,12 @@ def working_copy(module: nn.Module, *, clone_params: bool = False) -> Any:
 
 @contextlib.contextmanager
 def _frozen_buffers(module: nn.Module) -> Iterator[None]:
-    """Restore every buffer after the block: shape propagation runs train-mode code that updates statistics."""
+    """Restore every buffer and tensor attribute after the block: shape propagation runs train-mode code that updates
+    statistics, and hooks that assign tensors."""
     saved = [(b, b.detach().clone()) for b in module.buffers() if b.device.type != "meta"]
+    # Tensors held as plain attributes (old-style weight_norm recomputes ``weight`` in a pre-hook) would be left as
+    # fake tensors: put the real ones back.
+    attrs = [(m, k, v) for m in module.modules() for k, v in vars(m).items() if isinstance(v, torch.Tensor)]
     try:
         yield
     finally:
@@ -179,6 +224,8 @@ def _frozen_buffers(module: nn.Module) -> Iterator[None]:
             for b, v in saved:
                 if b.shape == v.shape:
                     b.copy_(v)
+        for m, k, v in attrs:
+            setattr(m, k, v)
 
 
 def propagate_shapes(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> None:

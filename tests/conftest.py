@@ -60,6 +60,13 @@ def outputs_close(ref, got, rtol: float = EXACT_RTOL) -> float:
     return worst
 
 
+def _deepcopy(model: nn.Module) -> nn.Module:
+    """copy.deepcopy, also for modules holding computed tensors (old-style weight_norm's ``weight``)."""
+    memo = {id(v): v.detach() for m in model.modules() for v in vars(m).values()
+            if isinstance(v, torch.Tensor) and not v.is_leaf}  # fmt: skip
+    return copy.deepcopy(model, memo)
+
+
 def run_surgery(
     direction: str,
     model: nn.Module,
@@ -88,8 +95,8 @@ def run_surgery(
     assert res.validation is not None and res.validation.passed
     # Independent check: the original model (not the tool's validation) in float64.
     prove = kwargs["precision"] == "float64"
-    ref_model = copy.deepcopy(model).eval()
-    new_model = copy.deepcopy(res.module).eval()
+    ref_model = _deepcopy(model).eval()
+    new_model = _deepcopy(res.module).eval()
     x = inputs
     if prove:
         ref_model, new_model = ref_model.double(), new_model.double()

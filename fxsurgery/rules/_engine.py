@@ -205,6 +205,10 @@ class Rewriter:
             site = rule.apply(node, self)
         except Skip as s:
             site = Site(name, pattern, "skipped", str(s))
+        except Exception as e:  # a rule bug must not become a wrong model: leave the site as it is, say why
+            log.warning("rule %s failed on %s", type(rule).__name__, name, exc_info=True)
+            site = Site(name, pattern, "skipped", f"internal error while matching ({type(e).__name__}: {e}); "
+                        "please report it")  # fmt: skip
         self.sites.append(site)
 
     def _propagate(self, node: fx.Node) -> None:
