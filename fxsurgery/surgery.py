@@ -7,8 +7,9 @@ user's model, its buffers and the example inputs are never modified.
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -18,7 +19,7 @@ from torch import nn
 from fxsurgery import validation as _validation
 from fxsurgery.errors import InputError, SurgeryError, ValidationError
 from fxsurgery.result import Site, SurgeryResult
-from fxsurgery.rules import RULES, Rewriter
+from fxsurgery.rules import RULES, Rewriter, Rule
 from fxsurgery.tracing import LeafSpec, normalize_inputs, prepare_model, propagate_shapes, trace, working_copy
 
 __all__ = ["linear_to_conv", "conv_to_linear", "rewrite"]
@@ -39,15 +40,20 @@ def linear_to_conv(
     rtol: float | None = None,
     num_random: int = 2,
     seed: int = 0,
+    batch_layout: str = "spatial",
 ) -> SurgeryResult:
     """Rewrite Linear layers on flattened or pooled feature maps (and their chains) as Conv2d layers.
 
     ``leaf_modules``: module types or qualified names that torch.fx should not trace into. ``exclude``: site names to
     leave alone. ``precision="float64"`` validates in float64 to prove exactness. ``rtol`` overrides the per-dtype
-    tolerance. Raises :class:`~fxsurgery.ValidationError` when outputs differ beyond tolerance.
+    tolerance. ``batch_layout``: ``"spatial"`` (default) carries the rewritten head as ``(1, C, 1, N)``, the batch
+    side by side on the width axis, so each conv is one matrix product; ``"batch"`` keeps ``(N, C, 1, 1)`` (N small
+    products: several times slower at batch > 1 in onnxruntime). Raises :class:`~fxsurgery.ValidationError` when
+    outputs differ beyond tolerance.
     """
     return rewrite(model, example_inputs, "linear_to_conv", validate=validate, leaf_modules=leaf_modules,
-                   exclude=exclude, precision=precision, rtol=rtol, num_random=num_random, seed=seed)  # fmt: skip
+                   exclude=exclude, precision=precision, rtol=rtol, num_random=num_random, seed=seed,
+                   batch_layout=batch_layout)  # fmt: skip
 
 
 def conv_to_linear(
@@ -82,11 +88,15 @@ def rewrite(
     rtol: float | None = None,
     num_random: int = 2,
     seed: int = 0,
+    batch_layout: str = "spatial",
 ) -> SurgeryResult:
     """Run one direction (``"linear_to_conv"`` or ``"conv_to_linear"``; ``"conv"``/``"linear"`` name the target)."""
     direction = DIRECTIONS.get(direction, direction)
     if direction not in RULES:
         raise InputError(f"unknown direction {direction!r}; use one of {sorted(RULES)} (or 'conv' / 'linear')")
+    options = {"batch_layout": batch_layout} if direction == "linear_to_conv" else {}
+    make_rule = functools.partial(RULES[direction], **options)
+    make_rule()  # check the options before any work
     if precision not in ("native", "float64"):
         raise InputError(f"precision must be 'native' or 'float64', got {precision!r}")
     if isinstance(exclude, str):
@@ -98,7 +108,7 @@ def rewrite(
     log.info("tracing %s", type(model).__name__)
     traced = trace(model, leaf_modules, n_inputs=len(inputs))
     try:
-        gm, sites = _apply(traced, inputs, direction, exclude)
+        gm, sites = _apply(traced, inputs, make_rule, exclude)
     except SurgeryError:
         raise
     except Exception as e:
@@ -112,7 +122,7 @@ def rewrite(
                                  seed=seed, original_copy=original)  # fmt: skip
     result = SurgeryResult(gm, sites, check, direction)
     if not check:
-        culprits = _find_culprits(traced, inputs, direction, exclude, result, original, precision, rtol, seed)
+        culprits = _find_culprits(traced, inputs, make_rule, exclude, result, original, precision, rtol, seed)
         named = ", ".join(f"{s.name} ({s.pattern})" for s in culprits) or "the combination of rewritten sites"
         raise ValidationError(
             f"validation failed: {check.failure}; responsible: {named}. Exclude the site with exclude=[...] and "
@@ -124,19 +134,19 @@ def rewrite(
 
 
 def _apply(
-    traced: fx.GraphModule, inputs: tuple[torch.Tensor, ...], direction: str, exclude: Sequence[str]
+    traced: fx.GraphModule, inputs: tuple[torch.Tensor, ...], make_rule: Callable[[], Rule], exclude: Sequence[str]
 ) -> tuple[fx.GraphModule, list[Site]]:
     gm = working_copy(traced)
     gm.train(traced.training)
     propagate_shapes(gm, inputs)
-    sites = Rewriter(gm, exclude).run(RULES[direction]())
+    sites = Rewriter(gm, exclude).run(make_rule())
     return gm, sites
 
 
 def _find_culprits(
     traced: fx.GraphModule,
     inputs: tuple[torch.Tensor, ...],
-    direction: str,
+    make_rule: Callable[[], Rule],
     exclude: Sequence[str],
     result: SurgeryResult,
     original: nn.Module,
@@ -151,7 +161,7 @@ def _find_culprits(
     scored: list[tuple[float, Site]] = []
     for site in rewritten:
         others = [s.name for s in rewritten if s is not site]
-        gm, _ = _apply(traced, inputs, direction, [*exclude, *others])
+        gm, _ = _apply(traced, inputs, make_rule, [*exclude, *others])
         check = _validation.validate(original, gm, inputs, num_random=0, precision=precision, rtol=rtol,
                                      seed=seed, original_copy=original)  # fmt: skip
         if not check:

@@ -60,6 +60,15 @@ def outputs_close(ref, got, rtol: float = EXACT_RTOL) -> float:
     return worst
 
 
+_LAYOUT_OPS = {"permute", "reshape", "view", "flatten", "t", "transpose", "squeeze", "unsqueeze", torch.flatten,
+               torch.reshape, torch.permute}
+
+
+def layout_ops(gm: torch.fx.GraphModule) -> int:
+    """How many layout-changing nodes (reshape, permute, flatten, ...) a graph holds."""
+    return sum(n.op in ("call_method", "call_function") and n.target in _LAYOUT_OPS for n in gm.graph.nodes)
+
+
 def _deepcopy(model: nn.Module) -> nn.Module:
     """copy.deepcopy, also for modules holding computed tensors (old-style weight_norm's ``weight``)."""
     memo = {id(v): v.detach() for m in model.modules() for v in vars(m).values()

@@ -11,7 +11,7 @@ from torch.nn.utils import parametrizations
 
 import fxsurgery
 from tests import reference
-from tests.conftest import FLATTEN_FORMS, run_surgery
+from tests.conftest import FLATTEN_FORMS, layout_ops, run_surgery
 
 FLATTENS = FLATTEN_FORMS
 
@@ -67,7 +67,8 @@ def test_weight_is_a_view_with_the_same_name_and_numpy_reference():
         np.testing.assert_allclose(res.module(x).numpy(), expected.reshape(2, 5), rtol=0, atol=1e-12)
 
 
-def test_vgg_classifier_chain_is_conv_only():
+@pytest.mark.parametrize("batch_layout, conversions", [("spatial", 4), ("batch", 1)])
+def test_vgg_classifier_chain_is_conv_only(batch_layout, conversions):
     class VGGish(nn.Module):
         def __init__(self):
             super().__init__()
@@ -80,11 +81,13 @@ def test_vgg_classifier_chain_is_conv_only():
         def forward(self, x):
             return self.classifier(torch.flatten(self.features(x), 1))
 
-    res = run_surgery("linear_to_conv", VGGish().eval(), torch.randn(2, 3, 14, 14),
+    res = run_surgery("linear_to_conv", VGGish().eval(), torch.randn(2, 3, 14, 14), batch_layout=batch_layout,
                       rewritten=["classifier.0", "classifier.3", "classifier.6"])  # fmt: skip
-    g = res.module.graph
-    reshapes = [n for n in g.nodes if n.target in ("view", "reshape", torch.flatten)]
-    assert len(reshapes) == 1, res.module.code  # one flatten at the end, no ping-pong between sites
+    # spatial: permute + reshape in (the batch side by side), flatten + t out; batch: one flatten at the end.
+    # Either way no reshape ping-pong between the sites.
+    assert layout_ops(res.module) == conversions, res.module.code
+    convs = [m for m in res.module.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 4 and not any(isinstance(m, nn.Linear) for m in res.module.modules())
     assert [s.pattern for s in res.sites] == ["flatten->linear", "chain-linear", "chain-linear"]
 
 
@@ -310,3 +313,18 @@ def test_traced_through_subclass_keeps_its_fake_quant():
     res = run_surgery("linear_to_conv", m.eval(), torch.randn(2, 3, 3, 2), rewritten=[],
                       skipped={"linear": "not a flattened or pooled"})  # fmt: skip
     assert any(n.target is torch.round for n in res.module.graph.nodes)
+
+
+def test_bad_batch_layout():
+    with pytest.raises(fxsurgery.InputError, match="batch_layout must be"):
+        fxsurgery.linear_to_conv(Head(FLATTENS["torch.flatten"]), torch.randn(1, 3, 3, 2), batch_layout="nope")
+
+
+@pytest.mark.parametrize("batch_layout", ["spatial", "batch"])
+def test_both_batch_layouts_exact_at_other_batch_sizes(batch_layout):
+    model = Head(FLATTENS["torch.flatten"]).eval()
+    res = run_surgery("linear_to_conv", model, torch.randn(3, 3, 3, 2), rewritten=["fc"], batch_layout=batch_layout)
+    for n in (1, 5):
+        x = torch.randn(n, 3, 3, 2)
+        with torch.no_grad():
+            torch.testing.assert_close(res.module(x), model(x), rtol=1e-5, atol=1e-6)

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from tests.conftest import FLATTEN_FORMS, run_surgery
+from tests.conftest import FLATTEN_FORMS, layout_ops, run_surgery
 
 ACTS = [nn.ReLU, nn.GELU, nn.SiLU, nn.Hardswish, nn.Tanh, nn.Identity, nn.Dropout]
 HEAD_INPUTS = {
@@ -59,8 +59,8 @@ def check_head(c, h, w, n, hidden, bias, head_input, acts, precision):
     model = RandomHead(c, h, w, hidden, bias, head_input, acts).eval()
     names = [f"head.{i}" for i, m in enumerate(model.head) if isinstance(m, nn.Linear)]
     res = run_surgery("linear_to_conv", model, torch.randn(n, 2, h, w), rewritten=names, precision=precision)
-    flattens = [x for x in res.module.graph.nodes if x.target is torch.flatten]
-    assert len(flattens) == 1  # one flatten at the end of the chain, none between sites
+    # one conversion in (permute + reshape, batch side by side) and one out (flatten + t), none between sites
+    assert layout_ops(res.module) <= 4, res.module.code
 
 
 def check_stack(channels, h, w, stride, bias, act, precision):

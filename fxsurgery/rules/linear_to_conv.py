@@ -25,6 +25,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from fxsurgery.errors import InputError
 from fxsurgery.result import Site
 from fxsurgery.rules._engine import (
     Layout,
@@ -39,7 +40,7 @@ from fxsurgery.rules._engine import (
 from fxsurgery.tracing import shape_of
 from fxsurgery.weights import linear_to_conv_weight
 
-__all__ = ["LinearToConv", "POINT_LAYOUT"]
+__all__ = ["LinearToConv", "POINT_LAYOUT", "SPATIAL_LAYOUT", "BATCH_LAYOUTS"]
 
 _EXACT = (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear)
 
@@ -52,11 +53,25 @@ def _exit_point(graph: fx.Graph, alt: fx.Node, orig: fx.Node) -> fx.Node:
     return graph.call_function(torch.flatten, (alt, 1))
 
 
-#: ``(N, O)`` values carried as ``(N, O, 1, 1)``.
+#: ``(N, O)`` values carried as ``(N, O, 1, 1)``: the batch stays the batch; each conv is N small products.
 POINT_LAYOUT = Layout("(N,C,1,1)", _enter_point, _exit_point)
+
+
+def _enter_spatial(graph: fx.Graph, x: fx.Node, site: str) -> fx.Node:
+    k = static_shape(x, "a chained value")[1]
+    return graph.call_method("reshape", (graph.call_method("t", (x,)), (1, k, 1, -1)))
+
+
+def _exit_spatial(graph: fx.Graph, alt: fx.Node, orig: fx.Node) -> fx.Node:
+    return graph.call_method("t", (graph.call_method("flatten", (alt, 0, 2)),))
+
+
+#: ``(N, O)`` values carried as ``(1, O, 1, N)``: the batch on the width axis, so each conv is one matrix product.
+SPATIAL_LAYOUT = Layout("(1,C,1,N)", _enter_spatial, _exit_spatial)
+BATCH_LAYOUTS = {"spatial": SPATIAL_LAYOUT, "batch": POINT_LAYOUT}
 #: Channels-last ``(N, H, W, O)`` values carried as NCHW ``(N, O, H, W)``.
 NCHW_LAYOUT = permutation_layout("NCHW", (0, 3, 1, 2))
-_CONV_LAYOUTS = (POINT_LAYOUT, NCHW_LAYOUT)
+_CONV_LAYOUTS = (POINT_LAYOUT, SPATIAL_LAYOUT, NCHW_LAYOUT)
 
 # Order-preserving reshapes that may stand between a 4-D map and the Linear that reads it flattened.
 _RESHAPE_METHODS = {"flatten", "view", "reshape", "squeeze", "contiguous"}
@@ -122,6 +137,18 @@ class LinearToConv:
 
     pattern_names = ("flatten->linear", "pool->linear", "chain-linear", "channels-last-linear")
 
+    def __init__(self, batch_layout: str = "spatial") -> None:
+        if batch_layout not in BATCH_LAYOUTS:
+            raise InputError(f"batch_layout must be one of {sorted(BATCH_LAYOUTS)}, got {batch_layout!r}")
+        self.point = BATCH_LAYOUTS[batch_layout]
+
+    def _from_map(self, graph: fx.Graph, y: fx.Node, feature: tuple[int, ...]) -> fx.Node:
+        """A 4-D ``(N, C, H, W)`` map in the point layout: as is, or ``(1, C, H, N*W)`` with the images side by side."""
+        if self.point is POINT_LAYOUT:
+            return y
+        side_by_side = graph.call_method("permute", (y, (1, 2, 0, 3)))
+        return graph.call_method("reshape", (side_by_side, (1, feature[0], feature[1], -1)))
+
     def is_candidate(self, node: fx.Node, rw: Rewriter) -> bool:
         if node.op == "call_module":
             return isinstance(rw.modules.get(str(node.target)), nn.Linear)
@@ -162,7 +189,7 @@ class LinearToConv:
         out_features, in_features = static_shape(w, "the weight") if functional else mod.weight.shape  # type: ignore[union-attr]
 
         order: tuple[int, ...] | None = None
-        layout = POINT_LAYOUT
+        layout = self.point
         if x in rw.alt:
             src, layout, feature = rw.alt[x][0], rw.alt[x][1], (in_features, 1, 1)
             if layout not in _CONV_LAYOUTS:
@@ -173,9 +200,10 @@ class LinearToConv:
             before = f"Linear({in_features}->{out_features}) on NCHW permuted to channels-last"
         elif (pooled := _spatial_mean_source(x)) is not None:
             c = static_shape(pooled, "the pooled map")[1]
-            with rw.graph.inserting_before(node):
-                src = rw.graph.call_method("mean", (pooled, [2, 3]), {"keepdim": True})
             feature = (c, 1, 1)
+            with rw.graph.inserting_before(node):
+                kept = rw.graph.call_method("mean", (pooled, [2, 3]), {"keepdim": True})
+                src = self._from_map(rw.graph, kept, feature)
             before = f"Linear({in_features}->{out_features}) on mean over HxW of {c} channels"
         else:
             if len(x_shape) != 2:
@@ -192,7 +220,8 @@ class LinearToConv:
                 y_shape = static_shape(y, "the permuted map")
             feature = tuple(y_shape[1:])
             with rw.graph.inserting_before(node):
-                src = guard(rw.graph, y, (feature[1], feature[2]), name, original_rejects=True)
+                checked = guard(rw.graph, y, (feature[1], feature[2]), name, original_rejects=True)
+                src = self._from_map(rw.graph, checked, feature)
             size = "x".join(map(str, feature))
             before = f"Linear({in_features}->{out_features}) on flatten({size}{' permuted' if order else ''})"
         if math.prod(feature) != in_features:
@@ -204,21 +233,20 @@ class LinearToConv:
                 w4 = rw.graph.call_method("view", (w, (out_features, *(feature[d] for d in (order or (0, 1, 2))))))
                 if order:
                     w4 = rw.graph.call_method("permute", (w4, (0, *(1 + order.index(d) for d in range(3)))))
-                conv = rw.graph.call_function(F.conv2d, (src, w4, b))
+                conv = rw.graph.call_function(F.conv2d, (src, w4, b, kernel))
             else:
                 rw.new_modules[name] = _conv_from_linear(mod, feature, order)  # type: ignore[arg-type]
                 conv = rw.graph.call_module(name, (src,))
         rw.set_alt(node, conv, layout)
-        after = f"Conv2d({feature[0]}, {out_features}, kernel={kernel[0]}x{kernel[1]})"
+        after = f"Conv2d({feature[0]}, {out_features}, kernel={kernel[0]}x{kernel[1]}) {layout.name}"
         return Site(name, pattern, "rewritten", before=before, after=after)
 
 
 def _conv_from_linear(lin: nn.Linear, feature: tuple[int, ...], order: tuple[int, ...] | None) -> nn.Conv2d:
     weight = linear_to_conv_weight(lin.weight.detach(), feature, order)
-    conv = nn.Conv2d(
-        feature[0], lin.out_features, (feature[1], feature[2]), bias=lin.bias is not None, device="meta",
-        dtype=lin.weight.dtype,
-    )  # fmt: skip
+    kernel = (feature[1], feature[2])  # stride = kernel: with the batch side by side, one window per image
+    conv = nn.Conv2d(feature[0], lin.out_features, kernel, stride=kernel, bias=lin.bias is not None, device="meta",
+                     dtype=lin.weight.dtype)  # fmt: skip
     conv.weight = nn.Parameter(weight, requires_grad=lin.weight.requires_grad)
     if lin.bias is not None:
         conv.bias = lin.bias
