@@ -215,6 +215,8 @@ FLAT = {
     "nhwc-contiguous-reshape": lambda s, y: s.fc(y.permute(0, 2, 3, 1).contiguous().reshape(y.size(0), -1)),
     "flatten-other-users": lambda s, y: (s.fc(torch.flatten(y, 1)), torch.flatten(y, 1).sum(1)),
     "bias-false": None,
+    "flatten-dropout": lambda s, y: s.fc(F.dropout(torch.flatten(y, 1), 0.2, s.training)),
+    "flatten-scale-relu": lambda s, y: s.fc(torch.relu(2.0 * torch.flatten(y, 1))),
 }
 
 CASES: dict[str, Case] = {

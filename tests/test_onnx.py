@@ -121,3 +121,10 @@ def test_dtype_limits_are_reported_not_crashed_on(tmp_path):
 def test_unknown_exporter(tmp_path):
     with pytest.raises(fxsurgery.InputError, match="unknown exporter"):
         fxsurgery.cross_check(Flat(), Flat(), torch.randn(1, 3, 4, 4), tmp_path, exporter="tflite")
+
+
+def test_batch_one_example_still_exports_a_dynamic_batch(tmp_path):
+    """torch.export specialises a size-1 dim; the cross-check traces with batch 2 and compares at 1 and 4."""
+    report = fxsurgery.check(Flat().eval(), torch.randn(1, 3, 4, 4), "conv", tmp_path)
+    assert report.passed, report.summary()
+    assert report.onnx.dynamic_batch and {c.batch for c in report.onnx.comparisons} == {1, 4}

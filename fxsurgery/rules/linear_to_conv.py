@@ -37,6 +37,7 @@ from fxsurgery.rules._engine import (
     permute_dims,
     static_shape,
 )
+from fxsurgery.rules._ops import elementwise_tensor_inputs
 from fxsurgery.tracing import shape_of
 from fxsurgery.weights import linear_to_conv_weight
 
@@ -102,20 +103,30 @@ def _check_batch_safe(node: fx.Node) -> None:
             raise Skip(f"{node.name}: the reshape hard-codes the batch size ({first}); use x.size(0) or -1")
 
 
-def _flatten_source(x: fx.Node, rw: Rewriter) -> fx.Node | None:
-    """The 4-D node whose flatten is ``x``, walking back through order-preserving reshapes; None if none."""
+def _flatten_source(x: fx.Node, rw: Rewriter) -> tuple[fx.Node, list[tuple[fx.Node, fx.Node]]] | None:
+    """The 4-D node whose flatten is ``x``, walking back through order-preserving reshapes, and the elementwise ops
+    met on the way (``flatten -> Dropout -> Linear``) with their tensor input, first to last; None if there is none.
+
+    Elementwise ops commute with a reshape, so they can run on the 4-D map instead.
+    """
     n = static_shape(x, "the Linear input")[0]
-    cur = x
-    while _is_reshape(cur, rw.modules) and isinstance(cur.args[0], fx.Node):
-        _check_batch_safe(cur)
-        if static_shape(cur, "a reshape")[0] != n:
-            raise Skip(f"{cur.name} moves the batch axis (dim 0 is not {n})")
-        cur = cur.args[0]
-        shape = static_shape(cur, "a reshape input")
-        if shape[0] != n:
-            raise Skip(f"{cur.name} moves the batch axis (dim 0 is not {n})")
-        if len(shape) == 4:
-            return cur
+    cur, ops = x, []
+    while isinstance(cur, fx.Node):
+        if _is_reshape(cur, rw.modules) and isinstance(cur.args[0], fx.Node):
+            _check_batch_safe(cur)
+            if static_shape(cur, "a reshape")[0] != n:
+                raise Skip(f"{cur.name} moves the batch axis (dim 0 is not {n})")
+            cur = cur.args[0]
+            shape = static_shape(cur, "a reshape input")
+            if shape[0] != n:
+                raise Skip(f"{cur.name} moves the batch axis (dim 0 is not {n})")
+            if len(shape) == 4:
+                return cur, ops[::-1]
+        elif (inputs := elementwise_tensor_inputs(cur, rw.modules)) and len(inputs) == 1:
+            ops.append((cur, inputs[0]))
+            cur = inputs[0]
+        else:
+            return None
     return None
 
 
@@ -209,9 +220,10 @@ class LinearToConv:
             if len(x_shape) != 2:
                 kind = "(N, S, C) tokens" if len(x_shape) == 3 else f"{len(x_shape)}-D"
                 raise Skip(f"input is {kind}, not a flattened or pooled 4-D feature map")
-            y = _flatten_source(x, rw)
-            if y is None:
+            found = _flatten_source(x, rw)
+            if found is None:
                 raise Skip(f"input ({x.name}) is not a flattened or pooled 4-D feature map")
+            y, elementwise = found
             y_shape = static_shape(y, "the flattened map")
             dims = permute_dims(y)
             if dims is not None and len(dims) == 4 and dims[0] == 0:
@@ -220,8 +232,11 @@ class LinearToConv:
                 y_shape = static_shape(y, "the permuted map")
             feature = tuple(y_shape[1:])
             with rw.graph.inserting_before(node):
-                checked = guard(rw.graph, y, (feature[1], feature[2]), name, original_rejects=True)
-                src = self._from_map(rw.graph, checked, feature)
+                src = guard(rw.graph, y, (feature[1], feature[2]), name, original_rejects=True)
+                for op, op_input in elementwise:  # run them on the map, before the flatten they followed
+                    src = rw.graph.node_copy(op, lambda a, prev=src, old=op_input: prev if a is old else a)
+                    src.meta = {}
+                src = self._from_map(rw.graph, src, feature)
             size = "x".join(map(str, feature))
             before = f"Linear({in_features}->{out_features}) on flatten({size}{' permuted' if order else ''})"
         if math.prod(feature) != in_features:
