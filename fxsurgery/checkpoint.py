@@ -89,7 +89,7 @@ def load_state_dict(rewritten: nn.Module, state_dict: dict[str, torch.Tensor], s
     return rewritten.load_state_dict(converted, strict=strict)
 
 
-def save_rewritten(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...], out_dir: str | os.PathLike) -> dict[str, str]:
+def save_rewritten(gm: nn.Module, inputs: tuple[torch.Tensor, ...], out_dir: str | os.PathLike) -> dict[str, str]:
     """Save ``gm`` in forms a user can load back; returns {file: what it is}.
 
     * ``rewritten.safetensors``: its state dict (rewritten shapes) and ``original_format.safetensors``: the same
@@ -106,8 +106,9 @@ def save_rewritten(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...], out_dir
     saved["rewritten.safetensors"] = "state dict of the rewritten model (safetensors)"
     save_file(original_state_dict(gm), str(out / "original_format.safetensors"))
     saved["original_format.safetensors"] = "the same weights in the original model's layout"
-    (out / "rewritten_code.py").write_text(gm.code)
-    saved["rewritten_code.py"] = "generated forward of the rewritten GraphModule"
+    graphs = [(name, m) for name, m in gm.named_modules() if isinstance(m, fx.GraphModule)]
+    (out / "rewritten_code.py").write_text("\n".join(f"# {name or 'root'}: {type(m).__name__}\n{m.code}" for name, m in graphs))
+    saved["rewritten_code.py"] = "generated forward of the rewritten GraphModule(s)"
     try:
         program = torch.export.export(working_copy(gm).eval(), inputs, strict=False)
         torch.export.save(program, str(out / "rewritten.pt2"))

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch.fx as fx
+from torch import nn
 
 if TYPE_CHECKING:
     from fxsurgery.validation import Validation
@@ -53,9 +54,13 @@ class Site:
 
 @dataclass(frozen=True)
 class SurgeryResult:
-    """What :func:`fxsurgery.linear_to_conv` / :func:`fxsurgery.conv_to_linear` return."""
+    """What :func:`fxsurgery.linear_to_conv` / :func:`fxsurgery.conv_to_linear` return.
 
-    module: fx.GraphModule
+    ``module`` is a ``torch.fx.GraphModule``; only when the root's own forward cannot be traced is it a copy of the
+    root whose submodules were rewritten (``notes`` says so).
+    """
+
+    module: fx.GraphModule | nn.Module
     sites: list[Site]
     validation: Validation | None
     direction: str

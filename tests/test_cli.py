@@ -29,14 +29,14 @@ MODELS = textwrap.dedent(
     def broken():
         raise ValueError("cannot build")
 
-    class Branchy(nn.Module):
+    class Branchy(nn.Module):  # untraceable, and no submodule to rewrite instead
         def __init__(self):
             super().__init__()
-            self.fc = nn.Linear(12, 2)
+            self.w = nn.Parameter(torch.randn(2, 12))
         def forward(self, x):
             if x.sum() > 0:
                 x = -x
-            return self.fc(torch.flatten(x, 1))
+            return torch.flatten(x, 1) @ self.w.t()
     """
 )
 

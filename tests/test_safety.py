@@ -121,15 +121,54 @@ class Branchy(nn.Module):
         return -x
 
 
-def test_untraceable_submodule_is_named_and_leaf_modules_fix_it():
+def test_untraceable_submodule_becomes_a_leaf_and_leaf_modules_name_it():
     model = Untraceable().eval()
     x = torch.randn(2, 4, 1, 1)
-    with pytest.raises(fxsurgery.TraceError, match=r"'inner' \(Branchy\).*leaf_modules") as info:
-        fxsurgery.linear_to_conv(model, x)
-    assert info.value.module == "inner"
-    res = run_surgery("linear_to_conv", model, x, rewritten=["fc"], leaf_modules=[Branchy])
-    assert res.rewritten[0].name == "fc"
-    run_surgery("linear_to_conv", model, x, rewritten=["fc"], leaf_modules=["inner"])
+    res = run_surgery("linear_to_conv", model, x, rewritten=["fc"])
+    assert any("inner (Branchy) cannot be traced" in n for n in res.notes), res.notes
+    assert any("inner left untouched" in n for n in res.notes)
+    for leaf in (Branchy, "inner"):
+        res = run_surgery("linear_to_conv", model, x, rewritten=["fc"], leaf_modules=[leaf])
+        assert not res.notes
+
+
+class UntraceableRoot(nn.Module):
+    """The root's own forward branches on a value; its children trace."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.Conv2d(4, 4, 1))
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(4 * 2 * 2, 3))
+
+    def forward(self, x):
+        y = self.features(x)
+        if y.mean() > 10:
+            y = y * 0
+        return self.head(y)
+
+
+@pytest.mark.parametrize("direction, rewritten", [("linear_to_conv", ["head.1"]),
+                                                   ("conv_to_linear", ["features.0", "features.2"])])  # fmt: skip
+def test_untraceable_root_is_rewritten_inside_its_children(direction, rewritten):
+    model = UntraceableRoot().eval()
+    res = run_surgery(direction, model, torch.randn(2, 3, 2, 2), rewritten=rewritten)
+    assert type(res.module) is UntraceableRoot and res.module is not model
+    assert any("forward of UntraceableRoot cannot be traced" in n for n in res.notes)
+    assert isinstance(res.module.head if direction == "linear_to_conv" else res.module.features, torch.fx.GraphModule)
+    # checkpoints still cross the rewrite with the full names
+    ckpt = {k: torch.randn_like(v) for k, v in model.state_dict().items()}
+    fxsurgery.load_state_dict(res.module, ckpt)
+    back = fxsurgery.original_state_dict(res.module)
+    assert all(torch.equal(back[k], ckpt[k]) for k in ckpt)
+
+
+def test_untraceable_model_without_children_is_a_trace_error():
+    class Bare(nn.Module):
+        def forward(self, x):
+            return x if x.sum() > 0 else -x
+
+    with pytest.raises(fxsurgery.TraceError, match="cannot trace Bare.forward"):
+        fxsurgery.linear_to_conv(Bare(), torch.randn(1, 3))
 
 
 def test_root_hooks_are_refused():
