@@ -34,9 +34,16 @@ DIRECTIONS = {"conv": "linear_to_conv", "linear": "conv_to_linear"}
 
 
 def all_models() -> list[str]:
+    """Every classification model, smallest first (parameter counts from torchvision's metadata, no download)."""
     import torchvision
 
-    return sorted(torchvision.models.list_models(module=torchvision.models))
+    def size(name: str) -> int:
+        try:
+            return int(torchvision.models.get_model_weights(name).DEFAULT.meta["num_params"])
+        except Exception:
+            return 0
+
+    return sorted(torchvision.models.list_models(module=torchvision.models), key=lambda n: (size(n), n))
 
 
 def build(name: str) -> tuple[torch.nn.Module, torch.Tensor]:
@@ -126,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-onnx", action="store_true", help="skip the ONNX export and cross-check")
     parser.add_argument("--out", default=str(HERE / "coverage"), help="output path without suffix")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--resume", action="store_true", help="keep the records already in OUT.json, run the rest")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     import logging
@@ -135,15 +143,23 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     names = args.models or all_models()
     out = Path(args.out)
-    command = "python -m benchmarks.coverage" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
+    shown = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--resume"]
+    command = "python -m benchmarks.coverage" + (" " + " ".join(shown)).rstrip()
     records: list[dict[str, Any]] = []
+    if args.resume and out.with_suffix(".json").exists():
+        records = json.loads(out.with_suffix(".json").read_text())
+    done = {(r["model"], r["direction"]) for r in records}
     for name in names:
         for to in DIRECTIONS:
+            if (name, DIRECTIONS[to]) in done:
+                continue
             record = run_one(name, to, onnx=not args.no_onnx)
             records.append(record)
             print(f"{name:22s} {record['direction']:15s} {record.get('outcome'):13s} rewritten={record.get('rewritten')} "
                   f"skipped={record.get('skipped')} {record['seconds']}s", flush=True)  # fmt: skip
             out.with_suffix(".json").write_text(json.dumps(records, indent=1, default=str))
+    order = {n: i for i, n in enumerate(names)}
+    records.sort(key=lambda r: (order.get(r["model"], len(order)), r["direction"] != "linear_to_conv"))
     out.with_suffix(".md").write_text(markdown(records, command))
     bad = [r for r in records if not r.get("passed")]
     print(f"{len(records) - len(bad)}/{len(records)} runs passed; wrote {out}.json and {out}.md")
