@@ -78,6 +78,8 @@ def _build_parser() -> argparse.ArgumentParser:
                     help="allow --weights files that need full unpickling (runs code from the file!)")  # fmt: skip
     rw.add_argument("--leaf-module", action="append", default=[], help="qualified name fx must not trace into")
     rw.add_argument("--exclude", action="append", default=[], help="site name to leave alone")
+    rw.add_argument("--batch-layout", choices=("spatial", "batch"), default="spatial",
+                    help="linear_to_conv: carry the head as (1, C, 1, N) (one matrix product) or (N, C, 1, 1)")  # fmt: skip
     common(rw)
 
     demo = sub.add_parser("demo", help="run the whole pipeline on the built-in model, both directions")
@@ -256,7 +258,6 @@ def _rewrite(args: argparse.Namespace, progress: _Progress) -> int:
 
 def _check_input_dims(model: Any, inputs: tuple) -> None:
     """Catch the commonest shape mistake early: an input whose rank the model's first layer cannot take."""
-    import torch
     from torch import nn
 
     first = next((m for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear))), None)
@@ -268,7 +269,6 @@ def _check_input_dims(model: Any, inputs: tuple) -> None:
             f"--input-shape has {inputs[0].dim()} dims but the model starts with {type(first).__name__}, which takes "
             f"{want[1]}-D (N, C, ...) input"
         )
-    del torch
 
 
 def _run_pipeline(model: Any, inputs: tuple, to: str, out_dir: Path, args: argparse.Namespace, progress: _Progress):
@@ -281,7 +281,8 @@ def _run_pipeline(model: Any, inputs: tuple, to: str, out_dir: Path, args: argpa
         try:
             result = rewrite(model, inputs, to, precision=args.precision,
                              leaf_modules=tuple(getattr(args, "leaf_module", ())),
-                             exclude=tuple(getattr(args, "exclude", ())))  # fmt: skip
+                             exclude=tuple(getattr(args, "exclude", ())),
+                             batch_layout=getattr(args, "batch_layout", "spatial"))  # fmt: skip
         except ValidationError as e:
             result = e.result
     with progress.step(f"exporting both versions to ONNX ({args.exporter}) and cross-checking in onnxruntime"):

@@ -1,0 +1,7 @@
+"""``python -m benchmarks``: the benchmark harness (see benchmarks/bench.py)."""
+
+import sys
+
+from benchmarks.bench import main
+
+sys.exit(main())

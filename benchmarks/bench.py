@@ -1,0 +1,417 @@
+"""Benchmark harness: what a rewrite costs, and whether rewritten graphs run as fast as the originals.
+
+    python -m benchmarks                      # every suite; writes benchmarks/results.{json,md,png}
+    python -m benchmarks latency --pairs 5    # one suite
+    python -m benchmarks --quick              # tiny models, one pair: a smoke run
+
+Method (../shared/BENCHMARKING.md): ratios measured side by side in one run. Original (A) and rewritten (B) alternate
+(A B, B A, A B, ...); each pair gives a ratio B/A; the median ratio and its spread (min..max) are reported, with the
+noise floor: the original against itself, measured the same way. Threads are pinned (torch and onnxruntime, 2 by
+default) and printed; onnxruntime sessions have thread spinning off so the idle session cannot steal cores; both
+sides are warmed up before the first pair. Peak memory is read in a fresh subprocess per measurement. No figure is
+compared with one from another run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+import fxsurgery
+from fxsurgery.models import NetworkInNetwork
+from fxsurgery.onnx_check import export_onnx
+
+HERE = Path(__file__).resolve().parent
+SUITES = ("cost", "memory", "check", "latency")
+
+
+@dataclass
+class Ratio:
+    """B/A over interleaved pairs: median and spread, with A's and B's median times in milliseconds."""
+
+    median: float
+    low: float
+    high: float
+    a_ms: float
+    b_ms: float
+    pairs: int
+
+    def text(self) -> str:
+        return f"{self.median:.2f} ({self.low:.2f}..{self.high:.2f})"
+
+
+def interleaved(a: Callable[[], Any], b: Callable[[], Any], pairs: int, warmup: int = 2) -> Ratio:
+    """Time ``a`` and ``b`` alternately (A B, B A, ...) and return the ratio b/a per pair."""
+    for _ in range(warmup):
+        a()
+        b()
+    ratios, ta, tb = [], [], []
+    for i in range(pairs):
+        order = (a, b) if i % 2 == 0 else (b, a)
+        times = {}
+        for f in order:
+            start = time.perf_counter()
+            f()
+            times[f] = time.perf_counter() - start
+        ta.append(times[a])
+        tb.append(times[b])
+        ratios.append(times[b] / times[a])
+    return Ratio(statistics.median(ratios), min(ratios), max(ratios), statistics.median(ta) * 1e3,
+                 statistics.median(tb) * 1e3, pairs)  # fmt: skip
+
+
+def ort_session(path: Path, threads: int) -> Any:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+# -- cases ------------------------------------------------------------------------------------------------------------
+
+
+class ResNet50Head(nn.Module):
+    """2048x7x7 -> average pool -> flatten -> Linear(2048, 1000)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(2048, 1000)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+class VGGClassifier(nn.Module):
+    """512x7x7 -> flatten -> 4096 -> 4096 -> 1000, as in torchvision's VGG."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.classifier = nn.Sequential(
+            nn.Linear(512 * 7 * 7, 4096), nn.ReLU(True), nn.Dropout(),
+            nn.Linear(4096, 4096), nn.ReLU(True), nn.Dropout(), nn.Linear(4096, 1000),
+        )  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(x, 1))
+
+
+class PointwiseStack(nn.Module):
+    """A Network-in-Network-style stack of 256-channel pointwise convs."""
+
+    def __init__(self, channels: int = 256, depth: int = 4) -> None:
+        super().__init__()
+        self.body = nn.Sequential(*[m for _ in range(depth) for m in (nn.Conv2d(channels, channels, 1), nn.ReLU())])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def torchvision_model(name: str) -> Callable[[], nn.Module]:
+    def make() -> nn.Module:
+        import torchvision
+
+        return torchvision.models.get_model(name, weights=None)
+
+    return make
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    make: Callable[[], nn.Module]
+    shape: tuple[int, ...]
+    to: str
+
+
+def latency_cases(quick: bool) -> list[Case]:
+    if quick:
+        return [Case("tiny head", lambda: nn.Sequential(nn.Flatten(), nn.Linear(32, 8)), (4, 8, 2, 2), "conv"),
+                Case("tiny pointwise", lambda: PointwiseStack(8, 2), (2, 8, 4, 4), "linear")]  # fmt: skip
+    cases = [
+        Case("resnet50 head", ResNet50Head, (64, 2048, 7, 7), "conv"),
+        Case("vgg classifier", VGGClassifier, (32, 512, 7, 7), "conv"),
+        Case("nin pointwise 256", PointwiseStack, (8, 256, 28, 28), "linear"),
+    ]
+    for name in ("resnet50", "vgg16", "mobilenet_v3_large"):
+        for batch in (1, 32):
+            cases.append(Case(f"{name}", torchvision_model(name), (batch, 3, 224, 224), "conv"))
+    for name in ("resnet50", "mobilenet_v3_large"):
+        cases.append(Case(f"{name}", torchvision_model(name), (1, 3, 224, 224), "linear"))
+    return cases
+
+
+# -- suites -----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LatencyRow:
+    case: str
+    direction: str
+    batch: int
+    runtime: str
+    ratio: Ratio
+    noise: Ratio
+    rewritten_sites: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def latency(cases: list[Case], pairs: int, threads: int, runtimes: tuple[str, ...]) -> list[LatencyRow]:
+    rows = []
+    for case in cases:
+        torch.manual_seed(0)
+        model = case.make().eval()
+        x = torch.randn(case.shape)
+        res = fxsurgery.rewrite(model, x, case.to, validate=False)
+        rewritten = res.module.eval()
+        batch = case.shape[0]
+        if "torch" in runtimes:
+            with torch.no_grad():
+                ratio = interleaved(lambda: model(x), lambda: rewritten(x), pairs)
+                noise = interleaved(lambda: model(x), lambda: model(x), pairs)
+            rows.append(LatencyRow(case.name, res.direction, batch, "torch eager", ratio, noise, len(res.rewritten)))
+            _report(rows[-1])
+        if "onnxruntime" in runtimes:
+            with tempfile.TemporaryDirectory() as tmp:
+                export_onnx(model, (x,), Path(tmp) / "a.onnx", dynamic_batch=False)
+                export_onnx(rewritten, (x,), Path(tmp) / "b.onnx", dynamic_batch=False)
+                sa, sb = ort_session(Path(tmp) / "a.onnx", threads), ort_session(Path(tmp) / "b.onnx", threads)
+                feed_a = {sa.get_inputs()[0].name: x.numpy()}
+                feed_b = {sb.get_inputs()[0].name: x.numpy()}
+                ratio = interleaved(lambda: sa.run(None, feed_a), lambda: sb.run(None, feed_b), pairs)
+                sa2 = ort_session(Path(tmp) / "a.onnx", threads)
+                noise = interleaved(lambda: sa.run(None, feed_a), lambda: sa2.run(None, feed_a), pairs)
+                del sa, sb, sa2
+            rows.append(LatencyRow(case.name, res.direction, batch, "onnxruntime", ratio, noise, len(res.rewritten)))
+            _report(rows[-1])
+        del model, rewritten, res
+        gc.collect()
+    return rows
+
+
+def _report(row: LatencyRow) -> None:
+    print(f"  {row.case:20s} {row.direction:15s} b={row.batch:<3d} {row.runtime:12s} rewritten/original "
+          f"{row.ratio.text()}  noise {row.noise.text()}  ({row.ratio.a_ms:.2f} -> {row.ratio.b_ms:.2f} ms)",
+          flush=True)  # fmt: skip
+
+
+def rewrite_cost(model_name: str, pairs: int) -> dict[str, Any]:
+    """linear_to_conv(model, validate=False) against one eager forward at batch 1 and a bare symbolic_trace."""
+    torch.manual_seed(0)
+    model = _model(model_name)
+    x = torch.randn(1, 3, 224, 224) if model_name != "tiny" else torch.randn(1, 8, 2, 2)
+
+    def forward() -> None:
+        with torch.no_grad():
+            model(x)
+
+    def rewrite() -> None:
+        fxsurgery.linear_to_conv(model, x, validate=False)
+
+    vs_forward = interleaved(forward, rewrite, pairs)
+    vs_trace = interleaved(lambda: torch.fx.symbolic_trace(model), rewrite, pairs)
+    out = {"model": model_name, "vs_forward": asdict(vs_forward), "vs_symbolic_trace": asdict(vs_trace)}
+    print(f"  rewrite cost {model_name}: {vs_forward.text()} x one eager forward (batch 1), {vs_trace.text()} x a "
+          f"bare symbolic_trace ({vs_forward.b_ms:.0f} ms rewrite, {vs_forward.a_ms:.0f} ms forward)", flush=True)
+    return out
+
+
+def _model(name: str) -> nn.Module:
+    if name == "tiny":
+        return nn.Sequential(nn.Flatten(), nn.Linear(32, 8)).eval()
+    return torchvision_model(name)().eval()
+
+
+_MEMORY_CHILD = """
+import resource, sys, torch, fxsurgery
+sys.path.insert(0, {root!r})
+from benchmarks.bench import _model
+model = _model({name!r})
+x = torch.randn(1, 3, 224, 224) if {name!r} != "tiny" else torch.randn(1, 8, 2, 2)
+params = sum(p.numel() * p.element_size() for p in model.parameters())
+import gc; gc.collect()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+res = fxsurgery.linear_to_conv(model, x, validate=False)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(params, (after - before) * 1024)
+"""
+
+
+def memory(model_name: str) -> dict[str, Any]:
+    """Peak RSS growth during linear_to_conv(validate=False), in a fresh process, against the parameter bytes."""
+    code = _MEMORY_CHILD.format(root=str(HERE.parent), name=model_name)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    params, growth = int(out[-2]), int(out[-1])
+    result = {"model": model_name, "param_bytes": params, "peak_rss_growth_bytes": growth,
+              "fraction_of_params": growth / params}  # fmt: skip
+    print(f"  memory {model_name}: peak RSS grew {growth / 2**20:.1f} MiB during the rewrite = "
+          f"{100 * growth / params:.2f}% of {params / 2**20:.0f} MiB of parameters", flush=True)
+    return result
+
+
+def check_cost(model_name: str) -> dict[str, Any]:
+    """fxsurgery.check (rewrite, validate, export both, ORT cross-check) against one bare torch.onnx.export plus
+    session creation of the original alone; time of each phase."""
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    model = _model(model_name)
+    x = torch.randn(1, 3, 224, 224) if model_name != "tiny" else torch.randn(1, 8, 2, 2)
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        export_onnx(model, (x,), Path(tmp) / "bare.onnx")
+        ort.InferenceSession(str(Path(tmp) / "bare.onnx"), providers=["CPUExecutionProvider"])
+        bare = time.perf_counter() - start
+        start = time.perf_counter()
+        res = fxsurgery.linear_to_conv(model, x)
+        t_rewrite = time.perf_counter() - start
+        start = time.perf_counter()
+        fxsurgery.cross_check(model, res.module, x, Path(tmp) / "check", direction=res.direction,
+                              rewritten_sites=len(res.rewritten))  # fmt: skip
+        t_cross = time.perf_counter() - start
+    total = t_rewrite + t_cross
+    out = {"model": model_name, "bare_export_and_session_s": bare, "rewrite_and_validate_s": t_rewrite,
+           "export_both_and_cross_check_s": t_cross, "ratio": total / bare}  # fmt: skip
+    print(f"  check cost {model_name}: {total:.1f}s (rewrite+validate {t_rewrite:.1f}s, export both + ORT cross-check "
+          f"{t_cross:.1f}s) = {total / bare:.2f}x a bare export + session ({bare:.1f}s)", flush=True)
+    return out
+
+
+# -- output -----------------------------------------------------------------------------------------------------------
+
+
+def write_outputs(results: dict[str, Any], out: Path, command: str) -> None:
+    out.with_suffix(".json").write_text(json.dumps(results, indent=1, default=_json))
+    lines = [
+        "# Benchmark results",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Machine: {results['machine']}. Ratios are rewritten/original (lower is faster), median over interleaved "
+        "pairs with the spread in parentheses; the noise floor is the original against itself, measured the same way.",
+        "",
+    ]
+    if results.get("rewrite_cost"):
+        lines += ["## Cost of the rewrite", ""]
+        for r in results["rewrite_cost"]:
+            f, t = r["vs_forward"], r["vs_symbolic_trace"]
+            lines.append(f"- `linear_to_conv({r['model']}, validate=False)`: **{f['median']:.3f}x** one eager forward at "
+                         f"batch 1 ({f['b_ms']:.0f} ms vs {f['a_ms']:.0f} ms; target <= 0.5), {t['median']:.1f}x a "
+                         f"bare `symbolic_trace` ({t['a_ms']:.0f} ms).")  # fmt: skip
+    if results.get("memory"):
+        for r in results["memory"]:
+            lines.append(f"- peak RSS growth during `linear_to_conv({r['model']}, validate=False)`: "
+                         f"{r['peak_rss_growth_bytes'] / 2**20:.1f} MiB = **{100 * r['fraction_of_params']:.2f}%** of "
+                         f"the {r['param_bytes'] / 2**20:.0f} MiB of parameters (target <= 5%).")  # fmt: skip
+    if results.get("check_cost"):
+        for r in results["check_cost"]:
+            lines.append(f"- `fxsurgery check` on {r['model']}: **{r['ratio']:.2f}x** a bare export + session creation "
+                         f"(rewrite+validate {r['rewrite_and_validate_s']:.1f}s, export both + cross-check "
+                         f"{r['export_both_and_cross_check_s']:.1f}s, bare {r['bare_export_and_session_s']:.1f}s; "
+                         "target <= 2.5).")  # fmt: skip
+    if results.get("latency"):
+        lines += ["", "## Latency, rewritten / original", "",
+                  "| case | direction | batch | runtime | sites | ratio | noise floor | original ms | rewritten ms |",
+                  "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for r in results["latency"]:
+            ratio, noise = r["ratio"], r["noise"]
+            lines.append(f"| {r['case']} | {r['direction']} | {r['batch']} | {r['runtime']} | {r['rewritten_sites']} | "
+                         f"**{ratio['median']:.2f}** ({ratio['low']:.2f}..{ratio['high']:.2f}) | {noise['median']:.2f} "
+                         f"({noise['low']:.2f}..{noise['high']:.2f}) | {ratio['a_ms']:.2f} | {ratio['b_ms']:.2f} |")  # fmt: skip
+        lines += ["", f"![latency chart]({out.with_suffix('.png').name})"]
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    if results.get("latency"):
+        chart(results["latency"], out.with_suffix(".png"))
+
+
+def chart(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['case']}\n{r['direction'].replace('_', ' ')} b{r['batch']}\n{r['runtime']}" for r in rows]
+    a = [r["ratio"]["a_ms"] for r in rows]
+    b = [r["ratio"]["b_ms"] for r in rows]
+    fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(rows)), 5))
+    pos = np.arange(len(rows))
+    ax.bar(pos - 0.2, a, 0.4, label="original")
+    ax.bar(pos + 0.2, b, 0.4, label="rewritten")
+    for p, r in zip(pos, rows):
+        ax.annotate(f"{r['ratio']['median']:.2f}x", (p + 0.2, b[p]), ha="center", va="bottom", fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("median latency (ms, log scale)")
+    ax.set_xticks(pos, labels, fontsize=7)
+    ax.set_title("fxsurgery: original vs rewritten latency (label: rewritten/original)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _json(obj: Any) -> Any:
+    if isinstance(obj, (Ratio, LatencyRow)):
+        return asdict(obj)
+    raise TypeError(type(obj).__name__)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("suites", nargs="*", metavar="SUITE", help=f"any of {', '.join(SUITES)} (default: all)")
+    parser.add_argument("--pairs", type=int, default=7, help="interleaved pairs per ratio")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="tiny models, one pair (a smoke run)")
+    parser.add_argument("--runtimes", default="onnxruntime,torch", help="comma-separated: onnxruntime,torch")
+    parser.add_argument("--only", default="", help="latency cases whose name contains this text")
+    parser.add_argument("--out", default=str(HERE / "results"), help="output path without suffix")
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    torch.set_num_threads(args.threads)
+    unknown = sorted(set(args.suites) - set(SUITES))
+    if unknown:
+        parser.error(f"unknown suite(s) {unknown}; choose from {', '.join(SUITES)}")
+    suites = args.suites or list(SUITES)
+    pairs = 1 if args.quick else args.pairs
+    big = "tiny" if args.quick else "vgg16"
+    machine = (f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} with {torch.get_num_threads()} "
+               f"threads, onnxruntime {__import__('onnxruntime').__version__} CPU with {args.threads} intra-op threads")  # fmt: skip
+    print(f"machine: {machine}")
+    results: dict[str, Any] = {"machine": machine}
+    if "cost" in suites:
+        results["rewrite_cost"] = [rewrite_cost(big, pairs)]
+    if "memory" in suites:
+        results["memory"] = [memory(big)]
+    if "check" in suites:
+        results["check_cost"] = [check_cost("tiny" if args.quick else "resnet50")]
+    if "latency" in suites:
+        cases = [c for c in latency_cases(args.quick) if args.only in c.name]
+        rows = latency(cases, pairs, args.threads, tuple(args.runtimes.split(",")))
+        results["latency"] = [asdict(r) for r in rows]
+    command = "python -m benchmarks " + " ".join(argv if argv is not None else sys.argv[1:])
+    write_outputs(results, Path(args.out), command.strip())
+    print(f"wrote {args.out}.json, .md and .png")
+    return 0

@@ -1,0 +1,30 @@
+"""The benchmark harness runs (a smoke run on tiny models, one pair); no timing is asserted."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_harness_smoke_run(tmp_path):
+    out = tmp_path / "results"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--out", str(out)], capture_output=True,
+                          text=True, cwd=ROOT, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert {"machine", "rewrite_cost", "memory", "check_cost", "latency"} <= set(data)
+    assert {(r["runtime"], r["direction"]) for r in data["latency"]} == {
+        (rt, d) for rt in ("torch eager", "onnxruntime") for d in ("linear_to_conv", "conv_to_linear")
+    }
+    assert all(r["ratio"]["pairs"] == 1 and r["ratio"]["median"] > 0 for r in data["latency"])
+    assert "| case |" in out.with_suffix(".md").read_text()
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_unknown_suite_is_refused():
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "nonsense"], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2 and "unknown suite" in proc.stderr
