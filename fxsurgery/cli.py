@@ -68,7 +68,10 @@ def _build_parser() -> argparse.ArgumentParser:
 
     rw = sub.add_parser("rewrite", help="rewrite a model, validate, export both versions and cross-check them")
     rw.add_argument("model", help="package.module:callable or path/to/file.py:callable returning an nn.Module")
-    rw.add_argument("--to", choices=("conv", "linear"), required=True, help="target layer type")
+    rw.add_argument("--to", choices=("conv", "linear", "auto"), required=True,
+                    help="target layer type, or auto: per site the faster form on --runtime")  # fmt: skip
+    rw.add_argument("--runtime", choices=("onnxruntime", "torch"), default="onnxruntime",
+                    help="with --to auto: where to measure")  # fmt: skip
     rw.add_argument("--input-shape", action="append", required=True, metavar="N,C,H,W",
                     help="shape of one example input (repeat for several inputs)")  # fmt: skip
     rw.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the model and its inputs")
@@ -282,7 +285,8 @@ def _run_pipeline(model: Any, inputs: tuple, to: str, out_dir: Path, args: argpa
             result = rewrite(model, inputs, to, precision=args.precision,
                              leaf_modules=tuple(getattr(args, "leaf_module", ())),
                              exclude=tuple(getattr(args, "exclude", ())),
-                             batch_layout=getattr(args, "batch_layout", "spatial"))  # fmt: skip
+                             batch_layout=getattr(args, "batch_layout", "spatial"),
+                             runtime=getattr(args, "runtime", "onnxruntime"))  # fmt: skip
         except ValidationError as e:
             result = e.result
     with progress.step(f"exporting both versions to ONNX ({args.exporter}) and cross-checking in onnxruntime"):

@@ -214,8 +214,8 @@ def _errors(ref: list[np.ndarray], got: list[np.ndarray]) -> tuple[float, float]
 
 
 def _rewrite_visibility(counts: dict[str, dict[str, int]], direction: str | None, n_sites: int | None) -> tuple[bool | None, str]:
-    if direction is None or n_sites is None:
-        return None, "not checked (direction unknown)"
+    if direction not in ("linear_to_conv", "conv_to_linear") or n_sites is None:
+        return None, f"not checked (direction {direction or 'unknown'})"
     orig, rew = counts["original"], counts["rewritten"]
     conv_delta = sum(rew.get(op, 0) for op in _CONV_OPS) - sum(orig.get(op, 0) for op in _CONV_OPS)
     mm_delta = sum(rew.get(op, 0) for op in _MATMUL_OPS) - sum(orig.get(op, 0) for op in _MATMUL_OPS)

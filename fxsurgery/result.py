@@ -30,6 +30,7 @@ class Site:
     reason: str = ""
     before: str = ""
     after: str = ""
+    input_shape: tuple[int, ...] | None = None  # the map the rewritten layer reads, e.g. (N, C, H, W)
 
     def __post_init__(self) -> None:
         if self.status not in ("rewritten", "skipped"):
@@ -49,6 +50,7 @@ class Site:
             "reason": self.reason,
             "before": self.before,
             "after": self.after,
+            "input_shape": None if self.input_shape is None else list(self.input_shape),
         }
 
 
@@ -65,6 +67,7 @@ class SurgeryResult:
     validation: Validation | None
     direction: str
     notes: tuple[str, ...] = field(default=())
+    timings: dict[str, Any] | None = None  # to="auto": per-site and whole-model measurements and the choice
 
     @property
     def rewritten(self) -> list[Site]:
@@ -90,6 +93,11 @@ class SurgeryResult:
         else:
             lines.append("no candidate layers found")
         lines.extend(f"note: {n}" for n in self.notes)
+        if self.timings:
+            rows = [(c["site"], c["direction"], c["chosen"], f"{c['ratio']:.2f}" if "ratio" in c else c.get("why", ""))
+                    for c in self.timings["sites"]]  # fmt: skip
+            if rows:
+                lines.append(format_table(("site", "direction", "kept", "rewritten/original alone"), rows))
         lines.append(self.validation.summary() if self.validation is not None else "validation: not run")
         return "\n".join(lines)
 
@@ -102,6 +110,7 @@ class SurgeryResult:
             "sites": [s.to_dict() for s in self.sites],
             "notes": list(self.notes),
             "validation": None if self.validation is None else self.validation.to_dict(),
+            "timings": self.timings,
         }
 
 

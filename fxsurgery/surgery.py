@@ -91,11 +91,22 @@ def rewrite(
     num_random: int = 2,
     seed: int = 0,
     batch_layout: str = "spatial",
+    runtime: str = "onnxruntime",
 ) -> SurgeryResult:
-    """Run one direction (``"linear_to_conv"`` or ``"conv_to_linear"``; ``"conv"``/``"linear"`` name the target)."""
+    """Run one direction (``"linear_to_conv"`` or ``"conv_to_linear"``; ``"conv"``/``"linear"`` name the target), or
+    ``"auto"``: per site the faster form, measured on ``runtime`` (``"onnxruntime"`` or ``"torch"``), see
+    :mod:`fxsurgery.auto`."""
     direction = DIRECTIONS.get(direction, direction)
+    if direction == "auto":
+        from fxsurgery.auto import auto_rewrite
+
+        inputs = normalize_inputs(example_inputs)
+        kwargs = dict(leaf_modules=leaf_modules, exclude=exclude, precision=precision, rtol=rtol,
+                      num_random=num_random, seed=seed, batch_layout=batch_layout)  # fmt: skip
+        return auto_rewrite(prepare_model(model), inputs, runtime=runtime, rewrite=rewrite, validate=validate,
+                            rewrite_kwargs=kwargs)  # fmt: skip
     if direction not in RULES:
-        raise InputError(f"unknown direction {direction!r}; use one of {sorted(RULES)} (or 'conv' / 'linear')")
+        raise InputError(f"unknown direction {direction!r}; use one of {sorted(RULES)} (or 'conv' / 'linear' / 'auto')")
     options = {"batch_layout": batch_layout} if direction == "linear_to_conv" else {}
     make_rule = functools.partial(RULES[direction], **options)
     make_rule()  # check the options before any work

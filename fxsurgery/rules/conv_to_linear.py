@@ -175,7 +175,7 @@ class ConvToLinear:
         before = f"{kind}({shape[1]}, {mod.out_channels}, 1){step} on {spatial}"
         where = "(N, C)" if layout is FLAT_LAYOUT else "channels-last"
         after = f"{'slice + ' if strided else ''}Linear({shape[1]}->{mod.out_channels}) {where}"
-        return Site(name, pattern, "rewritten", before=before, after=after)
+        return Site(name, pattern, "rewritten", before=before, after=after, input_shape=tuple(shape))
 
     def _full_extent(
         self, node: fx.Node, rw: Rewriter, mod: nn.Module, name: str, pattern: str, x: fx.Node,
@@ -196,7 +196,7 @@ class ConvToLinear:
         spatial = "x".join(map(str, shape[2:]))
         before = f"{type(mod).__name__}({shape[1]}, {mod.out_channels}, kernel={spatial}) on {spatial}"
         after = f"flatten + Linear({math.prod(shape[1:])}->{mod.out_channels})"
-        return Site(name, pattern, "rewritten", before=before, after=after)
+        return Site(name, pattern, "rewritten", before=before, after=after, input_shape=tuple(shape))
 
 
 def _base(mod: nn.Module) -> type:

@@ -254,7 +254,8 @@ class LinearToConv:
                 conv = rw.graph.call_module(name, (src,))
         rw.set_alt(node, conv, layout)
         after = f"Conv2d({feature[0]}, {out_features}, kernel={kernel[0]}x{kernel[1]}) {layout.name}"
-        return Site(name, pattern, "rewritten", before=before, after=after)
+        reads = static_shape(x.args[0], "the map") if layout is NCHW_LAYOUT else (x_shape[0], *feature)
+        return Site(name, pattern, "rewritten", before=before, after=after, input_shape=tuple(reads))
 
 
 def _conv_from_linear(lin: nn.Linear, feature: tuple[int, ...], order: tuple[int, ...] | None) -> nn.Conv2d:

@@ -1,0 +1,221 @@
+"""``to="auto"``: per site, keep the faster of the original and the rewritten form, measured on the target runtime.
+
+1. Both passes run (``linear_to_conv`` and ``conv_to_linear``, without validation) to list the sites and the map each
+   rewritten layer reads.
+2. Per site, the layer alone (a flatten + Linear, or the conv) and its rewritten form (built by the same pass, layout
+   conversions included, so this is the worst case for a site inside a chain) are timed side by side on the runtime,
+   alternating A B, B A, ... The rewritten form is kept when its median ratio is below 1. Sites of the same kind and
+   shape are measured once.
+3. The kept sites are applied (Linear -> conv first, then conv -> Linear on the other layers) and the whole model is
+   timed against the original, together with all-conv and all-linear; the fastest of the four is returned. The result
+   is therefore never slower than the original by more than the measurement noise, and no slower than the better of
+   all-conv and all-linear.
+
+The choice, per site and for the whole model, is in ``result.timings``; the final model is validated like any other.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fxsurgery import validation as _validation
+from fxsurgery.errors import InputError, ValidationError
+from fxsurgery.result import Site, SurgeryResult
+from fxsurgery.tracing import working_copy
+
+__all__ = ["RUNTIMES", "auto_rewrite"]
+
+log = logging.getLogger(__name__)
+
+RUNTIMES = ("onnxruntime", "torch")
+DIRECTIONS = ("linear_to_conv", "conv_to_linear")
+
+
+def _timer(module: nn.Module, x: torch.Tensor, runtime: str, workdir: Path, threads: int) -> Callable[[], Any]:
+    """A zero-argument callable that runs ``module`` on ``x`` once on ``runtime``."""
+    module = module.eval()
+    if runtime == "torch":
+        def run_torch() -> Any:
+            with torch.no_grad():
+                return module(x)
+
+        return run_torch
+    import onnxruntime as ort
+
+    from fxsurgery.onnx_check import export_onnx
+
+    path = workdir / f"m{len(list(workdir.iterdir()))}.onnx"
+    export_onnx(module, (x,), path, dynamic_batch=False)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    feed = {session.get_inputs()[0].name: x.numpy()}
+    return lambda: session.run(None, feed)
+
+
+def _ratio(a: Callable[[], Any], b: Callable[[], Any], pairs: int) -> tuple[float, float, float]:
+    """Median b/a over interleaved pairs (after one warm-up of each), with a's and b's median seconds."""
+    a(), b()
+    ratios, ta, tb = [], [], []
+    for i in range(pairs):
+        times = {}
+        for f in ((a, b) if i % 2 == 0 else (b, a)):
+            start = time.perf_counter()
+            f()
+            times[f] = time.perf_counter() - start
+        ta.append(times[a])
+        tb.append(times[b])
+        ratios.append(times[b] / times[a])
+    return statistics.median(ratios), statistics.median(ta), statistics.median(tb)
+
+
+def _site_alone(model: nn.Module, site: Site, direction: str) -> tuple[nn.Module, torch.Tensor] | None:
+    """The site's layer alone, as a model on the map it reads, or None when that cannot be built."""
+    if site.input_shape is None:
+        return None
+    try:
+        layer = copy.deepcopy(model.get_submodule(site.name))
+    except AttributeError:
+        return None  # a functional site: no module to time alone
+    x = torch.randn(site.input_shape, dtype=next(layer.parameters()).dtype)
+    if direction == "linear_to_conv":
+        if site.pattern == "channels-last-linear":
+            return _ChannelsLast(layer), x
+        return nn.Sequential(nn.Flatten(), layer), x
+    return nn.Sequential(layer), x
+
+
+class _ChannelsLast(nn.Module):
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def auto_rewrite(
+    model: nn.Module,
+    inputs: tuple[torch.Tensor, ...],
+    *,
+    runtime: str = "onnxruntime",
+    pairs: int = 5,
+    threads: int = 2,
+    rewrite: Callable[..., SurgeryResult],
+    validate: bool = True,
+    rewrite_kwargs: dict[str, Any],
+) -> SurgeryResult:
+    """See the module docstring. ``rewrite`` is :func:`fxsurgery.rewrite` (passed in to avoid an import cycle)."""
+    if runtime not in RUNTIMES:
+        raise InputError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
+    if len(inputs) != 1:
+        raise InputError("to='auto' times models on one input tensor; this model takes several")
+    kwargs = {k: v for k, v in rewrite_kwargs.items() if k not in ("precision", "rtol", "num_random", "seed")}
+    full = {d: rewrite(model, inputs, d, validate=False, **kwargs) for d in DIRECTIONS}
+    choices: list[dict[str, Any]] = []
+    keep: dict[str, list[str]] = {d: [] for d in DIRECTIONS}
+    cache: dict[tuple, tuple[float, float, float]] = {}
+    with tempfile.TemporaryDirectory(prefix="fxsurgery-auto-") as tmp:
+        work = Path(tmp)
+        for direction, res in full.items():
+            for site in res.rewritten:
+                alone = _site_alone(model, site, direction)
+                if alone is None:
+                    choices.append({"site": site.name, "direction": direction, "chosen": "original",
+                                    "why": "not measurable alone (functional site)"})  # fmt: skip
+                    continue
+                original, x = alone
+                layer = original[-1] if isinstance(original, nn.Sequential) else original.layer
+                key = (direction, site.pattern, type(layer).__name__, tuple(p.shape for p in layer.parameters()),
+                       site.input_shape, getattr(layer, "stride", None))  # fmt: skip
+                if key not in cache:
+                    form = rewrite(original, (x,), direction, validate=False, **kwargs).module
+                    cache[key] = _ratio(_timer(original, x, runtime, work, threads),
+                                        _timer(form, x, runtime, work, threads), pairs)  # fmt: skip
+                ratio, ta, tb = cache[key]
+                chosen = "rewritten" if ratio < 1.0 else "original"
+                if chosen == "rewritten":
+                    keep[direction].append(site.name)
+                choices.append({"site": site.name, "direction": direction, "chosen": chosen, "ratio": ratio,
+                                "original_ms": ta * 1e3, "rewritten_ms": tb * 1e3})  # fmt: skip
+        candidates = {
+            "auto": _compose(model, inputs, full, keep, rewrite, kwargs),
+            "all-conv": full["linear_to_conv"].module,
+            "all-linear": full["conv_to_linear"].module,
+        }
+        x = inputs[0]
+        base = _timer(model, x, runtime, work, threads)
+        whole: dict[str, dict[str, float]] = {}
+        for label, module in candidates.items():
+            ratio, ta, tb = _ratio(base, _timer(module, x, runtime, work, threads), pairs)
+            whole[label] = {"ratio": ratio, "original_ms": ta * 1e3, "candidate_ms": tb * 1e3}
+    best = min(whole, key=lambda k: whole[k]["ratio"])
+    if whole[best]["ratio"] >= 1.0:
+        best = "original"
+    chosen_module = {"original": working_copy(model), **candidates}[best]
+    sites = _chosen_sites(full, keep, best)
+    timings = {"runtime": runtime, "pairs": pairs, "threads": threads, "sites": choices, "whole_model": whole,
+               "chosen": best}  # fmt: skip
+    notes = (f"auto ({runtime}): chose {best}; whole-model ratios vs original: "
+             + ", ".join(f"{k} {v['ratio']:.2f}" for k, v in whole.items()),)
+    result = SurgeryResult(chosen_module, sites, None, "auto", notes, timings)
+    if not validate:
+        return result
+    check = _validation.validate(model, chosen_module, inputs, **{k: v for k, v in rewrite_kwargs.items()
+                                                                 if k in ("precision", "rtol", "num_random", "seed")})  # fmt: skip
+    result = SurgeryResult(chosen_module, sites, check, "auto", notes, timings)
+    if not check:
+        raise ValidationError(f"validation failed: {check.failure}", result=result)
+    return result
+
+
+def _compose(
+    model: nn.Module,
+    inputs: tuple[torch.Tensor, ...],
+    full: dict[str, SurgeryResult],
+    keep: dict[str, list[str]],
+    rewrite: Callable[..., SurgeryResult],
+    kwargs: dict[str, Any],
+) -> nn.Module:
+    """Linear -> conv on the kept Linear sites, then conv -> Linear on the kept conv sites of the result."""
+    drop_l2c = [s.name for s in full["linear_to_conv"].rewritten if s.name not in keep["linear_to_conv"]]
+    first = rewrite(model, inputs, "linear_to_conv", validate=False, **{**kwargs, "exclude": _ex(kwargs, drop_l2c)})
+    made = [s.name for s in first.rewritten]  # convs that were Linears: not candidates for the way back
+    drop_c2l = [s.name for s in full["conv_to_linear"].rewritten if s.name not in keep["conv_to_linear"]]
+    second = rewrite(first.module, inputs, "conv_to_linear", validate=False,
+                     **{**kwargs, "exclude": _ex(kwargs, [*drop_c2l, *made])})  # fmt: skip
+    return second.module
+
+
+def _ex(kwargs: dict[str, Any], more: Sequence[str]) -> list[str]:
+    return [*kwargs.get("exclude", ()), *more]
+
+
+def _chosen_sites(full: dict[str, SurgeryResult], keep: dict[str, list[str]], best: str) -> list[Site]:
+    import dataclasses
+
+    sites = []
+    for direction, res in full.items():
+        kept = {
+            "auto": set(keep[direction]),
+            "all-conv": {s.name for s in res.rewritten} if direction == "linear_to_conv" else set(),
+            "all-linear": {s.name for s in res.rewritten} if direction == "conv_to_linear" else set(),
+            "original": set(),
+        }[best]
+        for s in res.sites:
+            if s.rewritten and s.name not in kept:
+                s = dataclasses.replace(s, status="skipped", reason=f"auto: the original form is faster ({best})")
+            sites.append(dataclasses.replace(s, pattern=f"{direction}:{s.pattern}"))
+    return sites

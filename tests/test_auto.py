@@ -1,0 +1,39 @@
+"""to="auto": per-site choice measured on the runtime, whole-model guard. No timing is asserted, only that the
+decision follows the measurements the report shows and that the result is exact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fxsurgery
+from fxsurgery.models import demo_model
+
+
+@pytest.mark.parametrize("runtime", ["torch", "onnxruntime"])
+def test_auto_reports_and_follows_its_measurements(runtime):
+    model = demo_model()
+    x = torch.randn(4, 3, 32, 32)
+    res = fxsurgery.rewrite(model, x, "auto", runtime=runtime)
+    assert res.direction == "auto" and res.validation.passed
+    t = res.timings
+    assert t["runtime"] == runtime
+    names = {c["site"] for c in t["sites"]}
+    assert names == {"classifier.1", "classifier.4", "aux", "features.pointwise1", "features.pointwise2", "down"}
+    for c in t["sites"]:
+        assert c["chosen"] == ("rewritten" if c["ratio"] < 1.0 else "original")
+    whole = t["whole_model"]
+    assert set(whole) == {"auto", "all-conv", "all-linear"}
+    best = min(whole, key=lambda k: whole[k]["ratio"])
+    assert t["chosen"] == (best if whole[best]["ratio"] < 1.0 else "original")
+    kept = {s.name for s in res.rewritten}
+    if t["chosen"] == "original":
+        assert not kept
+    with torch.no_grad():
+        torch.testing.assert_close(res.module.eval()(x), model(x), rtol=1e-4, atol=1e-5)
+    assert "auto (" in res.summary()
+
+
+def test_auto_rejects_unknown_runtime():
+    with pytest.raises(fxsurgery.InputError, match="runtime must be"):
+        fxsurgery.rewrite(demo_model(), torch.randn(2, 3, 32, 32), "auto", runtime="tvm")
