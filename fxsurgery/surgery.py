@@ -194,7 +194,7 @@ def _rewrite_structure(
             return _descend_root(model, inputs, make_rule, leaf_modules, exclude, depth, e)
     gm, sites = _apply(traced, inputs, make_rule, exclude)
     if auto:
-        _rewrite_children(gm, model, auto, inputs, make_rule, exclude, depth, sites, notes)
+        _rewrite_children(gm, model, auto, inputs, make_rule, leaf_modules, exclude, depth, sites, notes)
     return gm, sites, notes
 
 
@@ -212,9 +212,8 @@ def _descend_root(
              "it is and its submodules are rewritten one by one"]  # fmt: skip
     sites: list[Site] = []
     names = [name for name, _ in model.named_children()]
-    _rewrite_children(root, model, names, inputs, make_rule, exclude, depth, sites, notes)
-    if not any(s.rewritten for s in sites) and not sites:
-        raise error
+    if not _rewrite_children(root, model, names, inputs, make_rule, leaf_modules, exclude, depth, sites, notes):
+        raise error  # no child could be rewritten either: the original error says the most
     return root, sites, notes
 
 
@@ -224,24 +223,30 @@ def _rewrite_children(
     names: Sequence[str],
     inputs: tuple[torch.Tensor, ...],
     make_rule: Callable[[], Rule],
+    leaf_modules: LeafSpec,
     exclude: Sequence[str],
     depth: int,
     sites: list[Site],
     notes: list[str],
-) -> None:
-    """Rewrite each submodule ``names`` of ``target`` (a copy of ``source``) with the inputs it gets in ``source``."""
+) -> int:
+    """Rewrite each submodule ``names`` of ``target`` (a copy of ``source``) with the inputs it gets in ``source``;
+    returns how many were rewritten (the others are noted as untouched)."""
     captured, skipped = capture_submodule_inputs(source, inputs, names)
     for name, why in skipped.items():
         notes.append(f"{name} left untouched: {why}")
+    done = 0
     for name, sub_inputs in captured.items():
         prefix = f"{name}."
-        sub_exclude = [e[len(prefix):] for e in exclude if e.startswith(prefix)]
+        sub_exclude = [e.removeprefix(prefix) for e in exclude if e.startswith(prefix)]
+        sub_leaves = [x.removeprefix(prefix) if isinstance(x, str) else x for x in leaf_modules
+                      if not isinstance(x, str) or x.startswith(prefix)]  # fmt: skip
         try:
-            new, sub_sites, sub_notes = _rewrite_structure(target.get_submodule(name), sub_inputs, make_rule, (),
-                                                           sub_exclude, depth + 1)  # fmt: skip
+            new, sub_sites, sub_notes = _rewrite_structure(target.get_submodule(name), sub_inputs, make_rule,
+                                                           sub_leaves, sub_exclude, depth + 1)  # fmt: skip
         except SurgeryError as e:
             notes.append(f"{name} left untouched: {_cause(e)}")
             continue
+        done += 1
         target.set_submodule(name, new)
         sites += [dataclasses.replace(s, name=prefix + s.name) for s in sub_sites]
         notes += [f"{prefix}{n}" for n in sub_notes]
@@ -249,6 +254,7 @@ def _rewrite_children(
             if not isinstance(getattr(target, "meta", None), dict):
                 target.meta = {}  # type: ignore[assignment]
             target.meta.setdefault(LAYOUTS_KEY, {})[prefix + key] = layout  # type: ignore[union-attr]
+    return done
 
 
 def capture_submodule_inputs(
