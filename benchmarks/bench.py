@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -36,57 +35,11 @@ import torch
 from torch import nn
 
 import fxsurgery
-from fxsurgery.models import NetworkInNetwork
 from fxsurgery.onnx_check import export_onnx
+from fxsurgery.timing import Ratio, interleaved, ort_session
 
 HERE = Path(__file__).resolve().parent
 SUITES = ("cost", "memory", "check", "latency")
-
-
-@dataclass
-class Ratio:
-    """B/A over interleaved pairs: median and spread, with A's and B's median times in milliseconds."""
-
-    median: float
-    low: float
-    high: float
-    a_ms: float
-    b_ms: float
-    pairs: int
-
-    def text(self) -> str:
-        return f"{self.median:.2f} ({self.low:.2f}..{self.high:.2f})"
-
-
-def interleaved(a: Callable[[], Any], b: Callable[[], Any], pairs: int, warmup: int = 2) -> Ratio:
-    """Time ``a`` and ``b`` alternately (A B, B A, ...) and return the ratio b/a per pair."""
-    for _ in range(warmup):
-        a()
-        b()
-    ratios, ta, tb = [], [], []
-    for i in range(pairs):
-        order = (a, b) if i % 2 == 0 else (b, a)
-        times = {}
-        for f in order:
-            start = time.perf_counter()
-            f()
-            times[f] = time.perf_counter() - start
-        ta.append(times[a])
-        tb.append(times[b])
-        ratios.append(times[b] / times[a])
-    return Ratio(statistics.median(ratios), min(ratios), max(ratios), statistics.median(ta) * 1e3,
-                 statistics.median(tb) * 1e3, pairs)  # fmt: skip
-
-
-def ort_session(path: Path, threads: int) -> Any:
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
 
 
 # -- cases ------------------------------------------------------------------------------------------------------------
@@ -179,35 +132,39 @@ class LatencyRow:
 
 
 def latency(cases: list[Case], pairs: int, threads: int, runtimes: tuple[str, ...]) -> list[LatencyRow]:
-    rows = []
+    rows: list[LatencyRow] = []
     for case in cases:
-        torch.manual_seed(0)
-        model = case.make().eval()
-        x = torch.randn(case.shape)
-        res = fxsurgery.rewrite(model, x, case.to, validate=False)
-        rewritten = res.module.eval()
-        batch = case.shape[0]
-        if "torch" in runtimes:
-            with torch.no_grad():
-                ratio = interleaved(lambda: model(x), lambda: rewritten(x), pairs)
-                noise = interleaved(lambda: model(x), lambda: model(x), pairs)
-            rows.append(LatencyRow(case.name, res.direction, batch, "torch eager", ratio, noise, len(res.rewritten)))
-            _report(rows[-1])
-        if "onnxruntime" in runtimes:
-            with tempfile.TemporaryDirectory() as tmp:
-                export_onnx(model, (x,), Path(tmp) / "a.onnx", dynamic_batch=False)
-                export_onnx(rewritten, (x,), Path(tmp) / "b.onnx", dynamic_batch=False)
-                sa, sb = ort_session(Path(tmp) / "a.onnx", threads), ort_session(Path(tmp) / "b.onnx", threads)
-                feed_a = {sa.get_inputs()[0].name: x.numpy()}
-                feed_b = {sb.get_inputs()[0].name: x.numpy()}
-                ratio = interleaved(lambda: sa.run(None, feed_a), lambda: sb.run(None, feed_b), pairs)
-                sa2 = ort_session(Path(tmp) / "a.onnx", threads)
-                noise = interleaved(lambda: sa.run(None, feed_a), lambda: sa2.run(None, feed_a), pairs)
-                del sa, sb, sa2
-            rows.append(LatencyRow(case.name, res.direction, batch, "onnxruntime", ratio, noise, len(res.rewritten)))
-            _report(rows[-1])
-        del model, rewritten, res
+        rows += _latency_case(case, pairs, threads, runtimes)
         gc.collect()
+    return rows
+
+
+def _latency_case(case: Case, pairs: int, threads: int, runtimes: tuple[str, ...]) -> list[LatencyRow]:
+    torch.manual_seed(0)
+    model = case.make().eval()
+    x = torch.randn(case.shape)
+    res = fxsurgery.rewrite(model, x, case.to, validate=False)
+    rewritten = res.module.eval()
+    rows = []
+
+    def row(runtime: str, ratio: Ratio, noise: Ratio) -> None:
+        rows.append(LatencyRow(case.name, res.direction, case.shape[0], runtime, ratio, noise, len(res.rewritten)))
+        _report(rows[-1])
+
+    if "torch" in runtimes:
+        with torch.no_grad():
+            row("torch eager", interleaved(lambda: model(x), lambda: rewritten(x), pairs),
+                interleaved(lambda: model(x), lambda: model(x), pairs))  # fmt: skip
+    if "onnxruntime" in runtimes:
+        with tempfile.TemporaryDirectory() as tmp:
+            a, b = Path(tmp) / "a.onnx", Path(tmp) / "b.onnx"
+            export_onnx(model, (x,), a, dynamic_batch=False)
+            export_onnx(rewritten, (x,), b, dynamic_batch=False)
+            sa, sb, sa2 = ort_session(a, threads), ort_session(b, threads), ort_session(a, threads)
+            feed_a = {sa.get_inputs()[0].name: x.numpy()}
+            feed_b = {sb.get_inputs()[0].name: x.numpy()}
+            row("onnxruntime", interleaved(lambda: sa.run(None, feed_a), lambda: sb.run(None, feed_b), pairs),
+                interleaved(lambda: sa.run(None, feed_a), lambda: sa2.run(None, feed_a), pairs))  # fmt: skip
     return rows
 
 

@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import copy
 import logging
-import statistics
 import tempfile
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,6 +29,7 @@ from torch import nn
 from fxsurgery import validation as _validation
 from fxsurgery.errors import InputError, ValidationError
 from fxsurgery.result import Site, SurgeryResult
+from fxsurgery.timing import interleaved, ort_session
 from fxsurgery.tracing import working_copy
 
 __all__ = ["RUNTIMES", "auto_rewrite"]
@@ -50,35 +49,13 @@ def _timer(module: nn.Module, x: torch.Tensor, runtime: str, workdir: Path, thre
                 return module(x)
 
         return run_torch
-    import onnxruntime as ort
-
     from fxsurgery.onnx_check import export_onnx
 
     path = workdir / f"m{len(list(workdir.iterdir()))}.onnx"
     export_onnx(module, (x,), path, dynamic_batch=False)
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    opts.log_severity_level = 3
-    session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    session = ort_session(path, threads)
     feed = {session.get_inputs()[0].name: x.numpy()}
     return lambda: session.run(None, feed)
-
-
-def _ratio(a: Callable[[], Any], b: Callable[[], Any], pairs: int) -> tuple[float, float, float]:
-    """Median b/a over interleaved pairs (after one warm-up of each), with a's and b's median seconds."""
-    a(), b()
-    ratios, ta, tb = [], [], []
-    for i in range(pairs):
-        times = {}
-        for f in ((a, b) if i % 2 == 0 else (b, a)):
-            start = time.perf_counter()
-            f()
-            times[f] = time.perf_counter() - start
-        ta.append(times[a])
-        tb.append(times[b])
-        ratios.append(times[b] / times[a])
-    return statistics.median(ratios), statistics.median(ta), statistics.median(tb)
 
 
 def _site_alone(model: nn.Module, site: Site, direction: str) -> tuple[nn.Module, torch.Tensor] | None:
@@ -142,14 +119,14 @@ def auto_rewrite(
                        site.input_shape, getattr(layer, "stride", None))  # fmt: skip
                 if key not in cache:
                     form = rewrite(original, (x,), direction, validate=False, **kwargs).module
-                    cache[key] = _ratio(_timer(original, x, runtime, work, threads),
-                                        _timer(form, x, runtime, work, threads), pairs)  # fmt: skip
-                ratio, ta, tb = cache[key]
-                chosen = "rewritten" if ratio < 1.0 else "original"
+                    cache[key] = interleaved(_timer(original, x, runtime, work, threads),
+                                             _timer(form, x, runtime, work, threads), pairs)  # fmt: skip
+                r = cache[key]
+                chosen = "rewritten" if r.median < 1.0 else "original"
                 if chosen == "rewritten":
                     keep[direction].append(site.name)
-                choices.append({"site": site.name, "direction": direction, "chosen": chosen, "ratio": ratio,
-                                "original_ms": ta * 1e3, "rewritten_ms": tb * 1e3})  # fmt: skip
+                choices.append({"site": site.name, "direction": direction, "chosen": chosen, "ratio": r.median,
+                                "original_ms": r.a_ms, "rewritten_ms": r.b_ms})  # fmt: skip
         candidates = {
             "auto": _compose(model, inputs, full, keep, rewrite, kwargs),
             "all-conv": full["linear_to_conv"].module,
@@ -159,8 +136,9 @@ def auto_rewrite(
         base = _timer(model, x, runtime, work, threads)
         whole: dict[str, dict[str, float]] = {}
         for label, module in candidates.items():
-            ratio, ta, tb = _ratio(base, _timer(module, x, runtime, work, threads), pairs)
-            whole[label] = {"ratio": ratio, "original_ms": ta * 1e3, "candidate_ms": tb * 1e3}
+            r = interleaved(base, _timer(module, x, runtime, work, threads), pairs)
+            whole[label] = {"ratio": r.median, "low": r.low, "high": r.high, "original_ms": r.a_ms,
+                            "candidate_ms": r.b_ms}  # fmt: skip
     best = min(whole, key=lambda k: whole[k]["ratio"])
     if whole[best]["ratio"] >= 1.0:
         best = "original"

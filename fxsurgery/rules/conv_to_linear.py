@@ -120,7 +120,6 @@ class ConvToLinear:
             raise Skip(f"padding={padding!r} on a {'x'.join(map(str, kernel))} kernel")
         if mod.groups != 1:
             raise Skip(f"groups={mod.groups}")
-        in_c, out_c = shape[1], (mod.out_channels)
         pointwise = all(k == 1 for k in kernel)
         if pointwise:
             if any(padding):

@@ -1,0 +1,63 @@
+"""Side-by-side timing: the one measuring method used by ``to="auto"`` and the benchmark harness.
+
+Original (A) and candidate (B) alternate (A B, B A, A B, ...) after a warm-up of each; each pair gives a ratio B/A;
+the median ratio and its spread are kept, so drift of a shared, noisy machine cancels. onnxruntime sessions are
+created with thread spinning off and pinned intra-op threads, so an idle session cannot steal the busy one's cores.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Ratio", "interleaved", "ort_session"]
+
+
+@dataclass(frozen=True)
+class Ratio:
+    """B/A over interleaved pairs: median and spread, with A's and B's median times in milliseconds."""
+
+    median: float
+    low: float
+    high: float
+    a_ms: float
+    b_ms: float
+    pairs: int
+
+    def text(self) -> str:
+        return f"{self.median:.2f} ({self.low:.2f}..{self.high:.2f})"
+
+
+def interleaved(a: Callable[[], Any], b: Callable[[], Any], pairs: int, warmup: int = 2) -> Ratio:
+    """Time ``a`` and ``b`` alternately and return the ratio b/a per pair, summarised."""
+    for _ in range(warmup):
+        a()
+        b()
+    ratios, ta, tb = [], [], []
+    for i in range(max(pairs, 1)):
+        times = {}
+        for f in (a, b) if i % 2 == 0 else (b, a):
+            start = time.perf_counter()
+            f()
+            times[f] = time.perf_counter() - start
+        ta.append(times[a])
+        tb.append(times[b])
+        ratios.append(times[b] / times[a])
+    return Ratio(statistics.median(ratios), min(ratios), max(ratios), statistics.median(ta) * 1e3,
+                 statistics.median(tb) * 1e3, len(ratios))  # fmt: skip
+
+
+def ort_session(path: str | Path, threads: int, providers: tuple[str, ...] = ("CPUExecutionProvider",)) -> Any:
+    """An onnxruntime session for timing: ``threads`` intra-op threads, no thread spinning."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), sess_options=opts, providers=list(providers))
