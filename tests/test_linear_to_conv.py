@@ -328,3 +328,19 @@ def test_both_batch_layouts_exact_at_other_batch_sizes(batch_layout):
         x = torch.randn(n, 3, 3, 2)
         with torch.no_grad():
             torch.testing.assert_close(res.module(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_channels_last_chain_reports_the_nchw_map():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 8)
+            self.b = nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x.permute(0, 2, 3, 1)))).permute(0, 3, 1, 2)
+
+    res = run_surgery("linear_to_conv", Block().eval(), torch.randn(2, 4, 5, 3), rewritten=["a", "b"])
+    assert [s.input_shape for s in res.sites] == [(2, 4, 5, 3), (2, 8, 5, 3)]
+    assert [s.pattern for s in res.sites] == ["channels-last-linear", "chain-linear"]
+    assert layout_ops(res.module) == 0, res.module.code  # both permutes cancelled

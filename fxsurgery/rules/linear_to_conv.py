@@ -254,7 +254,8 @@ class LinearToConv:
                 conv = rw.graph.call_module(name, (src,))
         rw.set_alt(node, conv, layout)
         after = f"Conv2d({feature[0]}, {out_features}, kernel={kernel[0]}x{kernel[1]}) {layout.name}"
-        reads = static_shape(x.args[0], "the map") if layout is NCHW_LAYOUT else (x_shape[0], *feature)
+        # the map the conv reads: NCHW of the channels-last input (N, H, W, K), or (N, C, H, W) of the flatten
+        reads = (x_shape[0], in_features, *x_shape[1:3]) if layout is NCHW_LAYOUT else (x_shape[0], *feature)
         return Site(name, pattern, "rewritten", before=before, after=after, input_shape=tuple(reads))
 
 
