@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["check_spatial_size"]
+__all__ = ["check_spatial_size", "layer_norm_channels"]
 
 
 def check_spatial_size(
@@ -30,3 +30,22 @@ def check_spatial_size(
             )
         )
     return x
+
+
+def layer_norm_channels(
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
+) -> torch.Tensor:
+    """``LayerNorm`` over dim 1 (the channels of an NCHW map, or of an ``(N, C, 1, 1)`` value).
+
+    The NCHW equivalent of ``x.permute(0, 2, 3, 1)`` -> ``LayerNorm(C)`` -> ``permute(0, 3, 1, 2)``, written with
+    reductions over dim 1 so no transpose is needed (biased variance, as ``F.layer_norm``).
+    """
+    mean = x.mean(1, keepdim=True)
+    centered = x - mean
+    y = centered * torch.rsqrt(centered.pow(2).mean(1, keepdim=True) + eps)
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    if weight is not None:
+        y = y * weight.reshape(shape)
+    if bias is not None:
+        y = y + bias.reshape(shape)
+    return y

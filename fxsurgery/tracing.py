@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 LeafSpec = Sequence["type[nn.Module] | str"]
 
 # Functions the rewritten graphs call; re-tracing a rewritten model must keep them as single nodes.
-_AUTOWRAP = (_runtime.check_spatial_size,)
+_AUTOWRAP = (_runtime.check_spatial_size, _runtime.layer_norm_channels)
 
 
 def normalize_inputs(example_inputs: Any) -> tuple[torch.Tensor, ...]:

@@ -38,7 +38,8 @@ class Skip(Exception):
 
 @dataclass(frozen=True)
 class Layout:
-    """An alternative layout: ``enter`` builds it from an original node, ``exit`` (one node) converts back.
+    """An alternative layout: ``enter`` builds it from an original node, ``exit`` converts back (both return the
+    last node they add).
 
     ``to_alt`` is the permutation ``enter`` applies when the layout is a pure permutation: a ``permute`` that would
     undo a conversion is then cancelled instead of added.
@@ -85,9 +86,12 @@ def _composes_to_identity(first: tuple[int, ...], then: tuple[int, ...]) -> bool
 
 
 class Rule(Protocol):
-    """A rewrite rule: ``is_candidate`` selects nodes; ``apply`` rewrites one (or raises :class:`Skip`)."""
+    """A rewrite rule: ``is_candidate`` selects nodes; ``apply`` rewrites one (or raises :class:`Skip`);
+    ``propagate`` may carry a non-candidate node into a layout (True when it did)."""
 
     pattern_names: Sequence[str]
+
+    def propagate(self, node: fx.Node, rw: Rewriter) -> bool: ...
 
     def is_candidate(self, node: fx.Node, rw: Rewriter) -> bool: ...
 
@@ -158,6 +162,14 @@ class Rewriter:
     def set_alt(self, node: fx.Node, alt: fx.Node, layout: Layout) -> None:
         self.alt[node] = (alt, layout)
 
+    def seed(self, node: fx.Node, alt: fx.Node, layout: Layout) -> None:
+        """``node`` already has a counterpart ``alt`` in ``layout`` (``z.permute(0, 2, 3, 1)`` is ``z`` in NCHW).
+
+        ``node`` itself stays the original-layout value for consumers outside the layout: no conversion is added.
+        """
+        self.alt[node] = (alt, layout)
+        self._exits[node] = node
+
     def enter(self, node: fx.Node, layout: Layout, site: str) -> fx.Node:
         """``node`` in ``layout``: its counterpart if it has one, else a conversion (built once)."""
         if node in self.alt and self.alt[node][1] is layout:
@@ -187,7 +199,7 @@ class Rewriter:
         for node in list(self.graph.nodes):
             if rule.is_candidate(node, self):
                 self._apply(rule, node)
-            else:
+            elif not rule.propagate(node, self):
                 self._propagate(node)
         self._finish()
         return self.sites
@@ -244,7 +256,7 @@ class Rewriter:
         # (Not graph.eliminate_dead_code(): it also drops in-place ops such as x.mul_(2) whose result is unused.)
         work = [n for n in self.graph.nodes if n.op == "call_function" and n.target is _runtime.check_spatial_size]
         for node in reversed(list(self.alt)):
-            if not node.users:
+            if not node.users and not node._erased:
                 work.extend(node.all_input_nodes)
                 self.graph.erase_node(node)
         while work:

@@ -85,6 +85,9 @@ class ConvToLinear:
         x = node.args[0] if node.args else None
         return (shape_of(x) or ())[2:] == kernel
 
+    def propagate(self, node: fx.Node, rw: Rewriter) -> bool:
+        return False
+
     def describe(self, node: fx.Node, rw: Rewriter) -> tuple[str, str]:
         mod = rw.modules[str(node.target)]
         if isinstance(mod, nn.ConvTranspose2d):

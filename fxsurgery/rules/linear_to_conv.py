@@ -25,6 +25,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from fxsurgery import _runtime
 from fxsurgery.errors import InputError
 from fxsurgery.result import Site
 from fxsurgery.rules._engine import (
@@ -165,16 +166,38 @@ class LinearToConv:
             return isinstance(rw.modules.get(str(node.target)), nn.Linear)
         return node.op == "call_function" and node.target is F.linear
 
+    def propagate(self, node: fx.Node, rw: Rewriter) -> bool:
+        """``z.permute(0, 2, 3, 1)`` is ``z`` in NCHW (no conversion needed); a ``LayerNorm`` over the channels of
+        a value carried with its channels on dim 1 becomes :func:`~fxsurgery._runtime.layer_norm_channels`."""
+        if permute_dims(node) == (0, 2, 3, 1) and len(shape_of(node.args[0]) or ()) == 4:
+            if _reaches_linear(node, rw, self):
+                rw.seed(node, node.args[0], NCHW_LAYOUT)  # type: ignore[arg-type]
+                return True
+            return False
+        if node.op != "call_module" or len(node.args) != 1 or node.kwargs or node.args[0] not in rw.alt:
+            return False
+        mod = rw.modules.get(str(node.target))
+        alt, layout = rw.alt[node.args[0]]  # type: ignore[index]
+        if type(mod) is not nn.LayerNorm or len(mod.normalized_shape) != 1 or layout not in _CONV_LAYOUTS:
+            return False
+        if mod._forward_hooks or mod._forward_pre_hooks:
+            return False
+        with rw.graph.inserting_before(node):
+            w = rw.graph.get_attr(f"{node.target}.weight") if mod.weight is not None else None
+            b = rw.graph.get_attr(f"{node.target}.bias") if mod.bias is not None else None
+            rw.set_alt(node, rw.graph.call_function(_runtime.layer_norm_channels, (alt, w, b, mod.eps)), layout)
+        return True
+
     def describe(self, node: fx.Node, rw: Rewriter) -> tuple[str, str]:
         name = str(node.target) if node.op == "call_module" else node.name
         return name, self._pattern(node, rw)
 
     def _pattern(self, node: fx.Node, rw: Rewriter) -> str:
         x = node.args[0] if node.args else node.kwargs.get("input")
-        if x in rw.alt:
-            return "chain-linear"
         if permute_dims(x) == (0, 2, 3, 1):
             return "channels-last-linear"
+        if x in rw.alt:
+            return "chain-linear"
         if isinstance(x, fx.Node) and _spatial_mean_source(x) is not None:
             return "pool->linear"
         return "flatten->linear"
@@ -201,14 +224,14 @@ class LinearToConv:
 
         order: tuple[int, ...] | None = None
         layout = self.point
-        if x in rw.alt:
+        if x in rw.alt:  # after a rewritten site, or on z.permute(0, 2, 3, 1), which is z in NCHW
             src, layout, feature = rw.alt[x][0], rw.alt[x][1], (in_features, 1, 1)
             if layout not in _CONV_LAYOUTS:
                 raise Skip(f"the input is carried in layout {layout.name}")
-            before = f"Linear({in_features}->{out_features}) after a rewritten site"
-        elif len(x_shape) == 4 and permute_dims(x) == (0, 2, 3, 1):
-            src, layout, feature = x.args[0], NCHW_LAYOUT, (in_features, 1, 1)
-            before = f"Linear({in_features}->{out_features}) on NCHW permuted to channels-last"
+            before = f"Linear({in_features}->{out_features}) " + (
+                "on NCHW permuted to channels-last" if pattern == "channels-last-linear"
+                else f"on a value already carried as {layout.name}"
+            )  # fmt: skip
         elif (pooled := _spatial_mean_source(x)) is not None:
             c = static_shape(pooled, "the pooled map")[1]
             feature = (c, 1, 1)
@@ -257,6 +280,24 @@ class LinearToConv:
         # the map the conv reads: NCHW of the channels-last input (N, H, W, K), or (N, C, H, W) of the flatten
         reads = (x_shape[0], in_features, *x_shape[1:3]) if layout is NCHW_LAYOUT else (x_shape[0], *feature)
         return Site(name, pattern, "rewritten", before=before, after=after, input_shape=tuple(reads))
+
+
+def _reaches_linear(start: fx.Node, rw: Rewriter, rule: LinearToConv, depth: int = 16) -> bool:
+    """Whether a Linear reads ``start`` through elementwise ops and LayerNorms only (so carrying it as NCHW pays)."""
+    frontier = [start]
+    for _ in range(depth):
+        nxt = []
+        for n in frontier:
+            for u in n.users:
+                if rule.is_candidate(u, rw) and (u.args[:1] or (None,))[0] is n:
+                    return True
+                is_norm = u.op == "call_module" and type(rw.modules.get(str(u.target))) is nn.LayerNorm
+                if is_norm or elementwise_tensor_inputs(u, rw.modules):
+                    nxt.append(u)
+        if not nxt:
+            return False
+        frontier = nxt
+    return False
 
 
 def _conv_from_linear(lin: nn.Linear, feature: tuple[int, ...], order: tuple[int, ...] | None) -> nn.Conv2d:
