@@ -14,6 +14,7 @@ import io
 import logging
 import math
 import os
+import tempfile
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -153,7 +154,19 @@ def export_onnx(
         else:
             axes = {n: {0: "batch"} for n, t in zip(names, inputs) if t.dim()} if dynamic_batch else None
             wrapper = _Call(module).train(module.training)  # the exporter restores the wrapper's mode recursively
-            torch.onnx.export(wrapper, inputs, str(path), dynamo=False, dynamic_axes=axes, **kwargs)
+            # Past 2 GiB the TorchScript exporter writes one file per initializer beside the model, named like
+            # "onnx::Conv_497": two models exported into one folder would overwrite each other's weights. Export
+            # alone, then keep one data file per model.
+            with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+                staged = Path(tmp) / "model.onnx"
+                torch.onnx.export(wrapper, inputs, str(staged), dynamo=False, dynamic_axes=axes, **kwargs)
+                if len(list(Path(tmp).iterdir())) == 1:
+                    os.replace(staged, path)
+                else:
+                    import onnx
+
+                    onnx.save_model(onnx.load(str(staged)), str(path), save_as_external_data=True,
+                                    all_tensors_to_one_file=True, location=f"{path.name}.data")  # fmt: skip
 
 
 def op_histogram(path: str | os.PathLike) -> dict[str, int]:

@@ -121,6 +121,9 @@ class _Tracer(fx.Tracer):
             raise
 
 
+_CONCRETE = (type(None), bool, int, float, str)
+
+
 def _concrete_args(model: nn.Module, n_inputs: int | None) -> dict[str, Any]:
     """Optional ``forward`` arguments the example inputs do not supply, fixed to their defaults.
 
@@ -148,9 +151,6 @@ def _concrete_args(model: nn.Module, n_inputs: int | None) -> dict[str, Any]:
         )
     rest = positional[n_inputs:] + [p for p in params if p.kind == p.KEYWORD_ONLY]
     return {p.name: p.default for p in rest if p.default is not p.empty and isinstance(p.default, _CONCRETE)}
-
-
-_CONCRETE = (type(None), bool, int, float, str)
 
 
 def trace(model: nn.Module, leaf_modules: LeafSpec = (), n_inputs: int | None = None) -> fx.GraphModule:
