@@ -359,6 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny models, one pair (a smoke run)")
     parser.add_argument("--runtimes", default="onnxruntime,torch", help="comma-separated: onnxruntime,torch")
     parser.add_argument("--only", default="", help="latency cases whose name contains this text")
+    parser.add_argument("--skip", action="append", default=[], metavar="NAME@BATCH",
+                        help="leave out one latency case, e.g. vgg16@32 (repeatable)")  # fmt: skip
     parser.add_argument("--out", default=str(HERE / "results"), help="output path without suffix")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
@@ -381,7 +383,8 @@ def main(argv: list[str] | None = None) -> int:
     if "check" in suites:
         results["check_cost"] = [check_cost("tiny" if args.quick else "resnet50")]
     if "latency" in suites:
-        cases = [c for c in latency_cases(args.quick) if args.only in c.name]
+        cases = [c for c in latency_cases(args.quick)
+                 if args.only in c.name and f"{c.name}@{c.shape[0]}" not in args.skip]  # fmt: skip
         rows = latency(cases, pairs, args.threads, tuple(args.runtimes.split(",")))
         results["latency"] = [asdict(r) for r in rows]
     command = "python -m benchmarks " + " ".join(argv if argv is not None else sys.argv[1:])

@@ -240,6 +240,9 @@ class LinearToConv:
                 src = self._from_map(rw.graph, kept, feature)
             before = f"Linear({in_features}->{out_features}) on mean over HxW of {c} channels"
         else:
+            if len(x_shape) == 4:
+                raise Skip("input is a 4-D channels-last (N, H, W, C) tensor that is not a permute of an NCHW map "
+                           "(Swin/MaxViT-style blocks would need a token layout)")  # fmt: skip
             if len(x_shape) != 2:
                 kind = "(N, S, C) tokens" if len(x_shape) == 3 else f"{len(x_shape)}-D"
                 raise Skip(f"input is {kind}, not a flattened or pooled 4-D feature map")
