@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from fxsurgery.result import SurgeryResult
 
-__all__ = ["SurgeryError", "TraceError", "ValidationError", "InputError"]
+__all__ = ["SurgeryError", "TraceError", "ValidationError", "InputError", "one_line"]
 
 
 class SurgeryError(Exception):
@@ -40,3 +40,9 @@ class ValidationError(SurgeryError):
         super().__init__(message)
         self.result = result
         self.sites = sites
+
+
+def one_line(e: BaseException, limit: int = 300) -> str:
+    """``Type: first line of the message``, for one-line error reports."""
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")[:limit]

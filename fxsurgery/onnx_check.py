@@ -26,10 +26,10 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
-from fxsurgery.errors import InputError, SurgeryError
+from fxsurgery.errors import InputError, SurgeryError, one_line
 from fxsurgery.result import format_table
 from fxsurgery.tracing import normalize_inputs
-from fxsurgery.validation import RTOL, SCALE_FLOOR, eval_copy, random_inputs
+from fxsurgery.validation import RTOL, SCALE_FLOOR, eval_copy, json_float, random_inputs
 
 __all__ = ["Comparison", "OnnxCheck", "cross_check", "export_onnx", "op_histogram"]
 
@@ -59,8 +59,8 @@ class Comparison:
             "reference": self.reference,
             "candidate": self.candidate,
             "batch": self.batch,
-            "max_abs_error": self.max_abs_error if math.isfinite(self.max_abs_error) else str(self.max_abs_error),
-            "max_rel_error": self.max_rel_error if math.isfinite(self.max_rel_error) else str(self.max_rel_error),
+            "max_abs_error": json_float(self.max_abs_error),
+            "max_rel_error": json_float(self.max_rel_error),
             "passed": self.passed,
         }
 
@@ -286,8 +286,8 @@ def cross_check(
             export_onnx(module, export_inputs, paths[name], exporter=exporter, dynamic_batch=dynamic, opset=opset)
         except Exception as e:
             if not dynamic:
-                raise SurgeryError(f"ONNX export of the {name} model failed ({exporter}): {_line(e)}") from e
-            skipped.append(f"dynamic batch axis: export failed ({_line(e)}); exported with a static batch")
+                raise SurgeryError(f"ONNX export of the {name} model failed ({exporter}): {one_line(e)}") from e
+            skipped.append(f"dynamic batch axis: export failed ({one_line(e)}); exported with a static batch")
             dynamic = False
             for again, m in models.items():
                 export_onnx(m, inputs, paths[again], exporter=exporter, dynamic_batch=False, opset=opset)
@@ -304,7 +304,7 @@ def cross_check(
         try:
             onnx.checker.check_model(str(path), full_check=True)
         except Exception as e:
-            _limit_or_fail(f"onnx.checker rejects {name}.onnx: {_line(e)}", inputs, skipped, failures)
+            _limit_or_fail(f"onnx.checker rejects {name}.onnx: {one_line(e)}", inputs, skipped, failures)
     counts = {name: op_histogram(path) for name, path in paths.items()}
     visible, detail = _rewrite_visibility(counts, direction, rewritten_sites)
     if visible is False:
@@ -329,14 +329,14 @@ def cross_check(
             try:
                 session = _session(paths[name], level, providers)
             except Exception as e:
-                _limit_or_fail(f"onnxruntime cannot load {name}.onnx (opt {level}): {_line(e)}", inputs, skipped, failures)
+                _limit_or_fail(f"onnxruntime cannot load {name}.onnx (opt {level}): {one_line(e)}", inputs, skipped, failures)
                 continue
             for batch_inputs, got in zip(batches, outputs):
                 try:
                     got[label] = _ort_run(session, batch_inputs)
                 except Exception as e:
                     n = int(batch_inputs[0].shape[0]) if batch_inputs[0].dim() else 1
-                    _limit_or_fail(f"{label} fails at batch {n}: {_line(e)}", inputs, skipped, failures)
+                    _limit_or_fail(f"{label} fails at batch {n}: {one_line(e)}", inputs, skipped, failures)
             del session
     comparisons: list[Comparison] = []
     for batch_inputs, candidates in zip(batches, outputs):
@@ -387,8 +387,3 @@ def _limit_or_fail(message: str, inputs: Sequence[torch.Tensor], skipped: list[s
         skipped.append(f"{message} [dtype limit: {names}; bfloat16 Conv needs opset=22]")
     else:
         failures.append(message)
-
-
-def _line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}"[:300]

@@ -22,7 +22,7 @@ import torch.fx as fx
 from torch import nn
 
 from fxsurgery import _runtime
-from fxsurgery.errors import InputError, TraceError
+from fxsurgery.errors import InputError, TraceError, one_line
 
 __all__ = [
     "LeafSpec",
@@ -172,20 +172,15 @@ def trace(model: nn.Module, leaf_modules: LeafSpec = (), n_inputs: int | None = 
         if where:
             sub = model.get_submodule(where)
             hint = f"leaf_modules=({where!r},) or leaf_modules=({type(sub).__name__},)"
-            msg = f"cannot trace submodule {where!r} ({type(sub).__name__}): {_first_line(e)}; mark it as a leaf: {hint}"
+            msg = f"cannot trace submodule {where!r} ({type(sub).__name__}): {one_line(e)}; mark it as a leaf: {hint}"
         else:
             msg = (
-                f"cannot trace {type(model).__name__}.forward: {_first_line(e)}; move the untraceable code into a "
+                f"cannot trace {type(model).__name__}.forward: {one_line(e)}; move the untraceable code into a "
                 "submodule and pass it in leaf_modules"
             )
         raise TraceError(msg, module=where or "") from e
     name = model.__class__.__name__
     return fx.GraphModule(tracer.root, graph, name)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
 def working_copy(module: nn.Module, *, clone_params: bool = False) -> Any:
@@ -206,7 +201,7 @@ def working_copy(module: nn.Module, *, clone_params: bool = False) -> Any:
     try:
         return copy.deepcopy(module, memo)
     except Exception as e:
-        raise InputError(f"cannot copy the model ({_first_line(e)}); fxsurgery never modifies the model in place") from e
+        raise InputError(f"cannot copy the model ({one_line(e)}); fxsurgery never modifies the model in place") from e
 
 
 @contextlib.contextmanager
@@ -247,7 +242,7 @@ def propagate_shapes(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> No
             _RealProp(gm).run(*[t.clone() for t in inputs])
         except Exception as e:
             raise TraceError(
-                f"the traced model fails on the example inputs: {_first_line(e)}; check the input shapes and dtypes"
+                f"the traced model fails on the example inputs: {one_line(e)}; check the input shapes and dtypes"
             ) from e
 
 

@@ -75,8 +75,8 @@ class Validation:
     def to_dict(self) -> dict[str, Any]:
         return {
             "passed": self.passed,
-            "max_abs_error": _json_float(self.max_abs_error),
-            "max_rel_error": _json_float(self.max_rel_error),
+            "max_abs_error": json_float(self.max_abs_error),
+            "max_rel_error": json_float(self.max_rel_error),
             "rtol": self.rtol,
             "scale_floor": self.scale_floor,
             "num_inputs": self.num_inputs,
@@ -88,7 +88,8 @@ class Validation:
         }
 
 
-def _json_float(x: float) -> float | str:
+def json_float(x: float) -> float | str:
+    """JSON has no inf/nan: those become strings."""
     return x if math.isfinite(x) else str(x)
 
 
