@@ -227,6 +227,8 @@ CASES: dict[str, Case] = {
     "l2c-squeeze-chain": Case(head(lambda s, y: s.fc(y.squeeze(-1).squeeze(-1)), k=4), img(h=1, w=1), rewritten=["fc"]),
     "l2c-squeeze-dims": Case(head(lambda s, y: s.fc(y.squeeze(3).squeeze(2)), k=4), img(h=1, w=1), rewritten=["fc"]),
     "l2c-mean-23": Case(head(lambda s, y: s.fc(y.mean([2, 3])), k=4), img(h=5, w=5), rewritten=["fc"]),
+    "l2c-mean-dropout": Case(head(lambda s, y: s.fc(F.dropout(y.mean([2, 3]), 0.2, s.training)), k=4), img(h=5, w=5),
+                             rewritten=["fc"]),  # fmt: skip
     "l2c-mean-neg": Case(head(lambda s, y: s.fc(torch.mean(y, dim=(-1, -2))), k=4), img(h=5, w=5), rewritten=["fc"]),
     "l2c-adaptive-pool": Case(head(lambda s, y: s.fc(F.adaptive_avg_pool2d(y, 1).flatten(1)), k=4), img(h=5, w=5),
                               rewritten=["fc"]),  # fmt: skip

@@ -39,6 +39,7 @@ SAMPLE = {
     "shufflenet_v2_x0_5": (1, None),
     "googlenet": (1, None),  # flatten -> Dropout -> fc (the aux heads do not run in eval mode)
     "regnet_x_400mf": (1, None),
+    "mnasnet0_5": (1, None),  # mean([2, 3]) -> Dropout -> Linear
 }
 
 

@@ -131,6 +131,27 @@ def _flatten_source(x: fx.Node, rw: Rewriter) -> tuple[fx.Node, list[tuple[fx.No
     return None
 
 
+def _mean_source(x: fx.Node, rw: Rewriter) -> tuple[fx.Node, list[tuple[fx.Node, fx.Node]]] | None:
+    """``(y, ops)`` if ``x`` is ``y.mean([2, 3])`` followed by elementwise ops (``mean -> Dropout -> Linear`` in
+    MNASNet), first to last; None otherwise."""
+    ops = []
+    while (pooled := _spatial_mean_source(x)) is None:
+        inputs = elementwise_tensor_inputs(x, rw.modules)
+        if not inputs or len(inputs) != 1:
+            return None
+        ops.append((x, inputs[0]))
+        x = inputs[0]
+    return pooled, ops[::-1]
+
+
+def _replay(graph: fx.Graph, ops: list[tuple[fx.Node, fx.Node]], src: fx.Node) -> fx.Node:
+    """Apply the elementwise ``ops`` (each with its tensor input) to ``src`` instead, in order."""
+    for op, op_input in ops:
+        src = graph.node_copy(op, lambda a, prev=src, old=op_input: prev if a is old else a)
+        src.meta = {}
+    return src
+
+
 def _spatial_mean_source(x: fx.Node) -> fx.Node | None:
     """``y`` if ``x`` is ``y.mean([2, 3])`` (or ``torch.mean``) of a 4-D ``y`` without keepdim, else None."""
     if not ((x.op == "call_method" and x.target == "mean") or (x.op == "call_function" and x.target is torch.mean)):
@@ -198,7 +219,7 @@ class LinearToConv:
             return "channels-last-linear"
         if x in rw.alt:
             return "chain-linear"
-        if isinstance(x, fx.Node) and _spatial_mean_source(x) is not None:
+        if isinstance(x, fx.Node) and _mean_source(x, rw) is not None:
             return "pool->linear"
         return "flatten->linear"
 
@@ -232,12 +253,14 @@ class LinearToConv:
                 "on NCHW permuted to channels-last" if pattern == "channels-last-linear"
                 else f"on a value already carried as {layout.name}"
             )  # fmt: skip
-        elif (pooled := _spatial_mean_source(x)) is not None:
+        elif (found_mean := _mean_source(x, rw)) is not None:
+            pooled, elementwise = found_mean
             c = static_shape(pooled, "the pooled map")[1]
             feature = (c, 1, 1)
             with rw.graph.inserting_before(node):
-                kept = rw.graph.call_method("mean", (pooled, [2, 3]), {"keepdim": True})
-                src = self._from_map(rw.graph, kept, feature)
+                src = rw.graph.call_method("mean", (pooled, [2, 3]), {"keepdim": True})
+                src = _replay(rw.graph, elementwise, src)
+                src = self._from_map(rw.graph, src, feature)
             before = f"Linear({in_features}->{out_features}) on mean over HxW of {c} channels"
         else:
             if len(x_shape) == 4:
@@ -259,9 +282,7 @@ class LinearToConv:
             feature = tuple(y_shape[1:])
             with rw.graph.inserting_before(node):
                 src = guard(rw.graph, y, (feature[1], feature[2]), name, original_rejects=True)
-                for op, op_input in elementwise:  # run them on the map, before the flatten they followed
-                    src = rw.graph.node_copy(op, lambda a, prev=src, old=op_input: prev if a is old else a)
-                    src.meta = {}
+                src = _replay(rw.graph, elementwise, src)  # on the map, before the flatten they followed
                 src = self._from_map(rw.graph, src, feature)
             size = "x".join(map(str, feature))
             before = f"Linear({in_features}->{out_features}) on flatten({size}{' permuted' if order else ''})"
