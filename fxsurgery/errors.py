@@ -21,12 +21,14 @@ class InputError(SurgeryError):
 class TraceError(SurgeryError):
     """torch.fx could not trace the model (or shape propagation failed).
 
-    ``module`` names the submodule that failed (qualified name, ``""`` for the root) when it is known.
+    ``module`` names the submodule that failed (qualified name, ``""`` for the root) when it is known; ``cause`` is the
+    message without the advice, for reports that quote it.
     """
 
-    def __init__(self, message: str, *, module: str | None = None) -> None:
+    def __init__(self, message: str, *, module: str | None = None, cause: str | None = None) -> None:
         super().__init__(message)
         self.module = module
+        self.cause = cause or message
 
 
 class ValidationError(SurgeryError):

@@ -292,7 +292,7 @@ def capture_submodule_inputs(
 
 
 def _cause(e: BaseException) -> str:
-    return str(e).split("; mark it as a leaf")[0].split("; move the untraceable")[0]
+    return e.cause if isinstance(e, TraceError) else str(e)
 
 
 def _find_culprits(

@@ -172,28 +172,24 @@ def trace(model: nn.Module, leaf_modules: LeafSpec = (), n_inputs: int | None = 
         if where:
             sub = model.get_submodule(where)
             hint = f"leaf_modules=({where!r},) or leaf_modules=({type(sub).__name__},)"
-            msg = f"cannot trace submodule {where!r} ({type(sub).__name__}): {one_line(e)}; mark it as a leaf: {hint}"
+            cause = f"cannot trace submodule {where!r} ({type(sub).__name__}): {one_line(e)}"
+            msg = f"{cause}; mark it as a leaf: {hint}"
         else:
-            msg = (
-                f"cannot trace {type(model).__name__}.forward: {one_line(e)}; move the untraceable code into a "
-                "submodule and pass it in leaf_modules"
-            )
-        raise TraceError(msg, module=where or "") from e
+            cause = f"cannot trace {type(model).__name__}.forward: {one_line(e)}"
+            msg = f"{cause}; move the untraceable code into a submodule and pass it in leaf_modules"
+        raise TraceError(msg, module=where or "", cause=cause) from e
     name = model.__class__.__name__
     return fx.GraphModule(tracer.root, graph, name)
 
 
-def working_copy(module: nn.Module, *, clone_params: bool = False) -> Any:
-    """Copy ``module``'s structure; parameters alias the original storage unless ``clone_params``.
+def working_copy(module: nn.Module) -> Any:
+    """Copy ``module``'s structure; parameters alias the original storage.
 
     New module objects (so ``train()``/``eval()``, hooks and attribute changes stay local), new ``Parameter`` objects
     viewing the same data (so no memory is copied and ``requires_grad`` is kept), cloned buffers (so BatchNorm
     statistics never move in the original).
     """
-    memo: dict[int, Any] = {}
-    if not clone_params:
-        for p in module.parameters():
-            memo[id(p)] = nn.Parameter(p.detach(), requires_grad=p.requires_grad)
+    memo: dict[int, Any] = {id(p): nn.Parameter(p.detach(), requires_grad=p.requires_grad) for p in module.parameters()}
     for m in module.modules():  # computed tensors kept as attributes (old-style weight_norm) cannot be deep-copied
         for v in vars(m).values():
             if isinstance(v, torch.Tensor) and not v.is_leaf:
