@@ -7,6 +7,7 @@ created with thread spinning off and pinned intra-op threads, so an idle session
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -32,18 +33,29 @@ class Ratio:
         return f"{self.median:.2f} ({self.low:.2f}..{self.high:.2f})"
 
 
-def interleaved(a: Callable[[], Any], b: Callable[[], Any], pairs: int, warmup: int = 2) -> Ratio:
-    """Time ``a`` and ``b`` alternately and return the ratio b/a per pair, summarised."""
+def interleaved(a: Callable[[], Any], b: Callable[[], Any], pairs: int, warmup: int = 2,
+                min_sample_s: float = 0.02) -> Ratio:
+    """Time ``a`` and ``b`` alternately and return the ratio b/a per pair, summarised.
+
+    A call shorter than ``min_sample_s`` is repeated within each sample (the same count on both sides), so that a
+    millisecond-long call is not lost in timer and scheduler noise; times are per call.
+    """
     for _ in range(warmup):
         a()
         b()
+    start = time.perf_counter()
+    a()
+    b()
+    once = max((time.perf_counter() - start) / 2, 1e-6)
+    reps = max(1, min(1000, math.ceil(min_sample_s / once)))
     ratios, ta, tb = [], [], []
     for i in range(max(pairs, 1)):
         times = {}
         for f in (a, b) if i % 2 == 0 else (b, a):
             start = time.perf_counter()
-            f()
-            times[f] = time.perf_counter() - start
+            for _ in range(reps):
+                f()
+            times[f] = (time.perf_counter() - start) / reps
         ta.append(times[a])
         tb.append(times[b])
         ratios.append(times[b] / times[a])

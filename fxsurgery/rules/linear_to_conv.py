@@ -179,6 +179,10 @@ class LinearToConv:
         """A 4-D ``(N, C, H, W)`` map in the point layout: as is, or ``(1, C, H, N*W)`` with the images side by side."""
         if self.point is POINT_LAYOUT:
             return y
+        if feature[1:] == (1, 1):
+            # a pooled map: a 2-D transpose of (N, C); onnxruntime runs a 4-D permute of (N, C, 1, 1) far slower
+            flat = graph.call_method("t", (graph.call_method("flatten", (y, 1)),))
+            return graph.call_method("reshape", (flat, (1, feature[0], 1, -1)))
         side_by_side = graph.call_method("permute", (y, (1, 2, 0, 3)))
         return graph.call_method("reshape", (side_by_side, (1, feature[0], feature[1], -1)))
 
