@@ -36,10 +36,10 @@ from torch import nn
 
 import fxsurgery
 from fxsurgery.onnx_check import export_onnx
-from fxsurgery.timing import Ratio, interleaved, ort_session
+from fxsurgery.timing import Ratio, interleaved, runner
 
 HERE = Path(__file__).resolve().parent
-SUITES = ("cost", "memory", "check", "latency")
+SUITES = ("cost", "memory", "check", "latency", "kernels", "auto")
 
 
 # -- cases ------------------------------------------------------------------------------------------------------------
@@ -151,21 +151,132 @@ def _latency_case(case: Case, pairs: int, threads: int, runtimes: tuple[str, ...
         rows.append(LatencyRow(case.name, res.direction, case.shape[0], runtime, ratio, noise, len(res.rewritten)))
         _report(rows[-1])
 
-    if "torch" in runtimes:
-        with torch.no_grad():
-            row("torch eager", interleaved(lambda: model(x), lambda: rewritten(x), pairs),
-                interleaved(lambda: model(x), lambda: model(x), pairs))  # fmt: skip
-    if "onnxruntime" in runtimes:
+    for runtime in ("torch eager", "onnxruntime"):
+        if runtime.split()[0] not in runtimes:
+            continue
         with tempfile.TemporaryDirectory() as tmp:
-            a, b = Path(tmp) / "a.onnx", Path(tmp) / "b.onnx"
-            export_onnx(model, (x,), a, dynamic_batch=False)
-            export_onnx(rewritten, (x,), b, dynamic_batch=False)
-            sa, sb, sa2 = ort_session(a, threads), ort_session(b, threads), ort_session(a, threads)
-            feed_a = {sa.get_inputs()[0].name: x.numpy()}
-            feed_b = {sb.get_inputs()[0].name: x.numpy()}
-            row("onnxruntime", interleaved(lambda: sa.run(None, feed_a), lambda: sb.run(None, feed_b), pairs),
-                interleaved(lambda: sa.run(None, feed_a), lambda: sa2.run(None, feed_a), pairs))  # fmt: skip
+            run = _runner(runtime, x, threads, Path(tmp))
+            base = run(model)
+            row(runtime, interleaved(base, run(rewritten), pairs), interleaved(base, run(model), pairs))
     return rows
+
+
+class _Linear2d(nn.Module):
+    """A Linear on ``(N, C)``: the original form of a head, with no layout change around it."""
+
+    def __init__(self, c: int, o: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(c, o)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x)
+
+
+class _Conv1x1(nn.Module):
+    """The same product as a 1x1 Conv2d on input already laid out as ``(1, C, 1, N)`` (no transpose)."""
+
+    def __init__(self, lin: nn.Linear) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(lin.in_features, lin.out_features, 1)
+        self.conv.weight = nn.Parameter(lin.weight.detach().view(*lin.weight.shape, 1, 1))
+        self.conv.bias = lin.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class _LinearStack2d(nn.Module):
+    """A pointwise-conv stack's Linear form on input already laid out as ``(N*H*W, C)`` (no transpose)."""
+
+    def __init__(self, stack: PointwiseStack) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        for m in stack.body:
+            if isinstance(m, nn.Conv2d):
+                lin = nn.Linear(m.in_channels, m.out_channels)
+                lin.weight = nn.Parameter(m.weight.detach().flatten(1))
+                lin.bias = m.bias
+                m = lin
+            layers.append(m)
+        self.body = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def kernels(pairs: int, threads: int, runtimes: tuple[str, ...], quick: bool) -> list[dict[str, Any]]:
+    """The product alone in both forms, with the input already in each form's layout: how much of a latency ratio
+    is the runtime's kernel rather than the layout changes the rewrite adds around it."""
+    torch.manual_seed(0)
+    cases: list[tuple[str, nn.Module, torch.Tensor, nn.Module, torch.Tensor]] = []
+    for n, c, o in ((4, 8, 8),) if quick else ((64, 2048, 1000), (32, 4096, 4096), (32, 25088, 4096)):
+        lin = _Linear2d(c, o).eval()
+        x = torch.randn(n, c)
+        cases.append((f"Linear({c}->{o}) b{n} as 1x1 conv on (1,C,1,N)", lin, x, _Conv1x1(lin.fc).eval(),
+                      x.t().reshape(1, c, 1, n).contiguous()))  # fmt: skip
+    stack = (PointwiseStack(8, 2) if quick else PointwiseStack()).eval()
+    x = torch.randn(2, 8, 4, 4) if quick else torch.randn(8, 256, 28, 28)
+    cases.append((f"pointwise conv stack {tuple(x.shape)} as Linear on (N*H*W,C)", stack, x, _LinearStack2d(stack),
+                  x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]).contiguous()))  # fmt: skip
+    rows = []
+    for name, a, xa, b, xb in cases:
+        for runtime in ("torch eager", "onnxruntime"):
+            if runtime.split()[0] not in runtimes:
+                continue
+            with tempfile.TemporaryDirectory() as tmp:
+                ra, rb = _runner(runtime, xa, threads, Path(tmp))(a), _runner(runtime, xb, threads, Path(tmp))(b)
+                r = interleaved(ra, rb, pairs)
+            rows.append({"case": name, "runtime": runtime, "ratio": asdict(r)})
+            print(f"  kernel {name:55s} {runtime:12s} rewritten form / original form {r.text()} "
+                  f"({r.a_ms:.2f} -> {r.b_ms:.2f} ms)", flush=True)  # fmt: skip
+    return rows
+
+
+def auto_cases(quick: bool) -> list[Case]:
+    if quick:
+        return [Case("tiny pointwise", lambda: PointwiseStack(8, 2), (2, 8, 4, 4), "auto")]
+    return [Case(name, torchvision_model(name), (1, 3, 224, 224), "auto")
+            for name in ("resnet50", "mobilenet_v3_large")]  # fmt: skip
+
+
+def auto(cases: list[Case], pairs: int, threads: int, runtimes: tuple[str, ...]) -> list[dict[str, Any]]:
+    """``to="auto"`` per model and runtime, then, measured again side by side, auto / original and all-conv /
+    all-linear / original: auto must be at most 1.02x the original and 1.05x the better of all-conv and all-linear."""
+    rows = []
+    for case in cases:
+        torch.manual_seed(0)
+        model = case.make().eval()
+        x = torch.randn(case.shape)
+        forms = {"all-conv": fxsurgery.rewrite(model, x, "conv", validate=False).module,
+                 "all-linear": fxsurgery.rewrite(model, x, "linear", validate=False).module}  # fmt: skip
+        for runtime in runtimes:
+            start = time.perf_counter()
+            res = fxsurgery.rewrite(model, x, "auto", runtime="torch" if runtime == "torch eager" else runtime,
+                                    validate=False)  # fmt: skip
+            took = time.perf_counter() - start
+            with tempfile.TemporaryDirectory() as tmp:
+                run = _runner(runtime, x, threads, Path(tmp))
+                base = run(model)
+                ratios = {label: interleaved(base, run(m), pairs)
+                          for label, m in {"auto": res.module, **forms}.items()}  # fmt: skip
+            best = min(ratios["all-conv"].median, ratios["all-linear"].median)
+            row = {"case": case.name, "batch": case.shape[0], "runtime": runtime, "chosen": res.timings["chosen"],
+                   "auto_seconds": took, "ratios": {k: asdict(v) for k, v in ratios.items()},
+                   "auto_vs_better": ratios["auto"].median / best,
+                   "sites_kept": sum(1 for c in res.timings["sites"] if c["chosen"] == "rewritten"),
+                   "sites_measured": len(res.timings["sites"])}  # fmt: skip
+            rows.append(row)
+            print(f"  auto {case.name:20s} b={case.shape[0]:<3d} {runtime:12s} chose {row['chosen']:10s} "
+                  f"auto/original {ratios['auto'].text()}  all-conv {ratios['all-conv'].text()}  all-linear "
+                  f"{ratios['all-linear'].text()}  auto/better {row['auto_vs_better']:.2f}  ({took:.0f}s to choose)",
+                  flush=True)  # fmt: skip
+        gc.collect()
+    return rows
+
+
+def _runner(runtime: str, x: torch.Tensor, threads: int, tmp: Path) -> Callable[[nn.Module], Callable[[], Any]]:
+    """``run(module)``: a zero-argument callable running ``module`` on ``x`` on ``runtime``."""
+    return lambda module: runner(module, x, "torch" if runtime == "torch eager" else runtime, tmp, threads)
 
 
 def _report(row: LatencyRow) -> None:
@@ -314,6 +425,28 @@ def write_outputs(results: dict[str, Any], out: Path, command: str) -> None:
                          f"**{ratio['median']:.2f}** ({ratio['low']:.2f}..{ratio['high']:.2f}) | {noise['median']:.2f} "
                          f"({noise['low']:.2f}..{noise['high']:.2f}) | {ratio['a_ms']:.2f} | {ratio['b_ms']:.2f} |")  # fmt: skip
         lines += ["", f"![latency chart]({out.with_suffix('.png').name})"]
+    if results.get("kernels"):
+        lines += ["", "## The product alone (no layout change), rewritten form / original form", "",
+                  "The same matrix product in both forms, each fed input already in its own layout: the part of a "
+                  "latency ratio that is the runtime's kernel, not the conversions the rewrite adds.", "",
+                  "| product | runtime | ratio | original form ms | rewritten form ms |", "|---|---|---|---|---|"]  # fmt: skip
+        for r in results["kernels"]:
+            q = r["ratio"]
+            lines.append(f"| {r['case']} | {r['runtime']} | **{q['median']:.2f}** ({q['low']:.2f}..{q['high']:.2f}) | "
+                         f"{q['a_ms']:.2f} | {q['b_ms']:.2f} |")  # fmt: skip
+    if results.get("auto"):
+        lines += ["", '## `to="auto"`, measured again', "",
+                  "Each model is rewritten with `to=\"auto\"` for the runtime, then the chosen model, all-conv and all-linear "
+                  "are each timed against the original, side by side (targets: auto/original <= 1.02, auto/better of "
+                  "all-conv and all-linear <= 1.05).", "",
+                  "| model | batch | runtime | chosen | sites kept / measured | auto / original | all-conv / original | "
+                  "all-linear / original | auto / better | seconds to choose |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for r in results["auto"]:
+            q = {k: f"{v['median']:.2f} ({v['low']:.2f}..{v['high']:.2f})" for k, v in r["ratios"].items()}
+            lines.append(f"| {r['case']} | {r['batch']} | {r['runtime']} | {r['chosen']} | {r['sites_kept']} / "
+                         f"{r['sites_measured']} | **{q['auto']}** | {q['all-conv']} | {q['all-linear']} | "
+                         f"**{r['auto_vs_better']:.2f}** | {r['auto_seconds']:.0f} |")  # fmt: skip
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     if results.get("latency"):
         chart(results["latency"], out.with_suffix(".png"))
@@ -387,6 +520,12 @@ def main(argv: list[str] | None = None) -> int:
                  if args.only in c.name and f"{c.name}@{c.shape[0]}" not in args.skip]  # fmt: skip
         rows = latency(cases, pairs, args.threads, tuple(args.runtimes.split(",")))
         results["latency"] = [asdict(r) for r in rows]
+    if "kernels" in suites:
+        results["kernels"] = kernels(pairs, args.threads, tuple(args.runtimes.split(",")), args.quick)
+    if "auto" in suites:
+        cases = [c for c in auto_cases(args.quick) if args.only in c.name and f"{c.name}@{c.shape[0]}" not in args.skip]
+        runtimes = tuple("torch eager" if r == "torch" else r for r in args.runtimes.split(","))
+        results["auto"] = auto(cases, pairs, args.threads, runtimes)
     command = "python -m benchmarks " + " ".join(argv if argv is not None else sys.argv[1:])
     write_outputs(results, Path(args.out), command.strip())
     print(f"wrote {args.out}.json, .md and .png")

@@ -15,7 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Ratio", "interleaved", "ort_session"]
+import torch
+from torch import nn
+
+__all__ = ["Ratio", "interleaved", "ort_session", "runner"]
 
 
 @dataclass(frozen=True)
@@ -73,3 +76,26 @@ def ort_session(path: str | Path, threads: int, providers: tuple[str, ...] = ("C
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.log_severity_level = 3
     return ort.InferenceSession(str(path), sess_options=opts, providers=list(providers))
+
+
+def runner(module: nn.Module, x: torch.Tensor, runtime: str, workdir: Path, threads: int) -> Callable[[], Any]:
+    """A zero-argument callable that runs ``module`` on ``x`` once on ``runtime`` (``"torch"``: eager, no grad;
+    ``"onnxruntime"``: exported into ``workdir`` and run in an :func:`ort_session`). A module in training mode is
+    timed as an eval-mode copy; ``module`` itself is left as it is."""
+    if module.training:
+        from fxsurgery.validation import eval_copy
+
+        module = eval_copy(module, "native")
+    if runtime == "torch":
+        def run_torch() -> Any:
+            with torch.no_grad():
+                return module(x)
+
+        return run_torch
+    from fxsurgery.onnx_check import export_onnx
+
+    path = workdir / f"m{len(list(workdir.iterdir()))}.onnx"
+    export_onnx(module, (x,), path, dynamic_batch=False)
+    session = ort_session(path, threads)
+    feed = {session.get_inputs()[0].name: x.numpy()}
+    return lambda: session.run(None, feed)

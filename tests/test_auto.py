@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import fxsurgery
+from fxsurgery.auto import MARGIN
 from fxsurgery.models import demo_model
 
 
@@ -25,7 +26,7 @@ def test_auto_reports_and_follows_its_measurements(runtime):
     whole = t["whole_model"]
     assert set(whole) == {"auto", "all-conv", "all-linear"}
     best = min(whole, key=lambda k: whole[k]["ratio"])
-    assert t["chosen"] == (best if whole[best]["ratio"] < 1.0 else "original")
+    assert t["chosen"] == (best if whole[best]["ratio"] <= 1.0 - MARGIN else "original")
     kept = {s.name for s in res.rewritten}
     if t["chosen"] == "original":
         assert not kept
@@ -37,3 +38,13 @@ def test_auto_reports_and_follows_its_measurements(runtime):
 def test_auto_rejects_unknown_runtime():
     with pytest.raises(fxsurgery.InputError, match="runtime must be"):
         fxsurgery.rewrite(demo_model(), torch.randn(2, 3, 32, 32), "auto", runtime="tvm")
+
+
+def test_auto_leaves_a_training_model_in_training_mode():
+    model = demo_model().train()
+    flags = [m.training for m in model.modules()]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    fxsurgery.rewrite(model, torch.randn(4, 3, 32, 32), "auto", runtime="torch", validate=False)
+    assert [m.training for m in model.modules()] == flags
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k

@@ -16,12 +16,16 @@ def test_harness_smoke_run(tmp_path):
                           text=True, cwd=ROOT, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     data = json.loads(out.with_suffix(".json").read_text())
-    assert {"machine", "rewrite_cost", "memory", "check_cost", "latency"} <= set(data)
+    assert {"machine", "rewrite_cost", "memory", "check_cost", "latency", "auto"} <= set(data)
     assert {(r["runtime"], r["direction"]) for r in data["latency"]} == {
         (rt, d) for rt in ("torch eager", "onnxruntime") for d in ("linear_to_conv", "conv_to_linear")
     }
     assert all(r["ratio"]["pairs"] == 1 and r["ratio"]["median"] > 0 for r in data["latency"])
-    assert "| case |" in out.with_suffix(".md").read_text()
+    assert {r["runtime"] for r in data["auto"]} == {"torch eager", "onnxruntime"}
+    assert all(set(r["ratios"]) == {"auto", "all-conv", "all-linear"} for r in data["auto"])
+    assert all(r["chosen"] in ("original", "auto", "all-conv", "all-linear") for r in data["auto"])
+    md = out.with_suffix(".md").read_text()
+    assert "| case |" in md and "| model |" in md
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
 
 
