@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-import torch
+import math
 
-__all__ = ["check_spatial_size", "layer_norm_channels"]
+import torch
+import torch.nn.functional as F
+
+__all__ = ["check_spatial_size", "layer_norm_channels", "window_attention_nchw"]
 
 
 def check_spatial_size(
@@ -49,3 +52,66 @@ def layer_norm_channels(
     if bias is not None:
         y = y + bias.reshape(shape)
     return y
+
+
+def window_attention_nchw(
+    x: torch.Tensor,
+    qkv_weight: torch.Tensor,
+    proj_weight: torch.Tensor,
+    relative_position_bias: torch.Tensor,
+    window_size: list[int],
+    num_heads: int,
+    shift_size: list[int],
+    attention_dropout: float = 0.0,
+    dropout: float = 0.0,
+    qkv_bias: torch.Tensor | None = None,
+    proj_bias: torch.Tensor | None = None,
+    logit_scale: torch.Tensor | None = None,
+    training: bool = True,
+) -> torch.Tensor:
+    """torchvision's ``shifted_window_attention`` (Swin v1 and v2) on an NCHW map instead of ``(B, H, W, C)``.
+
+    The same steps (pad, cyclic shift, window partition, attention with relative position bias and the shift mask,
+    reverse), with each window's tokens carried as ``(B*windows, C, 1, S)``: the q/k/v and output projections are
+    1x1 convolutions (``qkv_weight`` is ``(3C, C, 1, 1)``, ``proj_weight`` ``(C, C, 1, 1)``) and the activations
+    are not transposed to channels-last.
+    """
+    b, c, h, w = x.shape
+    wh, ww = window_size
+    pad_r, pad_b = (ww - w % ww) % ww, (wh - h % wh) % wh
+    x = F.pad(x, (0, pad_r, 0, pad_b))
+    pad_h, pad_w = h + pad_b, w + pad_r
+    shift = [0 if wh >= pad_h else shift_size[0], 0 if ww >= pad_w else shift_size[1]]
+    if sum(shift) > 0:
+        x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(2, 3))
+    nh, nw, s, d = pad_h // wh, pad_w // ww, wh * ww, c // num_heads
+    x = x.view(b, c, nh, wh, nw, ww).permute(0, 2, 4, 1, 3, 5).reshape(-1, c, 1, s)  # windows: (B*nW, C, 1, S)
+    if logit_scale is not None and qkv_bias is not None:
+        qkv_bias = torch.cat([qkv_bias[:c], torch.zeros_like(qkv_bias[c : 2 * c]), qkv_bias[2 * c :]])
+    q, k, v = F.conv2d(x, qkv_weight, qkv_bias).reshape(-1, 3, num_heads, d, s).unbind(1)  # (B*nW, heads, d, S)
+    if logit_scale is not None:  # cosine attention (v2)
+        attn = F.normalize(q, dim=2).transpose(-2, -1).matmul(F.normalize(k, dim=2))
+        attn = attn * torch.clamp(logit_scale, max=math.log(100.0)).exp()
+    else:
+        attn = (q * d**-0.5).transpose(-2, -1).matmul(k)
+    attn = attn + relative_position_bias
+    if sum(shift) > 0:
+        mask = x.new_zeros((pad_h, pad_w))
+        h_slices = ((0, -wh), (-wh, -shift[0]), (-shift[0], None))
+        w_slices = ((0, -ww), (-ww, -shift[1]), (-shift[1], None))
+        count = 0
+        for hs in h_slices:
+            for ws in w_slices:
+                mask[hs[0] : hs[1], ws[0] : ws[1]] = count
+                count += 1
+        mask = mask.view(nh, wh, nw, ww).permute(0, 2, 1, 3).reshape(nh * nw, s)
+        mask = mask.unsqueeze(1) - mask.unsqueeze(2)
+        mask = mask.masked_fill(mask != 0, float(-100.0)).masked_fill(mask == 0, float(0.0))
+        attn = (attn.view(-1, nh * nw, num_heads, s, s) + mask.unsqueeze(1).unsqueeze(0)).view(-1, num_heads, s, s)
+    attn = F.dropout(F.softmax(attn, dim=-1), p=attention_dropout, training=training)
+    out = v.matmul(attn.transpose(-2, -1)).reshape(-1, c, 1, s)  # (B*nW, C, 1, S)
+    out = F.dropout(F.conv2d(out, proj_weight, proj_bias), p=dropout, training=training)
+    out = out.view(b, nh, nw, c, wh, ww).permute(0, 3, 1, 4, 2, 5).reshape(b, c, pad_h, pad_w)
+    if sum(shift) > 0:
+        out = torch.roll(out, shifts=(shift[0], shift[1]), dims=(2, 3))
+    return out[:, :, :h, :w].contiguous()

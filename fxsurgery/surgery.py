@@ -43,6 +43,7 @@ def linear_to_conv(
     num_random: int = 2,
     seed: int = 0,
     batch_layout: str = "spatial",
+    token_layout: bool = False,
 ) -> SurgeryResult:
     """Rewrite Linear layers on flattened or pooled feature maps (and their chains) as Conv2d layers.
 
@@ -50,12 +51,15 @@ def linear_to_conv(
     leave alone. ``precision="float64"`` validates in float64 to prove exactness. ``rtol`` overrides the per-dtype
     tolerance. ``batch_layout``: ``"spatial"`` (default) carries the rewritten head as ``(1, C, 1, N)``, the batch
     side by side on the width axis, so each conv is one matrix product; ``"batch"`` keeps ``(N, C, 1, 1)`` (N small
-    products: several times slower at batch > 1 in onnxruntime). Raises :class:`~fxsurgery.ValidationError` when
-    outputs differ beyond tolerance.
+    products: several times slower at batch > 1 in onnxruntime). ``token_layout=True`` (opt-in) also carries
+    transformer activations in conv layouts: tokens ``(B, S, C)`` as ``(B, C, 1, S)`` (ViT, MLP-Mixer channel MLPs,
+    ``nn.MultiheadAttention`` self-attention) and channels-last ``(N, H, W, C)`` maps as NCHW (Swin), from the
+    LayerNorm that starts a block, so every Linear in the block is a 1x1 conv. Raises
+    :class:`~fxsurgery.ValidationError` when outputs differ beyond tolerance.
     """
     return rewrite(model, example_inputs, "linear_to_conv", validate=validate, leaf_modules=leaf_modules,
                    exclude=exclude, precision=precision, rtol=rtol, num_random=num_random, seed=seed,
-                   batch_layout=batch_layout)  # fmt: skip
+                   batch_layout=batch_layout, token_layout=token_layout)  # fmt: skip
 
 
 def conv_to_linear(
@@ -91,6 +95,7 @@ def rewrite(
     num_random: int = 2,
     seed: int = 0,
     batch_layout: str = "spatial",
+    token_layout: bool = False,
     runtime: str = "onnxruntime",
 ) -> SurgeryResult:
     """Run one direction (``"linear_to_conv"`` or ``"conv_to_linear"``; ``"conv"``/``"linear"`` name the target), or
@@ -102,12 +107,13 @@ def rewrite(
 
         inputs = normalize_inputs(example_inputs)
         kwargs = dict(leaf_modules=leaf_modules, exclude=exclude, precision=precision, rtol=rtol,
-                      num_random=num_random, seed=seed, batch_layout=batch_layout)  # fmt: skip
+                      num_random=num_random, seed=seed, batch_layout=batch_layout,
+                      token_layout=token_layout)  # fmt: skip
         return auto_rewrite(prepare_model(model), inputs, runtime=runtime, rewrite=rewrite, validate=validate,
                             rewrite_kwargs=kwargs)  # fmt: skip
     if direction not in RULES:
         raise InputError(f"unknown direction {direction!r}; use one of {sorted(RULES)} (or 'conv' / 'linear' / 'auto')")
-    options = {"batch_layout": batch_layout} if direction == "linear_to_conv" else {}
+    options = {"batch_layout": batch_layout, "token_layout": token_layout} if direction == "linear_to_conv" else {}
     make_rule = functools.partial(RULES[direction], **options)
     make_rule()  # check the options before any work
     if precision not in ("native", "float64"):

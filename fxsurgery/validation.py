@@ -13,6 +13,7 @@ the output scale, so it shows that a rewrite is exact and not merely close.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +25,8 @@ from torch import nn
 
 from fxsurgery.errors import InputError
 from fxsurgery.tracing import working_copy
+
+log = logging.getLogger(__name__)
 
 __all__ = ["RTOL", "SCALE_FLOOR", "Validation", "validate", "compare_outputs", "random_inputs"]
 
@@ -195,6 +198,12 @@ def eval_copy(model: nn.Module, precision: Precision) -> nn.Module:
     return m
 
 
+def _is_constant(outputs: Any) -> bool:
+    """True when every floating-point tensor in ``outputs`` holds one value (and there is at least one)."""
+    leaves = [t for t in pytree.tree_leaves(outputs) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    return bool(leaves) and all(t.numel() == 0 or bool((t == t.flatten()[0]).all()) for t in leaves)
+
+
 def validate(
     original: nn.Module,
     rewritten: nn.Module,
@@ -241,6 +250,7 @@ def _validate_copies(
             batches.append(other)
             batch_sizes.add(int(other[0].shape[0]))
     errors = _Errors()
+    constant = True  # every floating output the same value on every input: the comparison cannot see the sites
     for k, inputs in enumerate(batches):
         label = "example input" if k == 0 else f"input #{k}"
         try:
@@ -257,6 +267,12 @@ def _validate_copies(
             errors.fail(label, f"the rewritten model fails where the original runs: {type(e).__name__}: {e}")
             break
         compare_outputs(ref, got, rtol=rtol, label=f"{label} output", errors=errors)
+        constant = constant and _is_constant(ref)
+    if constant and not errors.failure:
+        notes.append("the original's outputs do not depend on the input (constant on every validation input, e.g. "
+                     "a zero-initialised head such as torchvision's ViT before training): this comparison cannot "
+                     "see the rewritten sites; validate with trained or randomised weights")  # fmt: skip
+        log.warning("validation: %s", notes[-1])
     return Validation(
         passed=not errors.failure,
         max_abs_error=errors.max_abs,

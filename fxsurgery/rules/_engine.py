@@ -197,9 +197,11 @@ class Rewriter:
     # -- the pass -----------------------------------------------------------------------------------------------
     def run(self, rule: Rule) -> list[Site]:
         for node in list(self.graph.nodes):
+            if node in self.alt:
+                continue  # already carried (an item of a rewritten call's output)
             if rule.is_candidate(node, self):
                 self._apply(rule, node)
-            elif not rule.propagate(node, self):
+            elif not self._static_rank(node) and not rule.propagate(node, self):
                 self._propagate(node)
         self._finish()
         return self.sites
@@ -223,6 +225,20 @@ class Rewriter:
                         "please report it")  # fmt: skip
         self.sites.append(site)
 
+    def _static_rank(self, node: fx.Node) -> bool:
+        """``x.dim()`` of a carried value is a constant: use it, so that a rank check (ViT's ``torch._assert(
+        input.dim() == 3)``) does not need the value converted back. True when ``node`` was replaced."""
+        if not (node.op == "call_method" and node.target == "dim" and len(node.args) == 1 and node.args[0] in self.alt):
+            return False
+        shape = shape_of(node.args[0])  # type: ignore[arg-type]
+        if shape is None:
+            return False
+        for user in list(node.users):
+            user.args = fx.map_arg(user.args, lambda a: len(shape) if a is node else a)  # type: ignore[arg-type,return-value]
+            user.kwargs = fx.map_arg(user.kwargs, lambda a: len(shape) if a is node else a)  # type: ignore[arg-type,return-value]
+        self.graph.erase_node(node)
+        return True
+
     def _propagate(self, node: fx.Node) -> None:
         inputs = elementwise_tensor_inputs(node, self.modules)
         if not inputs:
@@ -242,6 +258,10 @@ class Rewriter:
             alt, layout = self.alt[node]
             outside = [u for u in node.users if u not in self.alt]
             for u in list(outside):
+                if not u.users and _erasable(u, self.modules):
+                    self.graph.erase_node(u)  # unused (ViT's x.shape, read only for an assert message)
+                    outside.remove(u)
+                    continue
                 dims = permute_dims(u)
                 if layout.to_alt is not None and dims == layout.to_alt:
                     u.replace_all_uses_with(alt)  # the user permutes back to the layout we carry: cancel both
@@ -268,8 +288,8 @@ class Rewriter:
             work.extend(inputs)
         for name, mod in self.new_modules.items():
             old = self.modules[name]
-            for pname, p in mod.named_parameters(recurse=False):
-                record_layout(self.gm, f"{name}.{pname}", getattr(old, pname), p)
+            for pname, p in mod.named_parameters():
+                record_layout(self.gm, f"{name}.{pname}", old.get_parameter(pname), p)
             self.gm.add_submodule(name, mod)
         self.graph.lint()
         self.gm.recompile()

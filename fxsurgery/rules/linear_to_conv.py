@@ -18,7 +18,9 @@ Functional ``F.linear(x, w, b)`` sites become ``F.conv2d(x, w.view(...), b)``, s
 
 from __future__ import annotations
 
+import inspect
 import math
+import operator
 
 import torch
 import torch.fx as fx
@@ -39,10 +41,11 @@ from fxsurgery.rules._engine import (
     static_shape,
 )
 from fxsurgery.rules._ops import elementwise_tensor_inputs
+from fxsurgery.layers import ConvSelfAttention
 from fxsurgery.tracing import shape_of
 from fxsurgery.weights import linear_to_conv_weight
 
-__all__ = ["LinearToConv", "POINT_LAYOUT", "SPATIAL_LAYOUT", "BATCH_LAYOUTS"]
+__all__ = ["LinearToConv", "POINT_LAYOUT", "SPATIAL_LAYOUT", "TOKEN_LAYOUT", "BATCH_LAYOUTS"]
 
 _EXACT = (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear)
 
@@ -73,7 +76,20 @@ SPATIAL_LAYOUT = Layout("(1,C,1,N)", _enter_spatial, _exit_spatial)
 BATCH_LAYOUTS = {"spatial": SPATIAL_LAYOUT, "batch": POINT_LAYOUT}
 #: Channels-last ``(N, H, W, O)`` values carried as NCHW ``(N, O, H, W)``.
 NCHW_LAYOUT = permutation_layout("NCHW", (0, 3, 1, 2))
-_CONV_LAYOUTS = (POINT_LAYOUT, SPATIAL_LAYOUT, NCHW_LAYOUT)
+
+
+def _enter_tokens(graph: fx.Graph, x: fx.Node, site: str) -> fx.Node:
+    return graph.call_method("unsqueeze", (graph.call_method("transpose", (x, 1, 2)), 2))
+
+
+def _exit_tokens(graph: fx.Graph, alt: fx.Node, orig: fx.Node) -> fx.Node:
+    return graph.call_method("transpose", (graph.call_method("squeeze", (alt, 2)), 1, 2))
+
+
+#: Tokens ``(B, S, C)`` carried as ``(B, C, 1, S)`` (opt-in, ``token_layout=True``): every Linear on them is a 1x1
+#: conv, and self-attention runs per head on ``(B, heads, head_dim, S)``.
+TOKEN_LAYOUT = Layout("(B,C,1,S)", _enter_tokens, _exit_tokens)
+_CONV_LAYOUTS = (POINT_LAYOUT, SPATIAL_LAYOUT, NCHW_LAYOUT, TOKEN_LAYOUT)
 
 # Order-preserving reshapes that may stand between a 4-D map and the Linear that reads it flattened.
 _RESHAPE_METHODS = {"flatten", "view", "reshape", "squeeze", "contiguous"}
@@ -168,12 +184,16 @@ def _spatial_mean_source(x: fx.Node) -> fx.Node | None:
 class LinearToConv:
     """Rewrite Linear layers that read flattened or pooled 4-D maps (and their chains) as Conv2d."""
 
-    pattern_names = ("flatten->linear", "pool->linear", "chain-linear", "channels-last-linear")
+    pattern_names = ("flatten->linear", "pool->linear", "chain-linear", "channels-last-linear", "token-linear",
+                     "self-attention")  # fmt: skip
 
-    def __init__(self, batch_layout: str = "spatial") -> None:
+    def __init__(self, batch_layout: str = "spatial", token_layout: bool = False) -> None:
         if batch_layout not in BATCH_LAYOUTS:
             raise InputError(f"batch_layout must be one of {sorted(BATCH_LAYOUTS)}, got {batch_layout!r}")
+        if not isinstance(token_layout, bool):
+            raise InputError(f"token_layout must be True or False, got {token_layout!r}")
         self.point = BATCH_LAYOUTS[batch_layout]
+        self.tokens = token_layout
 
     def _from_map(self, graph: fx.Graph, y: fx.Node, feature: tuple[int, ...]) -> fx.Node:
         """A 4-D ``(N, C, H, W)`` map in the point layout: as is, or ``(1, C, H, N*W)`` with the images side by side."""
@@ -188,8 +208,17 @@ class LinearToConv:
 
     def is_candidate(self, node: fx.Node, rw: Rewriter) -> bool:
         if node.op == "call_module":
-            return isinstance(rw.modules.get(str(node.target)), nn.Linear)
-        return node.op == "call_function" and node.target is F.linear
+            mod = rw.modules.get(str(node.target))
+            return isinstance(mod, nn.Linear) or (self.tokens and isinstance(mod, nn.MultiheadAttention))
+        if node.op != "call_function":
+            return False
+        return node.target is F.linear or (self.tokens and _is_torchvision(node.target, "shifted_window_attention"))
+
+    def _region_layout(self, x: fx.Node) -> Layout | None:
+        """With ``token_layout``, the layout that carries a value not yet in one: tokens ``(B, S, C)`` as
+        ``(B, C, 1, S)``, a channels-last ``(N, H, W, C)`` map as NCHW; else None."""
+        rank = len(shape_of(x) or ())
+        return {3: TOKEN_LAYOUT, 4: NCHW_LAYOUT}.get(rank) if self.tokens else None
 
     def propagate(self, node: fx.Node, rw: Rewriter) -> bool:
         """``z.permute(0, 2, 3, 1)`` is ``z`` in NCHW (no conversion needed); a ``LayerNorm`` over the channels of
@@ -199,14 +228,36 @@ class LinearToConv:
                 rw.seed(node, node.args[0], NCHW_LAYOUT)  # type: ignore[arg-type]
                 return True
             return False
-        if node.op != "call_module" or len(node.args) != 1 or node.kwargs or node.args[0] not in rw.alt:
+        if _select_token(node, rw):
+            return True
+        if _is_torchvision(node.target, "stochastic_depth") and node.args and node.args[0] in rw.alt:
+            # per-sample (or whole-batch) scaling: layout-independent while dim 0 stays the batch
+            alt, layout = rw.alt[node.args[0]]  # type: ignore[index]
+            if layout not in (NCHW_LAYOUT, TOKEN_LAYOUT):
+                return False
+            with rw.graph.inserting_before(node):
+                new = rw.graph.node_copy(node, lambda a: alt if a is node.args[0] else a)
+            new.meta = {}
+            rw.set_alt(node, new, layout)
+            return True
+        if node.op != "call_module" or len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node):
             return False
         mod = rw.modules.get(str(node.target))
-        alt, layout = rw.alt[node.args[0]]  # type: ignore[index]
-        if type(mod) is not nn.LayerNorm or len(mod.normalized_shape) != 1 or layout not in _CONV_LAYOUTS:
+        if type(mod) is not nn.LayerNorm or len(mod.normalized_shape) != 1:
             return False
         if mod._forward_hooks or mod._forward_pre_hooks:
             return False
+        x = node.args[0]
+        if x in rw.alt:
+            alt, layout = rw.alt[x]
+            if layout not in _CONV_LAYOUTS:
+                return False
+        else:
+            # token layout: a LayerNorm that feeds a Linear or an attention is where a region starts
+            region = self._region_layout(x)
+            if region is None or not _reaches_linear(node, rw, self):
+                return False
+            alt, layout = rw.enter(x, region, node.name), region
         with rw.graph.inserting_before(node):
             w = rw.graph.get_attr(f"{node.target}.weight") if mod.weight is not None else None
             b = rw.graph.get_attr(f"{node.target}.bias") if mod.bias is not None else None
@@ -214,21 +265,35 @@ class LinearToConv:
         return True
 
     def describe(self, node: fx.Node, rw: Rewriter) -> tuple[str, str]:
+        if _is_torchvision(node.target, "shifted_window_attention"):
+            weight = _bind(node).get("qkv_weight")
+            owner = str(weight.target).rsplit(".", 2)[0] if isinstance(weight, fx.Node) else node.name
+            return owner, "window-attention"
         name = str(node.target) if node.op == "call_module" else node.name
         return name, self._pattern(node, rw)
 
     def _pattern(self, node: fx.Node, rw: Rewriter) -> str:
+        if node.op == "call_module" and isinstance(rw.modules.get(str(node.target)), nn.MultiheadAttention):
+            return "self-attention"
         x = node.args[0] if node.args else node.kwargs.get("input")
         if permute_dims(x) == (0, 2, 3, 1):
             return "channels-last-linear"
         if x in rw.alt:
-            return "chain-linear"
+            return "token-linear" if rw.alt[x][1] is TOKEN_LAYOUT else "chain-linear"
+        if isinstance(x, fx.Node) and self._region_layout(x) is TOKEN_LAYOUT:
+            return "token-linear"
+        if isinstance(x, fx.Node) and self._region_layout(x) is NCHW_LAYOUT:
+            return "channels-last-linear"
         if isinstance(x, fx.Node) and _mean_source(x, rw) is not None:
             return "pool->linear"
         return "flatten->linear"
 
     def apply(self, node: fx.Node, rw: Rewriter) -> Site:
         name, pattern = self.describe(node, rw)
+        if pattern == "self-attention":
+            return self._apply_attention(node, rw, name)
+        if pattern == "window-attention":
+            return self._apply_window_attention(node, rw, name)
         functional = node.op == "call_function"
         if functional:
             args = list(node.args) + [None] * (3 - len(node.args))
@@ -266,13 +331,19 @@ class LinearToConv:
                 src = _replay(rw.graph, elementwise, src)
                 src = self._from_map(rw.graph, src, feature)
             before = f"Linear({in_features}->{out_features}) on mean over HxW of {c} channels"
+        elif (layout := self._region_layout(x) or self.point) is not self.point:
+            src, feature = rw.enter(x, layout, name), (in_features, 1, 1)
+            before = f"Linear({in_features}->{out_features}) on " + (
+                "(B, S, C) tokens" if layout is TOKEN_LAYOUT else "a channels-last (N, H, W, C) map")
         else:
             if len(x_shape) == 4:
                 raise Skip("input is a 4-D channels-last (N, H, W, C) tensor that is not a permute of an NCHW map "
-                           "(Swin/MaxViT-style blocks would need a token layout)")  # fmt: skip
+                           "(Swin/MaxViT-style blocks: pass token_layout=True to carry it as NCHW)")  # fmt: skip
             if len(x_shape) != 2:
-                kind = "(N, S, C) tokens" if len(x_shape) == 3 else f"{len(x_shape)}-D"
-                raise Skip(f"input is {kind}, not a flattened or pooled 4-D feature map")
+                if len(x_shape) == 3:
+                    raise Skip("input is (B, S, C) tokens, not a flattened or pooled 4-D feature map (pass "
+                               "token_layout=True to carry tokens as (B, C, 1, S))")  # fmt: skip
+                raise Skip(f"input is {len(x_shape)}-D, not a flattened or pooled 4-D feature map")
             found = _flatten_source(x, rw)
             if found is None:
                 raise Skip(f"input ({x.name}) is not a flattened or pooled 4-D feature map")
@@ -305,9 +376,127 @@ class LinearToConv:
                 conv = rw.graph.call_module(name, (src,))
         rw.set_alt(node, conv, layout)
         after = f"Conv2d({feature[0]}, {out_features}, kernel={kernel[0]}x{kernel[1]}) {layout.name}"
-        # the map the conv reads: NCHW of the channels-last input (N, H, W, K), or (N, C, H, W) of the flatten
-        reads = (x_shape[0], in_features, *x_shape[1:3]) if layout is NCHW_LAYOUT else (x_shape[0], *feature)
+        # the map the conv reads: NCHW of the channels-last input (N, H, W, K), tokens (B, S, K) as they come, or
+        # (N, C, H, W) of the flatten
+        reads = ((x_shape[0], in_features, *x_shape[1:3]) if layout is NCHW_LAYOUT
+                 else tuple(x_shape) if layout is TOKEN_LAYOUT else (x_shape[0], *feature))  # fmt: skip
         return Site(name, pattern, "rewritten", before=before, after=after, input_shape=tuple(reads))
+
+
+    def _apply_attention(self, node: fx.Node, rw: Rewriter, name: str) -> Site:
+        """``mha(x, x, x)`` self-attention on ``(B, S, C)`` tokens -> :class:`~fxsurgery.layers.ConvSelfAttention`
+        on ``(B, C, 1, S)``."""
+        mod = rw.modules[name]
+        reason = module_skip_reason(name, mod, (nn.MultiheadAttention,), rw)
+        if reason:
+            raise Skip(reason)
+        args = dict(zip(("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask",
+                         "average_attn_weights", "is_causal"), node.args), **node.kwargs)  # fmt: skip
+        x = args.get("query")
+        if not isinstance(x, fx.Node) or args.get("key") is not x or args.get("value") is not x:
+            raise Skip("not self-attention (query, key and value are not one tensor)")
+        if any(args.get(k) is not None for k in ("key_padding_mask", "attn_mask")) or args.get("is_causal"):
+            raise Skip("called with an attention mask; only unmasked self-attention is rewritten")
+        if not mod.batch_first:
+            raise Skip("batch_first=False: tokens are (S, B, C); only batch_first=True attention is rewritten")
+        if not mod._qkv_same_embed_dim or mod.in_proj_weight is None:
+            raise Skip("separate q/k/v projection weights (kdim/vdim differ from embed_dim)")
+        if mod.bias_k is not None or mod.add_zero_attn:
+            raise Skip("add_bias_kv / add_zero_attn attention is not rewritten")
+        items = [u.args[1] if u.op == "call_function" and u.target is operator.getitem else None for u in node.users]
+        if any(i != 0 and (i != 1 or u.users) for i, u in zip(items, node.users)):
+            raise Skip("the attention weights it returns are used")  # (``x, _ = mha(...)`` leaves item 1 unused)
+        x_shape = static_shape(x, "the attention input")
+        if len(x_shape) != 3:
+            raise Skip(f"input is {len(x_shape)}-D, not (B, S, C) tokens")
+        if x in rw.alt and rw.alt[x][1] is not TOKEN_LAYOUT:
+            raise Skip(f"the input is carried in layout {rw.alt[x][1].name}")
+        src = rw.enter(x, TOKEN_LAYOUT, name)
+        rw.new_modules[name] = ConvSelfAttention(mod)
+        with rw.graph.inserting_before(node):
+            out = rw.graph.call_module(name, (src,))
+        rw.set_alt(node, out, TOKEN_LAYOUT)  # a tuple whose only used item is carried: the call goes away
+        for u in node.users:  # (after the call, so that its items are removed before it)
+            rw.set_alt(u, out, TOKEN_LAYOUT)
+        c, h = mod.embed_dim, mod.num_heads
+        rw.sites.append(Site(f"{name}.out_proj", "token-linear", "rewritten", before=f"Linear({c}->{c}) (output "
+                             "projection, inside MultiheadAttention)", after=f"Conv2d({c}, {c}, kernel=1x1) "
+                             f"{TOKEN_LAYOUT.name}", input_shape=tuple(x_shape)))  # fmt: skip
+        return Site(name, "self-attention", "rewritten", before=f"MultiheadAttention({c}, {h} heads) on (B, S, C)",
+                    after=f"ConvSelfAttention: q/k/v Conv2d({c}, {3 * c}, kernel=1x1) and out_proj Conv2d 1x1 on "
+                    f"{TOKEN_LAYOUT.name}", input_shape=tuple(x_shape))  # fmt: skip
+
+
+    def _apply_window_attention(self, node: fx.Node, rw: Rewriter, name: str) -> Site:
+        """torchvision's ``shifted_window_attention`` on ``(B, H, W, C)`` -> :func:`~fxsurgery._runtime.
+        window_attention_nchw` on NCHW, with the ``qkv`` and ``proj`` Linears as 1x1 Conv2d layers."""
+        args = _bind(node)
+        x = args.get("input")
+        linears = {}
+        for role in ("qkv", "proj"):
+            w, b = args.get(f"{role}_weight"), args.get(f"{role}_bias")
+            if not (isinstance(w, fx.Node) and w.op == "get_attr" and str(w.target).endswith(".weight")):
+                raise Skip(f"the {role} weight is not a Linear's weight")
+            owner = str(w.target)[: -len(".weight")]
+            # the GraphModule keeps a Linear read only through get_attr as a plain Module holding its parameters
+            mod = rw.modules.get(owner)
+            weight = getattr(mod, "weight", None)
+            if not isinstance(weight, nn.Parameter) or weight.dim() != 2 or type(mod) not in (nn.Module, *_EXACT):
+                raise Skip(f"the {role} weight is not a Linear's weight")
+            if b is not None and not (isinstance(b, fx.Node) and b.op == "get_attr" and b.target == f"{owner}.bias"):
+                raise Skip(f"the {role} bias is not the same Linear's bias")
+            for pname, p in mod.named_parameters(recurse=False):  # type: ignore[union-attr]
+                if [o for o in rw.param_owners.get(id(p), []) if o != f"{owner}.{pname}"]:
+                    raise Skip(f"{owner}.{pname} is shared with another module (tied weights)")
+            linears[role] = (owner, mod)
+        if not isinstance(x, fx.Node) or len(static_shape(x, "the attention input")) != 4:
+            raise Skip("the input is not a 4-D (B, H, W, C) map")
+        if x in rw.alt and rw.alt[x][1] is not NCHW_LAYOUT:
+            raise Skip(f"the input is carried in layout {rw.alt[x][1].name}")
+        src = rw.enter(x, NCHW_LAYOUT, name)
+        c = static_shape(x, "the attention input")[3]
+        for owner, mod in linears.values():
+            rw.new_modules[owner] = _conv1x1(mod.weight, getattr(mod, "bias", None), mod.training)  # type: ignore[arg-type]
+        with rw.graph.inserting_before(node):
+            new = rw.graph.call_function(_runtime.window_attention_nchw, (src, *node.args[1:]), dict(node.kwargs))
+        rw.set_alt(node, new, NCHW_LAYOUT)
+        (qkv_name, qkv), (proj_name, proj) = linears["qkv"], linears["proj"]
+        shape = tuple(static_shape(x, "the attention input"))
+        o_qkv, o_proj = qkv.weight.shape[0], proj.weight.shape[0]
+        rw.sites.append(Site(proj_name, "window-attention", "rewritten", before=f"Linear({c}->{o_proj}) (window "
+                             "attention output projection)", after=f"Conv2d({c}, {o_proj}, kernel=1x1) on windows as "
+                             "(B*nW, C, 1, S)", input_shape=shape))  # fmt: skip
+        return Site(qkv_name, "window-attention", "rewritten", before=f"Linear({c}->{o_qkv}) in "
+                    "shifted_window_attention on (B, H, W, C)", after=f"Conv2d({c}, {o_qkv}, kernel=1x1) in "
+                    "window_attention_nchw on NCHW", input_shape=shape)  # fmt: skip
+
+
+def _is_torchvision(target: object, name: str) -> bool:
+    """Whether ``target`` is torchvision's function ``name`` (torchvision itself is never imported here)."""
+    return getattr(target, "__name__", None) == name and str(getattr(target, "__module__", "")).startswith("torchvision.")
+
+
+def _bind(node: fx.Node) -> dict[str, object]:
+    """The call's arguments by parameter name (empty when they do not bind)."""
+    try:
+        return dict(inspect.signature(node.target).bind(*node.args, **node.kwargs).arguments)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return {}
+
+
+def _select_token(node: fx.Node, rw: Rewriter) -> bool:
+    """``x[:, i]`` of tokens carried as ``(B, C, 1, S)`` (ViT's class token) reads ``alt[:, :, 0, i]``: no conversion of
+    the whole sequence back. The result is an ordinary ``(B, C)`` value. True when ``node`` was rewritten."""
+    if not (node.op == "call_function" and node.target is operator.getitem and node.args[0] in rw.alt):
+        return False
+    alt, layout = rw.alt[node.args[0]]  # type: ignore[index]
+    index = node.args[1]
+    if layout is not TOKEN_LAYOUT or not isinstance(index, tuple) or len(index) != 2:
+        return False
+    if index[0] != slice(None) or not isinstance(index[1], int) or isinstance(index[1], bool):
+        return False
+    node.args = (alt, (slice(None), slice(None), 0, index[1]))
+    return True
 
 
 def _reaches_linear(start: fx.Node, rw: Rewriter, rule: LinearToConv, depth: int = 16) -> bool:
@@ -326,6 +515,17 @@ def _reaches_linear(start: fx.Node, rw: Rewriter, rule: LinearToConv, depth: int
             return False
         frontier = nxt
     return False
+
+
+def _conv1x1(weight: nn.Parameter, bias: nn.Parameter | None, training: bool) -> nn.Conv2d:
+    """A 1x1 Conv2d whose weight views a Linear's ``weight`` and whose bias is its ``bias``."""
+    out_features, in_features = weight.shape
+    conv = nn.Conv2d(in_features, out_features, 1, bias=bias is not None, device="meta", dtype=weight.dtype)
+    conv.weight = nn.Parameter(weight.detach().view(out_features, in_features, 1, 1), requires_grad=weight.requires_grad)
+    if bias is not None:
+        conv.bias = bias
+    conv.train(training)
+    return conv
 
 
 def _conv_from_linear(lin: nn.Linear, feature: tuple[int, ...], order: tuple[int, ...] | None) -> nn.Conv2d:

@@ -1,0 +1,51 @@
+"""Layers that rewritten graphs install in place of ones the token layout cannot express as a single conv.
+
+They keep the parameter names of the layer they replace (so checkpoints map by name) and hold views of its
+parameters, never copies.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["ConvSelfAttention"]
+
+
+class ConvSelfAttention(nn.Module):
+    """``nn.MultiheadAttention`` self-attention (``batch_first=True``, no masks) on tokens carried as ``(B, C, 1, S)``.
+
+    The q/k/v projection is one 1x1 convolution whose weight is ``in_proj_weight`` viewed as ``(3C, C, 1, 1)``, and
+    ``out_proj`` is a ``Conv2d(C, C, 1)`` whose weight is the original ``out_proj.weight`` viewed as ``(C, C, 1, 1)``.
+    Attention runs per head on ``(B, heads, head_dim, S)`` without transposing the activations (the layout of
+    Apple's ANE reference transformers). Attention dropout is applied in training mode, as in the original.
+    """
+
+    def __init__(self, mha: nn.MultiheadAttention) -> None:
+        super().__init__()
+        c = mha.embed_dim
+        self.embed_dim, self.num_heads, self.dropout = c, mha.num_heads, mha.dropout
+        w = mha.in_proj_weight
+        self.in_proj_weight = nn.Parameter(w.detach().view(3 * c, c, 1, 1), requires_grad=w.requires_grad)
+        self.in_proj_bias = mha.in_proj_bias
+        out = mha.out_proj
+        self.out_proj = nn.Conv2d(c, c, 1, bias=out.bias is not None, device="meta", dtype=out.weight.dtype)
+        self.out_proj.weight = nn.Parameter(out.weight.detach().view(c, c, 1, 1), requires_grad=out.weight.requires_grad)
+        if out.bias is not None:
+            self.out_proj.bias = out.bias
+        self.train(mha.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c, s = x.shape[1], x.shape[3]
+        h = self.num_heads
+        d = c // h
+        qkv = F.conv2d(x, self.in_proj_weight, self.in_proj_bias)  # (B, 3C, 1, S)
+        q, k, v = qkv.reshape(-1, 3, h, d, s).unbind(1)  # each (B, heads, head_dim, S)
+        scores = torch.matmul(q.transpose(-1, -2), k) * (float(d) ** -0.5)  # (B, heads, S_query, S_key)
+        weights = F.dropout(scores.softmax(-1), self.dropout, self.training)
+        out = torch.matmul(v, weights.transpose(-1, -2))  # (B, heads, head_dim, S_query)
+        return self.out_proj(out.reshape(-1, c, 1, s))
+
+    def extra_repr(self) -> str:
+        return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, dropout={self.dropout}"
