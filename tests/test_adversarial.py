@@ -235,7 +235,7 @@ CASES: dict[str, Case] = {
     "l2c-functional": Case(lambda: Lam(lambda s, y: F.linear(torch.flatten(y, 1), s.w, s.b),
                                        w=nn.Parameter(torch.randn(5, 24)), b=nn.Parameter(torch.randn(5))).eval(),
                            img(), rewritten=["linear"]),  # fmt: skip
-    "l2c-3d-input": Case(head(lambda s, y: s.fc(y.flatten(2)), k=6), img(), skipped={"fc": "(N, S, C) tokens"}),
+    "l2c-3d-input": Case(head(lambda s, y: s.fc(y.flatten(2)), k=6), img(), skipped={"fc": "(B, S, C) tokens"}),
     "l2c-called-twice": Case(lambda: TwoKinds().eval(), lambda: (torch.randn(2, 3, 2, 2), torch.randn(2, 12)),
                              skipped={"fc": "called 2 times"}),  # fmt: skip
     "l2c-tied": Case(lambda: Tied().eval(), lambda: (torch.randn(2, 3, 2, 2),),

@@ -267,7 +267,7 @@ def test_token_and_plain_inputs_are_skipped():
 
     inputs = (torch.randn(1, 5, 8), torch.randn(1, 8), torch.randn(1, 2, 2, 2))
     run_surgery("linear_to_conv", M().eval(), inputs, rewritten=[],
-                skipped={"tok": "(N, S, C) tokens", "vec": "not a flattened or pooled", "hard": "hard-codes the batch"})  # fmt: skip
+                skipped={"tok": "(B, S, C) tokens", "vec": "not a flattened or pooled", "hard": "hard-codes the batch"})  # fmt: skip
 
 
 def test_squeeze_without_dims_is_skipped():

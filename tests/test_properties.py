@@ -59,8 +59,9 @@ def check_head(c, h, w, n, hidden, bias, head_input, acts, precision):
     model = RandomHead(c, h, w, hidden, bias, head_input, acts).eval()
     names = [f"head.{i}" for i, m in enumerate(model.head) if isinstance(m, nn.Linear)]
     res = run_surgery("linear_to_conv", model, torch.randn(n, 2, h, w), rewritten=names, precision=precision)
-    # one conversion in (permute + reshape, batch side by side) and one out (flatten + t), none between sites
-    assert layout_ops(res.module) <= 4, res.module.code
+    # one conversion in (permute + reshape for an HxW map; flatten + t + reshape, a 2-D transpose that onnxruntime
+    # runs faster, for a 1x1 map) and one out (flatten + t), none between sites
+    assert layout_ops(res.module) <= 5, res.module.code
 
 
 def check_stack(channels, h, w, stride, bias, act, precision):
