@@ -97,6 +97,11 @@ class Case:
     make: Callable[[], nn.Module]
     shape: tuple[int, ...]
     to: str
+    options: tuple[tuple[str, Any], ...] = ()  # rewrite options, e.g. (("token_layout", True),)
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}@{self.shape[0]}"
 
 
 def latency_cases(quick: bool) -> list[Case]:
@@ -113,6 +118,20 @@ def latency_cases(quick: bool) -> list[Case]:
             cases.append(Case(f"{name}", torchvision_model(name), (batch, 3, 224, 224), "conv"))
     for name in ("resnet50", "mobilenet_v3_large"):
         cases.append(Case(f"{name}", torchvision_model(name), (1, 3, 224, 224), "linear"))
+    return cases + transformer_cases()
+
+
+TOKENS = (("token_layout", True),)
+
+
+def transformer_cases() -> list[Case]:
+    """Issue 7: transformer and channels-last models before/after, batch 1 and 8 (ViT, Swin and MaxViT under the
+    opt-in token layout; ConvNeXt's blocks need none)."""
+    cases = []
+    for name, options in (("convnext_tiny", ()), ("swin_t", TOKENS), ("vit_b_16", TOKENS), ("maxvit_t", TOKENS)):
+        for batch in (1, 8):
+            label = f"{name}{' (tokens)' if options else ''}"
+            cases.append(Case(label, torchvision_model(name), (batch, 3, 224, 224), "conv", options))
     return cases
 
 
@@ -143,7 +162,7 @@ def _latency_case(case: Case, pairs: int, threads: int, runtimes: tuple[str, ...
     torch.manual_seed(0)
     model = case.make().eval()
     x = torch.randn(case.shape)
-    res = fxsurgery.rewrite(model, x, case.to, validate=False)
+    res = fxsurgery.rewrite(model, x, case.to, validate=False, **dict(case.options))
     rewritten = res.module.eval()
     rows = []
 
@@ -236,7 +255,8 @@ def auto_cases(quick: bool) -> list[Case]:
     if quick:
         return [Case("tiny pointwise", lambda: PointwiseStack(8, 2), (2, 8, 4, 4), "auto")]
     return [Case(name, torchvision_model(name), (1, 3, 224, 224), "auto")
-            for name in ("resnet50", "mobilenet_v3_large")]  # fmt: skip
+            for name in ("resnet50", "mobilenet_v3_large")] + [
+        Case("vit_b_16 (tokens)", torchvision_model("vit_b_16"), (1, 3, 224, 224), "auto", TOKENS)]  # fmt: skip
 
 
 def auto(cases: list[Case], pairs: int, threads: int, runtimes: tuple[str, ...]) -> list[dict[str, Any]]:
@@ -247,12 +267,13 @@ def auto(cases: list[Case], pairs: int, threads: int, runtimes: tuple[str, ...])
         torch.manual_seed(0)
         model = case.make().eval()
         x = torch.randn(case.shape)
-        forms = {"all-conv": fxsurgery.rewrite(model, x, "conv", validate=False).module,
+        options = dict(case.options)
+        forms = {"all-conv": fxsurgery.rewrite(model, x, "conv", validate=False, **options).module,
                  "all-linear": fxsurgery.rewrite(model, x, "linear", validate=False).module}  # fmt: skip
         for runtime in runtimes:
             start = time.perf_counter()
             res = fxsurgery.rewrite(model, x, "auto", runtime="torch" if runtime == "torch eager" else runtime,
-                                    validate=False)  # fmt: skip
+                                    validate=False, **options)  # fmt: skip
             took = time.perf_counter() - start
             with tempfile.TemporaryDirectory() as tmp:
                 run = _runner(runtime, x, threads, Path(tmp))
@@ -483,6 +504,18 @@ def _json(obj: Any) -> Any:
     raise TypeError(type(obj).__name__)
 
 
+def merge(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """``old`` with the rows ``new`` measured replaced (same case, direction, batch and runtime) or added."""
+    keys = {"latency": ("case", "direction", "batch", "runtime"), "kernels": ("case", "runtime"),
+            "auto": ("case", "batch", "runtime")}  # fmt: skip
+    out = {**old, **{k: v for k, v in new.items() if k not in keys}}
+    for suite, fields in keys.items():
+        fresh = {tuple(r[f] for f in fields): r for r in new.get(suite, [])}
+        rows = [fresh.pop(tuple(r[f] for f in fields), r) for r in old.get(suite, [])]
+        out[suite] = rows + list(fresh.values())
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
@@ -495,6 +528,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip", action="append", default=[], metavar="NAME@BATCH",
                         help="leave out one latency case, e.g. vgg16@32 (repeatable)")  # fmt: skip
     parser.add_argument("--out", default=str(HERE / "results"), help="output path without suffix")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the figures already in OUT.json and replace only those this run measures")  # fmt: skip
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
@@ -517,16 +552,20 @@ def main(argv: list[str] | None = None) -> int:
         results["check_cost"] = [check_cost("tiny" if args.quick else "resnet50")]
     if "latency" in suites:
         cases = [c for c in latency_cases(args.quick)
-                 if args.only in c.name and f"{c.name}@{c.shape[0]}" not in args.skip]  # fmt: skip
+                 if args.only in c.name and c.key not in args.skip]  # fmt: skip
         rows = latency(cases, pairs, args.threads, tuple(args.runtimes.split(",")))
         results["latency"] = [asdict(r) for r in rows]
     if "kernels" in suites:
         results["kernels"] = kernels(pairs, args.threads, tuple(args.runtimes.split(",")), args.quick)
     if "auto" in suites:
-        cases = [c for c in auto_cases(args.quick) if args.only in c.name and f"{c.name}@{c.shape[0]}" not in args.skip]
+        cases = [c for c in auto_cases(args.quick) if args.only in c.name and c.key not in args.skip]
         runtimes = tuple("torch eager" if r == "torch" else r for r in args.runtimes.split(","))
         results["auto"] = auto(cases, pairs, args.threads, runtimes)
-    command = "python -m benchmarks " + " ".join(argv if argv is not None else sys.argv[1:])
-    write_outputs(results, Path(args.out), command.strip())
+    command = ("python -m benchmarks " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+    if args.merge and Path(args.out).with_suffix(".json").exists():
+        results = merge(json.loads(Path(args.out).with_suffix(".json").read_text()), results)
+        command = f"{results.get('command', 'python -m benchmarks')}`, then `{command}"
+    results["command"] = command
+    write_outputs(results, Path(args.out), command)
     print(f"wrote {args.out}.json, .md and .png")
     return 0

@@ -83,6 +83,9 @@ def _build_parser() -> argparse.ArgumentParser:
     rw.add_argument("--exclude", action="append", default=[], help="site name to leave alone")
     rw.add_argument("--batch-layout", choices=("spatial", "batch"), default="spatial",
                     help="linear_to_conv: carry the head as (1, C, 1, N) (one matrix product) or (N, C, 1, 1)")  # fmt: skip
+    rw.add_argument("--token-layout", action="store_true",
+                    help="linear_to_conv: carry transformer tokens (B, S, C) as (B, C, 1, S) and channels-last maps "
+                         "as NCHW, so Linears in ViT/Swin/MLP-Mixer blocks and their attention become 1x1 convs")  # fmt: skip
     common(rw)
 
     demo = sub.add_parser("demo", help="run the whole pipeline on the built-in model, both directions")
@@ -286,6 +289,7 @@ def _run_pipeline(model: Any, inputs: tuple, to: str, out_dir: Path, args: argpa
                              leaf_modules=tuple(getattr(args, "leaf_module", ())),
                              exclude=tuple(getattr(args, "exclude", ())),
                              batch_layout=getattr(args, "batch_layout", "spatial"),
+                             token_layout=getattr(args, "token_layout", False),
                              runtime=getattr(args, "runtime", "onnxruntime"))  # fmt: skip
         except ValidationError as e:
             result = e.result

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ConvSelfAttention"]
+__all__ = ["ChannelsLastBatchNorm2d", "ConvSelfAttention"]
 
 
 class ConvSelfAttention(nn.Module):
@@ -49,3 +49,30 @@ class ConvSelfAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, dropout={self.dropout}"
+
+
+class ChannelsLastBatchNorm2d(nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` on a map carried channels-last, ``(N, H, W, C)``, holding the very same parameters and
+    buffers (same names, so checkpoints load unchanged).
+
+    In eval mode with running statistics it is a per-channel affine on the last dim, ``(x - mean) * (weight /
+    sqrt(var + eps)) + bias``: no transpose. In training mode (or without running statistics) it runs the original
+    ``BatchNorm2d`` on the NCHW view, so batch statistics and running-stat updates are exactly the original's.
+    """
+
+    @classmethod
+    def sharing(cls, bn: nn.BatchNorm2d) -> ChannelsLastBatchNorm2d:
+        """A channels-last twin of ``bn`` whose parameters and buffers are ``bn``'s own tensors."""
+        new = cls.__new__(cls)
+        new.__dict__.update(bn.__dict__)
+        new._parameters, new._buffers, new._modules = dict(bn._parameters), dict(bn._buffers), {}
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training or self.running_mean is None or self.running_var is None:
+            return super().forward(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        scale = torch.rsqrt(self.running_var + self.eps)
+        if self.weight is not None:
+            scale = scale * self.weight
+        y = (x - self.running_mean) * scale
+        return y + self.bias if self.bias is not None else y

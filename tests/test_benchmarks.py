@@ -32,3 +32,16 @@ def test_harness_smoke_run(tmp_path):
 def test_unknown_suite_is_refused():
     proc = subprocess.run([sys.executable, "-m", "benchmarks", "nonsense"], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 2 and "unknown suite" in proc.stderr
+
+
+def test_merge_replaces_only_the_rows_measured_again():
+    from benchmarks.bench import merge
+
+    old = {"machine": "m", "command": "python -m benchmarks", "rewrite_cost": [{"model": "vgg16"}],
+           "latency": [{"case": "a", "direction": "d", "batch": 1, "runtime": "r", "ratio": 1.5},
+                       {"case": "b", "direction": "d", "batch": 1, "runtime": "r", "ratio": 0.9}]}  # fmt: skip
+    new = {"machine": "m", "latency": [{"case": "a", "direction": "d", "batch": 1, "runtime": "r", "ratio": 1.0},
+                                       {"case": "c", "direction": "d", "batch": 8, "runtime": "r", "ratio": 1.1}]}  # fmt: skip
+    out = merge(old, new)
+    assert out["rewrite_cost"] == old["rewrite_cost"]
+    assert [(r["case"], r["ratio"]) for r in out["latency"]] == [("a", 1.0), ("b", 0.9), ("c", 1.1)]

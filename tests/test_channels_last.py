@@ -64,3 +64,56 @@ def test_permute_without_a_linear_is_left_alone():
     model = M().eval()
     res = run_surgery("linear_to_conv", model, torch.randn(1, 3, 2, 2), rewritten=[])
     assert [n.op for n in res.module.graph.nodes] == ["placeholder", "call_function", "call_function", "output"]
+
+
+class PointwiseBNBlock(nn.Module):
+    """Pointwise convs with BatchNorm between them and a residual add: the conv -> Linear direction."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.c1, self.bn1 = nn.Conv2d(c, 2 * c, 1), nn.BatchNorm2d(2 * c)
+        self.c2, self.bn2 = nn.Conv2d(2 * c, c, 1), nn.BatchNorm2d(c)
+        for bn in (self.bn1, self.bn2):
+            bn.running_mean.normal_()
+            bn.running_var.uniform_(0.5, 2.0)
+            nn.init.normal_(bn.weight)
+            nn.init.normal_(bn.bias)
+
+    def forward(self, x):
+        return torch.relu(self.bn2(self.c2(torch.relu(self.bn1(self.c1(x))))) + x)
+
+
+def test_batchnorm_between_pointwise_convs_stays_channels_last():
+    from fxsurgery.layers import ChannelsLastBatchNorm2d
+
+    model = PointwiseBNBlock().eval()
+    res = run_surgery("conv_to_linear", model, torch.randn(2, 8, 5, 5), rewritten=["c1", "c2"])
+    gm = res.module
+    permutes = [n for n in gm.graph.nodes if n.op == "call_method" and n.target == "permute"]
+    assert len(permutes) == 2, gm.code  # one in, one out: BatchNorm, ReLU and the residual add run channels-last
+    assert isinstance(gm.bn1, ChannelsLastBatchNorm2d) and isinstance(gm.bn2, ChannelsLastBatchNorm2d)
+    assert gm.bn1.weight.data_ptr() == model.bn1.weight.data_ptr()  # a view of the parameter; buffers are its own
+    assert gm.state_dict().keys() == model.state_dict().keys()
+    # training mode: the same outputs and the same running-statistics updates as the original
+    a = PointwiseBNBlock()
+    a.load_state_dict(model.state_dict())
+    b = fxsurgery.conv_to_linear(a, torch.randn(2, 8, 5, 5), validate=False).module
+    a.train()
+    b.train()
+    x = torch.randn(4, 8, 5, 5)
+    torch.testing.assert_close(b(x), a(x))
+    for name in ("bn1", "bn2"):
+        for buf in ("running_mean", "running_var", "num_batches_tracked"):
+            torch.testing.assert_close(getattr(getattr(b, name), buf), getattr(getattr(a, name), buf))
+    assert int(a.bn1.num_batches_tracked) == 1
+
+
+def test_conv_to_linear_resnet_block_onnx_has_fewer_transposes(tmp_path):
+    model = PointwiseBNBlock().eval()
+    x = torch.randn(2, 8, 5, 5)
+    res = fxsurgery.conv_to_linear(model, x)
+    check = fxsurgery.cross_check(model, res.module, x, tmp_path, direction=res.direction,
+                                  rewritten_sites=len(res.rewritten))  # fmt: skip
+    assert check, check.summary()
+    assert check.op_counts["rewritten"].get("Transpose", 0) == 2
+    assert "BatchNormalization" not in check.op_counts["rewritten"]

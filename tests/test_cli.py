@@ -29,6 +29,17 @@ MODELS = textwrap.dedent(
     def broken():
         raise ValueError("cannot build")
 
+    class Block(nn.Module):  # a transformer block on (B, S, C) tokens
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.ln = nn.LayerNorm(8)
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.fc = nn.Linear(8, 8)
+        def forward(self, x):
+            h = self.ln(x)
+            return self.fc(x + self.attn(h, h, h, need_weights=False)[0])
+
     class Branchy(nn.Module):  # untraceable, and no submodule to rewrite instead
         def __init__(self):
             super().__init__()
@@ -103,6 +114,18 @@ def test_rewrite_json_quiet_weights_and_torchscript(models_file, tmp_path):
     proc = run("rewrite", f"{models_file}:make", "--to", "linear", "--input-shape", "2,3,32,32", "--out",
                str(tmp_path / "out2"), "--weights", str(pt), "--quiet")  # fmt: skip
     assert proc.returncode == 0, proc.stderr
+
+
+def test_token_layout_flag(models_file, tmp_path):
+    argv = ["rewrite", f"{models_file}:Block", "--to", "conv", "--input-shape", "2,5,8", "--json"]
+    plain = run(*argv, "--out", str(tmp_path / "plain"))
+    assert plain.returncode == 0, plain.stderr
+    assert not [s for s in json.loads(plain.stdout)["sites"] if s["status"] == "rewritten"]
+    tokens = run(*argv, "--token-layout", "--out", str(tmp_path / "tokens"))
+    assert tokens.returncode == 0, tokens.stderr
+    report = json.loads(tokens.stdout)
+    assert report["passed"]
+    assert {s["name"] for s in report["sites"] if s["status"] == "rewritten"} == {"attn", "attn.out_proj", "fc"}
 
 
 def test_module_spec_and_several_inputs(tmp_path):

@@ -344,3 +344,18 @@ def test_channels_last_chain_reports_the_nchw_map():
     assert [s.input_shape for s in res.sites] == [(2, 4, 5, 3), (2, 8, 5, 3)]
     assert [s.pattern for s in res.sites] == ["channels-last-linear", "chain-linear"]
     assert layout_ops(res.module) == 0, res.module.code  # both permutes cancelled
+
+
+def test_linear_on_a_constant_is_skipped_with_its_reason():
+    class ConstantBias(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("table", torch.randn(2, 4))
+            self.bias_mlp = nn.Linear(4, 3)
+            self.fc = nn.Linear(12, 3)
+
+        def forward(self, x):
+            return self.fc(torch.flatten(x, 1)) + self.bias_mlp(self.table).sum(0)
+
+    run_surgery("linear_to_conv", ConstantBias().eval(), torch.randn(2, 3, 2, 2), rewritten=["fc"],
+                skipped={"bias_mlp": "its input is a constant"})  # fmt: skip

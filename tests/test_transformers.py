@@ -178,12 +178,17 @@ def test_swin_every_linear_becomes_a_conv_window_attention_included(version):
                                                window_size=[4, 4], **extra).eval()  # fmt: skip
     nn.init.normal_(model.head.weight)
     linears = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear))
+    # v2's continuous position bias MLP reads a constant table (export folds it): skipped with that reason
+    constant = [n for n in linears if ".cpb_mlp." in n]
+    assert bool(constant) == (version == "v2")
     # the second block of each stage shifts its windows (8x8 map, 4x4 windows): the shift mask is exercised
-    res = run_surgery("linear_to_conv", model, torch.randn(2, 3, 32, 32), token_layout=True, rewritten=linears)
+    res = run_surgery("linear_to_conv", model, torch.randn(2, 3, 32, 32), token_layout=True,
+                      rewritten=[n for n in linears if n not in constant],
+                      skipped={n: "its input is a constant" for n in constant})  # fmt: skip
     assert res.validation.max_rel_error < 1e-12
     patterns = {s.name: s.pattern for s in res.rewritten}
     assert patterns["features.1.1.attn.qkv"] == patterns["features.1.1.attn.proj"] == "window-attention"
-    for name in linears:
+    for name in (n for n in linears if n not in constant):
         conv = res.module.get_submodule(name)
         assert isinstance(conv, nn.Conv2d)
         assert conv.weight.data_ptr() == model.get_submodule(name).weight.data_ptr()

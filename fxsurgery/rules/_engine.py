@@ -157,6 +157,11 @@ class Rewriter:
         for pname, p in gm.named_parameters(remove_duplicate=False):
             self.param_owners.setdefault(id(p), []).append(pname)
         self._seen_modules: set[str] = set()
+        # values that depend on a model input (the rest is constant: parameters and buffers only)
+        self.dynamic: set[fx.Node] = set()
+        for n in self.graph.nodes:
+            if n.op == "placeholder" or any(i in self.dynamic for i in n.all_input_nodes):
+                self.dynamic.add(n)
 
     # -- layout bookkeeping -------------------------------------------------------------------------------------
     def set_alt(self, node: fx.Node, alt: fx.Node, layout: Layout) -> None:
@@ -214,6 +219,11 @@ class Rewriter:
             self._seen_modules.add(name)
         if name in self.exclude:
             self.sites.append(Site(name, pattern, "skipped", "excluded by the caller"))
+            return
+        first = node.args[0] if node.args else next(iter(node.kwargs.values()), None)
+        if isinstance(first, fx.Node) and first not in self.dynamic:
+            self.sites.append(Site(name, pattern, "skipped", "its input is a constant (no model input reaches it, "
+                                   "e.g. Swin v2's relative-position MLP): export folds it, nothing to rewrite"))  # fmt: skip
             return
         try:
             site = rule.apply(node, self)

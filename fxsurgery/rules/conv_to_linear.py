@@ -27,6 +27,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from fxsurgery.layers import ChannelsLastBatchNorm2d
 from fxsurgery.result import Site
 from fxsurgery.rules._engine import (
     Layout,
@@ -86,7 +87,22 @@ class ConvToLinear:
         return (shape_of(x) or ())[2:] == kernel
 
     def propagate(self, node: fx.Node, rw: Rewriter) -> bool:
-        return False
+        """A ``BatchNorm2d`` on a map carried channels-last stays channels-last
+        (:class:`~fxsurgery.layers.ChannelsLastBatchNorm2d`, a per-channel affine in eval mode), so the pointwise
+        convs around it share one conversion instead of converting back and forth."""
+        if node.op != "call_module" or len(node.args) != 1 or node.kwargs or node.args[0] not in rw.alt:
+            return False
+        name = str(node.target)
+        mod = rw.modules.get(name)
+        alt, layout = rw.alt[node.args[0]]  # type: ignore[index]
+        if type(mod) is not nn.BatchNorm2d or layout is not _CL[4] or name in rw.new_modules:
+            return False
+        if module_skip_reason(name, mod, (nn.BatchNorm2d,), rw) is not None:
+            return False
+        rw.new_modules[name] = ChannelsLastBatchNorm2d.sharing(mod)
+        with rw.graph.inserting_before(node):
+            rw.set_alt(node, rw.graph.call_module(name, (alt,)), layout)
+        return True
 
     def describe(self, node: fx.Node, rw: Rewriter) -> tuple[str, str]:
         mod = rw.modules[str(node.target)]
