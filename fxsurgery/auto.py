@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -44,19 +45,26 @@ MARGIN = 0.02
 
 
 def _site_alone(model: nn.Module, site: Site, direction: str) -> tuple[nn.Module, torch.Tensor] | None:
-    """The site's layer alone, as a model on the map it reads, or None when that cannot be built."""
-    if site.input_shape is None:
-        return None
+    """The site's layer alone, as a model on the value it reads, or None when that cannot be built."""
+    if site.input_shape is None or site.pattern == "window-attention":
+        return None  # window attention is a function of several layers: timed only within the whole model
     try:
         layer = copy.deepcopy(model.get_submodule(site.name))
     except AttributeError:
         return None  # a functional site: no module to time alone
-    x = torch.randn(site.input_shape, dtype=next(layer.parameters()).dtype)
-    if direction == "linear_to_conv":
-        if site.pattern == "channels-last-linear":
-            return _ChannelsLast(layer), x
+    shape = tuple(site.input_shape)
+    x = torch.randn(shape, dtype=next(layer.parameters()).dtype)
+    if direction != "linear_to_conv":
+        return nn.Sequential(layer), x
+    if isinstance(layer, nn.MultiheadAttention):
+        return _SelfAttention(layer), x
+    if len(shape) == 3:  # tokens (B, S, C)
+        return nn.Sequential(layer), x
+    if len(shape) == 4 and math.prod(shape[1:]) == layer.in_features:  # a flattened (or 1x1) map
         return nn.Sequential(nn.Flatten(), layer), x
-    return nn.Sequential(layer), x
+    if len(shape) == 4 and shape[1] == layer.in_features:  # an NCHW map the Linear reads channels-last
+        return _ChannelsLast(layer), x
+    return None
 
 
 class _ChannelsLast(nn.Module):
@@ -66,6 +74,15 @@ class _ChannelsLast(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layer(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class _SelfAttention(nn.Module):
+    def __init__(self, layer: nn.MultiheadAttention) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x, x, x, need_weights=False)[0]
 
 
 def auto_rewrite(
@@ -92,11 +109,16 @@ def auto_rewrite(
     with tempfile.TemporaryDirectory(prefix="fxsurgery-auto-") as tmp:
         work = Path(tmp)
         for direction, res in full.items():
+            attention = {s.name for s in res.rewritten if s.pattern == "self-attention"}
+            followers = []  # an attention's out_proj: rewritten with its attention or not at all
             for site in res.rewritten:
+                if "." in site.name and site.name.rsplit(".", 1)[0] in attention:
+                    followers.append(site.name)
+                    continue
                 alone = _site_alone(model, site, direction)
                 if alone is None:
                     choices.append({"site": site.name, "direction": direction, "chosen": "original",
-                                    "why": "not measurable alone (functional site)"})  # fmt: skip
+                                    "why": "not measurable alone (a functional site or window attention)"})  # fmt: skip
                     continue
                 original, x = alone
                 layer = original[-1] if isinstance(original, nn.Sequential) else original.layer
@@ -112,6 +134,12 @@ def auto_rewrite(
                     keep[direction].append(site.name)
                 choices.append({"site": site.name, "direction": direction, "chosen": chosen, "ratio": r.median,
                                 "original_ms": r.a_ms, "rewritten_ms": r.b_ms})  # fmt: skip
+            for name in followers:
+                parent = name.rsplit(".", 1)[0]
+                chosen = next(c["chosen"] for c in choices if c["site"] == parent and c["direction"] == direction)
+                if chosen == "rewritten":
+                    keep[direction].append(name)
+                choices.append({"site": name, "direction": direction, "chosen": chosen, "why": f"part of {parent}"})
         candidates = {
             "auto": _compose(model, inputs, full, keep, rewrite, kwargs),
             "all-conv": full["linear_to_conv"].module,

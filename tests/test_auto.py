@@ -48,3 +48,17 @@ def test_auto_leaves_a_training_model_in_training_mode():
     assert [m.training for m in model.modules()] == flags
     for k, v in model.state_dict().items():
         assert torch.equal(v, state[k]), k
+
+
+def test_auto_with_the_token_layout_measures_blocks_and_is_exact():
+    from tests.test_transformers import AttentionBlock
+
+    model = AttentionBlock().eval()
+    x = torch.randn(3, 5, 16)
+    res = fxsurgery.rewrite(model, x, "auto", runtime="torch", token_layout=True)
+    choices = {c["site"]: c for c in res.timings["sites"] if c["direction"] == "linear_to_conv"}
+    assert set(choices) == {"attn", "attn.out_proj", "fc1", "fc2"}
+    assert all("ratio" in choices[n] for n in ("attn", "fc1", "fc2"))  # each measured alone
+    assert choices["attn.out_proj"]["chosen"] == choices["attn"]["chosen"]  # follows its attention
+    with torch.no_grad():
+        torch.testing.assert_close(res.module.eval()(x), model(x), rtol=1e-4, atol=1e-5)
