@@ -525,6 +525,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny models, one pair (a smoke run)")
     parser.add_argument("--runtimes", default="onnxruntime,torch", help="comma-separated: onnxruntime,torch")
     parser.add_argument("--only", default="", help="latency cases whose name contains this text")
+    parser.add_argument("--to", choices=("conv", "linear"), help="latency cases of this direction only")
     parser.add_argument("--skip", action="append", default=[], metavar="NAME@BATCH",
                         help="leave out one latency case, e.g. vgg16@32 (repeatable)")  # fmt: skip
     parser.add_argument("--out", default=str(HERE / "results"), help="output path without suffix")
@@ -552,7 +553,7 @@ def main(argv: list[str] | None = None) -> int:
         results["check_cost"] = [check_cost("tiny" if args.quick else "resnet50")]
     if "latency" in suites:
         cases = [c for c in latency_cases(args.quick)
-                 if args.only in c.name and c.key not in args.skip]  # fmt: skip
+                 if args.only in c.name and c.key not in args.skip and args.to in (None, c.to)]  # fmt: skip
         rows = latency(cases, pairs, args.threads, tuple(args.runtimes.split(",")))
         results["latency"] = [asdict(r) for r in rows]
     if "kernels" in suites:

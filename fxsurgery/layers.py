@@ -55,8 +55,8 @@ class ChannelsLastBatchNorm2d(nn.BatchNorm2d):
     """``nn.BatchNorm2d`` on a map carried channels-last, ``(N, H, W, C)``, holding the very same parameters and
     buffers (same names, so checkpoints load unchanged).
 
-    In eval mode with running statistics it is a per-channel affine on the last dim, ``(x - mean) * (weight /
-    sqrt(var + eps)) + bias``: no transpose. In training mode (or without running statistics) it runs the original
+    In eval mode with running statistics it is a per-channel affine on the last dim, ``x * s + t`` with
+    ``s = weight / sqrt(var + eps)`` and ``t = bias - mean * s``: no transpose. In training mode (or without running statistics) it runs the original
     ``BatchNorm2d`` on the NCHW view, so batch statistics and running-stat updates are exactly the original's.
     """
 
@@ -71,8 +71,10 @@ class ChannelsLastBatchNorm2d(nn.BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training or self.running_mean is None or self.running_var is None:
             return super().forward(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        scale = torch.rsqrt(self.running_var + self.eps)
+        scale = torch.rsqrt(self.running_var + self.eps)  # per channel, folded to constants at export
         if self.weight is not None:
             scale = scale * self.weight
-        y = (x - self.running_mean) * scale
-        return y + self.bias if self.bias is not None else y
+        shift = -self.running_mean * scale
+        if self.bias is not None:
+            shift = shift + self.bias
+        return x * scale + shift  # two passes over the activations

@@ -86,30 +86,31 @@ class PointwiseBNBlock(nn.Module):
 def test_batchnorm_between_pointwise_convs_stays_channels_last():
     from fxsurgery.layers import ChannelsLastBatchNorm2d
 
-    model = PointwiseBNBlock().eval()
-    res = run_surgery("conv_to_linear", model, torch.randn(2, 8, 5, 5), rewritten=["c1", "c2"])
+    model = nn.Sequential(PointwiseBNBlock(), PointwiseBNBlock()).eval()
+    res = run_surgery("conv_to_linear", model, torch.randn(2, 8, 5, 5), rewritten=["0.c1", "0.c2", "1.c1", "1.c2"])
     gm = res.module
     permutes = [n for n in gm.graph.nodes if n.op == "call_method" and n.target == "permute"]
     assert len(permutes) == 2, gm.code  # one in, one out: BatchNorm, ReLU and the residual add run channels-last
-    assert isinstance(gm.bn1, ChannelsLastBatchNorm2d) and isinstance(gm.bn2, ChannelsLastBatchNorm2d)
-    assert gm.bn1.weight.data_ptr() == model.bn1.weight.data_ptr()  # a view of the parameter; buffers are its own
+    carried = {name for name, m in gm.named_modules() if isinstance(m, ChannelsLastBatchNorm2d)}
+    assert carried == {"0.bn1", "0.bn2", "1.bn1", "1.bn2"}  # each feeds a pointwise conv or the carried residual
+    assert gm.get_submodule("0.bn1").weight.data_ptr() == model[0].bn1.weight.data_ptr()  # a view; buffers its own
     assert gm.state_dict().keys() == model.state_dict().keys()
     # training mode: the same outputs and the same running-statistics updates as the original
-    a = PointwiseBNBlock()
+    a = nn.Sequential(PointwiseBNBlock(), PointwiseBNBlock())
     a.load_state_dict(model.state_dict())
     b = fxsurgery.conv_to_linear(a, torch.randn(2, 8, 5, 5), validate=False).module
     a.train()
     b.train()
     x = torch.randn(4, 8, 5, 5)
     torch.testing.assert_close(b(x), a(x))
-    for name in ("bn1", "bn2"):
+    for name in ("0.bn1", "0.bn2", "1.bn1", "1.bn2"):
         for buf in ("running_mean", "running_var", "num_batches_tracked"):
-            torch.testing.assert_close(getattr(getattr(b, name), buf), getattr(getattr(a, name), buf))
-    assert int(a.bn1.num_batches_tracked) == 1
+            torch.testing.assert_close(b.get_buffer(f"{name}.{buf}"), a.get_buffer(f"{name}.{buf}"))
+    assert int(a[0].bn1.num_batches_tracked) == 1
 
 
-def test_conv_to_linear_resnet_block_onnx_has_fewer_transposes(tmp_path):
-    model = PointwiseBNBlock().eval()
+def test_conv_to_linear_bn_stack_onnx_has_two_transposes(tmp_path):
+    model = nn.Sequential(PointwiseBNBlock(), PointwiseBNBlock()).eval()
     x = torch.randn(2, 8, 5, 5)
     res = fxsurgery.conv_to_linear(model, x)
     check = fxsurgery.cross_check(model, res.module, x, tmp_path, direction=res.direction,
@@ -117,3 +118,21 @@ def test_conv_to_linear_resnet_block_onnx_has_fewer_transposes(tmp_path):
     assert check, check.summary()
     assert check.op_counts["rewritten"].get("Transpose", 0) == 2
     assert "BatchNormalization" not in check.op_counts["rewritten"]
+
+
+class BNBeforeSpatialConv(nn.Module):
+    """conv1x1 -> BN -> ReLU -> 3x3 conv: the 3x3 conv needs NCHW, so the BatchNorm stays NCHW."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.c1, self.bn = nn.Conv2d(c, c, 1), nn.BatchNorm2d(c)
+        self.c3 = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        return self.c3(torch.relu(self.bn(self.c1(x))))
+
+
+def test_batchnorm_before_a_spatial_conv_stays_nchw():
+    model = BNBeforeSpatialConv().eval()
+    res = run_surgery("conv_to_linear", model, torch.randn(2, 8, 5, 5), rewritten=["c1"])
+    assert type(res.module.bn) is nn.BatchNorm2d

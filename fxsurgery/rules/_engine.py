@@ -27,7 +27,8 @@ from fxsurgery.result import Site
 from fxsurgery.rules._ops import elementwise_tensor_inputs
 from fxsurgery.tracing import shape_of
 
-__all__ = ["Layout", "Rewriter", "Rule", "Skip", "module_skip_reason", "guard", "permutation_layout", "permute_dims"]
+__all__ = ["Layout", "Rewriter", "Rule", "Skip", "feeds_candidate", "module_skip_reason", "guard", "permutation_layout",
+           "permute_dims"]
 
 log = logging.getLogger(__name__)
 
@@ -319,6 +320,29 @@ def _erasable(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     if node.op == "call_module":
         return elementwise_tensor_inputs(node, modules) is not None or isinstance(modules.get(str(target)), nn.Flatten)
     return True
+
+
+def feeds_candidate(start: fx.Node, rw: Rewriter, rule: Rule, through: tuple[type, ...] = (), depth: int = 16) -> bool:
+    """Whether a site of ``rule`` reads ``start``, or an elementwise op joins it with a value already carried in a
+    layout (a residual add), through elementwise ops and modules of the exact types ``through`` only: then carrying
+    ``start`` in that layout saves a conversion instead of adding one."""
+    frontier = [start]
+    for _ in range(depth):
+        nxt = []
+        for n in frontier:
+            for u in n.users:
+                if rule.is_candidate(u, rw) and (u.args[:1] or (None,))[0] is n:
+                    return True
+                is_through = u.op == "call_module" and type(rw.modules.get(str(u.target))) in through
+                inputs = elementwise_tensor_inputs(u, rw.modules)
+                if inputs and any(i is not n and i in rw.alt for i in inputs):
+                    return True
+                if is_through or inputs:
+                    nxt.append(u)
+        if not nxt:
+            return False
+        frontier = nxt
+    return False
 
 
 def static_shape(node: fx.Node, what: str) -> tuple[int, ...]:

@@ -33,6 +33,7 @@ from fxsurgery.rules._engine import (
     Layout,
     Rewriter,
     Skip,
+    feeds_candidate,
     guard,
     module_skip_reason,
     permutation_layout,
@@ -87,7 +88,8 @@ class ConvToLinear:
         return (shape_of(x) or ())[2:] == kernel
 
     def propagate(self, node: fx.Node, rw: Rewriter) -> bool:
-        """A ``BatchNorm2d`` on a map carried channels-last stays channels-last
+        """A ``BatchNorm2d`` on a map carried channels-last, whose output reaches another pointwise conv (through
+        elementwise ops, residual adds, BatchNorms), stays channels-last
         (:class:`~fxsurgery.layers.ChannelsLastBatchNorm2d`, a per-channel affine in eval mode), so the pointwise
         convs around it share one conversion instead of converting back and forth."""
         if node.op != "call_module" or len(node.args) != 1 or node.kwargs or node.args[0] not in rw.alt:
@@ -99,6 +101,8 @@ class ConvToLinear:
             return False
         if module_skip_reason(name, mod, (nn.BatchNorm2d,), rw) is not None:
             return False
+        if not feeds_candidate(node, rw, self, through=(nn.BatchNorm2d,)):
+            return False  # a 3x3 conv comes next: converting back before or after the BatchNorm costs the same
         rw.new_modules[name] = ChannelsLastBatchNorm2d.sharing(mod)
         with rw.graph.inserting_before(node):
             rw.set_alt(node, rw.graph.call_module(name, (alt,)), layout)

@@ -34,6 +34,7 @@ from fxsurgery.rules._engine import (
     Layout,
     Rewriter,
     Skip,
+    feeds_candidate,
     guard,
     module_skip_reason,
     permutation_layout,
@@ -224,7 +225,7 @@ class LinearToConv:
         """``z.permute(0, 2, 3, 1)`` is ``z`` in NCHW (no conversion needed); a ``LayerNorm`` over the channels of
         a value carried with its channels on dim 1 becomes :func:`~fxsurgery._runtime.layer_norm_channels`."""
         if permute_dims(node) == (0, 2, 3, 1) and len(shape_of(node.args[0]) or ()) == 4:
-            if _reaches_linear(node, rw, self):
+            if feeds_candidate(node, rw, self, through=(nn.LayerNorm,)):
                 rw.seed(node, node.args[0], NCHW_LAYOUT)  # type: ignore[arg-type]
                 return True
             return False
@@ -255,7 +256,7 @@ class LinearToConv:
         else:
             # token layout: a LayerNorm that feeds a Linear or an attention is where a region starts
             region = self._region_layout(x)
-            if region is None or not _reaches_linear(node, rw, self):
+            if region is None or not feeds_candidate(node, rw, self, through=(nn.LayerNorm,)):
                 return False
             alt, layout = rw.enter(x, region, node.name), region
         with rw.graph.inserting_before(node):
@@ -497,24 +498,6 @@ def _select_token(node: fx.Node, rw: Rewriter) -> bool:
         return False
     node.args = (alt, (slice(None), slice(None), 0, index[1]))
     return True
-
-
-def _reaches_linear(start: fx.Node, rw: Rewriter, rule: LinearToConv, depth: int = 16) -> bool:
-    """Whether a Linear reads ``start`` through elementwise ops and LayerNorms only (so carrying it as NCHW pays)."""
-    frontier = [start]
-    for _ in range(depth):
-        nxt = []
-        for n in frontier:
-            for u in n.users:
-                if rule.is_candidate(u, rw) and (u.args[:1] or (None,))[0] is n:
-                    return True
-                is_norm = u.op == "call_module" and type(rw.modules.get(str(u.target))) is nn.LayerNorm
-                if is_norm or elementwise_tensor_inputs(u, rw.modules):
-                    nxt.append(u)
-        if not nxt:
-            return False
-        frontier = nxt
-    return False
 
 
 def _conv1x1(weight: nn.Parameter, bias: nn.Parameter | None, training: bool) -> nn.Conv2d:
