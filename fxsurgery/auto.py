@@ -5,7 +5,10 @@
 2. Per site, the layer alone (a flatten + Linear, or the conv) and its rewritten form (built by the same pass, layout
    conversions included, so this is the worst case for a site inside a chain) are timed side by side on the runtime,
    alternating A B, B A, ... The rewritten form is kept when its median ratio is below 1. Sites of the same kind and
-   shape are measured once.
+   shape are measured once. Transformer-style sites (token layout, ConvNeXt/Swin blocks) are decided per block
+   instead: the nearest enclosing module with a LayerNorm child of its own is timed alone, original against
+   rewritten, on the input it receives in the model, and all its sites follow (blocks alike in type and shapes
+   are measured once).
 3. The kept sites are applied (Linear -> conv first, then conv -> Linear on the other layers) and the whole model is
    timed against the original, together with all-conv and all-linear; the fastest is returned if it measured at least
    ``MARGIN`` (2%) faster than the original, else the original. The result is therefore never slower than the
@@ -30,6 +33,7 @@ from torch import nn
 from fxsurgery import validation as _validation
 from fxsurgery.errors import InputError, ValidationError
 from fxsurgery.result import Site, SurgeryResult
+from fxsurgery.surgery import capture_submodule_inputs
 from fxsurgery.timing import interleaved, runner
 from fxsurgery.tracing import working_copy
 
@@ -111,7 +115,24 @@ def auto_rewrite(
         for direction, res in full.items():
             attention = {s.name for s in res.rewritten if s.pattern == "self-attention"}
             followers = []  # an attention's out_proj: rewritten with its attention or not at all
+            blocks = _blocks(model, res.rewritten) if direction == "linear_to_conv" else {}
+            grouped = _by_block(blocks)
+            captured = capture_submodule_inputs(model, inputs, [b for b in grouped if b])[0] if grouped else {}
+            for block, sites in grouped.items():
+                r = _measure_block(model, captured.get(block), block, direction, rewrite, kwargs,
+                                   (runtime, work, threads, pairs), cache)  # fmt: skip
+                for name in sites:
+                    if r is None:
+                        del blocks[name]  # not measurable as a block: per site below
+                        continue
+                    chosen = "rewritten" if r.median < 1.0 else "original"
+                    if chosen == "rewritten":
+                        keep[direction].append(name)
+                    choices.append({"site": name, "direction": direction, "chosen": chosen, "block": block,
+                                    "ratio": r.median, "original_ms": r.a_ms, "rewritten_ms": r.b_ms})  # fmt: skip
             for site in res.rewritten:
+                if site.name in blocks:
+                    continue
                 if "." in site.name and site.name.rsplit(".", 1)[0] in attention:
                     followers.append(site.name)
                     continue
@@ -170,6 +191,54 @@ def auto_rewrite(
     if not check:
         raise ValidationError(f"validation failed: {check.failure}", result=result)
     return result
+
+
+_BLOCK_PATTERNS = ("token-linear", "self-attention", "window-attention", "channels-last-linear", "chain-linear")
+
+
+def _blocks(model: nn.Module, sites: Sequence[Site]) -> dict[str, str]:
+    """Transformer-style sites and their block: the nearest enclosing module with a LayerNorm child of its own (a
+    ViT encoder layer, a Swin or ConvNeXt block). Sites outside any such module are decided one by one."""
+    out = {}
+    for site in sites:
+        if site.pattern not in _BLOCK_PATTERNS:
+            continue
+        parts = site.name.split(".")
+        for cut in range(len(parts) - 1, -1, -1):
+            owner = model.get_submodule(".".join(parts[:cut]))
+            if any(type(c) is nn.LayerNorm for c in owner.children()):
+                out[site.name] = ".".join(parts[:cut])
+                break
+    return out
+
+
+def _by_block(blocks: dict[str, str]) -> dict[str, list[str]]:
+    grouped: dict[str, list[str]] = {}
+    for name, block in blocks.items():
+        grouped.setdefault(block, []).append(name)
+    return grouped
+
+
+def _measure_block(
+    model: nn.Module, block_inputs: tuple[torch.Tensor, ...] | None, block: str, direction: str,
+    rewrite: Callable[..., SurgeryResult], kwargs: dict[str, Any], timing: tuple[str, Path, int, int], cache: dict,
+) -> Any:  # fmt: skip
+    """The block alone, original against rewritten, on the input it receives in the model; None when it cannot be
+    run alone (the whole model, not captured, several inputs, or a rewrite that fails on it)."""
+    if not block or block_inputs is None or len(block_inputs) != 1:
+        return None
+    runtime, work, threads, pairs = timing
+    module, x = model.get_submodule(block), block_inputs[0]
+    key = ("block", type(module).__name__, tuple(p.shape for p in module.parameters()), tuple(x.shape))
+    if key not in cache:
+        try:
+            form = rewrite(module, (x,), direction, validate=False, **kwargs).module
+        except Exception:  # a block that does not trace alone: its sites are decided one by one
+            log.info("auto: block %s cannot be rewritten alone", block, exc_info=True)
+            return None
+        cache[key] = interleaved(runner(module, x, runtime, work, threads), runner(form, x, runtime, work, threads),
+                                 pairs)  # fmt: skip
+    return cache[key]
 
 
 def _compose(

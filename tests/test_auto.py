@@ -62,3 +62,29 @@ def test_auto_with_the_token_layout_measures_blocks_and_is_exact():
     assert choices["attn.out_proj"]["chosen"] == choices["attn"]["chosen"]  # follows its attention
     with torch.no_grad():
         torch.testing.assert_close(res.module.eval()(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_auto_decides_transformer_sites_per_block():
+    from tests.test_transformers import AttentionBlock
+
+    class Blocks(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = torch.nn.Sequential(AttentionBlock(), AttentionBlock())
+
+        def forward(self, x):
+            return self.blocks(x)
+
+    model = Blocks().eval()
+    x = torch.randn(3, 5, 16)
+    res = fxsurgery.rewrite(model, x, "auto", runtime="torch", token_layout=True)
+    choices = [c for c in res.timings["sites"] if c["direction"] == "linear_to_conv"]
+    assert {c["site"] for c in choices} == {f"blocks.{i}.{n}" for i in (0, 1)
+                                            for n in ("attn", "attn.out_proj", "fc1", "fc2")}  # fmt: skip
+    assert {c["block"] for c in choices} == {"blocks.0", "blocks.1"}
+    for block in ("blocks.0", "blocks.1"):
+        mine = [c for c in choices if c["block"] == block]
+        assert len({c["chosen"] for c in mine}) == 1  # one decision per block
+        assert all(c["chosen"] == ("rewritten" if c["ratio"] < 1.0 else "original") for c in mine)
+    with torch.no_grad():
+        torch.testing.assert_close(res.module.eval()(x), model(x), rtol=1e-4, atol=1e-5)
