@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import inspect
 import logging
 from collections.abc import Iterator, Sequence
@@ -39,7 +40,37 @@ log = logging.getLogger(__name__)
 LeafSpec = Sequence["type[nn.Module] | str"]
 
 # Functions the rewritten graphs call; re-tracing a rewritten model must keep them as single nodes.
-_AUTOWRAP = (_runtime.check_spatial_size, _runtime.layer_norm_channels)
+_AUTOWRAP = (_runtime.check_spatial_size, _runtime.layer_norm_channels, _runtime.window_attention_nchw)
+
+
+def _encoder_layer_forward(layer: nn.TransformerEncoderLayer, src: Any, src_mask: Any = None,
+                           src_key_padding_mask: Any = None, is_causal: bool = False) -> Any:  # fmt: skip
+    """``nn.TransformerEncoderLayer.forward`` without its fast path, whose checks branch on tensor properties and
+    cannot be traced; the computation is the same (the fast path is a fused kernel for inference)."""
+    x = src
+    if layer.norm_first:
+        x = x + layer._sa_block(layer.norm1(x), src_mask, src_key_padding_mask, is_causal=is_causal)
+        return x + layer._ff_block(layer.norm2(x))
+    x = layer.norm1(x + layer._sa_block(x, src_mask, src_key_padding_mask, is_causal=is_causal))
+    return layer.norm2(x + layer._ff_block(x))
+
+
+def _encoder_forward(encoder: nn.TransformerEncoder, src: Any, mask: Any = None, src_key_padding_mask: Any = None,
+                     is_causal: bool | None = None) -> Any:  # fmt: skip
+    """``nn.TransformerEncoder.forward`` without masks and without its nested-tensor fast path."""
+    if mask is not None or src_key_padding_mask is not None:
+        return encoder.forward(src, mask, src_key_padding_mask, is_causal)  # not traceable: fails like before
+    out = src
+    for layer in encoder.layers:
+        out = layer(out)
+    return encoder.norm(out) if encoder.norm is not None else out
+
+
+#: torch.nn modules fx treats as leaves whose Linears we need: traced through a fast-path-free forward instead.
+_TRACEABLE_FORWARDS: dict[type, Any] = {
+    nn.TransformerEncoderLayer: _encoder_layer_forward,
+    nn.TransformerEncoder: _encoder_forward,
+}
 
 
 def normalize_inputs(example_inputs: Any) -> tuple[torch.Tensor, ...]:
@@ -109,9 +140,13 @@ class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self._leaf_names or (self._leaf_types and isinstance(m, self._leaf_types)):
             return True
+        if type(m) in _TRACEABLE_FORWARDS and not m._forward_hooks and not m._forward_pre_hooks:
+            return False
         return super().is_leaf_module(m, module_qualified_name)
 
     def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
+        if type(m) in _TRACEABLE_FORWARDS and not self.is_leaf_module(m, self.path_of_module(m)):
+            forward = functools.partial(_TRACEABLE_FORWARDS[type(m)], m)
         try:
             return super().call_module(m, forward, args, kwargs)
         except Exception:

@@ -204,3 +204,27 @@ def test_swin_onnx_cross_check(tmp_path):
                                   rewritten_sites=len(res.rewritten))  # fmt: skip
     assert check, check.summary()
     assert check.op_counts["rewritten"].get("Transpose", 0) < check.op_counts["original"]["Transpose"]
+
+
+class TinyBert(nn.Module):
+    """A BERT-like encoder built from torch.nn's own TransformerEncoder."""
+
+    def __init__(self, norm_first: bool) -> None:
+        super().__init__()
+        self.embed = nn.Linear(4, 16)
+        layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True, norm_first=norm_first, activation="gelu")
+        self.encoder = nn.TransformerEncoder(layer, 2, norm=nn.LayerNorm(16), enable_nested_tensor=False)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.head(self.encoder(self.embed(x))[:, 0])
+
+
+@pytest.mark.parametrize("norm_first", [True, False])
+def test_torch_nn_transformer_encoder_is_traced_and_fully_rewritten(norm_first):
+    model = TinyBert(norm_first).eval()
+    blocks = [f"encoder.layers.{i}.{n}" for i in (0, 1)
+              for n in ("self_attn", "self_attn.out_proj", "linear1", "linear2")]  # fmt: skip
+    res = run_surgery("linear_to_conv", model, torch.randn(2, 5, 4), token_layout=True,
+                      rewritten=["embed", *blocks], skipped={"head": "not a flattened or pooled"})  # fmt: skip
+    assert transposes(res.module) == 1  # into the token layout once, at the input; the class token is read in place
