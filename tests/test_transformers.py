@@ -228,3 +228,15 @@ def test_torch_nn_transformer_encoder_is_traced_and_fully_rewritten(norm_first):
     res = run_surgery("linear_to_conv", model, torch.randn(2, 5, 4), token_layout=True,
                       rewritten=["embed", *blocks], skipped={"head": "not a flattened or pooled"})  # fmt: skip
     assert transposes(res.module) == 1  # into the token layout once, at the input; the class token is read in place
+
+
+def test_excluding_a_window_attention_by_its_qkv_name_keeps_it():
+    model = torchvision.models.SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 2],
+                                               window_size=[4, 4]).eval()  # fmt: skip
+    nn.init.normal_(model.head.weight)
+    linears = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear))
+    kept = {"features.1.1.attn.qkv", "features.1.1.attn.proj"}
+    res = run_surgery("linear_to_conv", model, torch.randn(2, 3, 32, 32), token_layout=True,
+                      exclude=["features.1.1.attn.qkv"], rewritten=[n for n in linears if n not in kept],
+                      skipped={"features.1.1.attn.qkv": "excluded"})  # fmt: skip
+    assert type(res.module.get_submodule("features.1.1.attn.qkv")) is not nn.Conv2d

@@ -267,8 +267,9 @@ class LinearToConv:
 
     def describe(self, node: fx.Node, rw: Rewriter) -> tuple[str, str]:
         if _is_torchvision(node.target, "shifted_window_attention"):
+            # named after its qkv Linear: ``exclude=["...attn.qkv"]`` keeps the whole window attention
             weight = _bind(node).get("qkv_weight")
-            owner = str(weight.target).rsplit(".", 2)[0] if isinstance(weight, fx.Node) else node.name
+            owner = str(weight.target).rsplit(".", 1)[0] if isinstance(weight, fx.Node) else node.name
             return owner, "window-attention"
         name = str(node.target) if node.op == "call_module" else node.name
         return name, self._pattern(node, rw)
