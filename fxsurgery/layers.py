@@ -31,7 +31,8 @@ class ConvSelfAttention(nn.Module):
         self.in_proj_bias = mha.in_proj_bias
         out = mha.out_proj
         self.out_proj = nn.Conv2d(c, c, 1, bias=out.bias is not None, device="meta", dtype=out.weight.dtype)
-        self.out_proj.weight = nn.Parameter(out.weight.detach().view(c, c, 1, 1), requires_grad=out.weight.requires_grad)
+        w = out.weight
+        self.out_proj.weight = nn.Parameter(w.detach().view(c, c, 1, 1), requires_grad=w.requires_grad)
         if out.bias is not None:
             self.out_proj.bias = out.bias
         self.train(mha.training)
@@ -56,8 +57,9 @@ class ChannelsLastBatchNorm2d(nn.BatchNorm2d):
     buffers (same names, so checkpoints load unchanged).
 
     In eval mode with running statistics it is a per-channel affine on the last dim, ``x * s + t`` with
-    ``s = weight / sqrt(var + eps)`` and ``t = bias - mean * s``: no transpose. In training mode (or without running statistics) it runs the original
-    ``BatchNorm2d`` on the NCHW view, so batch statistics and running-stat updates are exactly the original's.
+    ``s = weight / sqrt(var + eps)`` and ``t = bias - mean * s``: no transpose. In training mode (or without running
+    statistics) it runs the original ``BatchNorm2d`` on the NCHW view, so batch statistics and running-stat updates
+    are exactly the original's.
     """
 
     @classmethod

@@ -172,8 +172,8 @@ def test_token_layout_must_be_a_bool():
 
 @pytest.mark.parametrize("version", ["v1", "v2"])
 def test_swin_every_linear_becomes_a_conv_window_attention_included(version):
-    extra = {"block": torchvision.models.swin_transformer.SwinTransformerBlockV2,
-             "downsample_layer": torchvision.models.swin_transformer.PatchMergingV2} if version == "v2" else {}  # fmt: skip
+    swin = torchvision.models.swin_transformer
+    extra = {"block": swin.SwinTransformerBlockV2, "downsample_layer": swin.PatchMergingV2} if version == "v2" else {}
     model = torchvision.models.SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 2],
                                                window_size=[4, 4], **extra).eval()  # fmt: skip
     nn.init.normal_(model.head.weight)

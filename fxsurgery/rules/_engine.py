@@ -223,8 +223,9 @@ class Rewriter:
             return
         first = node.args[0] if node.args else next(iter(node.kwargs.values()), None)
         if isinstance(first, fx.Node) and first not in self.dynamic:
-            self.sites.append(Site(name, pattern, "skipped", "its input is a constant (no model input reaches it, "
-                                   "e.g. Swin v2's relative-position MLP): export folds it, nothing to rewrite"))  # fmt: skip
+            reason = ("its input is a constant (no model input reaches it, e.g. Swin v2's relative-position MLP): "
+                      "export folds it, nothing to rewrite")  # fmt: skip
+            self.sites.append(Site(name, pattern, "skipped", reason))
             return
         try:
             site = rule.apply(node, self)
@@ -244,9 +245,10 @@ class Rewriter:
         shape = shape_of(node.args[0])  # type: ignore[arg-type]
         if shape is None:
             return False
+        rank = len(shape)
         for user in list(node.users):
-            user.args = fx.map_arg(user.args, lambda a: len(shape) if a is node else a)  # type: ignore[arg-type,return-value]
-            user.kwargs = fx.map_arg(user.kwargs, lambda a: len(shape) if a is node else a)  # type: ignore[arg-type,return-value]
+            user.args = fx.map_arg(user.args, lambda a: rank if a is node else a)  # type: ignore[arg-type,return-value]
+            user.kwargs = fx.map_arg(user.kwargs, lambda a: rank if a is node else a)  # type: ignore[arg-type,return-value]
         self.graph.erase_node(node)
         return True
 

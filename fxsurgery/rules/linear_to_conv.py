@@ -458,7 +458,8 @@ class LinearToConv:
         src = rw.enter(x, NCHW_LAYOUT, name)
         c = static_shape(x, "the attention input")[3]
         for owner, mod in linears.values():
-            rw.new_modules[owner] = _conv1x1(mod.weight, getattr(mod, "bias", None), mod.training)  # type: ignore[arg-type]
+            bias = getattr(mod, "bias", None)
+            rw.new_modules[owner] = _conv1x1(mod.weight, bias, mod.training)  # type: ignore[arg-type]
         with rw.graph.inserting_before(node):
             new = rw.graph.call_function(_runtime.window_attention_nchw, (src, *node.args[1:]), dict(node.kwargs))
         rw.set_alt(node, new, NCHW_LAYOUT)
@@ -475,7 +476,8 @@ class LinearToConv:
 
 def _is_torchvision(target: object, name: str) -> bool:
     """Whether ``target`` is torchvision's function ``name`` (torchvision itself is never imported here)."""
-    return getattr(target, "__name__", None) == name and str(getattr(target, "__module__", "")).startswith("torchvision.")
+    module = str(getattr(target, "__module__", ""))
+    return getattr(target, "__name__", None) == name and module.startswith("torchvision.")
 
 
 def _bind(node: fx.Node) -> dict[str, object]:
@@ -505,7 +507,8 @@ def _conv1x1(weight: nn.Parameter, bias: nn.Parameter | None, training: bool) ->
     """A 1x1 Conv2d whose weight views a Linear's ``weight`` and whose bias is its ``bias``."""
     out_features, in_features = weight.shape
     conv = nn.Conv2d(in_features, out_features, 1, bias=bias is not None, device="meta", dtype=weight.dtype)
-    conv.weight = nn.Parameter(weight.detach().view(out_features, in_features, 1, 1), requires_grad=weight.requires_grad)
+    view = weight.detach().view(out_features, in_features, 1, 1)
+    conv.weight = nn.Parameter(view, requires_grad=weight.requires_grad)
     if bias is not None:
         conv.bias = bias
     conv.train(training)
