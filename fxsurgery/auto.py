@@ -205,7 +205,10 @@ def _blocks(model: nn.Module, sites: Sequence[Site]) -> dict[str, str]:
             continue
         parts = site.name.split(".")
         for cut in range(len(parts) - 1, -1, -1):
-            owner = model.get_submodule(".".join(parts[:cut]))
+            try:
+                owner = model.get_submodule(".".join(parts[:cut]))
+            except AttributeError:
+                continue  # a functional site is named after its graph node, not a module path
             if any(type(c) is nn.LayerNorm for c in owner.children()):
                 out[site.name] = ".".join(parts[:cut])
                 break
