@@ -6,6 +6,8 @@ parameters, never copies.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -66,8 +68,10 @@ class ChannelsLastBatchNorm2d(nn.BatchNorm2d):
     def sharing(cls, bn: nn.BatchNorm2d) -> ChannelsLastBatchNorm2d:
         """A channels-last twin of ``bn`` whose parameters and buffers are ``bn``'s own tensors."""
         new = cls.__new__(cls)
-        new.__dict__.update(bn.__dict__)
-        new._parameters, new._buffers, new._modules = dict(bn._parameters), dict(bn._buffers), {}
+        # the same tensors; its own containers (parameter and buffer dicts, hook dicts), so neither module's
+        # registrations leak into the other
+        new.__dict__.update({k: copy.copy(v) if isinstance(v, (dict, set)) else v for k, v in bn.__dict__.items()})
+        new._modules = {}
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
