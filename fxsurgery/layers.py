@@ -12,7 +12,32 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ChannelsLastBatchNorm2d", "ConvSelfAttention"]
+from fxsurgery.weights import linear_to_conv_weight
+
+__all__ = ["ChannelsLastBatchNorm2d", "ConvSelfAttention", "conv_viewing_linear"]
+
+
+def conv_viewing_linear(
+    weight: nn.Parameter,
+    bias: nn.Parameter | None,
+    training: bool,
+    feature: tuple[int, ...] | None = None,
+    order: tuple[int, ...] | None = None,
+) -> nn.Conv2d:
+    """A Conv2d whose kernel is a view of a Linear's ``weight`` (``(O, C*H*W)`` read as ``(O, C, H, W)`` for the map
+    ``feature = (C, H, W)``, flattened in ``order``; 1x1 by default) and whose bias is the Linear's ``bias`` itself.
+    The stride equals the kernel: with images side by side on the width axis, one window per image."""
+    out_features, in_features = weight.shape
+    feature = (in_features, 1, 1) if feature is None else feature
+    kernel = (feature[1], feature[2])
+    conv = nn.Conv2d(feature[0], out_features, kernel, stride=kernel, bias=bias is not None, device="meta",
+                     dtype=weight.dtype)  # fmt: skip
+    kernel_view = linear_to_conv_weight(weight.detach(), feature, order)
+    conv.weight = nn.Parameter(kernel_view, requires_grad=weight.requires_grad)
+    if bias is not None:
+        conv.bias = bias
+    conv.train(training)
+    return conv
 
 
 class ConvSelfAttention(nn.Module):
@@ -32,11 +57,7 @@ class ConvSelfAttention(nn.Module):
         self.in_proj_weight = nn.Parameter(w.detach().view(3 * c, c, 1, 1), requires_grad=w.requires_grad)
         self.in_proj_bias = mha.in_proj_bias
         out = mha.out_proj
-        self.out_proj = nn.Conv2d(c, c, 1, bias=out.bias is not None, device="meta", dtype=out.weight.dtype)
-        w = out.weight
-        self.out_proj.weight = nn.Parameter(w.detach().view(c, c, 1, 1), requires_grad=w.requires_grad)
-        if out.bias is not None:
-            self.out_proj.bias = out.bias
+        self.out_proj = conv_viewing_linear(out.weight, out.bias, out.training)
         self.train(mha.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

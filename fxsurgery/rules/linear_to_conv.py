@@ -42,9 +42,8 @@ from fxsurgery.rules._engine import (
     static_shape,
 )
 from fxsurgery.rules._ops import elementwise_tensor_inputs
-from fxsurgery.layers import ConvSelfAttention
+from fxsurgery.layers import ConvSelfAttention, conv_viewing_linear
 from fxsurgery.tracing import shape_of
-from fxsurgery.weights import linear_to_conv_weight
 
 __all__ = ["LinearToConv", "POINT_LAYOUT", "SPATIAL_LAYOUT", "TOKEN_LAYOUT", "BATCH_LAYOUTS"]
 
@@ -374,7 +373,8 @@ class LinearToConv:
                     w4 = rw.graph.call_method("permute", (w4, (0, *(1 + order.index(d) for d in range(3)))))
                 conv = rw.graph.call_function(F.conv2d, (src, w4, b, kernel))
             else:
-                rw.new_modules[name] = _conv_from_linear(mod, feature, order)  # type: ignore[arg-type]
+                lin: nn.Linear = mod  # type: ignore[assignment]
+                rw.new_modules[name] = conv_viewing_linear(lin.weight, lin.bias, lin.training, feature, order)
                 conv = rw.graph.call_module(name, (src,))
         rw.set_alt(node, conv, layout)
         after = f"Conv2d({feature[0]}, {out_features}, kernel={kernel[0]}x{kernel[1]}) {layout.name}"
@@ -459,7 +459,7 @@ class LinearToConv:
         c = static_shape(x, "the attention input")[3]
         for owner, mod in linears.values():
             bias = getattr(mod, "bias", None)
-            rw.new_modules[owner] = _conv1x1(mod.weight, bias, mod.training)  # type: ignore[arg-type]
+            rw.new_modules[owner] = conv_viewing_linear(mod.weight, bias, mod.training)  # type: ignore[arg-type]
         with rw.graph.inserting_before(node):
             new = rw.graph.call_function(_runtime.window_attention_nchw, (src, *node.args[1:]), dict(node.kwargs))
         rw.set_alt(node, new, NCHW_LAYOUT)
@@ -501,27 +501,3 @@ def _select_token(node: fx.Node, rw: Rewriter) -> bool:
         return False
     node.args = (alt, (slice(None), slice(None), 0, index[1]))
     return True
-
-
-def _conv1x1(weight: nn.Parameter, bias: nn.Parameter | None, training: bool) -> nn.Conv2d:
-    """A 1x1 Conv2d whose weight views a Linear's ``weight`` and whose bias is its ``bias``."""
-    out_features, in_features = weight.shape
-    conv = nn.Conv2d(in_features, out_features, 1, bias=bias is not None, device="meta", dtype=weight.dtype)
-    view = weight.detach().view(out_features, in_features, 1, 1)
-    conv.weight = nn.Parameter(view, requires_grad=weight.requires_grad)
-    if bias is not None:
-        conv.bias = bias
-    conv.train(training)
-    return conv
-
-
-def _conv_from_linear(lin: nn.Linear, feature: tuple[int, ...], order: tuple[int, ...] | None) -> nn.Conv2d:
-    weight = linear_to_conv_weight(lin.weight.detach(), feature, order)
-    kernel = (feature[1], feature[2])  # stride = kernel: with the batch side by side, one window per image
-    conv = nn.Conv2d(feature[0], lin.out_features, kernel, stride=kernel, bias=lin.bias is not None, device="meta",
-                     dtype=lin.weight.dtype)  # fmt: skip
-    conv.weight = nn.Parameter(weight, requires_grad=lin.weight.requires_grad)
-    if lin.bias is not None:
-        conv.bias = lin.bias
-    conv.train(lin.training)
-    return conv
