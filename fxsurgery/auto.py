@@ -34,7 +34,7 @@ from fxsurgery import validation as _validation
 from fxsurgery.errors import InputError, ValidationError
 from fxsurgery.result import Site, SurgeryResult
 from fxsurgery.surgery import capture_submodule_inputs
-from fxsurgery.timing import interleaved, runner
+from fxsurgery.timing import Ratio, interleaved, runner
 from fxsurgery.tracing import working_copy
 
 __all__ = ["RUNTIMES", "auto_rewrite"]
@@ -109,9 +109,28 @@ def auto_rewrite(
     full = {d: rewrite(model, inputs, d, validate=False, **kwargs) for d in DIRECTIONS}
     choices: list[dict[str, Any]] = []
     keep: dict[str, list[str]] = {d: [] for d in DIRECTIONS}
-    cache: dict[tuple, tuple[float, float, float]] = {}
+    cache: dict[tuple, Ratio] = {}
+
+    def decide(direction: str, name: str, chosen: str, **detail: Any) -> None:
+        if chosen == "rewritten":
+            keep[direction].append(name)
+        choices.append({"site": name, "direction": direction, "chosen": chosen, **detail})
+
+    def measured(direction: str, name: str, r: Ratio, **detail: Any) -> None:
+        decide(direction, name, "rewritten" if r.median < 1.0 else "original", **detail, ratio=r.median,
+               original_ms=r.a_ms, rewritten_ms=r.b_ms)  # fmt: skip
+
     with tempfile.TemporaryDirectory(prefix="fxsurgery-auto-") as tmp:
         work = Path(tmp)
+
+        def ratio(key: tuple, module: nn.Module, x: torch.Tensor, direction: str) -> Ratio:
+            """``module`` against its rewritten form on ``x`` (measured once per key)."""
+            if key not in cache:
+                form = rewrite(module, (x,), direction, validate=False, **kwargs).module
+                cache[key] = interleaved(runner(module, x, runtime, work, threads),
+                                         runner(form, x, runtime, work, threads), pairs)  # fmt: skip
+            return cache[key]
+
         for direction, res in full.items():
             attention = {s.name for s in res.rewritten if s.pattern == "self-attention"}
             followers = []  # an attention's out_proj: rewritten with its attention or not at all
@@ -119,17 +138,12 @@ def auto_rewrite(
             grouped = _by_block(blocks)
             captured = capture_submodule_inputs(model, inputs, [b for b in grouped if b])[0] if grouped else {}
             for block, sites in grouped.items():
-                r = _measure_block(model, captured.get(block), block, direction, rewrite, kwargs,
-                                   (runtime, work, threads, pairs), cache)  # fmt: skip
+                r = _measure_block(model, captured.get(block), block, direction, ratio)
                 for name in sites:
                     if r is None:
                         del blocks[name]  # not measurable as a block: per site below
-                        continue
-                    chosen = "rewritten" if r.median < 1.0 else "original"
-                    if chosen == "rewritten":
-                        keep[direction].append(name)
-                    choices.append({"site": name, "direction": direction, "chosen": chosen, "block": block,
-                                    "ratio": r.median, "original_ms": r.a_ms, "rewritten_ms": r.b_ms})  # fmt: skip
+                    else:
+                        measured(direction, name, r, block=block)
             for site in res.rewritten:
                 if site.name in blocks:
                     continue
@@ -138,29 +152,18 @@ def auto_rewrite(
                     continue
                 alone = _site_alone(model, site, direction)
                 if alone is None:
-                    choices.append({"site": site.name, "direction": direction, "chosen": "original",
-                                    "why": "not measurable alone (a functional site or window attention)"})  # fmt: skip
+                    decide(direction, site.name, "original",
+                           why="not measurable alone (a functional site or window attention)")  # fmt: skip
                     continue
                 original, x = alone
                 layer = original[-1] if isinstance(original, nn.Sequential) else original.layer
                 key = (direction, site.pattern, type(layer).__name__, tuple(p.shape for p in layer.parameters()),
                        site.input_shape, getattr(layer, "stride", None))  # fmt: skip
-                if key not in cache:
-                    form = rewrite(original, (x,), direction, validate=False, **kwargs).module
-                    cache[key] = interleaved(runner(original, x, runtime, work, threads),
-                                             runner(form, x, runtime, work, threads), pairs)  # fmt: skip
-                r = cache[key]
-                chosen = "rewritten" if r.median < 1.0 else "original"
-                if chosen == "rewritten":
-                    keep[direction].append(site.name)
-                choices.append({"site": site.name, "direction": direction, "chosen": chosen, "ratio": r.median,
-                                "original_ms": r.a_ms, "rewritten_ms": r.b_ms})  # fmt: skip
+                measured(direction, site.name, ratio(key, original, x, direction))
             for name in followers:
                 parent = name.rsplit(".", 1)[0]
                 chosen = next(c["chosen"] for c in choices if c["site"] == parent and c["direction"] == direction)
-                if chosen == "rewritten":
-                    keep[direction].append(name)
-                choices.append({"site": name, "direction": direction, "chosen": chosen, "why": f"part of {parent}"})
+                decide(direction, name, chosen, why=f"part of {parent}")
         candidates = {
             "auto": _compose(model, inputs, full, keep, rewrite, kwargs),
             "all-conv": full["linear_to_conv"].module,
@@ -224,24 +227,19 @@ def _by_block(blocks: dict[str, str]) -> dict[str, list[str]]:
 
 def _measure_block(
     model: nn.Module, block_inputs: tuple[torch.Tensor, ...] | None, block: str, direction: str,
-    rewrite: Callable[..., SurgeryResult], kwargs: dict[str, Any], timing: tuple[str, Path, int, int], cache: dict,
-) -> Any:  # fmt: skip
+    ratio: Callable[[tuple, nn.Module, torch.Tensor, str], Ratio],
+) -> Ratio | None:  # fmt: skip
     """The block alone, original against rewritten, on the input it receives in the model; None when it cannot be
     run alone (the whole model, not captured, several inputs, or a rewrite that fails on it)."""
     if not block or block_inputs is None or len(block_inputs) != 1:
         return None
-    runtime, work, threads, pairs = timing
     module, x = model.get_submodule(block), block_inputs[0]
     key = ("block", type(module).__name__, tuple(p.shape for p in module.parameters()), tuple(x.shape))
-    if key not in cache:
-        try:
-            form = rewrite(module, (x,), direction, validate=False, **kwargs).module
-        except Exception:  # a block that does not trace alone: its sites are decided one by one
-            log.info("auto: block %s cannot be rewritten alone", block, exc_info=True)
-            return None
-        cache[key] = interleaved(runner(module, x, runtime, work, threads), runner(form, x, runtime, work, threads),
-                                 pairs)  # fmt: skip
-    return cache[key]
+    try:
+        return ratio(key, module, x, direction)
+    except Exception:  # a block that does not trace alone: its sites are decided one by one
+        log.info("auto: block %s cannot be rewritten alone", block, exc_info=True)
+        return None
 
 
 def _compose(
