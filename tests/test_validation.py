@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 import fxsurgery
+from fxsurgery import layers as conv_layers  # where the rewrite builds convs from Linear weights
 from fxsurgery import validation
 from fxsurgery.models import demo_model
-from fxsurgery.rules import linear_to_conv as l2c_rule
 
 
 def _wrong_mapping(weight, feature_shape, flatten_order=None):
@@ -19,7 +19,7 @@ def _wrong_mapping(weight, feature_shape, flatten_order=None):
 
 
 def test_wrong_weight_mapping_raises_naming_the_site(monkeypatch):
-    monkeypatch.setattr(l2c_rule, "linear_to_conv_weight", _wrong_mapping)
+    monkeypatch.setattr(conv_layers, "linear_to_conv_weight", _wrong_mapping)
     with pytest.raises(fxsurgery.ValidationError) as info:
         fxsurgery.linear_to_conv(demo_model(), torch.randn(2, 3, 32, 32))
     err = info.value
