@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 import fxsurgery
-from fxsurgery.onnx_check import export_onnx
+from fxsurgery.verify.onnx_export import export_onnx
 from fxsurgery.timing import Ratio, interleaved, runner
 
 HERE = Path(__file__).resolve().parent

@@ -1,4 +1,5 @@
-"""fxsurgery: torch.fx graph surgery between Linear and Conv2d layers, validated numerically.
+"""fxsurgery: graph surgery between Linear and Conv2d layers, validated numerically and cross-checked in
+onnxruntime.
 
 >>> res = fxsurgery.linear_to_conv(model, torch.randn(1, 3, 224, 224))
 >>> print(res.summary())
@@ -6,29 +7,36 @@
 
 from __future__ import annotations
 
+from fxsurgery.api import check, conv_to_linear, linear_to_conv, rewrite
 from fxsurgery.checkpoint import load_state_dict, original_state_dict
+from fxsurgery.engine.rule import Match, Rule, RuleSet, Skip
 from fxsurgery.errors import InputError, SurgeryError, TraceError, ValidationError
-from fxsurgery.onnx_check import Comparison, OnnxCheck, cross_check
-from fxsurgery.pipeline import CheckReport, check
-from fxsurgery.result import Site, SurgeryResult
-from fxsurgery.surgery import conv_to_linear, linear_to_conv, rewrite
-from fxsurgery.validation import RTOL, Validation, validate
+from fxsurgery.options import Options
+from fxsurgery.report import CheckReport, Comparison, OnnxCheck, Site, SurgeryResult, Validation
+from fxsurgery.verify.cross_check import cross_check
+from fxsurgery.verify.policy import RTOL
+from fxsurgery.verify.validation import validate
 
 __all__ = [
     "linear_to_conv",
     "conv_to_linear",
     "rewrite",
+    "check",
+    "Options",
     "validate",
+    "cross_check",
     "load_state_dict",
     "original_state_dict",
-    "cross_check",
-    "check",
-    "OnnxCheck",
-    "Comparison",
-    "CheckReport",
+    "Rule",
+    "RuleSet",
+    "Match",
+    "Skip",
     "Site",
     "SurgeryResult",
     "Validation",
+    "OnnxCheck",
+    "Comparison",
+    "CheckReport",
     "RTOL",
     "SurgeryError",
     "TraceError",

@@ -20,28 +20,30 @@ The choice, per site and for the whole model, is in ``result.timings``; the fina
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 import tempfile
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from fxsurgery import validation as _validation
 from fxsurgery.errors import InputError, ValidationError
-from fxsurgery.result import Site, SurgeryResult
-from fxsurgery.surgery import capture_submodule_inputs
+from fxsurgery.options import Options
+from fxsurgery.report import Site, SurgeryResult
+from fxsurgery.surgery import run_pass
 from fxsurgery.timing import Ratio, interleaved, runner
-from fxsurgery.tracing import working_copy
+from fxsurgery.tracing import capture_submodule_inputs, working_copy
+from fxsurgery.verify.validation import validate
 
-__all__ = ["RUNTIMES", "auto_rewrite"]
+__all__ = ["auto_rewrite", "MARGIN"]
 
 log = logging.getLogger(__name__)
 
-RUNTIMES = ("onnxruntime", "torch")
 DIRECTIONS = ("linear_to_conv", "conv_to_linear")
 #: A rewritten whole model is kept only when it measured at least this much faster than the original: a gain
 #: inside the noise of the measurement is not worth a changed graph, and could be a loss in the next run.
@@ -89,108 +91,110 @@ class _SelfAttention(nn.Module):
         return self.layer(x, x, x, need_weights=False)[0]
 
 
-def auto_rewrite(
-    model: nn.Module,
-    inputs: tuple[torch.Tensor, ...],
-    *,
-    runtime: str = "onnxruntime",
-    pairs: int = 5,
-    threads: int = 2,
-    rewrite: Callable[..., SurgeryResult],
-    validate: bool = True,
-    rewrite_kwargs: dict[str, Any],
-) -> SurgeryResult:
-    """See the module docstring. ``rewrite`` is :func:`fxsurgery.rewrite` (passed in to avoid an import cycle)."""
-    if runtime not in RUNTIMES:
-        raise InputError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
+class _Chooser:
+    """The per-site and per-block decisions of one ``auto`` run, with the measurements they rest on."""
+
+    def __init__(self, options: Options, work: Path, pairs: int, threads: int) -> None:
+        self.options, self.work, self.pairs, self.threads = options, work, pairs, threads
+        self.choices: list[dict[str, Any]] = []
+        self.keep: dict[str, list[str]] = {d: [] for d in DIRECTIONS}
+        self.cache: dict[tuple, Ratio] = {}
+
+    def runner(self, module: nn.Module, x: torch.Tensor) -> Callable[[], Any]:
+        return runner(module, x, self.options.runtime, self.work, self.threads)
+
+    def decide(self, direction: str, name: str, chosen: str, **detail: Any) -> None:
+        if chosen == "rewritten":
+            self.keep[direction].append(name)
+        self.choices.append({"site": name, "direction": direction, "chosen": chosen, **detail})
+
+    def measured(self, direction: str, name: str, r: Ratio, **detail: Any) -> None:
+        self.decide(direction, name, "rewritten" if r.median < 1.0 else "original", **detail, ratio=r.median,
+                    original_ms=r.a_ms, rewritten_ms=r.b_ms)  # fmt: skip
+
+    def ratio(self, key: tuple, module: nn.Module, x: torch.Tensor, direction: str) -> Ratio:
+        """``module`` against its rewritten form on ``x`` (measured once per key)."""
+        if key not in self.cache:
+            form = run_pass(module, (x,), direction, self.options).module
+            self.cache[key] = interleaved(self.runner(module, x), self.runner(form, x), self.pairs)
+        return self.cache[key]
+
+    def direction(self, model: nn.Module, inputs: tuple[torch.Tensor, ...], direction: str,
+                  res: SurgeryResult) -> None:  # fmt: skip
+        """Decide every rewritten site of ``res``: per block where it has one, else alone."""
+        blocks = _blocks(model, res.rewritten) if direction == "linear_to_conv" else {}
+        grouped = _by_block(blocks)
+        captured = capture_submodule_inputs(model, inputs, [b for b in grouped if b])[0] if grouped else {}
+        for block, sites in grouped.items():
+            r = _measure_block(model, captured.get(block), block, direction, self.ratio)
+            for name in sites:
+                if r is None:
+                    del blocks[name]  # not measurable as a block: per site below
+                else:
+                    self.measured(direction, name, r, block=block)
+        attention = {s.name for s in res.rewritten if s.pattern == "self-attention"}
+        followers = []  # an attention's out_proj: rewritten with its attention or not at all
+        for site in res.rewritten:
+            if site.name in blocks:
+                continue
+            if "." in site.name and site.name.rsplit(".", 1)[0] in attention:
+                followers.append(site.name)
+            else:
+                self.site(model, site, direction)
+        for name in followers:
+            parent = name.rsplit(".", 1)[0]
+            chosen = next(c["chosen"] for c in self.choices if c["site"] == parent and c["direction"] == direction)
+            self.decide(direction, name, chosen, why=f"part of {parent}")
+
+    def site(self, model: nn.Module, site: Site, direction: str) -> None:
+        alone = _site_alone(model, site, direction)
+        if alone is None:
+            self.decide(direction, site.name, "original",
+                        why="not measurable alone (a functional site or window attention)")  # fmt: skip
+            return
+        original, x = alone
+        layer = original[-1] if isinstance(original, nn.Sequential) else original.layer
+        key = (direction, site.pattern, type(layer).__name__, tuple(p.shape for p in layer.parameters()),
+               site.input_shape, getattr(layer, "stride", None))  # fmt: skip
+        self.measured(direction, site.name, self.ratio(key, original, x, direction))
+
+
+def auto_rewrite(model: nn.Module, inputs: tuple[torch.Tensor, ...], options: Options, *, pairs: int = 5,
+                 threads: int = 2) -> SurgeryResult:  # fmt: skip
+    """See the module docstring."""
     if len(inputs) != 1:
         raise InputError("to='auto' times models on one input tensor; this model takes several")
-    kwargs = {k: v for k, v in rewrite_kwargs.items() if k not in ("precision", "rtol", "num_random", "seed")}
-    full = {d: rewrite(model, inputs, d, validate=False, **kwargs) for d in DIRECTIONS}
-    choices: list[dict[str, Any]] = []
-    keep: dict[str, list[str]] = {d: [] for d in DIRECTIONS}
-    cache: dict[tuple, Ratio] = {}
-
-    def decide(direction: str, name: str, chosen: str, **detail: Any) -> None:
-        if chosen == "rewritten":
-            keep[direction].append(name)
-        choices.append({"site": name, "direction": direction, "chosen": chosen, **detail})
-
-    def measured(direction: str, name: str, r: Ratio, **detail: Any) -> None:
-        decide(direction, name, "rewritten" if r.median < 1.0 else "original", **detail, ratio=r.median,
-               original_ms=r.a_ms, rewritten_ms=r.b_ms)  # fmt: skip
-
+    plain = options.without_validation()
+    full = {d: run_pass(model, inputs, d, plain) for d in DIRECTIONS}
     with tempfile.TemporaryDirectory(prefix="fxsurgery-auto-") as tmp:
-        work = Path(tmp)
-
-        def ratio(key: tuple, module: nn.Module, x: torch.Tensor, direction: str) -> Ratio:
-            """``module`` against its rewritten form on ``x`` (measured once per key)."""
-            if key not in cache:
-                form = rewrite(module, (x,), direction, validate=False, **kwargs).module
-                cache[key] = interleaved(runner(module, x, runtime, work, threads),
-                                         runner(form, x, runtime, work, threads), pairs)  # fmt: skip
-            return cache[key]
-
+        chooser = _Chooser(plain, Path(tmp), pairs, threads)
         for direction, res in full.items():
-            attention = {s.name for s in res.rewritten if s.pattern == "self-attention"}
-            followers = []  # an attention's out_proj: rewritten with its attention or not at all
-            blocks = _blocks(model, res.rewritten) if direction == "linear_to_conv" else {}
-            grouped = _by_block(blocks)
-            captured = capture_submodule_inputs(model, inputs, [b for b in grouped if b])[0] if grouped else {}
-            for block, sites in grouped.items():
-                r = _measure_block(model, captured.get(block), block, direction, ratio)
-                for name in sites:
-                    if r is None:
-                        del blocks[name]  # not measurable as a block: per site below
-                    else:
-                        measured(direction, name, r, block=block)
-            for site in res.rewritten:
-                if site.name in blocks:
-                    continue
-                if "." in site.name and site.name.rsplit(".", 1)[0] in attention:
-                    followers.append(site.name)
-                    continue
-                alone = _site_alone(model, site, direction)
-                if alone is None:
-                    decide(direction, site.name, "original",
-                           why="not measurable alone (a functional site or window attention)")  # fmt: skip
-                    continue
-                original, x = alone
-                layer = original[-1] if isinstance(original, nn.Sequential) else original.layer
-                key = (direction, site.pattern, type(layer).__name__, tuple(p.shape for p in layer.parameters()),
-                       site.input_shape, getattr(layer, "stride", None))  # fmt: skip
-                measured(direction, site.name, ratio(key, original, x, direction))
-            for name in followers:
-                parent = name.rsplit(".", 1)[0]
-                chosen = next(c["chosen"] for c in choices if c["site"] == parent and c["direction"] == direction)
-                decide(direction, name, chosen, why=f"part of {parent}")
+            chooser.direction(model, inputs, direction, res)
         candidates = {
-            "auto": _compose(model, inputs, full, keep, rewrite, kwargs),
+            "auto": _compose(model, inputs, full, chooser.keep, plain),
             "all-conv": full["linear_to_conv"].module,
             "all-linear": full["conv_to_linear"].module,
         }
-        x = inputs[0]
-        base = runner(model, x, runtime, work, threads)
+        base = chooser.runner(model, inputs[0])
         whole: dict[str, dict[str, float]] = {}
         for label, module in candidates.items():
-            r = interleaved(base, runner(module, x, runtime, work, threads), pairs)
+            r = interleaved(base, chooser.runner(module, inputs[0]), pairs)
             whole[label] = {"ratio": r.median, "low": r.low, "high": r.high, "original_ms": r.a_ms,
                             "candidate_ms": r.b_ms}  # fmt: skip
     best = min(whole, key=lambda k: whole[k]["ratio"])
     if whole[best]["ratio"] > 1.0 - MARGIN:
         best = "original"
     chosen_module = {"original": working_copy(model), **candidates}[best]
-    sites = _chosen_sites(full, keep, best)
-    timings = {"runtime": runtime, "pairs": pairs, "threads": threads, "sites": choices, "whole_model": whole,
-               "chosen": best}  # fmt: skip
-    notes = (f"auto ({runtime}): chose {best}; whole-model ratios vs original: "
+    timings = {"runtime": options.runtime, "pairs": pairs, "threads": threads, "sites": chooser.choices,
+               "whole_model": whole, "chosen": best}  # fmt: skip
+    notes = (f"auto ({options.runtime}): chose {best}; whole-model ratios vs original: "
              + ", ".join(f"{k} {v['ratio']:.2f}" for k, v in whole.items()),)
-    result = SurgeryResult(chosen_module, sites, None, "auto", notes, timings)
-    if not validate:
+    result = SurgeryResult(chosen_module, _chosen_sites(full, chooser.keep, best), None, "auto", notes, timings)
+    if not options.validate:
         return result
-    check = _validation.validate(model, chosen_module, inputs, **{k: v for k, v in rewrite_kwargs.items()
-                                                                 if k in ("precision", "rtol", "num_random", "seed")})  # fmt: skip
-    result = SurgeryResult(chosen_module, sites, check, "auto", notes, timings)
+    check = validate(model, chosen_module, inputs, num_random=options.num_random, precision=options.precision,
+                     rtol=options.rtol, seed=options.seed)  # fmt: skip
+    result = dataclasses.replace(result, validation=check)
     if not check:
         raise ValidationError(f"validation failed: {check.failure}", result=result)
     return result
@@ -242,31 +246,18 @@ def _measure_block(
         return None
 
 
-def _compose(
-    model: nn.Module,
-    inputs: tuple[torch.Tensor, ...],
-    full: dict[str, SurgeryResult],
-    keep: dict[str, list[str]],
-    rewrite: Callable[..., SurgeryResult],
-    kwargs: dict[str, Any],
-) -> nn.Module:
+def _compose(model: nn.Module, inputs: tuple[torch.Tensor, ...], full: dict[str, SurgeryResult],
+             keep: dict[str, list[str]], options: Options) -> nn.Module:  # fmt: skip
     """Linear -> conv on the kept Linear sites, then conv -> Linear on the kept conv sites of the result."""
     drop_l2c = [s.name for s in full["linear_to_conv"].rewritten if s.name not in keep["linear_to_conv"]]
-    first = rewrite(model, inputs, "linear_to_conv", validate=False, **{**kwargs, "exclude": _ex(kwargs, drop_l2c)})
+    first = run_pass(model, inputs, "linear_to_conv", replace(options, exclude=(*options.exclude, *drop_l2c)))
     made = [s.name for s in first.rewritten]  # convs that were Linears: not candidates for the way back
     drop_c2l = [s.name for s in full["conv_to_linear"].rewritten if s.name not in keep["conv_to_linear"]]
-    second = rewrite(first.module, inputs, "conv_to_linear", validate=False,
-                     **{**kwargs, "exclude": _ex(kwargs, [*drop_c2l, *made])})  # fmt: skip
-    return second.module
-
-
-def _ex(kwargs: dict[str, Any], more: Sequence[str]) -> list[str]:
-    return [*kwargs.get("exclude", ()), *more]
+    again = replace(options, exclude=(*options.exclude, *drop_c2l, *made))
+    return run_pass(first.module, inputs, "conv_to_linear", again).module
 
 
 def _chosen_sites(full: dict[str, SurgeryResult], keep: dict[str, list[str]], best: str) -> list[Site]:
-    import dataclasses
-
     sites = []
     for direction, res in full.items():
         kept = {

@@ -16,9 +16,10 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from fxsurgery.tracing import working_copy
+from fxsurgery.tracing.copies import working_copy
 
-__all__ = ["ParamLayout", "record_layout", "load_state_dict", "original_state_dict", "save_rewritten"]
+__all__ = ["ParamLayout", "record_layout", "record_module_layouts", "merge_layouts", "load_state_dict",
+           "original_state_dict", "save_rewritten"]
 
 META_KEY = "fxsurgery_layouts"
 
@@ -52,6 +53,21 @@ def record_layout(gm: fx.GraphModule, name: str, original: torch.Tensor, rewritt
         return
     numel = max(original.storage_offset() + _extent(original), rewritten.storage_offset() + _extent(rewritten))
     gm.meta.setdefault(META_KEY, {})[name] = ParamLayout(_view(original), _view(rewritten), numel)
+
+
+def record_module_layouts(gm: fx.GraphModule, old: dict[str, nn.Module], new: dict[str, nn.Module]) -> None:
+    """Record the layout of every parameter of the modules ``new`` that replace ``old`` (by qualified name)."""
+    for name, mod in new.items():
+        for pname, p in mod.named_parameters():
+            record_layout(gm, f"{name}.{pname}", old[name].get_parameter(pname), p)
+
+
+def merge_layouts(target: nn.Module, prefix: str, child: nn.Module) -> None:
+    """``child`` was installed in ``target`` at ``prefix``: its recorded layouts become ``target``'s, prefixed."""
+    for key, layout in _layouts(child).items():
+        if not isinstance(getattr(target, "meta", None), dict):
+            target.meta = {}  # type: ignore[assignment]
+        target.meta.setdefault(META_KEY, {})[prefix + key] = layout  # type: ignore[union-attr,operator]
 
 
 def _extent(t: torch.Tensor) -> int:

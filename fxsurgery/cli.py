@@ -277,27 +277,20 @@ def _check_input_dims(model: Any, inputs: tuple) -> None:
         )
 
 
-def _run_pipeline(model: Any, inputs: tuple, to: str, out_dir: Path, args: argparse.Namespace, progress: _Progress):
-    from fxsurgery.errors import ValidationError
-    from fxsurgery.onnx_check import cross_check
-    from fxsurgery.pipeline import CheckReport
-    from fxsurgery.surgery import rewrite
+def _run_pipeline(model: Any, inputs: tuple, to: str, out_dir: Path, args: argparse.Namespace,
+                  progress: _Progress) -> Any:  # fmt: skip
+    """:func:`fxsurgery.check` with the command line's options."""
+    from fxsurgery.api import check
 
-    with progress.step(f"tracing, rewriting towards {to} and validating ({args.precision})"):
-        try:
-            result = rewrite(model, inputs, to, precision=args.precision,
-                             leaf_modules=tuple(getattr(args, "leaf_module", ())),
-                             exclude=tuple(getattr(args, "exclude", ())),
-                             batch_layout=getattr(args, "batch_layout", "spatial"),
-                             token_layout=getattr(args, "token_layout", False),
-                             runtime=getattr(args, "runtime", "onnxruntime"))  # fmt: skip
-        except ValidationError as e:
-            result = e.result
-    with progress.step(f"exporting both versions to ONNX ({args.exporter}) and cross-checking in onnxruntime"):
-        onnx = cross_check(model, result.module, inputs, out_dir, exporter=args.exporter,
-                           providers=args.provider or ("CPUExecutionProvider",), direction=result.direction,
-                           rewritten_sites=len(result.rewritten))  # fmt: skip
-    return CheckReport(result, onnx)
+    step = (f"rewriting towards {to}, validating ({args.precision}), exporting both versions to ONNX "
+            f"({args.exporter}) and cross-checking in onnxruntime")  # fmt: skip
+    with progress.step(step):
+        return check(model, inputs, to, out_dir, exporter=args.exporter,
+                     providers=args.provider or ("CPUExecutionProvider",), precision=args.precision,
+                     leaf_modules=tuple(getattr(args, "leaf_module", ())), exclude=tuple(getattr(args, "exclude", ())),
+                     batch_layout=getattr(args, "batch_layout", "spatial"),
+                     token_layout=getattr(args, "token_layout", False),
+                     runtime=getattr(args, "runtime", "onnxruntime"))  # fmt: skip
 
 
 def _write_report(report: Any, out_dir: Path, inputs: tuple, args: argparse.Namespace, progress: _Progress) -> None:

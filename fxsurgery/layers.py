@@ -7,6 +7,7 @@ parameters, never copies.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -23,16 +24,18 @@ def conv_viewing_linear(
     training: bool,
     feature: tuple[int, ...] | None = None,
     order: tuple[int, ...] | None = None,
+    weight_map: Callable[..., torch.Tensor] = linear_to_conv_weight,
 ) -> nn.Conv2d:
     """A Conv2d whose kernel is a view of a Linear's ``weight`` (``(O, C*H*W)`` read as ``(O, C, H, W)`` for the map
     ``feature = (C, H, W)``, flattened in ``order``; 1x1 by default) and whose bias is the Linear's ``bias`` itself.
-    The stride equals the kernel: with images side by side on the width axis, one window per image."""
+    The stride equals the kernel: with images side by side on the width axis, one window per image. ``weight_map``
+    is the mapping of the weight (:func:`~fxsurgery.weights.linear_to_conv_weight`)."""
     out_features, in_features = weight.shape
     feature = (in_features, 1, 1) if feature is None else feature
     kernel = (feature[1], feature[2])
     conv = nn.Conv2d(feature[0], out_features, kernel, stride=kernel, bias=bias is not None, device="meta",
                      dtype=weight.dtype)  # fmt: skip
-    kernel_view = linear_to_conv_weight(weight.detach(), feature, order)
+    kernel_view = weight_map(weight.detach(), feature, order)
     conv.weight = nn.Parameter(kernel_view, requires_grad=weight.requires_grad)
     if bias is not None:
         conv.bias = bias

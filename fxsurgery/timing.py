@@ -18,6 +18,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from fxsurgery.tracing.copies import eval_copy
+from fxsurgery.verify.onnx_export import export_onnx
+from fxsurgery.verify.ort import session
+
 __all__ = ["Ratio", "interleaved", "ort_session", "runner"]
 
 
@@ -68,14 +72,7 @@ def interleaved(a: Callable[[], Any], b: Callable[[], Any], pairs: int, warmup: 
 
 def ort_session(path: str | Path, threads: int, providers: tuple[str, ...] = ("CPUExecutionProvider",)) -> Any:
     """An onnxruntime session for timing: ``threads`` intra-op threads, no thread spinning."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), sess_options=opts, providers=list(providers))
+    return session(path, threads=threads, providers=providers)
 
 
 def runner(module: nn.Module, x: torch.Tensor, runtime: str, workdir: Path, threads: int) -> Callable[[], Any]:
@@ -83,8 +80,6 @@ def runner(module: nn.Module, x: torch.Tensor, runtime: str, workdir: Path, thre
     ``"onnxruntime"``: exported into ``workdir`` and run in an :func:`ort_session`). A module in training mode is
     timed as an eval-mode copy; ``module`` itself is left as it is."""
     if module.training:
-        from fxsurgery.validation import eval_copy
-
         module = eval_copy(module, "native")
     if runtime == "torch":
         def run_torch() -> Any:
@@ -92,8 +87,6 @@ def runner(module: nn.Module, x: torch.Tensor, runtime: str, workdir: Path, thre
                 return module(x)
 
         return run_torch
-    from fxsurgery.onnx_check import export_onnx
-
     path = workdir / f"m{len(list(workdir.iterdir()))}.onnx"
     export_onnx(module, (x,), path, dynamic_batch=False)
     session = ort_session(path, threads)

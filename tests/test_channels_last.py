@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import fxsurgery
-from fxsurgery.onnx_check import op_histogram
+from fxsurgery.verify.onnx_export import op_histogram
 from tests.conftest import layout_ops, run_surgery
 
 

@@ -69,7 +69,7 @@ def test_rewrite_success_writes_everything(models_file, tmp_path):
     proc = run("rewrite", f"{models_file}:make", "--to", "conv", "--input-shape", "2,3,32,32", "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     assert "overall: PASSED" in proc.stdout and "Traceback" not in proc.stderr
-    assert "fxsurgery: exporting both versions" in proc.stderr  # progress on stderr
+    assert "exporting both versions to ONNX" in proc.stderr  # progress on stderr
     files = {p.name for p in out.iterdir()}
     assert {"original.onnx", "rewritten.onnx", "report.json", "rewritten.safetensors", "rewritten_code.py"} <= files
     report = json.loads((out / "report.json").read_text())

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxsurgery
-from fxsurgery.onnx_check import op_histogram
+from fxsurgery.verify.onnx_export import op_histogram
 
 
 class Flat(nn.Module):

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
 
 import fxsurgery
-from fxsurgery import layers as conv_layers  # where the rewrite builds convs from Linear weights
-from fxsurgery import validation
 from fxsurgery.models import demo_model
+from fxsurgery.rules import linear_to_conv
+from fxsurgery.rules.linear_to_conv.flatten_head import FlattenHead
+from fxsurgery.verify import policy
 
 
 def _wrong_mapping(weight, feature_shape, flatten_order=None):
@@ -18,10 +21,16 @@ def _wrong_mapping(weight, feature_shape, flatten_order=None):
     return weight.view(weight.shape[0], h, w, c).permute(0, 3, 1, 2)
 
 
-def test_wrong_weight_mapping_raises_naming_the_site(monkeypatch):
-    monkeypatch.setattr(conv_layers, "linear_to_conv_weight", _wrong_mapping)
+def _rules_with_wrong_head_mapping() -> fxsurgery.RuleSet:
+    """The direction's own rule set, with the flatten-head rule given a wrong weight mapping."""
+    rules = linear_to_conv.rule_set()
+    swapped = tuple(FlattenHead(weight_map=_wrong_mapping) if isinstance(r, FlattenHead) else r for r in rules.rules)
+    return dataclasses.replace(rules, rules=swapped)
+
+
+def test_wrong_weight_mapping_raises_naming_the_site():
     with pytest.raises(fxsurgery.ValidationError) as info:
-        fxsurgery.linear_to_conv(demo_model(), torch.randn(2, 3, 32, 32))
+        fxsurgery.linear_to_conv(demo_model(), torch.randn(2, 3, 32, 32), rules=_rules_with_wrong_head_mapping())
     err = info.value
     assert err.sites == ("classifier.1",)  # the 4x4 site; the 1x1 sites are unaffected by the layout mistake
     assert "classifier.1" in str(err)
@@ -46,20 +55,20 @@ def test_fp32_large_k_is_within_policy_but_above_per_element_defaults():
     model = nn.Sequential(nn.Flatten(), nn.Linear(512 * 7 * 7, 64)).eval()
     x = torch.randn(2, 512, 7, 7) * 3
     res = fxsurgery.linear_to_conv(model, x)
-    assert res.validation.passed and 0 < res.validation.max_rel_error < validation.RTOL[torch.float32]
+    assert res.validation.passed and 0 < res.validation.max_rel_error < policy.RTOL[torch.float32]
 
 
 def test_compare_outputs_policy():
     ref = torch.tensor([100.0, -50.0])
-    ok = validation.compare_outputs(ref, ref + 5e-3, rtol=1e-4)  # 5e-3 <= 1e-4 * 100
+    ok = policy.compare_outputs(ref, ref + 5e-3, rtol=1e-4)  # 5e-3 <= 1e-4 * 100
     assert not ok.failure and 0 < ok.max_rel <= 1e-4
-    bad = validation.compare_outputs(ref, ref + 2e-2, rtol=1e-4)
+    bad = policy.compare_outputs(ref, ref + 2e-2, rtol=1e-4)
     assert "exceeds" in bad.failure
-    shape = validation.compare_outputs(ref, ref[:1])
+    shape = policy.compare_outputs(ref, ref[:1])
     assert "original gives (2,)" in shape.failure
-    nan = validation.compare_outputs(torch.tensor([float("nan"), 1.0]), torch.tensor([float("nan"), 1.0]))
+    nan = policy.compare_outputs(torch.tensor([float("nan"), 1.0]), torch.tensor([float("nan"), 1.0]))
     assert not nan.failure
-    ints = validation.compare_outputs(torch.tensor([1, 2]), torch.tensor([1, 3]))
+    ints = policy.compare_outputs(torch.tensor([1, 2]), torch.tensor([1, 3]))
     assert ints.failure
 
 

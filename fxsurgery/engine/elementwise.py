@@ -10,13 +10,13 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from fxsurgery.tracing import shape_of
+from fxsurgery.tracing.shapes import shape_of
 
-__all__ = ["elementwise_tensor_inputs", "is_number"]
+__all__ = ["elementwise_tensor_inputs", "is_number", "UNARY_MODULES"]
 
 # Modules whose output at each position depends only on the input at that position (in eval mode and, for dropout,
 # in distribution in train mode). Dropout2d/3d drop whole channels and are deliberately absent.
-_UNARY_MODULES: tuple[type[nn.Module], ...] = (
+UNARY_MODULES: tuple[type[nn.Module], ...] = (
     nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU,
     nn.SELU, nn.CELU, nn.Mish, nn.Softplus, nn.Hardtanh, nn.Identity, nn.Dropout, nn.AlphaDropout, nn.Tanhshrink,
     nn.Softsign, nn.LogSigmoid, nn.Hardshrink, nn.Softshrink, nn.Threshold,
@@ -59,7 +59,7 @@ def elementwise_tensor_inputs(node: fx.Node, modules: dict[str, nn.Module]) -> l
         return None
     if node.op == "call_module":
         mod = modules.get(str(node.target))
-        if type(mod) in _UNARY_MODULES and len(node.args) == 1 and not node.kwargs:
+        if type(mod) in UNARY_MODULES and len(node.args) == 1 and not node.kwargs:
             return [node.args[0]] if isinstance(node.args[0], fx.Node) else None
         return None
     if node.op == "call_function" and node.target in _UNARY_FUNCTIONS or (

@@ -1,0 +1,94 @@
+"""The public entry points: :func:`linear_to_conv`, :func:`conv_to_linear`, :func:`rewrite` and :func:`check`.
+
+Each takes the model, example inputs and the options (keywords, or one :class:`~fxsurgery.Options`), resolved in
+:mod:`fxsurgery.options`. ``to="auto"`` (:mod:`fxsurgery.auto`) sits above the plain passes
+(:mod:`fxsurgery.surgery`); nothing below this module imports it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from torch import nn
+
+from fxsurgery.auto import auto_rewrite
+from fxsurgery.errors import ValidationError
+from fxsurgery.options import OPTIONS_DOC, Options, resolve
+from fxsurgery.report import CheckReport, SurgeryResult
+from fxsurgery.rules import DIRECTIONS
+from fxsurgery.surgery import run_pass
+from fxsurgery.tracing import normalize_inputs, prepare_model
+from fxsurgery.verify.cross_check import cross_check
+
+__all__ = ["linear_to_conv", "conv_to_linear", "rewrite", "check"]
+
+
+def rewrite(model: nn.Module, example_inputs: Any, direction: str, *, options: Options | None = None,
+            **overrides: Any) -> SurgeryResult:  # fmt: skip
+    """Run one direction over ``model``: ``"linear_to_conv"`` / ``"conv"`` (Linear layers on flattened or pooled
+    maps, their chains and, with ``token_layout=True``, transformer blocks, as Conv2d) or ``"conv_to_linear"`` /
+    ``"linear"`` (pointwise, strided pointwise, full-extent, Conv1d k=1 and ConvTranspose 1x1 convolutions as
+    Linear), or ``"auto"``: per site the faster form, measured on ``runtime`` (see :mod:`fxsurgery.auto`).
+
+    ``example_inputs`` is a tensor or a tuple of tensors; shapes are propagated from them with fake tensors.
+    Returns a :class:`~fxsurgery.SurgeryResult` listing every candidate site, rewritten or skipped with its reason.
+    """
+    opts = resolve(options, overrides)
+    inputs = normalize_inputs(example_inputs)
+    direction = DIRECTIONS.get(direction, direction)
+    if direction == "auto":
+        return auto_rewrite(prepare_model(model), inputs, opts)
+    return run_pass(model, inputs, direction, opts)
+
+
+def linear_to_conv(model: nn.Module, example_inputs: Any, *, options: Options | None = None,
+                   **overrides: Any) -> SurgeryResult:  # fmt: skip
+    """Rewrite Linear layers on flattened or pooled feature maps (and their chains) as Conv2d layers; with
+    ``token_layout=True`` also every Linear and self-/window attention of transformer blocks (``flatten->linear``,
+    ``pool->linear``, ``chain-linear``, ``channels-last-linear``, ``token-linear``, ``self-attention``,
+    ``window-attention``). Weights are views of the original's."""
+    return rewrite(model, example_inputs, "linear_to_conv", options=options, **overrides)
+
+
+def conv_to_linear(model: nn.Module, example_inputs: Any, *, options: Options | None = None,
+                   **overrides: Any) -> SurgeryResult:  # fmt: skip
+    """Rewrite pointwise (1x1, also strided), full-extent, 1-D kernel-1 and 1x1 transposed convolutions as Linear
+    layers (``conv1x1``, ``conv1x1-strided``, ``conv-full-extent``, ``conv1d-k1``, ``convtranspose1x1``). Weights
+    are views of the original's."""
+    return rewrite(model, example_inputs, "conv_to_linear", options=options, **overrides)
+
+
+def check(
+    model: nn.Module,
+    example_inputs: Any,
+    to: str = "conv",
+    out_dir: str | os.PathLike = "fxsurgery-out",
+    *,
+    exporter: str = "dynamo",
+    onnx: bool = True,
+    providers: Sequence[str] = ("CPUExecutionProvider",),
+    options: Options | None = None,
+    **overrides: Any,
+) -> CheckReport:
+    """Rewrite ``model`` towards ``to`` (``"conv"``, ``"linear"`` or ``"auto"``), validate, export both versions
+    to ONNX in ``out_dir`` and cross-check them in onnxruntime (``providers``; ``exporter="dynamo"`` or
+    ``"torchscript"``; ``onnx=False`` skips the cross-check).
+
+    A validation mismatch does not stop the export: the report carries both results and ``passed`` is False.
+    """
+    inputs = normalize_inputs(example_inputs)
+    try:
+        result = rewrite(model, inputs, to, options=options, **overrides)
+    except ValidationError as e:
+        result = e.result
+    onnx_check = None
+    if onnx:
+        onnx_check = cross_check(model, result.module, inputs, out_dir, exporter=exporter, providers=providers,
+                                 direction=result.direction, rewritten_sites=len(result.rewritten))  # fmt: skip
+    return CheckReport(result, onnx_check)
+
+
+for _f in (rewrite, linear_to_conv, conv_to_linear, check):
+    _f.__doc__ = f"{_f.__doc__}\n{OPTIONS_DOC}"

@@ -1,0 +1,142 @@
+"""The rewriter: one pass of a :class:`~fxsurgery.engine.rule.RuleSet` over one GraphModule.
+
+A rule turns a candidate node into new nodes that compute the same values in another *layout*. The rewriter keeps,
+for each original node, its counterpart in that layout (``alt``), lets propagators carry non-candidate nodes into it,
+so that consecutive sites share it, and finally (:mod:`~fxsurgery.engine.cleanup`) converts back only where a
+consumer outside the region needs the original layout and removes the original nodes left without users.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Sequence
+
+import torch.fx as fx
+from torch import nn
+
+from fxsurgery.engine import cleanup
+from fxsurgery.engine.layout import Layout, composes_to_identity, permute_dims
+from fxsurgery.engine.nodes import NoShape, first_input
+from fxsurgery.engine.rule import Rule, RuleSet, Skip
+from fxsurgery.report import Site
+
+__all__ = ["Rewriter", "CONSTANT_INPUT"]
+
+log = logging.getLogger(__name__)
+
+CONSTANT_INPUT = ("its input is a constant (no model input reaches it, e.g. a relative-position table): export "
+                  "folds it, nothing to rewrite")  # fmt: skip
+
+
+class Rewriter:
+    """State of one pass over one GraphModule: the layouts carried so far, the sites, the modules to install."""
+
+    def __init__(self, gm: fx.GraphModule, rules: RuleSet, exclude: Sequence[str] = ()) -> None:
+        self.gm = gm
+        self.graph = gm.graph
+        self.rules = rules
+        self.modules: dict[str, nn.Module] = dict(gm.named_modules())
+        self.exclude = set(exclude)
+        self.alt: dict[fx.Node, tuple[fx.Node, Layout]] = {}
+        self.sites: list[Site] = []
+        self.new_modules: dict[str, nn.Module] = {}
+        self.exits: dict[fx.Node, fx.Node] = {}
+        self._enters: dict[tuple[fx.Node, str], fx.Node] = {}
+        self.original_nodes = set(self.graph.nodes)
+        self.module_calls = Counter(str(n.target) for n in self.graph.nodes if n.op == "call_module")
+        self.param_owners: dict[int, list[str]] = {}
+        for pname, p in gm.named_parameters(remove_duplicate=False):
+            self.param_owners.setdefault(id(p), []).append(pname)
+        self._seen_modules: set[str] = set()
+        # values that depend on a model input (the rest is constant: parameters and buffers only)
+        self.dynamic: set[fx.Node] = set()
+        for n in self.graph.nodes:
+            if n.op == "placeholder" or any(i in self.dynamic for i in n.all_input_nodes):
+                self.dynamic.add(n)
+
+    # -- layout bookkeeping -------------------------------------------------------------------------------------
+    def set_alt(self, node: fx.Node, alt: fx.Node, layout: Layout) -> None:
+        """``alt`` computes ``node``'s value in ``layout``."""
+        self.alt[node] = (alt, layout)
+
+    def seed(self, node: fx.Node, alt: fx.Node, layout: Layout) -> None:
+        """``node`` already has a counterpart ``alt`` in ``layout`` (``z.permute(0, 2, 3, 1)`` is ``z`` in NCHW).
+
+        ``node`` itself stays the original-layout value for consumers outside the layout: no conversion is added.
+        """
+        self.alt[node] = (alt, layout)
+        self.exits[node] = node
+
+    def enter(self, node: fx.Node, layout: Layout, site: str) -> fx.Node:
+        """``node`` in ``layout``: its counterpart if it has one, else a conversion (built once)."""
+        if node in self.alt and self.alt[node][1] is layout:
+            return self.alt[node][0]
+        source = self.exit_of(node) if node in self.alt else node
+        dims = permute_dims(source)
+        if layout.to_alt is not None and dims is not None and composes_to_identity(dims, layout.to_alt):
+            return source.args[0]  # type: ignore[return-value]  # the permute undoes itself
+        key = (source, layout.name)
+        if key not in self._enters:
+            with self.graph.inserting_before(source.next):  # keeps a multi-node conversion in order
+                self._enters[key] = layout.enter(self.graph, source, site)
+        return self._enters[key]
+
+    def exit_of(self, node: fx.Node) -> fx.Node:
+        """The original-layout value of ``node``: itself, or one conversion back from its counterpart."""
+        if node not in self.alt:
+            return node
+        if node not in self.exits:
+            alt, layout = self.alt[node]
+            with self.graph.inserting_before(alt.next):
+                self.exits[node] = layout.exit(self.graph, alt, node)
+        return self.exits[node]
+
+    def carried(self, node: object) -> tuple[fx.Node, Layout] | None:
+        """``(alt, layout)`` when ``node`` is carried in a layout."""
+        return self.alt.get(node) if isinstance(node, fx.Node) else None
+
+    # -- the pass -----------------------------------------------------------------------------------------------
+    def run(self) -> list[Site]:
+        """Visit every node once, in order: a claimed node is a site, any other may be propagated; then clean up."""
+        for node in list(self.graph.nodes):
+            if node in self.alt:
+                continue  # already carried (an item of a rewritten call's output)
+            claimed = self.rules.claim(node, self)
+            if claimed is not None:
+                self._site(node, *claimed)
+                continue
+            for propagator in self.rules.propagators:
+                if propagator.propagate(node, self):
+                    break
+        cleanup.finish(self)
+        return self.sites
+
+    def _site(self, node: fx.Node, rule: Rule, name: str) -> None:
+        if node.op == "call_module":
+            if name in self._seen_modules:
+                return  # one Site per module; a module called twice was skipped at its first call
+            self._seen_modules.add(name)
+        reason = self._common_skip(node, name)
+        if reason is None:
+            try:
+                match = rule.match(node, self)
+                if isinstance(match, Skip):
+                    raise match
+                done = rule.apply(match, self)
+                self.sites.extend(done if isinstance(done, tuple) else (done,))
+                return
+            except (Skip, NoShape) as s:
+                reason = str(s)
+            except Exception as e:  # a rule bug must not become a wrong model: leave the site as it is, say why
+                log.warning("rule %s failed on %s", type(rule).__name__, name, exc_info=True)
+                reason = f"internal error while matching ({type(e).__name__}: {e}); please report it"
+        self.sites.append(Site(name, rule.pattern, "skipped", reason))
+
+    def _common_skip(self, node: fx.Node, name: str) -> str | None:
+        if name in self.exclude:
+            return "excluded by the caller"
+        first = first_input(node)
+        if isinstance(first, fx.Node) and first not in self.dynamic:
+            return CONSTANT_INPUT
+        return None

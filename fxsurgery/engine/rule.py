@@ -1,0 +1,140 @@
+"""What a rule is, and the checks every rule shares.
+
+A :class:`Rule` owns one pattern (its ``pattern`` name is a constant of its module). The engine asks each rule of a
+:class:`RuleSet`, in priority order, whether it ``claims`` a node (a cheap test of the op and the pattern: it
+returns the site name); the first that does ``match``es it, returning a :class:`Match` with everything ``apply``
+needs, or a :class:`Skip` whose message is the reason the site is left alone; ``apply`` rewrites the graph and
+returns the :class:`~fxsurgery.report.Site`. A :class:`Propagator` carries a node that is not a candidate into a
+layout (a LayerNorm over channels, a BatchNorm channels-last, an elementwise op), so consecutive sites share one
+layout change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch.fx as fx
+from torch import nn
+from torch.nn.utils import parametrize
+
+from fxsurgery.engine.elementwise import elementwise_tensor_inputs
+from fxsurgery.report import Site
+
+if TYPE_CHECKING:
+    from fxsurgery.engine.rewriter import Rewriter
+
+__all__ = ["Skip", "Match", "Rule", "Propagator", "RuleSet", "module_skip_reason", "feeds_candidate"]
+
+
+class Skip(Exception):
+    """A site left alone; the message is its reason. ``match`` returns one, helpers may raise one."""
+
+
+@dataclass(frozen=True)
+class Match:
+    """A node a rule can rewrite: the site ``name`` and the ``node``; rules subclass it to carry their operands."""
+
+    node: fx.Node
+    name: str
+
+
+class Rule(Protocol):
+    """One rewrite pattern: ``claims`` -> ``match`` -> ``apply``."""
+
+    pattern: str
+
+    def claims(self, node: fx.Node, rw: Rewriter) -> str | None:
+        """The site name when ``node`` is this rule's pattern, else None (the next rule is asked)."""
+        ...
+
+    def match(self, node: fx.Node, rw: Rewriter) -> Match | Skip:
+        """Everything ``apply`` needs, or why the site must be left alone. Does not change the graph."""
+        ...
+
+    def apply(self, match: Any, rw: Rewriter) -> Site | tuple[Site, ...]:
+        """Rewrite the matched site and return its record (several, when one match rewrites several layers)."""
+        ...
+
+
+class Propagator(Protocol):
+    """Carries a non-candidate node into a layout; True when it did (then no later propagator is asked)."""
+
+    def propagate(self, node: fx.Node, rw: Rewriter) -> bool: ...
+
+
+@dataclass(frozen=True)
+class RuleSet:
+    """The rules of one direction in priority order, and the propagators asked for every other node, in order."""
+
+    direction: str
+    rules: tuple[Rule, ...]
+    propagators: tuple[Propagator, ...] = ()
+
+    def claim(self, node: fx.Node, rw: Rewriter) -> tuple[Rule, str] | None:
+        """The first rule that claims ``node``, with the site name."""
+        for rule in self.rules:
+            name = rule.claims(node, rw)
+            if name is not None:
+                return rule, name
+        return None
+
+    @property
+    def patterns(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(r.pattern for r in self.rules))
+
+
+def module_skip_reason(name: str, mod: nn.Module, exact_types: tuple[type, ...], rw: Rewriter) -> str | None:
+    """Why a module-call site must be left alone, or None.
+
+    Hooks, parametrizations and subclasses would be dropped by a replacement layer; a module called more than once
+    or a parameter shared with another module would be split in two.
+    """
+    if parametrize.is_parametrized(mod):
+        names = ", ".join(sorted(mod.parametrizations.keys()))  # type: ignore[union-attr,operator]
+        return f"parametrized ({names}: weight_norm/spectral_norm-style); the parametrization would be dropped"
+    if type(mod) not in exact_types:
+        return f"{type(mod).__name__} is a subclass of {exact_types[0].__name__} whose forward may differ"
+    hooks = [
+        label
+        for label, d in (
+            ("forward hooks", mod._forward_hooks),
+            ("forward pre-hooks", mod._forward_pre_hooks),
+            ("backward hooks", mod._backward_hooks),
+            ("backward pre-hooks", mod._backward_pre_hooks),
+        )
+        if d
+    ]
+    if hooks:
+        return f"has {' and '.join(hooks)}, which a replacement layer would not run"
+    if rw.module_calls[name] > 1:
+        return f"called {rw.module_calls[name]} times in forward (a shared layer); left as it is"
+    for pname, p in mod.named_parameters(recurse=False):
+        others = [o for o in rw.param_owners.get(id(p), []) if o != f"{name}.{pname}"]
+        if others:
+            return f"{pname} shared with {others[0].rsplit('.', 1)[0] or others[0]} (tied weights)"
+    return None
+
+
+def feeds_candidate(start: fx.Node, rw: Rewriter, through: Sequence[type] = (), depth: int = 16) -> bool:
+    """Whether a site of the rule set reads ``start``, or an elementwise op joins it with a value already carried in
+    a layout (a residual add), through elementwise ops and modules of the exact types ``through`` only: then
+    carrying ``start`` in that layout saves a conversion instead of adding one."""
+    frontier = [start]
+    for _ in range(depth):
+        nxt = []
+        for n in frontier:
+            for u in n.users:
+                if rw.rules.claim(u, rw) is not None and (u.args[:1] or (None,))[0] is n:
+                    return True
+                is_through = u.op == "call_module" and type(rw.modules.get(str(u.target))) in tuple(through)
+                inputs = elementwise_tensor_inputs(u, rw.modules)
+                if inputs and any(i is not n and i in rw.alt for i in inputs):
+                    return True
+                if is_through or inputs:
+                    nxt.append(u)
+        if not nxt:
+            return False
+        frontier = nxt
+    return False

@@ -1,0 +1,107 @@
+"""The options of every pass, resolved and checked in one place: :class:`Options`.
+
+The public functions take them as keywords (``linear_to_conv(model, x, token_layout=True)``) or as one object
+(``linear_to_conv(model, x, options=Options(token_layout=True))``); both end here, so each option is named, typed,
+defaulted and documented once.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
+from typing import TYPE_CHECKING, Any, Literal
+
+from torch import nn
+
+from fxsurgery.errors import InputError
+
+if TYPE_CHECKING:
+    from fxsurgery.engine.rule import RuleSet
+
+__all__ = ["Options", "Precision", "LeafSpec", "resolve", "OPTIONS_DOC", "BATCH_LAYOUTS", "RUNTIMES"]
+
+Precision = Literal["native", "float64"]
+LeafSpec = Sequence["type[nn.Module] | str"]
+BATCH_LAYOUTS = ("spatial", "batch")
+RUNTIMES = ("onnxruntime", "torch")
+
+
+@dataclass(frozen=True)
+class Options:
+    """Trace, rule and validation options of one pass (see :data:`OPTIONS_DOC`)."""
+
+    # tracing
+    leaf_modules: tuple[type[nn.Module] | str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    # rules (Linear -> conv)
+    batch_layout: str = "spatial"
+    token_layout: bool = False
+    rules: RuleSet | None = field(default=None, compare=False)
+    # validation
+    validate: bool = True
+    precision: Precision = "native"
+    rtol: float | None = None
+    num_random: int = 2
+    seed: int = 0
+    # to="auto"
+    runtime: str = "onnxruntime"
+
+    def __post_init__(self) -> None:
+        for name in ("leaf_modules", "exclude"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                raise InputError(f"{name} must be a sequence of names, got the string {value!r}; write "
+                                 f"{name}=[{value!r}]")  # fmt: skip
+            object.__setattr__(self, name, tuple(value))
+        for leaf in self.leaf_modules:
+            if not isinstance(leaf, (str, type)):
+                raise InputError(f"leaf_modules entries must be module types or qualified names, got {leaf!r}")
+        if self.batch_layout not in BATCH_LAYOUTS:
+            raise InputError(f"batch_layout must be one of {sorted(BATCH_LAYOUTS)}, got {self.batch_layout!r}")
+        if not isinstance(self.token_layout, bool):
+            raise InputError(f"token_layout must be True or False, got {self.token_layout!r}")
+        if self.precision not in ("native", "float64"):
+            raise InputError(f"precision must be 'native' or 'float64', got {self.precision!r}")
+        if self.runtime not in RUNTIMES:
+            raise InputError(f"runtime must be one of {RUNTIMES}, got {self.runtime!r}")
+
+    def without_validation(self) -> Options:
+        return replace(self, validate=False)
+
+
+OPTIONS_DOC = """
+Options (keywords, or one ``options=fxsurgery.Options(...)``):
+
+* ``validate=True``: compare the rewritten model with the original numerically; raise
+  :class:`~fxsurgery.ValidationError` naming the responsible site(s) on a mismatch.
+* ``leaf_modules=()``: module types or qualified names torch.fx must not trace into.
+* ``exclude=()``: site names to leave alone (listed as skipped, "excluded by the caller").
+* ``precision="native"``: validate in the model's dtype; ``"float64"`` runs both models in float64 to prove the
+  rewrite exact (~1e-16 of the output scale).
+* ``rtol=None``: override the per-dtype tolerance (``fxsurgery.RTOL``), relative to the output's magnitude.
+* ``num_random=2``: fresh random inputs validated besides the example inputs (and another batch size).
+* ``seed=0``: seed of those random inputs.
+* ``batch_layout="spatial"`` (Linear -> conv): carry a rewritten head as ``(1, C, 1, N)``, the batch side by side
+  on the width axis, so each conv is one matrix product; ``"batch"`` keeps ``(N, C, 1, 1)`` (N small products).
+* ``token_layout=False`` (Linear -> conv, opt-in): also carry transformer activations in conv layouts, tokens
+  ``(B, S, C)`` as ``(B, C, 1, S)`` (ViT, MLP-Mixer, ``nn.MultiheadAttention`` self-attention) and channels-last
+  ``(N, H, W, C)`` maps as NCHW (Swin), from the LayerNorm that starts a block, so every Linear in the block
+  becomes a 1x1 conv.
+* ``rules=None``: a :class:`~fxsurgery.RuleSet` to use instead of the direction's own.
+* ``runtime="onnxruntime"`` (``to="auto"`` only): where to measure, ``"onnxruntime"`` or ``"torch"``.
+"""
+
+
+def resolve(options: Options | None, overrides: Mapping[str, Any]) -> Options:
+    """``options`` (default ``Options()``) with the keyword ``overrides`` applied; an unknown keyword is an
+    :class:`~fxsurgery.InputError` that names the nearest option."""
+    if options is not None and not isinstance(options, Options):
+        raise InputError(f"options must be an fxsurgery.Options, got {type(options).__name__}")
+    known = [f.name for f in fields(Options)]
+    for key in overrides:
+        if key not in known:
+            near = difflib.get_close_matches(key, known, n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else f"; options are {', '.join(known)}"
+            raise InputError(f"unknown option {key!r}{hint}")
+    return replace(options or Options(), **overrides)

@@ -1,0 +1,65 @@
+"""Propagators that keep a Linear -> conv region carried without conversions.
+
+* :class:`PermuteSeed`: ``z.permute(0, 2, 3, 1)`` that leads to a Linear (through LayerNorms) *is* ``z`` in NCHW.
+* :class:`SelectToken`: ``x[:, i]`` of tokens carried as ``(B, C, 1, S)`` (ViT's class token) reads
+  ``alt[:, :, 0, i]``.
+* :class:`StochasticDepth`: torchvision's ``stochastic_depth`` scales per sample (or the whole batch), so it runs in
+  any layout that keeps the batch on dim 0.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch.fx as fx
+from torch import nn
+
+from fxsurgery.engine.layout import permute_dims
+from fxsurgery.engine.nodes import is_torchvision
+from fxsurgery.engine.rewriter import Rewriter
+from fxsurgery.engine.rule import feeds_candidate
+from fxsurgery.rules.linear_to_conv.layouts import NCHW_LAYOUT, TOKEN_LAYOUT
+from fxsurgery.tracing.shapes import shape_of
+
+__all__ = ["PermuteSeed", "SelectToken", "StochasticDepth"]
+
+
+class PermuteSeed:
+    def propagate(self, node: fx.Node, rw: Rewriter) -> bool:
+        if permute_dims(node) != (0, 2, 3, 1) or len(shape_of(node.args[0]) or ()) != 4:
+            return False
+        if not feeds_candidate(node, rw, through=(nn.LayerNorm,)):
+            return False
+        rw.seed(node, node.args[0], NCHW_LAYOUT)  # type: ignore[arg-type]
+        return True
+
+
+class SelectToken:
+    """The result of the select is an ordinary ``(B, C)`` value: the whole sequence is not converted back."""
+
+    def propagate(self, node: fx.Node, rw: Rewriter) -> bool:
+        if not (node.op == "call_function" and node.target is operator.getitem):
+            return False
+        carried = rw.carried(node.args[0])
+        index = node.args[1]
+        if carried is None or carried[1] is not TOKEN_LAYOUT or not isinstance(index, tuple) or len(index) != 2:
+            return False
+        if index[0] != slice(None) or not isinstance(index[1], int) or isinstance(index[1], bool):
+            return False
+        node.args = (carried[0], (slice(None), slice(None), 0, index[1]))
+        return True
+
+
+class StochasticDepth:
+    def propagate(self, node: fx.Node, rw: Rewriter) -> bool:
+        if not is_torchvision(node.target, "stochastic_depth") or not node.args:
+            return False
+        carried = rw.carried(node.args[0])
+        if carried is None or carried[1] not in (NCHW_LAYOUT, TOKEN_LAYOUT):
+            return False
+        alt, layout = carried
+        with rw.graph.inserting_before(node):
+            new = rw.graph.node_copy(node, lambda a: alt if a is node.args[0] else a)  # type: ignore[arg-type,return-value]
+        new.meta = {}
+        rw.set_alt(node, new, layout)
+        return True

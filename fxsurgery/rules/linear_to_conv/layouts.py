@@ -1,0 +1,75 @@
+"""The layouts Linear -> conv carries values in."""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from fxsurgery.engine.layout import Layout, permutation_layout
+from fxsurgery.engine.nodes import static_shape
+from fxsurgery.tracing.shapes import shape_of
+
+__all__ = ["POINT_LAYOUT", "SPATIAL_LAYOUT", "BATCH_LAYOUTS", "NCHW_LAYOUT", "TOKEN_LAYOUT", "CONV_LAYOUTS",
+           "region_layout", "from_map"]  # fmt: skip
+
+
+def _enter_point(graph: fx.Graph, x: fx.Node, site: str) -> fx.Node:
+    return graph.call_method("reshape", (x, (-1, static_shape(x, "a chained value")[1], 1, 1)))
+
+
+def _exit_point(graph: fx.Graph, alt: fx.Node, orig: fx.Node) -> fx.Node:
+    return graph.call_function(torch.flatten, (alt, 1))
+
+
+#: ``(N, O)`` values carried as ``(N, O, 1, 1)``: the batch stays the batch; each conv is N small products.
+POINT_LAYOUT = Layout("(N,C,1,1)", _enter_point, _exit_point)
+
+
+def _enter_spatial(graph: fx.Graph, x: fx.Node, site: str) -> fx.Node:
+    k = static_shape(x, "a chained value")[1]
+    return graph.call_method("reshape", (graph.call_method("t", (x,)), (1, k, 1, -1)))
+
+
+def _exit_spatial(graph: fx.Graph, alt: fx.Node, orig: fx.Node) -> fx.Node:
+    return graph.call_method("t", (graph.call_method("flatten", (alt, 0, 2)),))
+
+
+#: ``(N, O)`` values carried as ``(1, O, 1, N)``: the batch on the width axis, so each conv is one matrix product.
+SPATIAL_LAYOUT = Layout("(1,C,1,N)", _enter_spatial, _exit_spatial)
+BATCH_LAYOUTS = {"spatial": SPATIAL_LAYOUT, "batch": POINT_LAYOUT}
+#: Channels-last ``(N, H, W, O)`` values carried as NCHW ``(N, O, H, W)``.
+NCHW_LAYOUT = permutation_layout("NCHW", (0, 3, 1, 2))
+
+
+def _enter_tokens(graph: fx.Graph, x: fx.Node, site: str) -> fx.Node:
+    return graph.call_method("unsqueeze", (graph.call_method("transpose", (x, 1, 2)), 2))
+
+
+def _exit_tokens(graph: fx.Graph, alt: fx.Node, orig: fx.Node) -> fx.Node:
+    return graph.call_method("transpose", (graph.call_method("squeeze", (alt, 2)), 1, 2))
+
+
+#: Tokens ``(B, S, C)`` carried as ``(B, C, 1, S)`` (opt-in, ``token_layout=True``): every Linear on them is a 1x1
+#: conv, and self-attention runs per head on ``(B, heads, head_dim, S)``.
+TOKEN_LAYOUT = Layout("(B,C,1,S)", _enter_tokens, _exit_tokens)
+#: Layouts in which a Linear on the carried value is a 1x1 conv.
+CONV_LAYOUTS = (POINT_LAYOUT, SPATIAL_LAYOUT, NCHW_LAYOUT, TOKEN_LAYOUT)
+
+
+def region_layout(x: object) -> Layout | None:
+    """The layout that carries a value not yet in one (token layout only): tokens ``(B, S, C)`` as ``(B, C, 1, S)``,
+    a channels-last ``(N, H, W, C)`` map as NCHW; None for other ranks."""
+    return {3: TOKEN_LAYOUT, 4: NCHW_LAYOUT}.get(len(shape_of(x) or ()))
+
+
+def from_map(graph: fx.Graph, y: fx.Node, feature: tuple[int, ...], point: Layout) -> fx.Node:
+    """A 4-D ``(N, C, H, W)`` map in the ``point`` layout: as is, or ``(1, C, H, N*W)`` with the images side by
+    side."""
+    if point is POINT_LAYOUT:
+        return y
+    if feature[1:] == (1, 1):
+        # a pooled map: a 2-D transpose of (N, C); onnxruntime runs a 4-D permute of (N, C, 1, 1) far slower
+        flat = graph.call_method("t", (graph.call_method("flatten", (y, 1)),))
+        return graph.call_method("reshape", (flat, (1, feature[0], 1, -1)))
+    side_by_side = graph.call_method("permute", (y, (1, 2, 0, 3)))
+    return graph.call_method("reshape", (side_by_side, (1, feature[0], feature[1], -1)))

@@ -1,0 +1,23 @@
+"""Everything the rules need before they look at a graph.
+
+* :mod:`~fxsurgery.tracing.inputs`: :func:`normalize_inputs` and :func:`prepare_model` (unwraps
+  ``DataParallel``/``DistributedDataParallel``; rejects ScriptModules, hooks on the root, uninitialised lazy modules).
+* :mod:`~fxsurgery.tracing.trace`: :func:`trace`, ``torch.fx.symbolic_trace`` with user leaf modules, naming the
+  submodule that failed.
+* :mod:`~fxsurgery.tracing.copies`: :func:`working_copy` (structure copied, parameters viewing the original storage,
+  buffers cloned) and :func:`eval_copy`.
+* :mod:`~fxsurgery.tracing.shapes`: :func:`propagate_shapes` (``node.meta["val"]`` from fake tensors: no real
+  activations) and :func:`shape_of`.
+* :mod:`~fxsurgery.tracing.capture`: :func:`capture_submodule_inputs`.
+"""
+
+from __future__ import annotations
+
+from fxsurgery.tracing.capture import capture_submodule_inputs
+from fxsurgery.tracing.copies import eval_copy, working_copy
+from fxsurgery.tracing.inputs import normalize_inputs, prepare_model
+from fxsurgery.tracing.shapes import propagate_shapes, shape_of
+from fxsurgery.tracing.trace import trace
+
+__all__ = ["capture_submodule_inputs", "eval_copy", "working_copy", "normalize_inputs", "prepare_model",
+           "propagate_shapes", "shape_of", "trace"]  # fmt: skip

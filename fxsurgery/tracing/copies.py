@@ -1,0 +1,42 @@
+"""Copies of the user's model: structure copied, parameters viewing the original storage, buffers cloned."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+from fxsurgery.errors import InputError, one_line
+from fxsurgery.options import Precision
+
+__all__ = ["working_copy", "eval_copy"]
+
+
+def working_copy(module: nn.Module) -> Any:
+    """Copy ``module``'s structure; parameters alias the original storage.
+
+    New module objects (so ``train()``/``eval()``, hooks and attribute changes stay local), new ``Parameter`` objects
+    viewing the same data (so no memory is copied and ``requires_grad`` is kept), cloned buffers (so BatchNorm
+    statistics never move in the original).
+    """
+    memo: dict[int, Any] = {id(p): nn.Parameter(p.detach(), requires_grad=p.requires_grad) for p in module.parameters()}
+    for m in module.modules():  # computed tensors kept as attributes (old-style weight_norm) cannot be deep-copied
+        for v in vars(m).values():
+            if isinstance(v, torch.Tensor) and not v.is_leaf:
+                memo[id(v)] = v.detach()
+    try:
+        return copy.deepcopy(module, memo)
+    except Exception as e:
+        raise InputError(f"cannot copy the model ({one_line(e)}); fxsurgery never modifies the model in place") from e
+
+
+
+
+def eval_copy(model: nn.Module, precision: Precision = "native") -> nn.Module:
+    """A copy of ``model`` in eval mode (parameters aliased, buffers cloned), converted to float64 for proofs."""
+    m = working_copy(model).eval()
+    if precision == "float64":
+        m = m.to(torch.float64)
+    return m

@@ -1,0 +1,141 @@
+"""``torch.fx`` tracing with user leaf modules, optional arguments fixed to their defaults, and errors that name the
+submodule that failed. torch.nn's ``TransformerEncoder``/``TransformerEncoderLayer`` are traced through their
+fast-path-free forward, so their Linears are visible."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+from typing import Any
+
+import torch.fx as fx
+from torch import nn
+
+from fxsurgery import _runtime
+from fxsurgery.errors import InputError, TraceError, one_line
+from fxsurgery.options import LeafSpec
+
+__all__ = ["trace"]
+
+# Functions the rewritten graphs call; re-tracing a rewritten model must keep them as single nodes.
+_AUTOWRAP = (_runtime.check_spatial_size, _runtime.layer_norm_channels, _runtime.window_attention_nchw)
+
+
+def _encoder_layer_forward(layer: nn.TransformerEncoderLayer, src: Any, src_mask: Any = None,
+                           src_key_padding_mask: Any = None, is_causal: bool = False) -> Any:  # fmt: skip
+    """``nn.TransformerEncoderLayer.forward`` without its fast path, whose checks branch on tensor properties and
+    cannot be traced; the computation is the same (the fast path is a fused kernel for inference)."""
+    x = src
+    if layer.norm_first:
+        x = x + layer._sa_block(layer.norm1(x), src_mask, src_key_padding_mask, is_causal=is_causal)
+        return x + layer._ff_block(layer.norm2(x))
+    x = layer.norm1(x + layer._sa_block(x, src_mask, src_key_padding_mask, is_causal=is_causal))
+    return layer.norm2(x + layer._ff_block(x))
+
+
+def _encoder_forward(encoder: nn.TransformerEncoder, src: Any, mask: Any = None, src_key_padding_mask: Any = None,
+                     is_causal: bool | None = None) -> Any:  # fmt: skip
+    """``nn.TransformerEncoder.forward`` without masks and without its nested-tensor fast path."""
+    if mask is not None or src_key_padding_mask is not None:
+        return encoder.forward(src, mask, src_key_padding_mask, is_causal)  # not traceable: fails like before
+    out = src
+    for layer in encoder.layers:
+        out = layer(out)
+    return encoder.norm(out) if encoder.norm is not None else out
+
+
+#: torch.nn modules fx treats as leaves whose Linears we need: traced through a fast-path-free forward instead.
+_TRACEABLE_FORWARDS: dict[type, Any] = {
+    nn.TransformerEncoderLayer: _encoder_layer_forward,
+    nn.TransformerEncoder: _encoder_forward,
+}
+
+
+class _Tracer(fx.Tracer):
+    """A tracer that honours user leaf modules and remembers the innermost submodule that failed."""
+
+    def __init__(self, leaf_modules: LeafSpec) -> None:
+        super().__init__(autowrap_functions=_AUTOWRAP)
+        self._leaf_types = tuple(x for x in leaf_modules if isinstance(x, type))
+        self._leaf_names = {x for x in leaf_modules if isinstance(x, str)}
+        self.failed_module: str | None = None
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if module_qualified_name in self._leaf_names or (self._leaf_types and isinstance(m, self._leaf_types)):
+            return True
+        if type(m) in _TRACEABLE_FORWARDS and not m._forward_hooks and not m._forward_pre_hooks:
+            return False
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
+        if type(m) in _TRACEABLE_FORWARDS and not self.is_leaf_module(m, self.path_of_module(m)):
+            forward = functools.partial(_TRACEABLE_FORWARDS[type(m)], m)
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_module is None:
+                with contextlib.suppress(NameError):
+                    self.failed_module = self.path_of_module(m)
+            raise
+
+
+_CONCRETE = (type(None), bool, int, float, str)
+
+
+def _concrete_args(model: nn.Module, n_inputs: int | None) -> dict[str, Any]:
+    """Optional ``forward`` arguments the example inputs do not supply, fixed to their defaults.
+
+    Without this, fx would trace ``if scale is not None:`` on a Proxy as true and bake in a branch the original does
+    not take. fx guards the specialisation: the traced model raises if called with another value.
+    """
+    if n_inputs is None:
+        return {}
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if any(p.kind == p.VAR_POSITIONAL for p in params):
+        return {}
+    required = [p.name for p in positional if p.default is p.empty]
+    if n_inputs < len(required):
+        raise InputError(
+            f"{type(model).__name__}.forward({', '.join(required)}) needs {len(required)} inputs but example_inputs "
+            f"has {n_inputs}"
+        )
+    if n_inputs > len(positional):
+        raise InputError(
+            f"{type(model).__name__}.forward takes {len(positional)} positional inputs but example_inputs has {n_inputs}"
+        )
+    rest = positional[n_inputs:] + [p for p in params if p.kind == p.KEYWORD_ONLY]
+    return {p.name: p.default for p in rest if p.default is not p.empty and isinstance(p.default, _CONCRETE)}
+
+
+def trace(model: nn.Module, leaf_modules: LeafSpec = (), n_inputs: int | None = None) -> fx.GraphModule:
+    """Symbolically trace ``model``; a GraphModule is returned as it is (its graph is already explicit).
+
+    ``n_inputs``, the number of example inputs, lets optional arguments past them be fixed to their defaults.
+    """
+    for leaf in leaf_modules:
+        if not isinstance(leaf, (str, type)):
+            raise InputError(f"leaf_modules entries must be module types or qualified names, got {leaf!r}")
+    if isinstance(model, fx.GraphModule) and not leaf_modules:
+        return model
+    tracer = _Tracer(leaf_modules)
+    concrete = _concrete_args(model, n_inputs)
+    try:
+        graph = tracer.trace(model, concrete_args=concrete or None)
+    except Exception as e:  # torch.fx raises many types (TraceError, TypeError, NameError, RuntimeError, ...)
+        where = tracer.failed_module
+        if where:
+            sub = model.get_submodule(where)
+            hint = f"leaf_modules=({where!r},) or leaf_modules=({type(sub).__name__},)"
+            cause = f"cannot trace submodule {where!r} ({type(sub).__name__}): {one_line(e)}"
+            msg = f"{cause}; mark it as a leaf: {hint}"
+        else:
+            cause = f"cannot trace {type(model).__name__}.forward: {one_line(e)}"
+            msg = f"{cause}; move the untraceable code into a submodule and pass it in leaf_modules"
+        raise TraceError(msg, module=where or "", cause=cause) from e
+    name = model.__class__.__name__
+    return fx.GraphModule(tracer.root, graph, name)

@@ -1,0 +1,210 @@
+"""Export the original and the rewritten model to ONNX and cross-check them in onnxruntime.
+
+Three stages, as Polygraphy splits runners from the comparator: *export* (both models, batch axis dynamic when the
+exporter keeps it so, then ``onnx.checker``), *run* (torch original, torch rewritten, and each ONNX file in
+onnxruntime with graph optimizations disabled and fully enabled, at the example batch size and another one) and
+*compare* (every candidate against torch original, and onnxruntime rewritten against onnxruntime original, under
+the one comparison policy of :mod:`~fxsurgery.verify.policy`). The op-type histograms of both graphs show whether
+the rewrite survived export: the rewritten sites' Gemm/MatMul nodes became Conv, or the reverse.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+from torch import nn
+
+from fxsurgery.errors import InputError, SurgeryError, one_line
+from fxsurgery.report import Comparison, OnnxCheck
+from fxsurgery.tracing.copies import eval_copy
+from fxsurgery.tracing.inputs import normalize_inputs
+from fxsurgery.verify.onnx_export import EXPORTERS, batch_is_dynamic, export_onnx, op_histogram
+from fxsurgery.verify.ort import OPT_LEVELS, run_session, session
+from fxsurgery.verify.policy import compare_leaves
+from fxsurgery.verify.validation import random_inputs, run_no_grad
+
+__all__ = ["cross_check"]
+
+log = logging.getLogger(__name__)
+
+_MATMUL_OPS = ("Gemm", "MatMul")
+_CONV_OPS = ("Conv", "ConvTranspose")
+NAMES = ("original", "rewritten")
+
+
+@dataclass
+class _Findings:
+    """What the stages found that is not a comparison: limits (skipped) and failures."""
+
+    inputs: tuple[torch.Tensor, ...]
+    skipped: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+
+    def limit_or_fail(self, message: str) -> None:
+        """Missing kernels for a dtype other than float32 are a reported limit, not a failure (onnxruntime CPU has
+        no float64 Conv and no bfloat16 Gemm; ONNX allows bfloat16 Conv only from opset 22)."""
+        dtypes = {t.dtype for t in self.inputs if t.is_floating_point()}
+        if dtypes - {torch.float32}:
+            names = ", ".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
+            self.skipped.append(f"{message} [dtype limit: {names}; bfloat16 Conv needs opset=22]")
+        else:
+            self.failures.append(message)
+
+
+def _export(models: dict[str, nn.Module], paths: dict[str, Path], inputs: tuple[torch.Tensor, ...],
+            export_inputs: tuple[torch.Tensor, ...], dynamic: bool, found: _Findings, exporter: str,
+            opset: int | None) -> bool:  # fmt: skip
+    """Export both models; returns whether the batch axis is dynamic in both files."""
+    for name, module in models.items():
+        log.info("exporting %s model to %s", name, paths[name])
+        try:
+            export_onnx(module, export_inputs, paths[name], exporter=exporter, dynamic_batch=dynamic, opset=opset)
+        except Exception as e:
+            if not dynamic:
+                raise SurgeryError(f"ONNX export of the {name} model failed ({exporter}): {one_line(e)}") from e
+            found.skipped.append(f"dynamic batch axis: export failed ({one_line(e)}); exported with a static batch")
+            dynamic = False
+            break
+    if dynamic and (static := [n for n, p in paths.items() if not batch_is_dynamic(p)]):
+        found.skipped.append(f"dynamic batch axis: the exporter specialised the batch of {', '.join(static)}.onnx; "
+                             "re-exported with a static batch")  # fmt: skip
+        dynamic = False
+    if not dynamic:
+        for name, module in models.items():
+            export_onnx(module, inputs, paths[name], exporter=exporter, dynamic_batch=False, opset=opset)
+    return dynamic
+
+
+def _check_files(paths: dict[str, Path], found: _Findings) -> None:
+    import onnx
+
+    for name, path in paths.items():
+        try:
+            onnx.checker.check_model(str(path), full_check=True)
+        except Exception as e:
+            found.limit_or_fail(f"onnx.checker rejects {name}.onnx: {one_line(e)}")
+
+
+def _batch(inputs: Sequence[torch.Tensor]) -> int:
+    return int(inputs[0].shape[0]) if inputs[0].dim() else 1
+
+
+def _run(models: dict[str, nn.Module], paths: dict[str, Path], batches: list[tuple], providers: Sequence[str],
+         found: _Findings) -> list[dict[str, list[Any]]]:  # fmt: skip
+    """Outputs per batch, by runner: torch first, then one onnxruntime session at a time (a large model's sessions
+    each hold its weights)."""
+    outputs = [{f"torch {n}": [t for t in pytree.tree_leaves(run_no_grad(models[n], b)) if isinstance(t, torch.Tensor)]
+                for n in NAMES} for b in batches]  # fmt: skip
+    for name in NAMES:
+        for level in OPT_LEVELS:
+            label = f"ORT {name} [opt {level}]"
+            try:
+                sess = session(paths[name], optimization=level, providers=providers)
+            except Exception as e:
+                found.limit_or_fail(f"onnxruntime cannot load {name}.onnx (opt {level}): {one_line(e)}")
+                continue
+            for batch_inputs, got in zip(batches, outputs):
+                try:
+                    got[label] = run_session(sess, batch_inputs)
+                except Exception as e:
+                    found.limit_or_fail(f"{label} fails at batch {_batch(batch_inputs)}: {one_line(e)}")
+            del sess
+    return outputs
+
+
+def _compare(batches: list[tuple], outputs: list[dict[str, list[Any]]],
+             rtol: float | None) -> tuple[list[Comparison], float]:  # fmt: skip
+    """Every comparison, and the largest tolerance applied (it follows each output's dtype)."""
+    pairs = [("torch original", label) for label in outputs[0] if label != "torch original"]
+    pairs += [(f"ORT original [opt {lv}]", f"ORT rewritten [opt {lv}]") for lv in OPT_LEVELS]
+    comparisons, tol = [], 0.0
+    for batch_inputs, got in zip(batches, outputs):
+        for ref, cand in pairs:
+            if ref in got and cand in got:
+                reference = [t if isinstance(t, torch.Tensor) else torch.as_tensor(t) for t in got[ref]]
+                e = compare_leaves(reference, got[cand], rtol=rtol)
+                tol = max(tol, e.rtol)
+                comparisons.append(Comparison(ref, cand, _batch(batch_inputs), e.max_abs, e.max_rel, not e.failure,
+                                              e.failure))  # fmt: skip
+    return comparisons, tol
+
+
+def _visibility(counts: dict[str, dict[str, int]], direction: str | None, n_sites: int | None) -> tuple[bool | None, str]:
+    if direction not in ("linear_to_conv", "conv_to_linear") or n_sites is None:
+        return None, f"not checked (direction {direction or 'unknown'})"
+    orig, rew = counts["original"], counts["rewritten"]
+    conv_delta = sum(rew.get(op, 0) for op in _CONV_OPS) - sum(orig.get(op, 0) for op in _CONV_OPS)
+    mm_delta = sum(rew.get(op, 0) for op in _MATMUL_OPS) - sum(orig.get(op, 0) for op in _MATMUL_OPS)
+    sign = 1 if direction == "linear_to_conv" else -1
+    ok = conv_delta == sign * n_sites and mm_delta == -sign * n_sites
+    detail = f"Conv+ConvTranspose {conv_delta:+d}, Gemm+MatMul {mm_delta:+d} for {n_sites} rewritten site(s)"
+    return ok, detail + ("" if ok else f" (expected Conv+ConvTranspose {sign * n_sites:+d}, Gemm+MatMul {-sign * n_sites:+d})")
+
+
+def cross_check(
+    original: nn.Module,
+    rewritten: nn.Module,
+    example_inputs: Any,
+    out_dir: str | os.PathLike,
+    *,
+    exporter: str = "dynamo",
+    providers: Sequence[str] = ("CPUExecutionProvider",),
+    dynamic_batch: bool = True,
+    opset: int | None = None,
+    rtol: float | None = None,
+    direction: str | None = None,
+    rewritten_sites: int | None = None,
+    seed: int = 0,
+) -> OnnxCheck:
+    """Export both models to ``out_dir`` (``original.onnx``, ``rewritten.onnx``), check them with
+    ``onnx.checker.check_model(full_check=True)``, and compare torch and onnxruntime outputs four ways.
+
+    ``direction`` and ``rewritten_sites`` (taken from a :class:`~fxsurgery.SurgeryResult` by :func:`fxsurgery.check`)
+    enable the check that the rewrite is visible in the exported op histogram.
+    """
+    inputs = normalize_inputs(example_inputs)
+    _check_arguments(exporter, providers)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {name: out / f"{name}.onnx" for name in NAMES}
+    models = {"original": eval_copy(original), "rewritten": eval_copy(rewritten)}
+    found = _Findings(inputs)
+    dynamic = dynamic_batch and inputs[0].dim() > 0
+    gen = torch.Generator().manual_seed(seed)
+    # torch.export specialises a dimension of size 1: trace a dynamic batch with at least 2 samples.
+    export_inputs = random_inputs(inputs, gen, batch=2) if dynamic and inputs[0].shape[0] < 2 else inputs
+    dynamic = _export(models, paths, inputs, export_inputs, dynamic, found, exporter, opset)
+    _check_files(paths, found)
+    counts = {name: op_histogram(path) for name, path in paths.items()}
+    visible, detail = _visibility(counts, direction, rewritten_sites)
+    if visible is False:
+        found.failures.append(f"the rewrite is not visible in the exported graph: {detail}")
+    # the second batch is small: onnxruntime runs are a visible part of the cost
+    batches = [inputs] + ([random_inputs(inputs, gen, batch=_batch(inputs) + 1)] if dynamic else [])
+    comparisons, tol = _compare(batches, _run(models, paths, batches, providers, found), rtol)
+    found.failures += [f"{c.candidate} vs {c.reference} at batch {c.batch}: {c.failure}" for c in comparisons
+                       if not c.passed]  # fmt: skip
+    if not dynamic_batch:
+        found.skipped.append("second batch size: the batch axis was exported static on request")
+    return OnnxCheck(passed=not found.failures, exporter=exporter, original_path=str(paths["original"]),
+                     rewritten_path=str(paths["rewritten"]), op_counts=counts, comparisons=tuple(comparisons),
+                     rtol=tol or (rtol or 0.0), rewrite_visible=visible, rewrite_detail=detail, dynamic_batch=dynamic,
+                     skipped=tuple(found.skipped), failures=tuple(found.failures))  # fmt: skip
+
+
+def _check_arguments(exporter: str, providers: Sequence[str]) -> None:
+    if exporter not in EXPORTERS:
+        raise InputError(f"unknown exporter {exporter!r}; use one of {', '.join(EXPORTERS)}")
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    unknown = [p for p in providers if p not in available]
+    if unknown:
+        raise InputError(f"onnxruntime execution provider(s) {unknown} not available here; available: {available}")

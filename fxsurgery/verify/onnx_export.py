@@ -1,0 +1,93 @@
+"""ONNX export of a module (dynamo or TorchScript exporter, dynamic batch, external data past 2 GiB), and what the
+exported file says: its op histogram, whether its batch axis stayed dynamic."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import io
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["EXPORTERS", "export_onnx", "op_histogram", "batch_is_dynamic"]
+
+EXPORTERS = ("dynamo", "torchscript")
+# Beyond this many parameter bytes a single protobuf (2 GiB limit) cannot hold the model: write external data.
+_EXTERNAL_DATA_BYTES = 1_800_000_000
+
+
+class _Call(nn.Module):
+    """Wraps a module so the TorchScript exporter sees a plain nn.Module (it trips on a GraphModule's ``graph``)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args: Any) -> Any:
+        return self.module(*args)
+
+
+def export_onnx(
+    module: nn.Module,
+    inputs: tuple[torch.Tensor, ...],
+    path: Path,
+    *,
+    exporter: str = "dynamo",
+    dynamic_batch: bool = True,
+    opset: int | None = None,
+) -> None:
+    """Export ``module`` (in eval mode) to ``path``; raises the exporter's exception on failure."""
+    names = [f"input_{i}" for i in range(len(inputs))]
+    big = sum(p.numel() * p.element_size() for p in module.parameters()) > _EXTERNAL_DATA_BYTES
+    kwargs: dict[str, Any] = {"input_names": names, "verbose": False}
+    if opset is not None:
+        kwargs["opset_version"] = opset
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        if exporter == "dynamo":
+            dyn = tuple({0: torch.export.Dim("batch")} if t.dim() else None for t in inputs) if dynamic_batch else None
+            torch.onnx.export(module, inputs, str(path), dynamo=True, dynamic_shapes=dyn, external_data=big, **kwargs)
+        else:
+            axes = {n: {0: "batch"} for n, t in zip(names, inputs) if t.dim()} if dynamic_batch else None
+            _export_torchscript(module, inputs, path, axes, kwargs)
+
+
+def _export_torchscript(module: nn.Module, inputs: tuple[torch.Tensor, ...], path: Path, axes: Any,
+                        kwargs: dict[str, Any]) -> None:  # fmt: skip
+    """Past 2 GiB the TorchScript exporter writes one file per initializer beside the model, named like
+    "onnx::Conv_497": two models exported into one folder would overwrite each other's weights. Export alone, then
+    keep one data file per model."""
+    wrapper = _Call(module).train(module.training)  # the exporter restores the wrapper's mode recursively
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        staged = Path(tmp) / "model.onnx"
+        torch.onnx.export(wrapper, inputs, str(staged), dynamo=False, dynamic_axes=axes, **kwargs)
+        if len(list(Path(tmp).iterdir())) == 1:
+            os.replace(staged, path)
+        else:
+            import onnx
+
+            onnx.save_model(onnx.load(str(staged)), str(path), save_as_external_data=True,
+                            all_tensors_to_one_file=True, location=f"{path.name}.data")  # fmt: skip
+
+
+def op_histogram(path: str | os.PathLike) -> dict[str, int]:
+    """Count the op types of an ONNX model's main graph."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return dict(sorted(collections.Counter(n.op_type for n in model.graph.node).items()))
+
+
+def batch_is_dynamic(path: Path) -> bool:
+    """Whether dim 0 of every graph input with dims is symbolic in the exported file."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    dims = [i.type.tensor_type.shape.dim for i in model.graph.input if i.type.tensor_type.shape.dim]
+    return all(d[0].dim_param for d in dims)

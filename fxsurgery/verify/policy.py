@@ -1,0 +1,125 @@
+"""The comparison policy, one for validation and for the ONNX cross-check.
+
+For each output tensor, with ``ref`` the original's output:
+
+    max|got - ref|  <=  rtol[dtype of ref] * max(max|ref finite|, SCALE_FLOOR)
+
+errors are measured relative to the magnitude of the output, not element by element (a Linear and a 7x7 conv sum
+the same 25088 products in a different order; their float32 results differ by ~3e-5 at |y| ~ 45, far above
+torch.testing's per-element defaults yet a ~1e-6 fraction of the output scale). NaN and infinities must stand in
+the same places with the same values: a NaN or inf where the reference has none (or the reverse) fails. Integer and
+boolean outputs must be equal. Complex outputs are compared by the modulus of the difference.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+
+__all__ = ["RTOL", "SCALE_FLOOR", "Errors", "tolerance", "compare_tensor", "compare_outputs", "compare_leaves"]
+
+#: Relative tolerance per output dtype, against the output's largest magnitude.
+RTOL: dict[torch.dtype, float] = {
+    torch.float64: 1e-10,
+    torch.float32: 1e-4,
+    torch.float16: 5e-3,
+    torch.bfloat16: 3e-2,
+    torch.complex128: 1e-10,
+    torch.complex64: 1e-4,
+}
+#: Outputs smaller than this in magnitude are compared as if they were this large.
+SCALE_FLOOR = 1e-3
+
+
+def tolerance(dtype: torch.dtype, rtol: float | None = None) -> float:
+    """The tolerance for an output of ``dtype`` (0 for integers and booleans: they must be equal)."""
+    return rtol if rtol is not None else RTOL.get(dtype, 0.0)
+
+
+@dataclass
+class Errors:
+    """The running result of a comparison: the largest errors, and the first failure."""
+
+    max_abs: float = 0.0
+    max_rel: float = 0.0
+    rtol: float = 0.0
+    worst: str = ""
+    failure: str = ""
+
+    def fail(self, where: str, message: str) -> None:
+        if not self.failure:
+            self.failure = f"{where}: {message}"
+            self.worst = where
+        self.max_abs = self.max_rel = math.inf
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach().cpu()
+    return t.to(torch.complex128) if t.is_complex() else t.double()
+
+
+def compare_tensor(a: torch.Tensor, b: torch.Tensor, where: str, errors: Errors, *, rtol: float | None = None,
+                   check_dtype: bool = True) -> None:  # fmt: skip
+    """Compare ``b`` against the reference ``a`` into ``errors``."""
+    if a.shape != b.shape or (check_dtype and a.dtype != b.dtype):
+        errors.fail(where, f"original gives {tuple(a.shape)} {a.dtype}, rewritten gives {tuple(b.shape)} {b.dtype}")
+        return
+    tol = tolerance(a.dtype, rtol)
+    errors.rtol = max(errors.rtol, tol)
+    a64, b64 = _wide(a), _wide(b)
+    same = (a64 == b64) | (torch.isnan(a64) & torch.isnan(b64))
+    diff = torch.where(same, torch.zeros_like(a64.real), (a64 - b64).abs().to(a64.real.dtype))
+    max_abs = float(diff.max()) if diff.numel() else 0.0
+    finite = a64[torch.isfinite(a64)].abs()
+    scale = max(float(finite.max()) if finite.numel() else 0.0, SCALE_FLOOR)
+    max_rel = max_abs / scale
+    if max_rel > errors.max_rel or math.isnan(max_rel):
+        errors.max_rel = max_rel
+        if not errors.failure:  # until something fails, "worst" is the output with the largest error
+            errors.worst = where
+    if (math.isnan(max_abs) or max_abs > tol * scale) and not errors.failure:
+        what = "NaN or inf where the other has a number" if not math.isfinite(max_abs) else f"max abs error {max_abs:.3g}"
+        errors.failure = f"{where}: {what} exceeds {tol:.3g} x output scale {scale:.3g}"
+        errors.worst = where
+    errors.max_abs = max(errors.max_abs, max_abs) if not math.isnan(max_abs) else math.inf
+
+
+def compare_outputs(
+    ref: Any, got: Any, *, rtol: float | None = None, label: str = "output", errors: Errors | None = None
+) -> Errors:
+    """Compare two output structures leaf by leaf; the structures (dicts, tuples, dataclasses) must be equal."""
+    errors = errors or Errors()
+    ref_leaves, ref_spec = pytree.tree_flatten(ref)
+    got_leaves, got_spec = pytree.tree_flatten(got)
+    if ref_spec != got_spec:
+        errors.fail(label, f"output structure differs: original {ref_spec}, rewritten {got_spec}")
+        return errors
+    for i, (a, b) in enumerate(zip(ref_leaves, got_leaves)):
+        where = f"{label}[{i}]" if len(ref_leaves) > 1 else label
+        if not isinstance(a, torch.Tensor):
+            if a != b:
+                errors.fail(where, f"non-tensor output differs: {a!r} vs {b!r}")
+        elif not isinstance(b, torch.Tensor):
+            errors.fail(where, f"original gives {tuple(a.shape)} {a.dtype}, rewritten gives {type(b).__name__}")
+        else:
+            compare_tensor(a, b, where, errors, rtol=rtol)
+    return errors
+
+
+def compare_leaves(ref: Sequence[torch.Tensor], got: Sequence[Any], *, rtol: float | None = None,
+                   label: str = "output") -> Errors:  # fmt: skip
+    """Compare flat lists of outputs (an onnxruntime session's, as arrays or tensors) under the same policy;
+    dtypes may differ (a runtime may widen), shapes and values may not."""
+    errors = Errors()
+    if len(ref) != len(got):
+        errors.fail(label, f"{len(ref)} outputs against {len(got)}")
+        return errors
+    for i, (a, b) in enumerate(zip(ref, got)):
+        b = b if isinstance(b, torch.Tensor) else torch.as_tensor(b)
+        compare_tensor(a, b, f"{label}[{i}]" if len(ref) > 1 else label, errors, rtol=rtol, check_dtype=False)
+    return errors
