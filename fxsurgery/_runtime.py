@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["check_spatial_size", "layer_norm_channels", "window_attention_nchw"]
+__all__ = ["check_spatial_size", "layer_norm_channels", "window_attention_nchw", "shift_mask"]
 
 
 def check_spatial_size(
@@ -54,6 +54,24 @@ def layer_norm_channels(
     return y
 
 
+def shift_mask(canvas: torch.Tensor, window: tuple[int, int], shift: list[int]) -> torch.Tensor:
+    """The attention mask of shifted windows, ``(windows, S, S)``: 0 between tokens of the same region of the shifted
+    map, -100 between regions (torchvision's ``shifted_window_attention``). ``canvas`` is a zero ``(H, W)`` map of
+    the padded size; it is filled with region numbers."""
+    (wh, ww), (pad_h, pad_w) = window, canvas.shape
+    h_slices = ((0, -wh), (-wh, -shift[0]), (-shift[0], None))
+    w_slices = ((0, -ww), (-ww, -shift[1]), (-shift[1], None))
+    count = 0
+    for hs in h_slices:
+        for ws in w_slices:
+            canvas[hs[0] : hs[1], ws[0] : ws[1]] = count
+            count += 1
+    nh, nw = pad_h // wh, pad_w // ww
+    mask = canvas.view(nh, wh, nw, ww).permute(0, 2, 1, 3).reshape(nh * nw, wh * ww)
+    mask = mask.unsqueeze(1) - mask.unsqueeze(2)
+    return mask.masked_fill(mask != 0, -100.0).masked_fill(mask == 0, 0.0)
+
+
 def window_attention_nchw(
     x: torch.Tensor,
     qkv_weight: torch.Tensor,
@@ -96,17 +114,7 @@ def window_attention_nchw(
         attn = (q * d**-0.5).transpose(-2, -1).matmul(k)
     attn = attn + relative_position_bias
     if sum(shift) > 0:
-        mask = x.new_zeros((pad_h, pad_w))
-        h_slices = ((0, -wh), (-wh, -shift[0]), (-shift[0], None))
-        w_slices = ((0, -ww), (-ww, -shift[1]), (-shift[1], None))
-        count = 0
-        for hs in h_slices:
-            for ws in w_slices:
-                mask[hs[0] : hs[1], ws[0] : ws[1]] = count
-                count += 1
-        mask = mask.view(nh, wh, nw, ww).permute(0, 2, 1, 3).reshape(nh * nw, s)
-        mask = mask.unsqueeze(1) - mask.unsqueeze(2)
-        mask = mask.masked_fill(mask != 0, float(-100.0)).masked_fill(mask == 0, float(0.0))
+        mask = shift_mask(x.new_zeros((pad_h, pad_w)), (wh, ww), shift)
         attn = (attn.view(-1, nh * nw, num_heads, s, s) + mask.unsqueeze(1).unsqueeze(0)).view(-1, num_heads, s, s)
     attn = F.dropout(F.softmax(attn, dim=-1), p=attention_dropout, training=training)
     out = v.matmul(attn.transpose(-2, -1)).reshape(-1, c, 1, s)  # (B*nW, C, 1, S)

@@ -153,7 +153,7 @@ class _Chooser:
                         why="not measurable alone (a functional site or window attention)")  # fmt: skip
             return
         original, x = alone
-        layer = original[-1] if isinstance(original, nn.Sequential) else original.layer
+        layer: Any = original[-1] if isinstance(original, nn.Sequential) else original.layer
         key = (direction, site.pattern, type(layer).__name__, tuple(p.shape for p in layer.parameters()),
                site.input_shape, getattr(layer, "stride", None))  # fmt: skip
         self.measured(direction, site.name, self.ratio(key, original, x, direction))

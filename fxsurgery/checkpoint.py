@@ -16,6 +16,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from fxsurgery.errors import one_line
 from fxsurgery.tracing.copies import working_copy
 
 __all__ = ["ParamLayout", "record_layout", "record_module_layouts", "merge_layouts", "load_state_dict",
@@ -44,14 +45,14 @@ class ParamLayout:
 
 
 def _view(t: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...], int]:
-    return tuple(t.shape), tuple(t.stride()), t.storage_offset()
+    return tuple(t.shape), tuple(t.stride()), int(t.storage_offset())
 
 
 def record_layout(gm: fx.GraphModule, name: str, original: torch.Tensor, rewritten: torch.Tensor) -> None:
     """Remember how parameter ``name`` of ``gm`` views the original parameter's storage."""
     if original.shape == rewritten.shape and original.stride() == rewritten.stride():
         return
-    numel = max(original.storage_offset() + _extent(original), rewritten.storage_offset() + _extent(rewritten))
+    numel = max(_view(original)[2] + _extent(original), _view(rewritten)[2] + _extent(rewritten))
     gm.meta.setdefault(META_KEY, {})[name] = ParamLayout(_view(original), _view(rewritten), numel)
 
 
@@ -123,12 +124,13 @@ def save_rewritten(gm: nn.Module, inputs: tuple[torch.Tensor, ...], out_dir: str
     save_file(original_state_dict(gm), str(out / "original_format.safetensors"))
     saved["original_format.safetensors"] = "the same weights in the original model's layout"
     graphs = [(name, m) for name, m in gm.named_modules() if isinstance(m, fx.GraphModule)]
-    (out / "rewritten_code.py").write_text("\n".join(f"# {name or 'root'}: {type(m).__name__}\n{m.code}" for name, m in graphs))
+    code = "\n".join(f"# {name or 'root'}: {type(m).__name__}\n{m.code}" for name, m in graphs)
+    (out / "rewritten_code.py").write_text(code)
     saved["rewritten_code.py"] = "generated forward of the rewritten GraphModule(s)"
     try:
         program = torch.export.export(working_copy(gm).eval(), inputs, strict=False)
         torch.export.save(program, str(out / "rewritten.pt2"))
         saved["rewritten.pt2"] = "torch.export program: torch.export.load(path).module()"
     except Exception as e:  # an exportable fx graph is not guaranteed; the other files still hold everything
-        saved["rewritten.pt2"] = f"not written: torch.export failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+        saved["rewritten.pt2"] = f"not written: torch.export failed ({one_line(e, 200)})"
     return saved

@@ -17,10 +17,10 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, NoReturn
 
 __all__ = ["main"]
 
@@ -33,7 +33,7 @@ class UsageError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # argparse would exit 2 with usage; keep its code, make it one line
+    def error(self, message: str) -> NoReturn:  # argparse would exit 2 with usage; keep its code, make it one line
         raise UsageError(f"{message} (see '{self.prog} --help')")
 
 
@@ -82,10 +82,12 @@ def _build_parser() -> argparse.ArgumentParser:
     rw.add_argument("--leaf-module", action="append", default=[], help="qualified name fx must not trace into")
     rw.add_argument("--exclude", action="append", default=[], help="site name to leave alone")
     rw.add_argument("--batch-layout", choices=("spatial", "batch"), default="spatial",
-                    help="linear_to_conv: carry the head as (1, C, 1, N) (one matrix product) or (N, C, 1, 1)")  # fmt: skip
+                    help="linear_to_conv: carry the head as (1, C, 1, N) (one matrix product) or "
+                         "(N, C, 1, 1)")  # fmt: skip
     rw.add_argument("--token-layout", action="store_true",
-                    help="linear_to_conv: carry transformer tokens (B, S, C) as (B, C, 1, S) and channels-last maps "
-                         "as NCHW, so Linears in ViT/Swin/MLP-Mixer blocks and their attention become 1x1 convs")  # fmt: skip
+                    help="linear_to_conv: carry transformer tokens (B, S, C) as (B, C, 1, S) and channels-last "
+                         "maps as NCHW, so Linears in ViT/Swin/MLP-Mixer blocks and their attention become 1x1 "
+                         "convs")  # fmt: skip
     common(rw)
 
     demo = sub.add_parser("demo", help="run the whole pipeline on the built-in model, both directions")
@@ -131,7 +133,8 @@ def parse_shape(text: str) -> tuple[int, ...]:
     try:
         shape = tuple(int(p) for p in text.replace("x", ",").split(","))
     except ValueError:
-        raise UsageError(f"malformed --input-shape {text!r}: expected comma-separated integers like 1,3,224,224")
+        message = f"malformed --input-shape {text!r}: expected comma-separated integers like 1,3,224,224"
+        raise UsageError(message) from None
     if not shape or any(d <= 0 for d in shape):
         raise UsageError(f"malformed --input-shape {text!r}: every dimension must be a positive integer")
     return shape
@@ -200,7 +203,7 @@ def load_weights(model: Any, path: str, allow_pickle: bool) -> None:
         hint = "" if allow_pickle else " (only tensors are loaded by default; see --unsafe-pickle)"
         raise UsageError(f"cannot read weights file {path}: {type(e).__name__}: {str(e).splitlines()[0]}{hint}") from e
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
+        state = state["state_dict"]  # type: ignore[assignment]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UsageError(f"weights file {path} does not hold a state dict of tensors")
     try:
@@ -269,7 +272,8 @@ def _check_input_dims(model: Any, inputs: tuple) -> None:
     first = next((m for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear))), None)
     if first is None or len(inputs) != 1:
         return
-    want = {nn.Conv2d: (3, 4), nn.Conv1d: (2, 3)}.get(type(first))
+    wants: dict[type, tuple[int, int]] = {nn.Conv2d: (3, 4), nn.Conv1d: (2, 3)}
+    want = wants.get(type(first))
     if want and inputs[0].dim() not in want:
         raise UsageError(
             f"--input-shape has {inputs[0].dim()} dims but the model starts with {type(first).__name__}, which takes "

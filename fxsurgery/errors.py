@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from fxsurgery.result import SurgeryResult
+    from fxsurgery.report import SurgeryResult
 
 __all__ = ["SurgeryError", "TraceError", "ValidationError", "InputError", "one_line"]
 

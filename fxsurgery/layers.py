@@ -19,8 +19,8 @@ __all__ = ["ChannelsLastBatchNorm2d", "ConvSelfAttention", "conv_viewing_linear"
 
 
 def conv_viewing_linear(
-    weight: nn.Parameter,
-    bias: nn.Parameter | None,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
     training: bool,
     feature: tuple[int, ...] | None = None,
     order: tuple[int, ...] | None = None,

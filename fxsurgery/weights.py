@@ -11,8 +11,9 @@ The maths:
   position.
 * If ``Y`` was permuted before the flatten (``Y.permute(0, 2, 3, 1).flatten(1)``, channels-last), the flattened index
   runs over the permuted dims, so the kernel is ``W.view(O, H, W, C).permute(0, 3, 1, 2)``: still a view.
-* A 1x1 ``Conv2d(C, O)`` with kernel ``K`` of shape ``(O, C, 1, 1)`` computes ``y[n, o, h, w] = b[o] + sum_c K[o, c] x[n,
-  c, h, w]``: a ``Linear(C -> O)`` with weight ``K.view(O, C)`` applied to every pixel.
+* A 1x1 ``Conv2d(C, O)`` with kernel ``K`` of shape ``(O, C, 1, 1)`` computes
+  ``y[n, o, h, w] = b[o] + sum_c K[o, c] x[n, c, h, w]``: a ``Linear(C -> O)`` with weight ``K.view(O, C)`` applied
+  to every pixel.
 * A ``ConvTranspose2d(C, O, 1)`` stores its kernel as ``(C, O, 1, 1)``; the Linear weight is ``K.view(C, O).t()``.
 """
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -48,7 +49,7 @@ def permute_dims(node: object) -> tuple[int, ...] | None:
         node.op == "call_function" and node.target is torch.permute
     ):
         return None
-    dims = node.kwargs["dims"] if "dims" in node.kwargs else node.args[1:]
+    dims: Any = node.kwargs["dims"] if "dims" in node.kwargs else node.args[1:]
     if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
         dims = dims[0]
     if not dims or not all(isinstance(d, int) for d in dims) or not isinstance(node.args[0], fx.Node):

@@ -54,7 +54,7 @@ class LinearOp:
 
     node: fx.Node
     input: Any
-    module: nn.Module | None = None
+    module: Any = None  # an nn.Linear
     weight: Any = None
     bias: Any = None
 

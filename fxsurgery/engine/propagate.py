@@ -30,7 +30,7 @@ class Elementwise:
         layout = next(rw.alt[i][1] for i in inputs if i in rw.alt)
         mapped = {i: rw.enter(i, layout, node.name) for i in inputs}
         with rw.graph.inserting_before(node):
-            new = rw.graph.node_copy(node, lambda a: mapped.get(a, a))  # type: ignore[arg-type,return-value]
+            new = rw.graph.node_copy(node, lambda a: mapped.get(a, a))
         new.meta = {}
         rw.set_alt(node, new, layout)
         return True
@@ -48,7 +48,7 @@ class StaticRank:
             return False
         rank = len(shape)
         for user in list(node.users):
-            user.args = fx.map_arg(user.args, lambda a: rank if a is node else a)  # type: ignore[arg-type,return-value]
-            user.kwargs = fx.map_arg(user.kwargs, lambda a: rank if a is node else a)  # type: ignore[arg-type,return-value]
+            user.args = fx.map_arg(user.args, lambda a: rank if a is node else a)
+            user.kwargs = fx.map_arg(user.kwargs, lambda a: rank if a is node else a)
         rw.graph.erase_node(node)
         return True

@@ -58,7 +58,7 @@ def prepare_model(model: Any) -> nn.Module:
     lazy = [
         name
         for name, m in model.named_modules()
-        if isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params()
+        if isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params()  # type: ignore[misc]
     ]
     if lazy:
         raise InputError(

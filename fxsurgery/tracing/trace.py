@@ -106,7 +106,8 @@ def _concrete_args(model: nn.Module, n_inputs: int | None) -> dict[str, Any]:
         )
     if n_inputs > len(positional):
         raise InputError(
-            f"{type(model).__name__}.forward takes {len(positional)} positional inputs but example_inputs has {n_inputs}"
+            f"{type(model).__name__}.forward takes {len(positional)} positional inputs but example_inputs has "
+            f"{n_inputs}"
         )
     rest = positional[n_inputs:] + [p for p in params if p.kind == p.KEYWORD_ONLY]
     return {p.name: p.default for p in rest if p.default is not p.empty and isinstance(p.default, _CONCRETE)}

@@ -96,12 +96,16 @@ def _batch(inputs: Sequence[torch.Tensor]) -> int:
     return int(inputs[0].shape[0]) if inputs[0].dim() else 1
 
 
+def _tensor_leaves(out: Any) -> list[torch.Tensor]:
+    return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+
+
 def _run(models: dict[str, nn.Module], paths: dict[str, Path], batches: list[tuple], providers: Sequence[str],
          found: _Findings) -> list[dict[str, list[Any]]]:  # fmt: skip
     """Outputs per batch, by runner: torch first, then one onnxruntime session at a time (a large model's sessions
     each hold its weights)."""
-    outputs = [{f"torch {n}": [t for t in pytree.tree_leaves(run_no_grad(models[n], b)) if isinstance(t, torch.Tensor)]
-                for n in NAMES} for b in batches]  # fmt: skip
+    outputs: list[dict[str, list[Any]]] = [{f"torch {n}": _tensor_leaves(run_no_grad(models[n], b)) for n in NAMES}
+                                           for b in batches]  # fmt: skip
     for name in NAMES:
         for level in OPT_LEVELS:
             label = f"ORT {name} [opt {level}]"
@@ -136,7 +140,9 @@ def _compare(batches: list[tuple], outputs: list[dict[str, list[Any]]],
     return comparisons, tol
 
 
-def _visibility(counts: dict[str, dict[str, int]], direction: str | None, n_sites: int | None) -> tuple[bool | None, str]:
+def _visibility(counts: dict[str, dict[str, int]], direction: str | None,
+                n_sites: int | None) -> tuple[bool | None, str]:  # fmt: skip
+    """Whether the rewritten sites' Gemm/MatMul nodes became Conv (or the reverse) in the exported graph."""
     if direction not in ("linear_to_conv", "conv_to_linear") or n_sites is None:
         return None, f"not checked (direction {direction or 'unknown'})"
     orig, rew = counts["original"], counts["rewritten"]
@@ -145,7 +151,9 @@ def _visibility(counts: dict[str, dict[str, int]], direction: str | None, n_site
     sign = 1 if direction == "linear_to_conv" else -1
     ok = conv_delta == sign * n_sites and mm_delta == -sign * n_sites
     detail = f"Conv+ConvTranspose {conv_delta:+d}, Gemm+MatMul {mm_delta:+d} for {n_sites} rewritten site(s)"
-    return ok, detail + ("" if ok else f" (expected Conv+ConvTranspose {sign * n_sites:+d}, Gemm+MatMul {-sign * n_sites:+d})")
+    if not ok:
+        detail += f" (expected Conv+ConvTranspose {sign * n_sites:+d}, Gemm+MatMul {-sign * n_sites:+d})"
+    return ok, detail
 
 
 def cross_check(

@@ -83,7 +83,7 @@ def compare_tensor(a: torch.Tensor, b: torch.Tensor, where: str, errors: Errors,
         if not errors.failure:  # until something fails, "worst" is the output with the largest error
             errors.worst = where
     if (math.isnan(max_abs) or max_abs > tol * scale) and not errors.failure:
-        what = "NaN or inf where the other has a number" if not math.isfinite(max_abs) else f"max abs error {max_abs:.3g}"
+        what = f"max abs error {max_abs:.3g}" if math.isfinite(max_abs) else "NaN or inf where the other has a number"
         errors.failure = f"{where}: {what} exceeds {tol:.3g} x output scale {scale:.3g}"
         errors.worst = where
     errors.max_abs = max(errors.max_abs, max_abs) if not math.isnan(max_abs) else math.inf

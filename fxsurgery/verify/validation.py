@@ -15,7 +15,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
-from fxsurgery.errors import InputError
+from fxsurgery.errors import InputError, one_line
 from fxsurgery.options import Precision
 from fxsurgery.report import Validation
 from fxsurgery.tracing.copies import eval_copy
@@ -122,9 +122,9 @@ def validate(
         try:
             ref = run_no_grad(orig, inputs)
         except Exception as e:
-            where = " in float64 (use precision='native')" if precision == "float64" else ""
             if k == 0:
-                raise InputError(f"the original model fails on the example inputs{where}: {type(e).__name__}: {e}") from e
+                where = " in float64 (use precision='native')" if precision == "float64" else ""
+                raise InputError(f"the original model fails on the example inputs{where}: {one_line(e)}") from e
             notes.append(f"{label} skipped: the original model fails on it: {type(e).__name__}: {e}"[:300])
             continue
         try:

@@ -10,7 +10,13 @@ from torch import nn
 
 from fxsurgery.engine.rewriter import Rewriter
 from fxsurgery.report import Site
-from fxsurgery.rules.conv_to_linear._convert import ConvMatch, candidate, check_conv, check_full_extent, full_extent_to_linear
+from fxsurgery.rules.conv_to_linear._convert import (
+    ConvMatch,
+    candidate,
+    check_conv,
+    check_full_extent,
+    full_extent_to_linear,
+)
 
 __all__ = ["FullExtent", "PATTERN"]
 

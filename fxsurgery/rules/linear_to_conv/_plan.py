@@ -27,7 +27,8 @@ from fxsurgery.report import Site
 from fxsurgery.rules.linear_to_conv.layouts import CONV_LAYOUTS, NCHW_LAYOUT, TOKEN_LAYOUT
 from fxsurgery.weights import linear_to_conv_weight
 
-__all__ = ["ConvPlan", "LinearRule", "linear_input", "linear_name", "check_linear", "carried_plan", "region_plan", "emit_conv"]
+__all__ = ["ConvPlan", "LinearRule", "linear_input", "linear_name", "check_linear", "carried_plan", "region_plan",
+           "emit_conv"]  # fmt: skip
 
 WeightMap = Callable[..., Any]
 
@@ -106,7 +107,8 @@ def emit_conv(plan: ConvPlan, rw: Rewriter, pattern: str, weight_map: WeightMap 
     with rw.graph.inserting_before(plan.node):
         src = plan.source(rw)
         if op.module is None:
-            w4 = rw.graph.call_method("view", (op.weight, (plan.out_features, *(feature[d] for d in (order or (0, 1, 2))))))
+            flat = tuple(feature[d] for d in (order or (0, 1, 2)))
+            w4 = rw.graph.call_method("view", (op.weight, (plan.out_features, *flat)))
             if order:
                 w4 = rw.graph.call_method("permute", (w4, (0, *(1 + order.index(d) for d in range(3)))))
             conv = rw.graph.call_function(F.conv2d, (src, w4, op.bias, kernel))

@@ -59,7 +59,7 @@ class StochasticDepth:
             return False
         alt, layout = carried
         with rw.graph.inserting_before(node):
-            new = rw.graph.node_copy(node, lambda a: alt if a is node.args[0] else a)  # type: ignore[arg-type,return-value]
+            new = rw.graph.node_copy(node, lambda a: alt if a is node.args[0] else a)
         new.meta = {}
         rw.set_alt(node, new, layout)
         return True

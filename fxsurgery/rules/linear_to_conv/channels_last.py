@@ -12,9 +12,16 @@ import torch.fx as fx
 from fxsurgery.engine.layout import permute_dims
 from fxsurgery.engine.rewriter import Rewriter
 from fxsurgery.engine.rule import Skip
-from fxsurgery.rules.linear_to_conv._plan import ConvPlan, LinearRule, carried_plan, linear_input, linear_name, region_plan
-from fxsurgery.rules.linear_to_conv.layouts import NCHW_LAYOUT
+from fxsurgery.rules.linear_to_conv._plan import (
+    ConvPlan,
+    LinearRule,
+    carried_plan,
+    linear_input,
+    linear_name,
+    region_plan,
+)
 from fxsurgery.rules.linear_to_conv.flatten_head import FlattenHead
+from fxsurgery.rules.linear_to_conv.layouts import NCHW_LAYOUT
 from fxsurgery.tracing.shapes import shape_of
 
 __all__ = ["ChannelsLastLinear", "PATTERN"]

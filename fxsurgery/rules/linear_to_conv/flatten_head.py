@@ -13,6 +13,8 @@ last of its set: it claims every Linear no other rule claimed, and says why the 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.fx as fx
 
@@ -33,9 +35,9 @@ PATTERN = "flatten->linear"
 
 def _check_batch_safe(node: fx.Node) -> None:
     """Reject reshapes that only flatten correctly at the traced batch size."""
-    if node.target == "squeeze" or node.target is torch.squeeze:
-        if len(node.args) < 2 and "dim" not in node.kwargs:
-            raise Skip(f"{node.name}: squeeze() without dims also drops a batch of size 1")
+    squeeze = node.target == "squeeze" or node.target is torch.squeeze
+    if squeeze and len(node.args) < 2 and "dim" not in node.kwargs:
+        raise Skip(f"{node.name}: squeeze() without dims also drops a batch of size 1")
     if node.target in ("view", "reshape") or node.target is torch.reshape:
         shape = node.args[1:] if node.op == "call_method" else node.args[1:2]
         if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
@@ -49,7 +51,8 @@ def flatten_source(x: fx.Node, rw: Rewriter) -> tuple[fx.Node, list[tuple[fx.Nod
     """The 4-D node whose flatten is ``x``, walking back through order-preserving reshapes, and the elementwise ops
     met on the way with their tensor input, first to last; None if there is none."""
     n = static_shape(x, "the Linear input")[0]
-    cur, ops = x, []
+    cur: Any = x
+    ops: list[tuple[fx.Node, fx.Node]] = []
     while isinstance(cur, fx.Node):
         if is_reshape(cur, rw.modules) and isinstance(cur.args[0], fx.Node):
             _check_batch_safe(cur)

@@ -26,14 +26,17 @@ PATTERN = "pool->linear"
 
 def mean_source(x: object, rw: Rewriter) -> tuple[fx.Node, list[tuple[fx.Node, fx.Node]]] | None:
     """``(y, ops)`` if ``x`` is ``y.mean([2, 3])`` followed by elementwise ops, first to last; None otherwise."""
-    ops = []
-    while isinstance(x, fx.Node) and (pooled := spatial_mean_source(x)) is None:
+    ops: list[tuple[fx.Node, fx.Node]] = []
+    while isinstance(x, fx.Node):
+        pooled = spatial_mean_source(x)
+        if pooled is not None:
+            return pooled, ops[::-1]
         inputs = elementwise_tensor_inputs(x, rw.modules)
         if not inputs or len(inputs) != 1:
             return None
         ops.append((x, inputs[0]))
         x = inputs[0]
-    return (pooled, ops[::-1]) if isinstance(x, fx.Node) else None
+    return None
 
 
 class PoolHead(LinearRule):

@@ -7,7 +7,14 @@ from __future__ import annotations
 import torch.fx as fx
 
 from fxsurgery.engine.rewriter import Rewriter
-from fxsurgery.rules.linear_to_conv._plan import ConvPlan, LinearRule, carried_plan, linear_input, linear_name, region_plan
+from fxsurgery.rules.linear_to_conv._plan import (
+    ConvPlan,
+    LinearRule,
+    carried_plan,
+    linear_input,
+    linear_name,
+    region_plan,
+)
 from fxsurgery.rules.linear_to_conv.layouts import TOKEN_LAYOUT
 from fxsurgery.tracing.shapes import shape_of
 

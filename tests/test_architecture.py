@@ -1,0 +1,100 @@
+"""The code's shape, measured on the checkout: short functions and modules, no import circles, public modules that
+declare what they export. These are the limits the README's "Writing a rule" section promises a newcomer."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "fxsurgery"
+MAX_FUNCTION_LINES = 60
+MAX_MODULE_LINES = 400
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        out[name] = path
+    return out
+
+
+MODULES = _modules()
+
+
+def _runtime_imports(name: str, path: Path) -> set[str]:
+    """The fxsurgery modules ``name`` imports when it runs (``if TYPE_CHECKING:`` blocks aside), resolved to the
+    most specific module (``from fxsurgery.rules import conv_to_linear`` is the module ``...conv_to_linear``)."""
+    tree = ast.parse(path.read_text())
+    ifs = [node for node in ast.walk(tree) if isinstance(node, ast.If)]
+    guarded = [node for node in ifs if "TYPE_CHECKING" in ast.unparse(node.test)]
+    checking = {id(n) for node in guarded for n in ast.walk(node)}
+    found = set()
+    for node in ast.walk(tree):
+        if id(node) in checking:
+            continue
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("fxsurgery")}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("fxsurgery"):
+            for alias in node.names:
+                sub = f"{node.module}.{alias.name}"
+                found.add(sub if sub in MODULES else node.module)
+    return found - {name}
+
+
+def _cycle() -> list[str] | None:
+    graph = {name: _runtime_imports(name, path) & MODULES.keys() for name, path in MODULES.items()}
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(n: str) -> list[str] | None:
+        state[n] = 1
+        stack.append(n)
+        for m in sorted(graph[n]):
+            if state.get(m) == 1:
+                return stack[stack.index(m):] + [m]
+            if m not in state and (found := visit(m)):
+                return found
+        stack.pop()
+        state[n] = 2
+        return None
+
+    for n in sorted(graph):
+        if n not in state and (found := visit(n)):
+            return found
+    return None
+
+
+def test_no_import_cycle():
+    assert _cycle() is None, " -> ".join(_cycle() or [])
+
+
+def test_the_cycle_finder_finds_a_cycle(tmp_path, monkeypatch):
+    (tmp_path / "a.py").write_text("from fxsurgery.b import x\n")
+    (tmp_path / "b.py").write_text("import fxsurgery.a\nif TYPE_CHECKING:\n    from fxsurgery.c import y\n")
+    (tmp_path / "c.py").write_text("from fxsurgery.a import z\n")
+    fake = {"fxsurgery.a": tmp_path / "a.py", "fxsurgery.b": tmp_path / "b.py", "fxsurgery.c": tmp_path / "c.py"}
+    monkeypatch.setattr(f"{__name__}.MODULES", fake)
+    assert _cycle() == ["fxsurgery.a", "fxsurgery.b", "fxsurgery.a"]
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_module_size_and_function_length(name):
+    path = MODULES[name]
+    text = path.read_text()
+    assert len(text.splitlines()) <= MAX_MODULE_LINES, f"{path} has {len(text.splitlines())} lines"
+    # whole definitions, signature and docstring included
+    functions = [n for n in ast.walk(ast.parse(text)) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    long = [f"{n.name} ({n.end_lineno - n.lineno + 1} lines)" for n in functions
+            if n.end_lineno - n.lineno + 1 > MAX_FUNCTION_LINES]  # fmt: skip
+    assert not long, f"{path}: function bodies over {MAX_FUNCTION_LINES} lines: {long}"
+
+
+@pytest.mark.parametrize("name", [n for n in sorted(MODULES) if not n.split(".")[-1].startswith("_")])
+def test_public_modules_declare_all(name):
+    tree = ast.parse(MODULES[name].read_text())
+    names = {t.id for n in tree.body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)}
+    assert "__all__" in names or name.endswith("__main__"), f"{name} has no __all__"
