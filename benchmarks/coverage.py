@@ -3,6 +3,7 @@
     python -m benchmarks.coverage                       # every model (slow: about an hour on 2 cores)
     python -m benchmarks.coverage resnet18 vgg11        # a few
     python -m benchmarks.coverage --no-onnx             # rewrite + validation only
+    python -m benchmarks.coverage --rerun               # every row of coverage.json again, same exporter per row
 
 Needs torchvision (``pip install torch==2.14.1 torchvision==0.29.1`` on these machines). Models are built with
 ``weights=None`` (no downloads). Writes ``benchmarks/coverage.json`` (one record per model and direction, updated
@@ -141,6 +142,11 @@ def markdown(records: list[dict[str, Any]], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _progress(record: dict[str, Any]) -> None:
+    print(f"{record['model']:22s} {record['direction']:15s} {record.get('outcome'):13s} "
+          f"rewritten={record.get('rewritten')} skipped={record.get('skipped')} {record['seconds']}s", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("models", nargs="*", help="model names (default: all classification models)")
@@ -149,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(HERE / "coverage"), help="output path without suffix")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--resume", action="store_true", help="keep the records already in OUT.json, run the rest")
+    parser.add_argument("--rerun", action="store_true",
+                        help="run every record of OUT.json again (same model, direction and exporter), in place")
     parser.add_argument("--token-layout", action="store_true",
                         help=f"run only the {TOKENS} rows (Linear -> conv with token_layout=True)")  # fmt: skip
     args = parser.parse_args(argv)
@@ -165,6 +173,15 @@ def main(argv: list[str] | None = None) -> int:
     records: list[dict[str, Any]] = []
     if args.resume and out.with_suffix(".json").exists():
         records = json.loads(out.with_suffix(".json").read_text())
+    if args.rerun:
+        records = json.loads(out.with_suffix(".json").read_text())
+        for i, old in enumerate(records):
+            to = "conv" if old["direction"].startswith("linear_to_conv") else "linear"
+            records[i] = run_one(old["model"], to, onnx=not args.no_onnx, exporter=old.get("exporter") or "dynamo",
+                                 tokens=old["direction"] == TOKENS)  # fmt: skip
+            _progress(records[i])
+            out.with_suffix(".json").write_text(json.dumps(records, indent=1, default=str))
+        names = []
     done = {(r["model"], r["direction"]) for r in records}
     runs = [("conv", True)] if args.token_layout else [(to, False) for to in DIRECTIONS]
     for name in names:
@@ -173,8 +190,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             record = run_one(name, to, onnx=not args.no_onnx, exporter=args.exporter, tokens=tokens)
             records.append(record)
-            print(f"{name:22s} {record['direction']:15s} {record.get('outcome'):13s} rewritten={record.get('rewritten')} "
-                  f"skipped={record.get('skipped')} {record['seconds']}s", flush=True)  # fmt: skip
+            _progress(record)
             out.with_suffix(".json").write_text(json.dumps(records, indent=1, default=str))
     order = {n: i for i, n in enumerate(all_models())}
     rank = {"linear_to_conv": 0, TOKENS: 1, "conv_to_linear": 2}

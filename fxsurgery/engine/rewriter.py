@@ -134,9 +134,14 @@ class Rewriter:
         self.sites.append(Site(name, rule.pattern, "skipped", reason))
 
     def _common_skip(self, node: fx.Node, name: str) -> str | None:
+        """Why any site must be left alone, whatever its rule: excluded, constant, or a module called twice (a rule
+        would replace both calls by one layout's layer)."""
         if name in self.exclude:
             return "excluded by the caller"
         first = first_input(node)
         if isinstance(first, fx.Node) and first not in self.dynamic:
             return CONSTANT_INPUT
+        calls = self.module_calls[str(node.target)] if node.op == "call_module" else 1
+        if calls > 1:
+            return f"called {calls} times in forward (a shared layer); left as it is"
         return None
