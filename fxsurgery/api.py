@@ -7,6 +7,7 @@ Each takes the model, example inputs and the options (keywords, or one :class:`~
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -91,4 +92,4 @@ def check(
 
 
 for _f in (rewrite, linear_to_conv, conv_to_linear, check):
-    _f.__doc__ = f"{_f.__doc__}\n{OPTIONS_DOC}"
+    _f.__doc__ = f"{inspect.cleandoc(_f.__doc__ or '')}\n{OPTIONS_DOC}"

@@ -1,4 +1,4 @@
-"""The opt-in token layout (issue 7): tokens (B, S, C) carried as (B, C, 1, S), channels-last maps as NCHW, so every
+"""The opt-in token layout: tokens (B, S, C) carried as (B, C, 1, S), channels-last maps as NCHW, so every
 Linear in a transformer block is a 1x1 conv and self-attention runs without transposing the activations.
 
 Expected values come from the original model in float64 (``run_surgery``); torchvision's ViT zero-initialises its
