@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["check_spatial_size", "layer_norm_channels", "window_attention_nchw", "shift_mask"]
+__all__ = ["check_spatial_size", "check_mode", "layer_norm_channels", "window_attention_nchw", "shift_mask"]
 
 
 def check_spatial_size(
@@ -33,6 +33,19 @@ def check_spatial_size(
             )
         )
     return x
+
+
+def check_mode(training: bool, traced: bool, modules: tuple[str, ...]) -> None:
+    """Raise unless the graph runs in the mode it was traced in: ``modules`` branch on ``self.training``, and the
+    graph holds only the branch of the traced mode."""
+    if bool(training) != traced:
+        mode = "training" if traced else "eval"
+        raise RuntimeError(
+            f"fxsurgery: this graph was traced in {mode} mode and the forward of {', '.join(modules)} branches on "
+            "self.training: it "
+            f"computes the {mode}-mode branch only; call .{'train' if traced else 'eval'}() on it, or rewrite the "
+            f"model again in {'eval' if traced else 'training'} mode"
+        )
 
 
 def layer_norm_channels(

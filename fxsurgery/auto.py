@@ -96,6 +96,9 @@ class _Chooser:
 
     def __init__(self, options: Options, work: Path, pairs: int, threads: int) -> None:
         self.options, self.work, self.pairs, self.threads = options, work, pairs, threads
+        # a block or a layer timed alone: names of the whole model do not apply to it
+        self.alone = replace(options, exclude=(), leaf_modules=tuple(x for x in options.leaf_modules
+                                                                     if not isinstance(x, str)))  # fmt: skip
         self.choices: list[dict[str, Any]] = []
         self.keep: dict[str, list[str]] = {d: [] for d in DIRECTIONS}
         self.cache: dict[tuple, Ratio] = {}
@@ -115,7 +118,7 @@ class _Chooser:
     def ratio(self, key: tuple, module: nn.Module, x: torch.Tensor, direction: str) -> Ratio:
         """``module`` against its rewritten form on ``x`` (measured once per key)."""
         if key not in self.cache:
-            form = run_pass(module, (x,), direction, self.options).module
+            form = run_pass(module, (x,), direction, self.alone).module
             self.cache[key] = interleaved(self.runner(module, x), self.runner(form, x), self.pairs)
         return self.cache[key]
 

@@ -18,6 +18,7 @@ from torch import nn
 
 from fxsurgery.errors import one_line
 from fxsurgery.tracing.copies import working_copy
+from fxsurgery.weights import shares_storage
 
 __all__ = ["ParamLayout", "record_layout", "record_module_layouts", "merge_layouts", "load_state_dict",
            "original_state_dict", "save_rewritten"]
@@ -49,11 +50,33 @@ def _view(t: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...], int]:
 
 
 def record_layout(gm: fx.GraphModule, name: str, original: torch.Tensor, rewritten: torch.Tensor) -> None:
-    """Remember how parameter ``name`` of ``gm`` views the original parameter's storage."""
+    """Remember how parameter ``name`` of ``gm`` views the original parameter's storage.
+
+    A weight that could not be a view (a channels-last or otherwise non-contiguous kernel reshaped into a Linear
+    weight) is a copy of the original's values in their logical order: it is recorded against the original laid
+    out contiguously, which is what the copy holds.
+    """
     if original.shape == rewritten.shape and original.stride() == rewritten.stride():
         return
-    numel = max(_view(original)[2] + _extent(original), _view(rewritten)[2] + _extent(rewritten))
-    gm.meta.setdefault(META_KEY, {})[name] = ParamLayout(_view(original), _view(rewritten), numel)
+    source = _view(original)
+    if _copied(original, rewritten):
+        source = (tuple(original.shape), _contiguous_strides(original.shape), 0)
+    numel = max(source[2] + _extent(original, source[1]), _view(rewritten)[2] + _extent(rewritten))
+    gm.meta.setdefault(META_KEY, {})[name] = ParamLayout(source, _view(rewritten), numel)
+
+
+def _copied(original: torch.Tensor, rewritten: torch.Tensor) -> bool:
+    if original.device.type == "meta" or rewritten.device.type == "meta":
+        return not original.is_contiguous()  # what a reshape of it would do
+    return not shares_storage(original, rewritten)
+
+
+def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
+    strides, step = [], 1
+    for d in reversed(shape):
+        strides.append(step)
+        step *= max(int(d), 1)
+    return tuple(reversed(strides))
 
 
 def record_module_layouts(gm: fx.GraphModule, old: dict[str, nn.Module], new: dict[str, nn.Module]) -> None:
@@ -71,8 +94,8 @@ def merge_layouts(target: nn.Module, prefix: str, child: nn.Module) -> None:
         target.meta.setdefault(META_KEY, {})[prefix + key] = layout  # type: ignore[union-attr,operator]
 
 
-def _extent(t: torch.Tensor) -> int:
-    return 1 + sum((s - 1) * st for s, st in zip(t.shape, t.stride())) if t.numel() else 0
+def _extent(t: torch.Tensor, stride: tuple[int, ...] | None = None) -> int:
+    return 1 + sum((s - 1) * st for s, st in zip(t.shape, stride or t.stride())) if t.numel() else 0
 
 
 def _layouts(module: nn.Module) -> dict[str, ParamLayout]:

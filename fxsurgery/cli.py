@@ -117,6 +117,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(str(e))
     except SurgeryError as e:
         return _fail(str(e), EXIT_MISMATCH)
+    except SystemExit as e:  # the model's own code called sys.exit: that is no result
+        return _fail(f"the model's code exited (SystemExit: {e.code}) before the rewrite finished")
     except KeyboardInterrupt:
         return _fail("interrupted", 130)
 
@@ -154,14 +156,14 @@ def load_factory(spec: str) -> Callable[[], Any]:
         sys.path.insert(0, str(path.parent.resolve()))
         try:
             module_spec.loader.exec_module(module)  # type: ignore[union-attr]
-        except Exception as e:
+        except (Exception, SystemExit) as e:
             raise UsageError(f"cannot import {where}: {type(e).__name__}: {e}") from e
         finally:
             sys.path.pop(0)
     else:
         try:
             module = importlib.import_module(where)
-        except Exception as e:
+        except (Exception, SystemExit) as e:
             raise UsageError(f"cannot import module {where!r}: {type(e).__name__}: {e}") from e
     obj = module
     for part in name.split("."):
@@ -179,6 +181,8 @@ def build_model(spec: str) -> Any:
     factory = load_factory(spec)
     try:
         model = factory()
+    except SystemExit as e:  # user code that exits is not a result: say so, never "passed"
+        raise UsageError(f"calling {spec}() exited (SystemExit: {e.code}) instead of returning a model") from e
     except Exception as e:
         raise UsageError(f"calling {spec}() failed: {type(e).__name__}: {e}") from e
     if not isinstance(model, nn.Module):
@@ -250,6 +254,7 @@ def _rewrite(args: argparse.Namespace, progress: _Progress) -> int:
 
     shapes = [parse_shape(s) for s in args.input_shape]
     dtype = getattr(torch, args.dtype)
+    _check_input_size(shapes, dtype)
     with staged_output(args.out) as tmp:
         with progress.step(f"building {args.model}"):
             model = build_model(args.model)
@@ -263,6 +268,37 @@ def _rewrite(args: argparse.Namespace, progress: _Progress) -> int:
         _write_report(report, tmp, inputs, args, progress)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.summary())
     return EXIT_OK if report.passed else EXIT_MISMATCH
+
+
+#: The example inputs, the activations they cause and the validation copies must fit: refuse inputs larger than this
+#: share of the memory available.
+_INPUT_MEMORY_SHARE = 0.05
+
+
+def _check_input_size(shapes: list[tuple[int, ...]], dtype: Any) -> None:
+    """Refuse example inputs that cannot fit in memory, up front, with the numbers."""
+    import math
+
+    import torch
+
+    size = sum(math.prod(s) for s in shapes) * torch.empty((), dtype=dtype).element_size()
+    available = _available_memory()
+    if size > _INPUT_MEMORY_SHARE * available:
+        raise UsageError(f"--input-shape asks for {size / 2**30:.3g} GiB of example inputs; with "
+                         f"{available / 2**30:.3g} GiB of memory available the inputs may use at most "
+                         f"{_INPUT_MEMORY_SHARE:.0%} of it (the model's activations and the validation copies need the "
+                         "rest): use a smaller shape")  # fmt: skip
+
+
+def _available_memory() -> int:
+    """Bytes of memory available (MemAvailable on Linux; the physical size elsewhere)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
 def _check_input_dims(model: Any, inputs: tuple) -> None:

@@ -18,13 +18,24 @@ import torch.fx as fx
 from torch import nn
 
 from fxsurgery.checkpoint import merge_layouts, record_module_layouts
+from fxsurgery.engine.nodes import CONV_TYPES
 from fxsurgery.engine.rewriter import Rewriter
 from fxsurgery.engine.rule import RuleSet
 from fxsurgery.errors import InputError, SurgeryError, TraceError, ValidationError
 from fxsurgery.options import LeafSpec, Options
 from fxsurgery.report import Site, SurgeryResult
 from fxsurgery.rules import rule_set
-from fxsurgery.tracing import capture_submodule_inputs, eval_copy, prepare_model, propagate_shapes, trace, working_copy
+from fxsurgery.tracing import (
+    capture_submodule_inputs,
+    check_devices,
+    check_names,
+    eval_copy,
+    prepare_model,
+    propagate_shapes,
+    trace,
+    unwrap,
+    working_copy,
+)
 from fxsurgery.verify.validation import validate
 
 __all__ = ["run_pass"]
@@ -56,13 +67,17 @@ class _Job:
 def run_pass(model: nn.Module, inputs: tuple[torch.Tensor, ...], direction: str, options: Options) -> SurgeryResult:
     """One direction (``"linear_to_conv"`` or ``"conv_to_linear"``) over ``model``: see the module docstring."""
     rules = rule_set(direction, options)
+    wrappers = unwrap(model)[1] if isinstance(model, nn.Module) else []
     model = prepare_model(model)
     if options.validate and any(p.device.type == "meta" for p in model.parameters()):
         raise InputError("the model's parameters are on the meta device and hold no values; pass validate=False")
+    module_names = [n for n, _ in model.named_modules() if n]
+    check_names("leaf_modules entry", [x for x in options.leaf_modules if isinstance(x, str)], module_names)
     log.info("tracing %s", type(model).__name__)
     job = _Job(rules, options.leaf_modules, options.exclude)
     gm, sites, notes = _rewrite_structure(model, inputs, job)
-    result = SurgeryResult(gm, sites, None, direction, tuple(notes))
+    check_names("exclude entry", options.exclude, [*module_names, *(s.name for s in sites)])
+    result = SurgeryResult(gm, sites, None, direction, (*wrappers, *notes))
     if not options.validate:
         return result
     log.info("validating %d rewritten sites", len(result.rewritten))
@@ -82,8 +97,12 @@ def run_pass(model: nn.Module, inputs: tuple[torch.Tensor, ...], direction: str,
 def _apply(traced: fx.GraphModule, inputs: tuple[torch.Tensor, ...], job: _Job) -> tuple[fx.GraphModule, list[Site]]:
     """The rule set over a working copy of ``traced`` (parameters shared, graph its own)."""
     gm = working_copy(traced)
-    gm.train(traced.training)
-    propagate_shapes(gm, inputs)
+    gm.training = traced.training  # the root's flag only: every submodule keeps its own
+    try:
+        propagate_shapes(gm, inputs)
+    except TraceError:
+        check_devices(gm, inputs)  # the likeliest cause, said plainly
+        raise
     try:
         rw = Rewriter(gm, job.rules, job.exclude)
         sites = rw.run()
@@ -99,11 +118,13 @@ def _rewrite_structure(model: nn.Module, inputs: tuple[torch.Tensor, ...], job: 
                                                                                                list[str]]:  # fmt: skip
     """Trace and rewrite ``model``; where fx cannot trace, rewrite inside the largest submodules that do trace.
     Returns the new module, its sites and notes saying what was left untouched."""
-    notes: list[str] = []
-    auto: list[str] = []
+    auto = _hooked_containers(model)
+    notes = [f"{name} has forward hooks: kept as a called module, so that they run and see what they saw before, "
+             "and rewritten inside" for name in auto]  # fmt: skip
     while True:
         try:
-            traced = trace(model, (*job.leaf_modules, *auto), n_inputs=len(inputs))
+            # trace a copy: tracing runs the model's Python code, which may write to its attributes
+            traced = trace(working_copy(model), (*job.leaf_modules, *auto), n_inputs=len(inputs))
             break
         except TraceError as e:
             where = e.module or ""
@@ -121,6 +142,16 @@ def _rewrite_structure(model: nn.Module, inputs: tuple[torch.Tensor, ...], job: 
     if auto:
         _rewrite_children(gm, model, auto, inputs, job, sites, notes)
     return gm, sites, notes
+
+
+def _hooked_containers(model: nn.Module) -> list[str]:
+    """The outermost submodules with forward hooks that hold layers of their own."""
+    out: list[str] = []
+    for name, m in model.named_modules():
+        hooked = m._forward_hooks or m._forward_pre_hooks
+        if name and hooked and list(m.children()) and not any(name.startswith(f"{o}.") for o in out):
+            out.append(name)
+    return out
 
 
 def _descend_root(model: nn.Module, inputs: tuple[torch.Tensor, ...], job: _Job,
@@ -149,11 +180,45 @@ def _rewrite_children(target: nn.Module, source: nn.Module, names: Sequence[str]
             notes.append(f"{name} left untouched: {_cause(e)}")
             continue
         done += 1
-        target.set_submodule(name, new)
+        child = target.get_submodule(name)
         sites += [dataclasses.replace(s, name=f"{name}.{s.name}") for s in sub_sites]
+        sites += _bare_candidate(name, child, sub_inputs, job) if not sub_sites else []
         notes += [f"{name}.{n}" for n in sub_notes]
-        merge_layouts(target, f"{name}.", new)
+        if any(s.rewritten for s in sub_sites):  # else the child stays as it was: its class, its attributes
+            _keep_attributes(new, child)
+            target.set_submodule(name, new)
+            merge_layouts(target, f"{name}.", new)
     return done
+
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+               "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")  # fmt: skip
+
+
+def _keep_attributes(new: nn.Module, old: nn.Module) -> None:
+    """The replacement of a child keeps its hooks (they run on its calls as before) and its plain attributes (a
+    conv's ``stride``, read by its parent's code)."""
+    for key, value in vars(old).items():
+        if not key.startswith("_") and key not in vars(new) and not isinstance(value, (nn.Module, torch.Tensor)):
+            setattr(new, key, value)
+    for key in _HOOK_DICTS:
+        if getattr(old, key, None):
+            setattr(new, key, type(getattr(old, key))(getattr(old, key)))
+
+
+def _bare_candidate(name: str, child: nn.Module, inputs: tuple[torch.Tensor, ...], job: _Job) -> list[Site]:
+    """A Linear or pointwise/full-extent conv called directly by untraceable code: listed, with why it stays."""
+    x = inputs[0] if inputs else None
+    kernel = tuple(getattr(child, "kernel_size", ()))
+    linear = job.rules.direction == "linear_to_conv" and isinstance(child, nn.Linear)
+    conv = job.rules.direction == "conv_to_linear" and isinstance(child, CONV_TYPES) and x is not None and (
+        all(k == 1 for k in kernel) or tuple(x.shape[2:]) == tuple(kernel))  # fmt: skip
+    if not (linear or conv):
+        return []
+    why = ("called directly by code that cannot be traced: what it reads and where its output goes are not visible "
+           "to the rewrite; make that code traceable or move the layer into a traceable submodule")  # fmt: skip
+    pattern = "flatten->linear" if linear else "conv1x1" if all(k == 1 for k in kernel) else "conv-full-extent"
+    return [Site(name, pattern, "skipped", why)]
 
 
 def _cause(e: BaseException) -> str:

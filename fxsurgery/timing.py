@@ -77,10 +77,10 @@ def ort_session(path: str | Path, threads: int, providers: tuple[str, ...] = ("C
 
 def runner(module: nn.Module, x: torch.Tensor, runtime: str, workdir: Path, threads: int) -> Callable[[], Any]:
     """A zero-argument callable that runs ``module`` on ``x`` once on ``runtime`` (``"torch"``: eager, no grad;
-    ``"onnxruntime"``: exported into ``workdir`` and run in an :func:`ort_session`). A module in training mode is
-    timed as an eval-mode copy; ``module`` itself is left as it is."""
-    if module.training:
-        module = eval_copy(module, "native")
+    ``"onnxruntime"``: exported into ``workdir`` and run in an :func:`ort_session`). It runs an eval-mode copy with
+    parameters, buffers and input of its own: ``module`` and ``x`` are left as they are."""
+    module = eval_copy(module, "native")  # its own parameters and buffers: a forward that writes stays local
+    x = x.clone()  # and its own input: the caller's tensor never changes
     if runtime == "torch":
         def run_torch() -> Any:
             with torch.no_grad():

@@ -29,6 +29,10 @@ MODELS = textwrap.dedent(
     def broken():
         raise ValueError("cannot build")
 
+    def exits():
+        import sys
+        sys.exit(0)
+
     class Block(nn.Module):  # a transformer block on (B, S, C) tokens
         def __init__(self):
             super().__init__()
@@ -172,9 +176,13 @@ def _bad_weights(tmp_path: Path) -> str:
         (["rewrite", "{models}:Branchy", "--to", "conv", "--input-shape", "1,3,2,2"], "cannot trace"),
         (["rewrite", "{models}:make", "--to", "cnv", "--input-shape", "1,3,32,32"], "invalid choice"),
         (["rewrite", "{models}:make", "--input-shape", "1,3,32,32"], "required: --to"),
+        (["rewrite", "{models}:exits", "--to", "conv", "--input-shape", "1,3,32,32"], "exited (SystemExit: 0)"),
+        (["rewrite", "{models}:make", "--to", "conv", "--input-shape", "100000,100000,100000,100000"],
+         "GiB of example inputs"),
+        (["rewrite", "{models}:make", "--to", "conv", "--input-shape", "1,1,1000,1000000"], "use a smaller shape"),
     ],
     ids=["module", "callable", "not-module", "factory-raises", "no-colon", "shape", "zero-dim", "ndim", "no-weights",
-         "bad-weights", "untraceable", "bad-to", "missing-to"],
+         "bad-weights", "untraceable", "bad-to", "missing-to", "sys-exit", "huge-input", "4gb-input"],
 )  # fmt: skip
 def test_bad_input_exits_2_with_one_line(models_file, tmp_path, argv, message):
     out = tmp_path / "out"

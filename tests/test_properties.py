@@ -56,6 +56,7 @@ stacks = dict(
 
 
 def check_head(c, h, w, n, hidden, bias, head_input, acts, precision):
+    torch.manual_seed(0)  # the same example draws the same weights and inputs when hypothesis replays it
     model = RandomHead(c, h, w, hidden, bias, head_input, acts).eval()
     names = [f"head.{i}" for i, m in enumerate(model.head) if isinstance(m, nn.Linear)]
     res = run_surgery("linear_to_conv", model, torch.randn(n, 2, h, w), rewritten=names, precision=precision)
@@ -65,6 +66,7 @@ def check_head(c, h, w, n, hidden, bias, head_input, acts, precision):
 
 
 def check_stack(channels, h, w, stride, bias, act, precision):
+    torch.manual_seed(0)
     layers: list[nn.Module] = [nn.Conv2d(channels[0], channels[0], 3, padding=1)]
     for i, (a, b) in enumerate(zip(channels, channels[1:])):
         layers += [nn.Conv2d(a, b, 1, stride=stride if i == 0 else 1, bias=bias), act()]

@@ -16,6 +16,7 @@ from torch import nn
 
 from fxsurgery.engine.elementwise import elementwise_tensor_inputs
 from fxsurgery.engine.layout import permute_dims
+from fxsurgery.engine.nodes import hook_kinds
 
 if TYPE_CHECKING:
     from fxsurgery.engine.rewriter import Rewriter
@@ -32,7 +33,7 @@ def finish(rw: Rewriter) -> None:
     cancel_permutes(rw)
     convert_back(rw)
     remove_dead(rw.graph, rw.modules, _erased_originals(rw) + _unused_added(rw))
-    install_modules(rw.gm, rw.new_modules)
+    install_modules(rw.gm, rw.new_modules, rw.modules)
     rw.graph.lint()
     rw.gm.recompile()
 
@@ -108,10 +109,24 @@ def erasable(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     if node.op != "get_attr" and (name.endswith("_") or target in _INPLACE_OPERATORS):  # relu_, mul_, +=, ...
         return False
     if node.op == "call_module":
-        return elementwise_tensor_inputs(node, modules) is not None or isinstance(modules.get(str(target)), nn.Flatten)
+        mod = modules.get(str(target))
+        if mod is None or hook_kinds(mod):
+            return False  # its hooks must run
+        return elementwise_tensor_inputs(node, modules) is not None or isinstance(mod, nn.Flatten)
     return True
 
 
-def install_modules(gm: fx.GraphModule, new_modules: dict[str, nn.Module]) -> None:
+def install_modules(gm: fx.GraphModule, new_modules: dict[str, nn.Module], old: dict[str, nn.Module]) -> None:
+    """Put each new module in place of the old one of the same name; buffers and parameters the old one holds and the
+    new one lacks (``fc.act_scale``) move over, so the state dict keeps every key."""
     for name, mod in new_modules.items():
+        before = old.get(name)
+        if before is not None:
+            keep = set(dict(mod.named_parameters(recurse=False))) | set(dict(mod.named_buffers(recurse=False)))
+            for pname, p in before.named_parameters(recurse=False):
+                if pname not in keep:
+                    mod.register_parameter(pname, p)
+            for bname, b in before.named_buffers(recurse=False):
+                if bname not in keep:
+                    mod.register_buffer(bname, b, persistent=bname not in before._non_persistent_buffers_set)
         gm.add_submodule(name, mod)

@@ -10,6 +10,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from fxsurgery.engine.nodes import hook_kinds
 from fxsurgery.tracing.shapes import shape_of
 
 __all__ = ["elementwise_tensor_inputs", "is_number", "UNARY_MODULES"]
@@ -59,6 +60,8 @@ def elementwise_tensor_inputs(node: fx.Node, modules: dict[str, nn.Module]) -> l
         return None
     if node.op == "call_module":
         mod = modules.get(str(node.target))
+        if mod is None or hook_kinds(mod):
+            return None  # a hooked module must see its input in its own layout
         if type(mod) in UNARY_MODULES and len(node.args) == 1 and not node.kwargs:
             return [node.args[0]] if isinstance(node.args[0], fx.Node) else None
         return None

@@ -20,7 +20,8 @@ from torch import nn
 from fxsurgery.tracing.shapes import shape_of
 
 __all__ = ["LinearOp", "ConvOp", "as_linear", "as_conv", "as_layer_norm", "spatial_mean_source", "is_reshape",
-           "first_input", "bind", "is_torchvision", "static_shape", "NoShape"]  # fmt: skip
+           "first_input", "bind", "is_torchvision", "static_shape", "NoShape", "hook_kinds",
+           "writes_in_place"]  # fmt: skip
 
 #: Linear layers whose forward is exactly ``F.linear`` (MultiheadAttention's out_proj is the second).
 EXACT_LINEAR: tuple[type[nn.Module], ...] = (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear)
@@ -149,8 +150,34 @@ def is_reshape(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     if node.op == "call_function":
         return node.target in _RESHAPE_FUNCTIONS
     if node.op == "call_module":
-        return isinstance(modules.get(str(node.target)), nn.Flatten)
+        mod = modules.get(str(node.target))
+        return isinstance(mod, nn.Flatten) and not hook_kinds(mod)  # a hook must see its output: it stays
     return False
+
+
+def hook_kinds(mod: nn.Module) -> list[str]:
+    """The kinds of hooks registered on ``mod`` itself."""
+    return [
+        label
+        for label, d in (
+            ("forward hooks", mod._forward_hooks),
+            ("forward pre-hooks", mod._forward_pre_hooks),
+            ("backward hooks", mod._backward_hooks),
+            ("backward pre-hooks", mod._backward_pre_hooks),
+        )
+        if d
+    ]
+
+
+_INPLACE_OPERATORS = {"iadd", "isub", "imul", "itruediv", "ior", "iand"}
+
+
+def writes_in_place(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether ``node`` writes into its input (``relu_``, ``x += 1``, ``nn.ReLU(inplace=True)``)."""
+    if node.op == "call_module":
+        return bool(getattr(modules.get(str(node.target)), "inplace", False))
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    return name.endswith("_") or name in _INPLACE_OPERATORS or bool(node.kwargs.get("inplace"))
 
 
 def is_torchvision(target: object, name: str) -> bool:

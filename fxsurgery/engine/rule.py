@@ -15,11 +15,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+import torch
 import torch.fx as fx
 from torch import nn
 from torch.nn.utils import parametrize
 
 from fxsurgery.engine.elementwise import elementwise_tensor_inputs
+from fxsurgery.engine.nodes import hook_kinds
 from fxsurgery.report import Site
 
 if TYPE_CHECKING:
@@ -91,23 +93,21 @@ def module_skip_reason(name: str, mod: nn.Module, exact_types: tuple[type, ...],
     Hooks, parametrizations and subclasses would be dropped by a replacement layer; a module called more than once
     or a parameter shared with another module would be split in two.
     """
-    if parametrize.is_parametrized(mod):
-        names = ", ".join(sorted(mod.parametrizations.keys()))  # type: ignore[union-attr,operator]
-        return f"parametrized ({names}: weight_norm/spectral_norm-style); the parametrization would be dropped"
+    for sub_name, sub in mod.named_modules():  # the layer and the layers inside it (an attention's out_proj)
+        which = f"{name}.{sub_name}" if sub_name else "it"
+        if parametrize.is_parametrized(sub):
+            names = ", ".join(sorted(sub.parametrizations.keys()))
+            return (f"{which} is parametrized ({names}: weight_norm/spectral_norm-style); the parametrization would "
+                    "be dropped")  # fmt: skip
+        hooks = hook_kinds(sub)
+        if hooks:
+            return f"{which} has {' and '.join(hooks)}, which a replacement layer would not run"
     if type(mod) not in exact_types:
         return f"{type(mod).__name__} is a subclass of {exact_types[0].__name__} whose forward may differ"
-    hooks = [
-        label
-        for label, d in (
-            ("forward hooks", mod._forward_hooks),
-            ("forward pre-hooks", mod._forward_pre_hooks),
-            ("backward hooks", mod._backward_hooks),
-            ("backward pre-hooks", mod._backward_pre_hooks),
-        )
-        if d
-    ]
-    if hooks:
-        return f"has {' and '.join(hooks)}, which a replacement layer would not run"
+    for attr in ("weight", "bias"):
+        value = getattr(mod, attr, None)
+        if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
+            return f"its {attr} is a buffer or a plain tensor, not an nn.Parameter (a frozen or quantised layer?)"
     if rw.module_calls[name] > 1:
         return f"called {rw.module_calls[name]} times in forward (a shared layer); left as it is"
     for pname, p in mod.named_parameters(recurse=False):

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from fxsurgery.tracing.capture import capture_submodule_inputs
 from fxsurgery.tracing.copies import eval_copy, working_copy
-from fxsurgery.tracing.inputs import normalize_inputs, prepare_model
+from fxsurgery.tracing.inputs import check_devices, check_names, normalize_inputs, prepare_model, unwrap
 from fxsurgery.tracing.shapes import propagate_shapes, shape_of
 from fxsurgery.tracing.trace import trace
 
-__all__ = ["capture_submodule_inputs", "eval_copy", "working_copy", "normalize_inputs", "prepare_model",
-           "propagate_shapes", "shape_of", "trace"]  # fmt: skip
+__all__ = ["capture_submodule_inputs", "eval_copy", "working_copy", "normalize_inputs", "prepare_model", "unwrap",
+           "check_devices", "check_names", "propagate_shapes", "shape_of", "trace"]  # fmt: skip

@@ -14,14 +14,17 @@ from fxsurgery.options import Precision
 __all__ = ["working_copy", "eval_copy"]
 
 
-def working_copy(module: nn.Module) -> Any:
-    """Copy ``module``'s structure; parameters alias the original storage.
+def working_copy(module: nn.Module, clone_params: bool = False) -> Any:
+    """Copy ``module``'s structure; parameters alias the original storage (or are cloned: ``clone_params``).
 
     New module objects (so ``train()``/``eval()``, hooks and attribute changes stay local), new ``Parameter`` objects
     viewing the same data (so no memory is copied and ``requires_grad`` is kept), cloned buffers (so BatchNorm
     statistics never move in the original).
     """
-    memo: dict[int, Any] = {id(p): nn.Parameter(p.detach(), requires_grad=p.requires_grad) for p in module.parameters()}
+    memo: dict[int, Any] = {
+        id(p): nn.Parameter(p.detach().clone() if clone_params else p.detach(), requires_grad=p.requires_grad)
+        for p in module.parameters()
+    }
     for m in module.modules():  # computed tensors kept as attributes (old-style weight_norm) cannot be deep-copied
         for v in vars(m).values():
             if isinstance(v, torch.Tensor) and not v.is_leaf:
@@ -35,8 +38,15 @@ def working_copy(module: nn.Module) -> Any:
 
 
 def eval_copy(model: nn.Module, precision: Precision = "native") -> nn.Module:
-    """A copy of ``model`` in eval mode (parameters aliased, buffers cloned), converted to float64 for proofs."""
-    m = working_copy(model).eval()
+    """A copy of ``model`` to run: eval mode, parameters and buffers its own (a forward that writes to its weights,
+    such as ``nn.Embedding(max_norm=...)``, cannot reach the user's), converted to float64 (complex128) for proofs."""
+    m = working_copy(model, clone_params=True).eval()
     if precision == "float64":
-        m = m.to(torch.float64)
+        m = m._apply(_to_float64)
     return m
+
+
+def _to_float64(t: torch.Tensor) -> torch.Tensor:
+    if t.is_complex():
+        return t.to(torch.complex128)
+    return t.to(torch.float64) if t.is_floating_point() else t

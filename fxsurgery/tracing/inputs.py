@@ -10,7 +10,7 @@ from torch import nn
 
 from fxsurgery.errors import InputError, TraceError
 
-__all__ = ["normalize_inputs", "prepare_model"]
+__all__ = ["normalize_inputs", "prepare_model", "unwrap", "check_devices", "check_names"]
 
 
 def normalize_inputs(example_inputs: Any) -> tuple[torch.Tensor, ...]:
@@ -29,8 +29,23 @@ def normalize_inputs(example_inputs: Any) -> tuple[torch.Tensor, ...]:
     return example_inputs
 
 
+def unwrap(model: Any) -> tuple[Any, list[str]]:
+    """The module inside ``DataParallel``/``DistributedDataParallel``/``torch.compile`` wrappers, and notes saying
+    which were removed."""
+    notes = []
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            notes.append(f"unwrapped {type(model).__name__}: the module inside it was rewritten")
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
+            notes.append("unwrapped torch.compile: the eager module was rewritten; compile the rewritten model again")
+            model = model._orig_mod
+        else:
+            return model, notes
+
+
 def prepare_model(model: Any) -> nn.Module:
-    """Check that ``model`` can be traced faithfully and unwrap data-parallel wrappers."""
+    """Check that ``model`` can be traced faithfully and unwrap data-parallel and ``torch.compile`` wrappers."""
     if isinstance(model, torch.jit.ScriptModule):
         raise TraceError(
             "model is a TorchScript ScriptModule, which torch.fx cannot trace; pass the eager nn.Module it was "
@@ -39,8 +54,7 @@ def prepare_model(model: Any) -> nn.Module:
         )
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    while isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-        model = model.module
+    model = unwrap(model)[0]
     hooks = [
         kind
         for kind, d in (
@@ -66,3 +80,28 @@ def prepare_model(model: Any) -> nn.Module:
             "first so their shapes are known"
         )
     return model
+
+
+def check_devices(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+    """The example inputs must be on the model's device (meta included)."""
+    devices = {p.device.type for p in model.parameters()} | {b.device.type for b in model.buffers()}
+    if len(devices) != 1:
+        return
+    (device,) = devices
+    wrong = sorted({t.device.type for t in inputs} - {device})
+    if wrong:
+        where = "torch.empty(shape, device='meta')" if device == "meta" else f"x.to('{device}')"
+        raise InputError(f"the example inputs are on {', '.join(wrong)} but the model's parameters are on {device}: "
+                         f"pass inputs on the model's device ({where})")  # fmt: skip
+
+
+def check_names(kind: str, names: Any, known: Any) -> None:
+    """Every name in ``names`` must be one of ``known``; else an :class:`InputError` listing the nearest names."""
+    import difflib
+
+    known = sorted(set(known))
+    for name in names:
+        if isinstance(name, str) and name not in known:
+            near = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+            hint = f"; nearest: {', '.join(near)}" if near else ""
+            raise InputError(f"{kind} {name!r} matches no module or site of the model{hint}")

@@ -15,11 +15,13 @@ from torch import nn
 from fxsurgery import _runtime
 from fxsurgery.errors import InputError, TraceError, one_line
 from fxsurgery.options import LeafSpec
+from fxsurgery.tracing.modes import GRAD_MODE, TRAINING, mode_reads
 
 __all__ = ["trace"]
 
 # Functions the rewritten graphs call; re-tracing a rewritten model must keep them as single nodes.
-_AUTOWRAP = (_runtime.check_spatial_size, _runtime.layer_norm_channels, _runtime.window_attention_nchw)
+_AUTOWRAP = (_runtime.check_spatial_size, _runtime.layer_norm_channels, _runtime.window_attention_nchw,
+             _runtime.check_mode)  # fmt: skip
 
 
 def _encoder_layer_forward(layer: nn.TransformerEncoderLayer, src: Any, src_mask: Any = None,
@@ -60,24 +62,45 @@ class _Tracer(fx.Tracer):
         self._leaf_types = tuple(x for x in leaf_modules if isinstance(x, type))
         self._leaf_names = {x for x in leaf_modules if isinstance(x, str)}
         self.failed_module: str | None = None
+        self.training_reads: list[str] = []  # traced-through modules whose forward branches on self.training
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self._leaf_names or (self._leaf_types and isinstance(m, self._leaf_types)):
             return True
+        if m._forward_hooks or m._forward_pre_hooks:
+            return True  # stays a called module, so that its hooks run and see what they saw before
         if type(m) in _TRACEABLE_FORWARDS and not m._forward_hooks and not m._forward_pre_hooks:
             return False
         return super().is_leaf_module(m, module_qualified_name)
 
     def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
-        if type(m) in _TRACEABLE_FORWARDS and not self.is_leaf_module(m, self.path_of_module(m)):
-            forward = functools.partial(_TRACEABLE_FORWARDS[type(m)], m)
         try:
+            path = self.path_of_module(m)
+            if not self.is_leaf_module(m, path):
+                if type(m) in _TRACEABLE_FORWARDS:
+                    forward = functools.partial(_TRACEABLE_FORWARDS[type(m)], m)
+                else:
+                    self._check_modes(m, path)
             return super().call_module(m, forward, args, kwargs)
         except Exception:
             if self.failed_module is None:
                 with contextlib.suppress(NameError):
                     self.failed_module = self.path_of_module(m)
             raise
+
+    def _check_modes(self, m: nn.Module, path: str) -> None:
+        """Refuse to trace through grad-mode regions (the module is then kept as it is); note training branches."""
+        reads = mode_reads(type(m))
+        regions = sorted(reads & GRAD_MODE)
+        if regions:
+            raise _ModeRegion(f"{type(m).__name__}.forward uses {', '.join(regions)}, which tracing would drop; its "
+                              "code is kept")  # fmt: skip
+        if TRAINING in reads:
+            self.training_reads.append(path or type(m).__name__)
+
+
+class _ModeRegion(Exception):
+    """A forward with grad-mode or autocast regions: it must run as it is."""
 
 
 _CONCRETE = (type(None), bool, int, float, str)
@@ -126,6 +149,8 @@ def trace(model: nn.Module, leaf_modules: LeafSpec = (), n_inputs: int | None = 
     tracer = _Tracer(leaf_modules)
     concrete = _concrete_args(model, n_inputs)
     try:
+        if not isinstance(model, fx.GraphModule):
+            tracer._check_modes(model, "")
         graph = tracer.trace(model, concrete_args=concrete or None)
     except Exception as e:  # torch.fx raises many types (TraceError, TypeError, NameError, RuntimeError, ...)
         where = tracer.failed_module
@@ -138,5 +163,37 @@ def trace(model: nn.Module, leaf_modules: LeafSpec = (), n_inputs: int | None = 
             cause = f"cannot trace {type(model).__name__}.forward: {one_line(e)}"
             msg = f"{cause}; move the untraceable code into a submodule and pass it in leaf_modules"
         raise TraceError(msg, module=where or "", cause=cause) from e
-    name = model.__class__.__name__
-    return fx.GraphModule(tracer.root, graph, name)
+    if tracer.training_reads:
+        _guard_mode(graph, model.training, tracer.training_reads)
+    gm = fx.GraphModule(tracer.root, graph, model.__class__.__name__)
+    _keep_unused(gm, tracer.root)
+    return gm
+
+
+def _keep_unused(gm: fx.GraphModule, root: nn.Module) -> None:
+    """Modules, parameters and buffers the traced forward does not use (an auxiliary head used only in training, a
+    buffer only the loss reads) stay in the GraphModule under their names, so that its state dict has every key."""
+    have = {n for n, _ in gm.named_modules()}
+    for name, mod in root.named_modules():  # parents before children
+        if name not in have:
+            gm.add_submodule(name, mod)
+            have |= {f"{name}.{n}" if n else name for n, _ in mod.named_modules()}
+    state = gm.state_dict(keep_vars=True)
+    for name, tensor in [*root.named_parameters(), *root.named_buffers()]:
+        if name in state:
+            continue
+        owner_name, _, attr = name.rpartition(".")
+        owner, source = gm.get_submodule(owner_name), root.get_submodule(owner_name)
+        if isinstance(tensor, nn.Parameter):
+            owner.register_parameter(attr, tensor)
+        else:
+            owner.register_buffer(attr, tensor, persistent=attr not in source._non_persistent_buffers_set)
+
+
+
+def _guard_mode(graph: fx.Graph, training: bool, where: list[str]) -> None:
+    """The graph holds the branches of the traced mode: check, first thing, that it runs in that mode."""
+    first = next(n for n in graph.nodes if n.op != "placeholder")
+    with graph.inserting_before(first):
+        flag = graph.get_attr("training")
+        graph.call_function(_runtime.check_mode, (flag, training, tuple(dict.fromkeys(where))))

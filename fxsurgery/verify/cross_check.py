@@ -65,7 +65,8 @@ def _export(models: dict[str, nn.Module], paths: dict[str, Path], inputs: tuple[
     for name, module in models.items():
         log.info("exporting %s model to %s", name, paths[name])
         try:
-            export_onnx(module, export_inputs, paths[name], exporter=exporter, dynamic_batch=dynamic, opset=opset)
+            export_onnx(module, _clones(export_inputs), paths[name], exporter=exporter, dynamic_batch=dynamic,
+                        opset=opset)  # fmt: skip
         except Exception as e:
             if not dynamic:
                 raise SurgeryError(f"ONNX export of the {name} model failed ({exporter}): {one_line(e)}") from e
@@ -78,8 +79,13 @@ def _export(models: dict[str, nn.Module], paths: dict[str, Path], inputs: tuple[
         dynamic = False
     if not dynamic:
         for name, module in models.items():
-            export_onnx(module, inputs, paths[name], exporter=exporter, dynamic_batch=False, opset=opset)
+            export_onnx(module, _clones(inputs), paths[name], exporter=exporter, dynamic_batch=False, opset=opset)
     return dynamic
+
+
+def _clones(inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """Exporters run the model on the inputs they are given: never on the caller's tensors."""
+    return tuple(t.clone() for t in inputs)
 
 
 def _check_files(paths: dict[str, Path], found: _Findings) -> None:

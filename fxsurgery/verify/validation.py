@@ -25,9 +25,10 @@ log = logging.getLogger(__name__)
 
 __all__ = ["validate", "random_inputs", "run_no_grad"]
 
-_CONSTANT_NOTE = ("the original's outputs do not depend on the input (constant on every validation input, e.g. a "
-                  "zero-initialised head such as torchvision's ViT before training): this comparison cannot see the "
-                  "rewritten sites; validate with trained or randomised weights")  # fmt: skip
+_CONSTANT_NOTE = ("the original's outputs do not depend on the input ({which} the same on every validation input, "
+                  "e.g. a zero-initialised head such as torchvision's ViT before training, or a Linear with zero "
+                  "weights): this comparison cannot see the rewritten sites that feed {them}; validate with trained "
+                  "or randomised weights")  # fmt: skip
 
 
 def random_inputs(example: Sequence[torch.Tensor], generator: torch.Generator, batch: int | None = None) -> tuple:
@@ -71,13 +72,44 @@ def run_no_grad(model: nn.Module, inputs: Sequence[torch.Tensor]) -> Any:
 def _cast(inputs: Sequence[torch.Tensor], precision: Precision) -> tuple:
     if precision != "float64":
         return tuple(inputs)
-    return tuple(t.double() if t.is_floating_point() else t for t in inputs)
+    return tuple(_wide(t) for t in inputs)
 
 
-def _is_constant(outputs: Any) -> bool:
-    """True when every floating-point tensor in ``outputs`` holds one value (and there is at least one)."""
-    leaves = [t for t in pytree.tree_leaves(outputs) if isinstance(t, torch.Tensor) and t.is_floating_point()]
-    return bool(leaves) and all(t.numel() == 0 or bool((t == t.flatten()[0]).all()) for t in leaves)
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    if t.is_complex():
+        return t.to(torch.complex128)
+    return t.double() if t.is_floating_point() else t
+
+
+def _floating_leaves(outputs: Any) -> list[torch.Tensor]:
+    return [t for t in pytree.tree_leaves(outputs) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+def input_independent(refs: list[Any]) -> list[int]:
+    """Indices of the floating outputs that are the same whatever the input: equal on every validation input of the
+    example's shape or, with one such input, equal for every sample of its batch."""
+    leaves = [_floating_leaves(r) for r in refs]
+    same_shape = [ls for ls in leaves if [t.shape for t in ls] == [t.shape for t in leaves[0]]]
+    out = []
+    for i, t in enumerate(leaves[0]):
+        if t.numel() == 0:
+            continue
+        if len(same_shape) > 1:
+            fixed = all(torch.equal(t, other[i]) for other in same_shape[1:])
+        else:
+            fixed = t.dim() > 0 and t.shape[0] > 1 and bool((t == t[:1]).all())
+        if fixed:
+            out.append(i)
+    return out
+
+
+def _independence_note(refs: list[Any]) -> str | None:
+    fixed = input_independent(refs)
+    if not fixed:
+        return None
+    n = len(_floating_leaves(refs[0]))
+    which = "every output is" if len(fixed) == n else f"output{'s' if len(fixed) > 1 else ''} {fixed} of {n}"
+    return _CONSTANT_NOTE.format(which=which, them="them" if len(fixed) == n else "those outputs")
 
 
 def _batches(orig: nn.Module, example: Sequence[torch.Tensor], num_random: int, precision: Precision, seed: int,
@@ -116,7 +148,7 @@ def validate(
     notes: list[str] = []
     batches, batch_sizes = _batches(orig, example_inputs, num_random, precision, seed, notes)
     errors = Errors()
-    constant = True  # every floating output the same value on every input: the comparison cannot see the sites
+    refs = []
     for k, inputs in enumerate(batches):
         label = "example input" if k == 0 else f"input #{k}"
         try:
@@ -133,10 +165,11 @@ def validate(
             errors.fail(label, f"the rewritten model fails where the original runs: {type(e).__name__}: {e}")
             break
         compare_outputs(ref, got, rtol=rtol, label=f"{label} output", errors=errors)
-        constant = constant and _is_constant(ref)
-    if constant and not errors.failure:
-        notes.append(_CONSTANT_NOTE)
-        log.warning("validation: %s", _CONSTANT_NOTE)
+        refs.append(ref)
+    note = _independence_note(refs) if refs and not errors.failure else None
+    if note:
+        notes.append(note)
+        log.warning("validation: %s", note)
     return Validation(passed=not errors.failure, max_abs_error=errors.max_abs, max_rel_error=errors.max_rel,
                       rtol=errors.rtol if errors.rtol else (rtol or 0.0), scale_floor=SCALE_FLOOR,
                       num_inputs=len(batches), batch_sizes=tuple(sorted(batch_sizes)), precision=precision,

@@ -19,9 +19,9 @@ import torch
 import torch.fx as fx
 
 from fxsurgery.engine.elementwise import elementwise_tensor_inputs
-from fxsurgery.engine.emit import guard, replay
+from fxsurgery.engine.emit import check_replayable, guard, replay
 from fxsurgery.engine.layout import Layout, permute_dims
-from fxsurgery.engine.nodes import as_linear, is_reshape, static_shape
+from fxsurgery.engine.nodes import as_linear, hook_kinds, is_reshape, static_shape
 from fxsurgery.engine.rewriter import Rewriter
 from fxsurgery.engine.rule import Skip
 from fxsurgery.rules.linear_to_conv._plan import ConvPlan, LinearRule, WeightMap, check_linear
@@ -54,6 +54,8 @@ def flatten_source(x: fx.Node, rw: Rewriter) -> tuple[fx.Node, list[tuple[fx.Nod
     cur: Any = x
     ops: list[tuple[fx.Node, fx.Node]] = []
     while isinstance(cur, fx.Node):
+        if cur.op == "call_module" and hook_kinds(rw.modules[str(cur.target)]):
+            raise Skip(f"{cur.target} has hooks that must see what they saw before; left as it is")
         if is_reshape(cur, rw.modules) and isinstance(cur.args[0], fx.Node):
             _check_batch_safe(cur)
             if static_shape(cur, "a reshape")[0] != n:
@@ -99,6 +101,7 @@ class FlattenHead(LinearRule):
         if found is None:
             return Skip(f"input ({op.input.name}) is not a flattened or pooled 4-D feature map")
         y, elementwise = found
+        check_replayable(elementwise, y, rw.modules)
         y_shape = static_shape(y, "the flattened map")
         order = None
         dims = permute_dims(y)
