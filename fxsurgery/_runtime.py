@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["check_spatial_size", "check_mode", "layer_norm_channels", "window_attention_nchw", "shift_mask"]
+__all__ = ["check_spatial_size", "check_mode", "layer_norm_channels", "window_attention_nchw", "shift_mask",
+           "output_builder"]  # fmt: skip
 
 
 def check_spatial_size(
@@ -33,6 +37,21 @@ def check_spatial_size(
             )
         )
     return x
+
+
+@functools.cache
+def output_builder(cls: type) -> Callable[[dict[str, Any]], Any]:
+    """A function that builds the output class ``cls`` (a dict subclass, such as HuggingFace's ``ModelOutput``)
+    from the plain dict a traced graph returns: fx keeps tuples and namedtuples but flattens dict subclasses."""
+
+    def build(fields: dict[str, Any]) -> Any:
+        try:
+            return cls(**fields)  # dataclass-style outputs
+        except TypeError:
+            return cls(fields)  # OrderedDict-style
+
+    build.__name__ = build.__qualname__ = f"build_{cls.__name__}"
+    return build
 
 
 def check_mode(training: bool, traced: bool, modules: tuple[str, ...]) -> None:

@@ -62,8 +62,10 @@ def test_a_training_branch_is_frozen_and_checked_at_run_time():
 
 
 def test_a_train_mode_model_with_a_training_branch_names_the_real_cause():
-    with pytest.raises(fxsurgery.ValidationError, match="traced in training mode"):
+    with pytest.raises(fxsurgery.InputError, match="in training mode and the forward of TrainingBranch branches on"):
         l2c(TrainingBranch().train(), torch.randn(2, 3, 4, 4))
+    res = l2c(TrainingBranch().train(), torch.randn(2, 3, 4, 4), validate=False)
+    assert res.rewritten and res.module.training  # specialised to training mode, as asked
 
 
 class NoGradBackbone(nn.Module):
@@ -311,3 +313,57 @@ def test_modules_and_buffers_the_forward_does_not_use_are_kept():
     res = l2c(m, torch.randn(2, 3, 4, 4))
     assert sorted(fxsurgery.original_state_dict(res.module)) == sorted(m.state_dict())
     fxsurgery.load_state_dict(res.module, m.state_dict())  # strict: every key has its place
+
+
+def test_dict_subclass_outputs_keep_their_type():
+    from collections import OrderedDict
+
+    class Output(OrderedDict):  # what HuggingFace's ModelOutput is, without the library
+        pass
+
+    class WithOutput(Head):
+        def forward(self, x):
+            h = self.conv(x)
+            return Output(logits=self.fc(h.flatten(1)), hidden=h)
+
+    m = WithOutput().eval()
+    res = l2c(m, torch.randn(2, 3, 4, 4), precision="float64")
+    out = res.module(torch.randn(2, 3, 4, 4))
+    assert type(out) is Output and list(out) == ["logits", "hidden"] and [s.name for s in res.rewritten] == ["fc"]
+
+
+def test_the_culprit_search_halves_instead_of_rewriting_once_per_site():
+    import dataclasses
+
+    from fxsurgery.rules import linear_to_conv
+    from fxsurgery.rules.linear_to_conv.flatten_head import FlattenHead
+
+    class Chain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(4 * 2 * 2, 8)
+            self.layers = nn.Sequential(*[nn.Linear(8, 8) for _ in range(15)])
+
+        def forward(self, x):
+            return self.layers(self.head(x.flatten(1)))
+
+    class CountRuns:
+        def __init__(self):
+            self.rewriters = set()
+
+        def propagate(self, node, rw):
+            self.rewriters.add(id(rw))
+            return False
+
+    def wrong(weight, feature, order=None):
+        c, h, w = feature
+        return weight.view(weight.shape[0], h, w, c).permute(0, 3, 1, 2)
+
+    counter = CountRuns()
+    rules = linear_to_conv.rule_set()
+    swapped = tuple(FlattenHead(weight_map=wrong) if isinstance(r, FlattenHead) else r for r in rules.rules)
+    rules = dataclasses.replace(rules, rules=swapped, propagators=(counter, *rules.propagators))
+    with pytest.raises(fxsurgery.ValidationError) as info:
+        l2c(Chain().eval(), torch.randn(2, 4, 2, 2), rules=rules)
+    assert info.value.sites == ("head",)
+    assert len(counter.rewriters) <= 1 + 2 * 4  # 16 sites: the pass, then at most two halves per level

@@ -63,6 +63,19 @@ class _Tracer(fx.Tracer):
         self._leaf_names = {x for x in leaf_modules if isinstance(x, str)}
         self.failed_module: str | None = None
         self.training_reads: list[str] = []  # traced-through modules whose forward branches on self.training
+        self.output_type: type | None = None  # the last top-level value converted: the forward's return value
+        self._converting = False
+
+    def create_arg(self, a: Any) -> Any:
+        """As fx's, remembering the type of a returned dict subclass, which fx turns into a plain dict."""
+        if self._converting:
+            return super().create_arg(a)
+        self._converting = True
+        try:
+            self.output_type = type(a) if isinstance(a, dict) and type(a) is not dict else None
+            return super().create_arg(a)
+        finally:
+            self._converting = False
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self._leaf_names or (self._leaf_types and isinstance(m, self._leaf_types)):
@@ -165,9 +178,19 @@ def trace(model: nn.Module, leaf_modules: LeafSpec = (), n_inputs: int | None = 
         raise TraceError(msg, module=where or "", cause=cause) from e
     if tracer.training_reads:
         _guard_mode(graph, model.training, tracer.training_reads)
+    if tracer.output_type is not None:
+        _rebuild_output(graph, tracer.output_type)
     gm = fx.GraphModule(tracer.root, graph, model.__class__.__name__)
     _keep_unused(gm, tracer.root)
     return gm
+
+
+def _rebuild_output(graph: fx.Graph, cls: type) -> None:
+    """The forward returned a dict subclass (a ``ModelOutput``): return one again, not the plain dict fx records."""
+    out = next(n for n in graph.nodes if n.op == "output")
+    with graph.inserting_before(out):
+        built = graph.call_function(_runtime.output_builder(cls), (out.args[0],))
+    out.args = (built,)
 
 
 def _keep_unused(gm: fx.GraphModule, root: nn.Module) -> None:

@@ -14,14 +14,15 @@ boolean outputs must be equal. Complex outputs are compared by the modulus of th
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
 
-__all__ = ["RTOL", "SCALE_FLOOR", "Errors", "tolerance", "compare_tensor", "compare_outputs", "compare_leaves"]
+__all__ = ["RTOL", "SCALE_FLOOR", "STRUCTURE", "Errors", "tolerance", "compare_tensor", "compare_outputs",
+           "compare_leaves"]  # fmt: skip
 
 #: Relative tolerance per output dtype, against the output's largest magnitude.
 RTOL: dict[torch.dtype, float] = {
@@ -32,6 +33,8 @@ RTOL: dict[torch.dtype, float] = {
     torch.complex128: 1e-10,
     torch.complex64: 1e-4,
 }
+#: The start of a failure that is about the outputs' structure or types, not their values.
+STRUCTURE = "output structure differs"
 #: Outputs smaller than this in magnitude are compared as if they were this large.
 SCALE_FLOOR = 1e-3
 
@@ -97,11 +100,16 @@ def compare_outputs(
     ref_leaves, ref_spec = pytree.tree_flatten(ref)
     got_leaves, got_spec = pytree.tree_flatten(got)
     if ref_spec != got_spec:
-        errors.fail(label, f"output structure differs: original {ref_spec}, rewritten {got_spec}")
+        errors.fail(label, f"{STRUCTURE}: original {ref_spec}, rewritten {got_spec}")
         return errors
     for i, (a, b) in enumerate(zip(ref_leaves, got_leaves)):
         where = f"{label}[{i}]" if len(ref_leaves) > 1 else label
-        if not isinstance(a, torch.Tensor):
+        if isinstance(a, Mapping):  # a dict subclass pytree does not know: same type, then field by field
+            if type(a) is not type(b):
+                errors.fail(where, f"{STRUCTURE}: original {type(a).__name__}, rewritten {type(b).__name__}")
+            else:
+                compare_outputs(dict(a), dict(b), rtol=rtol, label=where, errors=errors)
+        elif not isinstance(a, torch.Tensor):
             if a != b:
                 errors.fail(where, f"non-tensor output differs: {a!r} vs {b!r}")
         elif not isinstance(b, torch.Tensor):
