@@ -15,28 +15,28 @@ __all__ = ["check_spatial_size", "check_mode", "layer_norm_channels", "window_at
 
 
 def check_spatial_size(
-    x: torch.Tensor, expected: tuple[int, ...], site: str, original_rejects: bool = True
+    x: torch.Tensor, expected: tuple[int, ...], site: str, original_rejects: bool = True, features: int | None = None
 ) -> torch.Tensor:
-    """Return ``x`` unchanged if its trailing spatial dims equal ``expected``; else raise like the original would.
+    """Return ``x`` unchanged if its trailing spatial dims equal ``expected``; else raise, saying what the original
+    would do.
 
     A rewritten site is exact only at the feature-map size it was traced with: an HxW convolution that replaced a
     Linear on a flattened map would otherwise accept a bigger image and return a bigger map where the original raised.
-    Where the original accepts other sizes (a full-extent Conv2d turned into a Linear), the message says to rewrite
-    again at the new size.
+    ``features`` is the Linear's ``in_features``: a map of another size with as many elements per sample is one the
+    original accepts (and computes another function of), so the message says to rewrite again at that size, as it
+    does where the original accepts other sizes anyway (``original_rejects=False``: a full-extent Conv2d).
     """
-    got = tuple(x.shape[2:])
-    if got != tuple(expected):
-        size = "x".join(str(d) for d in expected)
-        raise RuntimeError(
-            f"fxsurgery: site {site!r} was rewritten for a {size} feature map but got "
-            f"{'x'.join(str(int(d)) for d in got)}; "
-            + (
-                "the original model rejects this input size too"
-                if original_rejects
-                else "the rewrite is exact only at the traced size: rewrite again with example inputs of this size"
-            )
-        )
-    return x
+    got = tuple(int(d) for d in x.shape[2:])
+    if got == tuple(expected):
+        return x
+    accepted = not original_rejects or (features is not None and x.shape[1] * math.prod(got) == features)
+    reason = "the original model rejects this input size too"
+    if accepted:
+        reason = ("the rewrite is exact only at the traced size (the original accepts this one): rewrite again with "
+                  "example inputs of this size")  # fmt: skip
+    size = "x".join(str(d) for d in expected)
+    raise RuntimeError(f"fxsurgery: site {site!r} was rewritten for a {size} feature map but got "
+                       f"{'x'.join(map(str, got))}; {reason}")  # fmt: skip
 
 
 @functools.cache

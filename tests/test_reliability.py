@@ -367,3 +367,15 @@ def test_the_culprit_search_halves_instead_of_rewriting_once_per_site():
         l2c(Chain().eval(), torch.randn(2, 4, 2, 2), rules=rules)
     assert info.value.sites == ("head",)
     assert len(counter.rewriters) <= 1 + 2 * 4  # 16 sites: the pass, then at most two halves per level
+
+
+def test_the_size_guard_says_when_the_original_accepts_the_size():
+    m = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.Flatten(), nn.Linear(64, 5)).eval()
+    res = l2c(m, torch.randn(2, 3, 8, 8))
+    assert m(torch.randn(2, 3, 16, 4)).shape == (2, 5)  # same element count: the original runs
+    with pytest.raises(RuntimeError, match="exact only at the traced size \\(the original accepts this one\\)"):
+        res.module(torch.randn(2, 3, 16, 4))
+    with pytest.raises(RuntimeError, match="the original model rejects this input size too"):
+        res.module(torch.randn(2, 3, 16, 16))
+    with pytest.raises(RuntimeError):
+        m(torch.randn(2, 3, 16, 16))  # as the message says

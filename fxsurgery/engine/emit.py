@@ -12,10 +12,12 @@ from fxsurgery.engine.rule import Skip
 __all__ = ["guard", "replay", "check_replayable"]
 
 
-def guard(graph: fx.Graph, x: fx.Node, spatial: tuple[int, ...], site: str, original_rejects: bool) -> fx.Node:
+def guard(graph: fx.Graph, x: fx.Node, spatial: tuple[int, ...], site: str, original_rejects: bool,
+          features: int | None = None) -> fx.Node:  # fmt: skip
     """Insert a run-time check that ``x`` still has the traced spatial size (:func:`~fxsurgery._runtime.
     check_spatial_size`); returns ``x`` through it."""
-    return graph.call_function(_runtime.check_spatial_size, (x, spatial, site, original_rejects))
+    args = (x, spatial, site, original_rejects) + ((features,) if features is not None else ())
+    return graph.call_function(_runtime.check_spatial_size, args)
 
 
 def check_replayable(ops: list[tuple[fx.Node, fx.Node]], source: fx.Node, modules: dict[str, nn.Module]) -> None:

@@ -113,7 +113,7 @@ class FlattenHead(LinearRule):
         name, point = op.name, self.point
 
         def source(rw: Rewriter) -> fx.Node:
-            src = guard(rw.graph, y, (h, w), name, original_rejects=True)
+            src = guard(rw.graph, y, (h, w), name, original_rejects=True, features=in_f)
             src = replay(rw.graph, elementwise, src)  # on the map, before the flatten they followed
             return from_map(rw.graph, src, (c, h, w), point)
 
