@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
@@ -56,14 +56,23 @@ class _Job:
     leaf_modules: LeafSpec
     exclude: Sequence[str]
     depth: int = 0
+    tied: Mapping[str, str] = field(default_factory=dict)  # parameter -> the module outside that shares it
 
-    def below(self, name: str) -> _Job:
-        """The job for submodule ``name``: its names relative to it."""
+    def below(self, name: str, source: nn.Module) -> _Job:
+        """The job for submodule ``name`` of ``source``: its names relative to it, and the parameters it shares
+        with modules outside it (GPT-2's ``lm_head`` and ``wte``), which a rewrite inside must not untie."""
         prefix = f"{name}."
         exclude = [e.removeprefix(prefix) for e in self.exclude if e.startswith(prefix)]
         leaves = [x.removeprefix(prefix) if isinstance(x, str) else x for x in self.leaf_modules
                   if not isinstance(x, str) or x.startswith(prefix)]  # fmt: skip
-        return _Job(self.rules, leaves, exclude, self.depth + 1)
+        owners: dict[int, list[str]] = {}
+        for pname, p in source.named_parameters(remove_duplicate=False):
+            owners.setdefault(id(p), []).append(pname)
+        tied = {k.removeprefix(prefix): v for k, v in self.tied.items() if k.startswith(prefix)}
+        for names in owners.values():
+            inside, outside = [n for n in names if n.startswith(prefix)], [n for n in names if not n.startswith(prefix)]
+            tied.update({n.removeprefix(prefix): outside[0].rsplit(".", 1)[0] for n in inside if outside})
+        return _Job(self.rules, leaves, exclude, self.depth + 1, tied)
 
 
 def run_pass(model: nn.Module, inputs: tuple[torch.Tensor, ...], direction: str, options: Options) -> SurgeryResult:
@@ -125,7 +134,7 @@ def _apply(traced: fx.GraphModule, inputs: tuple[torch.Tensor, ...], job: _Job) 
         check_devices(gm, inputs)  # the likeliest cause, said plainly
         raise
     try:
-        rw = Rewriter(gm, job.rules, job.exclude)
+        rw = Rewriter(gm, job.rules, job.exclude, job.tied)
         sites = rw.run()
     except SurgeryError:
         raise
@@ -196,7 +205,8 @@ def _rewrite_children(target: nn.Module, source: nn.Module, names: Sequence[str]
     done = 0
     for name, sub_inputs in captured.items():
         try:
-            new, sub_sites, sub_notes = _rewrite_structure(target.get_submodule(name), sub_inputs, job.below(name))
+            new, sub_sites, sub_notes = _rewrite_structure(target.get_submodule(name), sub_inputs,
+                                                           job.below(name, source))  # fmt: skip
         except SurgeryError as e:
             notes.append(f"{name} left untouched: {_cause(e)}")
             continue

@@ -379,3 +379,31 @@ def test_the_size_guard_says_when_the_original_accepts_the_size():
         res.module(torch.randn(2, 3, 16, 16))
     with pytest.raises(RuntimeError):
         m(torch.randn(2, 3, 16, 16))  # as the message says
+
+
+def test_a_weight_tied_across_an_untraceable_parent_stays_tied():
+    class Head(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(4 * 2 * 2, 10, bias=False)
+
+        def forward(self, x):
+            return self.proj(x.flatten(1))
+
+    class Tied(nn.Module):  # GPT-2-like: the output layer shares the embedding's table; the root branches on x
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(10, 16)
+            self.conv = nn.Conv2d(3, 4, 1)
+            self.head = Head()
+            self.head.proj.weight = self.embed.weight
+
+        def forward(self, x, ids):
+            if ids.sum() < 0:
+                return x
+            return self.head(self.conv(x)) + self.embed(ids).sum(-1)
+
+    m = Tied().eval()
+    res = l2c(m, (torch.randn(2, 3, 2, 2), torch.randint(0, 10, (2, 10))))
+    assert "shared with embed (tied weights)" in {s.name: s.reason for s in res.sites}["head.proj"]
+    assert len(list(res.module.parameters())) == len(list(m.parameters()))  # the tie is still one parameter

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch.fx as fx
 from torch import nn
@@ -32,7 +32,10 @@ CONSTANT_INPUT = ("its input is a constant (no model input reaches it, e.g. a re
 class Rewriter:
     """State of one pass over one GraphModule: the layouts carried so far, the sites, the modules to install."""
 
-    def __init__(self, gm: fx.GraphModule, rules: RuleSet, exclude: Sequence[str] = ()) -> None:
+    def __init__(self, gm: fx.GraphModule, rules: RuleSet, exclude: Sequence[str] = (),
+                 tied: Mapping[str, str] | None = None) -> None:  # fmt: skip
+        """``tied`` names parameters of ``gm`` shared with modules outside it (an untraceable parent's other
+        children), by the owner outside: their layers are left alone like any other tied weight."""
         self.gm = gm
         self.graph = gm.graph
         self.rules = rules
@@ -48,6 +51,8 @@ class Rewriter:
         self.param_owners: dict[int, list[str]] = {}
         for pname, p in gm.named_parameters(remove_duplicate=False):
             self.param_owners.setdefault(id(p), []).append(pname)
+            if tied and pname in tied:
+                self.param_owners[id(p)].append(f"{tied[pname]}.(outside)")
         self._seen_modules: set[str] = set()
         # values that depend on a model input (the rest is constant: parameters and buffers only)
         self.dynamic: set[fx.Node] = set()
