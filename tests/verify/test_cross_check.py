@@ -128,3 +128,41 @@ def test_batch_one_example_still_exports_a_dynamic_batch(tmp_path):
     report = fxsurgery.check(Flat().eval(), torch.randn(1, 3, 4, 4), "conv", tmp_path)
     assert report.passed, report.summary()
     assert report.onnx.dynamic_batch and {c.batch for c in report.onnx.comparisons} == {1, 2}
+
+
+def test_the_run_time_guards_add_no_onnx_op(tmp_path):
+    """The mode guard (a forward that branches on self.training) and the size guard are Python-level checks: the
+    exported graph is the same with and without them."""
+    import copy
+
+    from fxsurgery import _runtime
+    from fxsurgery.verify.onnx_export import export_onnx
+
+    class Branch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(3, 4, 3), nn.Linear(64, 5)
+
+        def forward(self, x):
+            y = self.conv(x)
+            if self.training:
+                y = y * 0.5
+            return self.fc(y.flatten(1))
+
+    guarded = fxsurgery.linear_to_conv(Branch().eval(), torch.randn(2, 3, 6, 6)).module
+    bare = copy.deepcopy(guarded)
+    guards = (_runtime.check_mode, _runtime.check_spatial_size)
+    assert sum(n.target in guards for n in guarded.graph.nodes) == 2
+    for node in reversed(list(bare.graph.nodes)):
+        if node.target in guards:
+            if node.target is _runtime.check_spatial_size:
+                node.replace_all_uses_with(node.args[0])  # it returns its input
+            bare.graph.erase_node(node)
+        elif node.op == "get_attr" and not node.users:
+            bare.graph.erase_node(node)
+    bare.recompile()
+    for exporter in ("dynamo", "torchscript"):
+        paths = [tmp_path / f"{name}-{exporter}.onnx" for name in ("guarded", "bare")]
+        for module, path in zip((guarded, bare), paths):
+            export_onnx(module, (torch.randn(2, 3, 6, 6),), path, exporter=exporter)
+        assert op_histogram(paths[0]) == op_histogram(paths[1])
