@@ -27,7 +27,8 @@ from fxsurgery.report import Site
 from fxsurgery.rules.conv_to_linear.layouts import CHANNELS_LAST, FLAT_LAYOUT
 from fxsurgery.weights import conv_to_linear_weight, conv_transpose_to_linear_weight
 
-__all__ = ["ConvMatch", "candidate", "check_conv", "pointwise_to_linear", "full_extent_to_linear", "linear_from_conv"]
+__all__ = ["ConvMatch", "PointwiseRule", "candidate", "check_conv", "pointwise_to_linear", "full_extent_to_linear",
+           "linear_from_conv"]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -169,3 +170,24 @@ def full_extent_to_linear(m: ConvMatch, rw: Rewriter, pattern: str) -> Site:
     before = f"{type(mod).__name__}({shape[1]}, {mod.out_channels}, kernel={spatial}) on {spatial}"
     after = f"flatten + Linear({math.prod(shape[1:])}->{mod.out_channels})"
     return Site(m.name, pattern, "rewritten", before=before, after=after, input_shape=tuple(shape))
+
+
+class PointwiseRule:
+    """Base of the two pointwise Conv2d rules: they differ only in whether the stride is 1 (``strided``)."""
+
+    pattern = ""
+    strided = False
+
+    def claims(self, node: fx.Node, rw: Rewriter) -> str | None:
+        op = candidate(node, rw)
+        if op is None or not isinstance(op.module, nn.Conv2d) or not op.pointwise:
+            return None
+        return op.name if any(s != 1 for s in op.module.stride) == self.strided else None
+
+    def match(self, node: fx.Node, rw: Rewriter) -> ConvMatch:
+        m = check_conv(node, rw, str(node.target))
+        check_pointwise_padding(m)
+        return m
+
+    def apply(self, m: ConvMatch, rw: Rewriter) -> Site:
+        return pointwise_to_linear(m, rw, self.pattern)
