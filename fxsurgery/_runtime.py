@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["check_spatial_size", "check_mode", "layer_norm_channels", "window_attention_nchw", "shift_mask",
-           "output_builder"]  # fmt: skip
+           "output_builder", "batch_to_width", "maps_side_by_side", "batch_from_width"]  # fmt: skip
 
 
 def check_spatial_size(
@@ -37,6 +37,38 @@ def check_spatial_size(
     size = "x".join(str(d) for d in expected)
     raise RuntimeError(f"fxsurgery: site {site!r} was rewritten for a {size} feature map but got "
                        f"{'x'.join(map(str, got))}; {reason}")  # fmt: skip
+
+
+def batch_to_width(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """``(N, K)`` -> ``(1, K, 1, N)``: the batch on the width axis (the spatial batch layout); ``channels`` is the
+    static ``K``.
+
+    An empty batch stays ``(0, K, 1, 1)``: torch's convolutions reject a width of 0 but accept a batch of 0, and
+    every op carried in this layout works on dim 1, so the rest of the graph runs unchanged. The test is on a static
+    or symbolic size (a dynamic batch is at least 2 in ``torch.export``): exported graphs hold no op for it.
+    """
+    if x.shape[0] == 0:
+        return x.reshape(0, channels, 1, 1)
+    return x.t().reshape(1, channels, 1, -1)
+
+
+def maps_side_by_side(y: torch.Tensor, channels: int, height: int) -> torch.Tensor:
+    """``(N, C, H, W)`` maps -> ``(1, C, H, N*W)`` side by side (a pooled ``(N, C, 1, 1)`` by a 2-D transpose, which
+    onnxruntime runs far faster than a 4-D permute); ``channels`` and ``height`` are the static ``C`` and ``H``. An
+    empty batch stays as it is (see :func:`batch_to_width`)."""
+    if y.shape[0] == 0:
+        return y
+    if y.shape[2:] == (1, 1):
+        return y.flatten(1).t().reshape(1, channels, 1, -1)
+    return y.permute(1, 2, 0, 3).reshape(1, channels, height, -1)
+
+
+def batch_from_width(y: torch.Tensor) -> torch.Tensor:
+    """``(1, O, 1, N)`` -> ``(N, O)``, the inverse of :func:`batch_to_width` (an empty batch comes as
+    ``(0, O, 1, 1)``)."""
+    if y.shape[0] == 0:
+        return y.flatten(1)
+    return y.flatten(0, 2).t()
 
 
 @functools.cache

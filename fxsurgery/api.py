@@ -12,6 +12,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from torch import nn
 
 from fxsurgery.auto import auto_rewrite
@@ -20,7 +21,7 @@ from fxsurgery.options import OPTIONS_DOC, Options, resolve
 from fxsurgery.report import CheckReport, SurgeryResult
 from fxsurgery.rules import DIRECTIONS
 from fxsurgery.surgery import run_pass
-from fxsurgery.tracing import normalize_inputs, prepare_model
+from fxsurgery.tracing import keyword_call, normalize_inputs, prepare_model, split_keywords
 from fxsurgery.verify.cross_check import cross_check
 
 __all__ = ["linear_to_conv", "conv_to_linear", "rewrite", "check"]
@@ -33,15 +34,25 @@ def rewrite(model: nn.Module, example_inputs: Any, direction: str, *, options: O
     ``"linear"`` (pointwise, strided pointwise, full-extent, Conv1d k=1 and ConvTranspose 1x1 convolutions as
     Linear), or ``"auto"``: per site the faster form, measured on ``runtime`` (see :mod:`fxsurgery.auto`).
 
-    ``example_inputs`` is a tensor or a tuple of tensors; shapes are propagated from them with fake tensors.
+    ``example_inputs`` is a tensor or a tuple of tensors, which may end with a dict of keyword inputs
+    (``(ids, {"attention_mask": mask})``; a dict alone is all keywords); shapes are propagated from them with fake
+    tensors. With keyword inputs, the rewritten module takes them in that order, positionally or by name.
     Returns a :class:`~fxsurgery.SurgeryResult` listing every candidate site, rewritten or skipped with its reason.
     """
     opts = resolve(options, overrides)
-    inputs = normalize_inputs(example_inputs)
+    model, inputs = _with_keywords(model, example_inputs)
     direction = DIRECTIONS.get(direction, direction)
     if direction == "auto":
         return auto_rewrite(prepare_model(model), inputs, opts)
     return run_pass(model, inputs, direction, opts)
+
+
+def _with_keywords(model: nn.Module, example_inputs: Any) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    """The model and its inputs, all positional (keyword inputs follow the positional ones)."""
+    positional, keywords = split_keywords(example_inputs)
+    given = () if isinstance(positional, tuple) and not positional else normalize_inputs(positional)
+    inputs = normalize_inputs((*given, *keywords.values()))
+    return (keyword_call(model, len(given), tuple(keywords)) if keywords else model), inputs
 
 
 def linear_to_conv(model: nn.Module, example_inputs: Any, *, options: Options | None = None,
@@ -79,7 +90,7 @@ def check(
 
     A validation mismatch does not stop the export: the report carries both results and ``passed`` is False.
     """
-    inputs = normalize_inputs(example_inputs)
+    model, inputs = _with_keywords(model, example_inputs)
     try:
         result = rewrite(model, inputs, to, options=options, **overrides)
     except ValidationError as e:

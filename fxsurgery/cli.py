@@ -22,14 +22,18 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
 
+from fxsurgery.cli_inputs import (
+    DTYPES,
+    UsageError,
+    check_input_dims,
+    check_input_size,
+    example_inputs,
+    parse_input,
+)
+
 __all__ = ["main"]
 
 EXIT_OK, EXIT_MISMATCH, EXIT_USAGE = 0, 1, 2
-DTYPES = ("float32", "float64", "float16", "bfloat16")
-
-
-class UsageError(Exception):
-    """Bad command-line input; its message is printed as one line and the exit code is 2."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -72,8 +76,14 @@ def _build_parser() -> argparse.ArgumentParser:
                     help="target layer type, or auto: per site the faster form on --runtime")  # fmt: skip
     rw.add_argument("--runtime", choices=("onnxruntime", "torch"), default="onnxruntime",
                     help="with --to auto: where to measure")  # fmt: skip
-    rw.add_argument("--input-shape", action="append", required=True, metavar="N,C,H,W",
-                    help="shape of one example input (repeat for several inputs)")  # fmt: skip
+    rw.add_argument("--input-shape", action="append", default=[], metavar="N,C,H,W[:DTYPE]",
+                    help="shape of one positional example input (repeat for several inputs); :int64 (or another "
+                         "integer dtype) makes random ids in [0, 2), for token ids and masks")  # fmt: skip
+    rw.add_argument("--input", action="append", default=[], metavar="NAME=SHAPE[:DTYPE]",
+                    help="a keyword example input, as HuggingFace models are called: --input attention_mask=1,8:int64")
+    rw.add_argument("--frontend", choices=("auto", "fx", "export"), default="auto",
+                    help="how the model becomes a graph: torch.fx, torch.export, or auto (fx, and torch.export "
+                         "where fx does not trace the whole model)")  # fmt: skip
     rw.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the model and its inputs")
     rw.add_argument("--out", required=True, help="output directory (must not exist, or be empty)")
     rw.add_argument("--weights", help="safetensors file, or a state dict saved with torch.save")
@@ -129,17 +139,6 @@ def _fail(message: str, code: int = EXIT_USAGE) -> int:
 
 
 # -- rewrite -------------------------------------------------------------------------------------------------------
-
-
-def parse_shape(text: str) -> tuple[int, ...]:
-    try:
-        shape = tuple(int(p) for p in text.replace("x", ",").split(","))
-    except ValueError:
-        message = f"malformed --input-shape {text!r}: expected comma-separated integers like 1,3,224,224"
-        raise UsageError(message) from None
-    if not shape or any(d <= 0 for d in shape):
-        raise UsageError(f"malformed --input-shape {text!r}: every dimension must be a positive integer")
-    return shape
 
 
 def load_factory(spec: str) -> Callable[[], Any]:
@@ -252,69 +251,26 @@ def staged_output(out: str) -> Iterator[Path]:
 def _rewrite(args: argparse.Namespace, progress: _Progress) -> int:
     import torch
 
-    shapes = [parse_shape(s) for s in args.input_shape]
+    specs = [parse_input(s, "--input-shape", args.dtype) for s in args.input_shape]
+    specs += [parse_input(s, "--input", args.dtype) for s in args.input]
+    if not specs:
+        raise UsageError("no example input: give --input-shape N,C,H,W (and/or --input NAME=SHAPE[:DTYPE])")
     dtype = getattr(torch, args.dtype)
-    _check_input_size(shapes, dtype)
+    check_input_size([shape for _, shape, _ in specs], dtype)
     with staged_output(args.out) as tmp:
         with progress.step(f"building {args.model}"):
             model = build_model(args.model)
             if args.weights:
                 load_weights(model, args.weights, args.unsafe_pickle)
             model = model.to(dtype).eval()
-        gen = torch.Generator().manual_seed(0)
-        inputs = tuple(torch.randn(s, generator=gen).to(dtype) for s in shapes)
-        _check_input_dims(model, inputs)
-        report = _run_pipeline(model, inputs, args.to, tmp, args, progress)
-        _write_report(report, tmp, inputs, args, progress)
+        inputs = example_inputs(specs)
+        positional = tuple(t for (name, _, _), t in zip(specs, inputs) if name is None)
+        named = {name: t for (name, _, _), t in zip(specs, inputs) if name is not None}
+        check_input_dims(model, positional)
+        report = _run_pipeline(model, (*positional, named) if named else positional, args.to, tmp, args, progress)
+        _write_report(report, tmp, (*positional, *named.values()), args, progress)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.summary())
     return EXIT_OK if report.passed else EXIT_MISMATCH
-
-
-#: The example inputs, the activations they cause and the validation copies must fit: refuse inputs larger than this
-#: share of the memory available.
-_INPUT_MEMORY_SHARE = 0.05
-
-
-def _check_input_size(shapes: list[tuple[int, ...]], dtype: Any) -> None:
-    """Refuse example inputs that cannot fit in memory, up front, with the numbers."""
-    import math
-
-    import torch
-
-    size = sum(math.prod(s) for s in shapes) * torch.empty((), dtype=dtype).element_size()
-    available = _available_memory()
-    if size > _INPUT_MEMORY_SHARE * available:
-        raise UsageError(f"--input-shape asks for {size / 2**30:.3g} GiB of example inputs; with "
-                         f"{available / 2**30:.3g} GiB of memory available the inputs may use at most "
-                         f"{_INPUT_MEMORY_SHARE:.0%} of it (the model's activations and the validation copies need the "
-                         "rest): use a smaller shape")  # fmt: skip
-
-
-def _available_memory() -> int:
-    """Bytes of memory available (MemAvailable on Linux; the physical size elsewhere)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-
-
-def _check_input_dims(model: Any, inputs: tuple) -> None:
-    """Catch the commonest shape mistake early: an input whose rank the model's first layer cannot take."""
-    from torch import nn
-
-    first = next((m for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear))), None)
-    if first is None or len(inputs) != 1:
-        return
-    wants: dict[type, tuple[int, int]] = {nn.Conv2d: (3, 4), nn.Conv1d: (2, 3)}
-    want = wants.get(type(first))
-    if want and inputs[0].dim() not in want:
-        raise UsageError(
-            f"--input-shape has {inputs[0].dim()} dims but the model starts with {type(first).__name__}, which takes "
-            f"{want[1]}-D (N, C, ...) input"
-        )
 
 
 def _run_pipeline(model: Any, inputs: tuple, to: str, out_dir: Path, args: argparse.Namespace,
@@ -330,7 +286,8 @@ def _run_pipeline(model: Any, inputs: tuple, to: str, out_dir: Path, args: argpa
                      leaf_modules=tuple(getattr(args, "leaf_module", ())), exclude=tuple(getattr(args, "exclude", ())),
                      batch_layout=getattr(args, "batch_layout", "spatial"),
                      token_layout=getattr(args, "token_layout", False),
-                     runtime=getattr(args, "runtime", "onnxruntime"))  # fmt: skip
+                     runtime=getattr(args, "runtime", "onnxruntime"),
+                     frontend=getattr(args, "frontend", "auto"))  # fmt: skip
 
 
 def _write_report(report: Any, out_dir: Path, inputs: tuple, args: argparse.Namespace, progress: _Progress) -> None:

@@ -19,12 +19,13 @@ from fxsurgery.errors import InputError
 if TYPE_CHECKING:
     from fxsurgery.engine.rule import RuleSet
 
-__all__ = ["Options", "Precision", "LeafSpec", "resolve", "OPTIONS_DOC", "BATCH_LAYOUTS", "RUNTIMES"]
+__all__ = ["Options", "Precision", "LeafSpec", "resolve", "OPTIONS_DOC", "BATCH_LAYOUTS", "RUNTIMES", "FRONTENDS"]
 
 Precision = Literal["native", "float64"]
 LeafSpec = Sequence["type[nn.Module] | str"]
 BATCH_LAYOUTS = ("spatial", "batch")
 RUNTIMES = ("onnxruntime", "torch")
+FRONTENDS = ("auto", "fx", "export")
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class Options:
     """Trace, rule and validation options of one pass (see :data:`OPTIONS_DOC`)."""
 
     # tracing
+    frontend: str = "auto"
     leaf_modules: tuple[type[nn.Module] | str, ...] = ()
     exclude: tuple[str, ...] = ()
     # rules (Linear -> conv)
@@ -57,6 +59,8 @@ class Options:
         for leaf in self.leaf_modules:
             if not isinstance(leaf, (str, type)):
                 raise InputError(f"leaf_modules entries must be module types or qualified names, got {leaf!r}")
+        if self.frontend not in FRONTENDS:
+            raise InputError(f"frontend must be one of {FRONTENDS}, got {self.frontend!r}")
         if self.batch_layout not in BATCH_LAYOUTS:
             raise InputError(f"batch_layout must be one of {sorted(BATCH_LAYOUTS)}, got {self.batch_layout!r}")
         if not isinstance(self.token_layout, bool):
@@ -75,6 +79,11 @@ Options (keywords, or one ``options=fxsurgery.Options(...)``):
 
 * ``validate=True``: compare the rewritten model with the original numerically; raise
   :class:`~fxsurgery.ValidationError` naming the responsible site(s) on a mismatch.
+* ``frontend="auto"``: how the model becomes a graph. ``"fx"``: ``torch.fx.symbolic_trace`` (where it fails inside
+  a submodule, that submodule is rewritten on its own). ``"export"``: ``torch.export`` (non-strict, dynamic batch),
+  its ATen graph raised back to module calls, so HuggingFace models trace whole. ``"auto"``: fx, and where fx
+  cannot trace the whole model, ``torch.export`` too, keeping the one that rewrites more sites (the report says
+  which ran and why).
 * ``leaf_modules=()``: module types or qualified names torch.fx must not trace into.
 * ``exclude=()``: site names to leave alone (listed as skipped, "excluded by the caller").
 * ``precision="native"``: validate in the model's dtype; ``"float64"`` runs both models in float64 to prove the

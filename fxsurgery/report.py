@@ -134,6 +134,7 @@ class SurgeryResult:
     direction: str
     notes: tuple[str, ...] = field(default=())
     timings: dict[str, Any] | None = None  # to="auto": per-site and whole-model measurements and the choice
+    frontend: str = "fx"  # the front end that made the graph: "fx" or "export" (the notes say why)
 
     @property
     def rewritten(self) -> list[Site]:
@@ -171,6 +172,7 @@ class SurgeryResult:
             "passed": self.passed,
             "rewritten": len(self.rewritten),
             "skipped": len(self.skipped),
+            "frontend": self.frontend,
             "sites": [s.to_dict() for s in self.sites],
             "notes": list(self.notes),
             "validation": None if self.validation is None else self.validation.to_dict(),
@@ -282,6 +284,7 @@ class CheckReport:
         return {
             "passed": self.passed,
             "direction": d["direction"],
+            "frontend": d["frontend"],
             "sites": d["sites"],
             "notes": d["notes"],
             "validation": d["validation"],

@@ -17,22 +17,26 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from fxsurgery import _runtime
 from fxsurgery.checkpoint import merge_layouts, record_module_layouts
 from fxsurgery.engine.nodes import CONV_TYPES
 from fxsurgery.engine.rewriter import Rewriter
 from fxsurgery.engine.rule import RuleSet
 from fxsurgery.errors import InputError, SurgeryError, TraceError, ValidationError
 from fxsurgery.options import LeafSpec, Options
+from fxsurgery.reference import CAPTURED_NOTE, check_mode_for_validation, validation_reference
 from fxsurgery.report import Site, SurgeryResult
 from fxsurgery.rules import rule_set
 from fxsurgery.tracing import (
+    batch_is_dynamic,
     capture_submodule_inputs,
     check_devices,
     check_names,
     eval_copy,
+    export_model,
+    inert_hook,
     prepare_model,
     propagate_shapes,
+    raise_program,
     trace,
     unwrap,
     working_copy,
@@ -57,6 +61,7 @@ class _Job:
     exclude: Sequence[str]
     depth: int = 0
     tied: Mapping[str, str] = field(default_factory=dict)  # parameter -> the module outside that shares it
+    frontend: str = "fx"  # "fx" or "export"
 
     def below(self, name: str, source: nn.Module) -> _Job:
         """The job for submodule ``name`` of ``source``: its names relative to it, and the parameters it shares
@@ -72,7 +77,7 @@ class _Job:
         for names in owners.values():
             inside, outside = [n for n in names if n.startswith(prefix)], [n for n in names if not n.startswith(prefix)]
             tied.update({n.removeprefix(prefix): outside[0].rsplit(".", 1)[0] for n in inside if outside})
-        return _Job(self.rules, leaves, exclude, self.depth + 1, tied)
+        return _Job(self.rules, leaves, exclude, self.depth + 1, tied, self.frontend)
 
 
 def run_pass(model: nn.Module, inputs: tuple[torch.Tensor, ...], direction: str, options: Options) -> SurgeryResult:
@@ -86,42 +91,37 @@ def run_pass(model: nn.Module, inputs: tuple[torch.Tensor, ...], direction: str,
     check_names("leaf_modules entry", [x for x in options.leaf_modules if isinstance(x, str)], module_names)
     log.info("tracing %s", type(model).__name__)
     job = _Job(rules, options.leaf_modules, options.exclude)
-    gm, sites, notes = _rewrite_structure(model, inputs, job)
+    job, gm, sites, notes = _front_end(model, inputs, job, options.frontend)
+    captured = gm.meta.pop("captured", None) if isinstance(gm, fx.GraphModule) else None  # the export, unrewritten
     check_names("exclude entry", options.exclude, [*module_names, *(s.name for s in sites)])
-    result = SurgeryResult(gm, sites, None, direction, (*wrappers, *notes))
+    result = SurgeryResult(gm, sites, None, direction, (*wrappers, *notes), frontend=job.frontend)
     if not options.validate:
         return result
-    _check_mode_for_validation(model, gm)
+    check_mode_for_validation(model, gm)
     log.info("validating %d rewritten sites", len(result.rewritten))
-    original = eval_copy(model, options.precision)
-    check = validate(model, gm, inputs, num_random=options.num_random, precision=options.precision,
+    reference = validation_reference(model, captured, inputs, options, result)
+    original = eval_copy(reference, options.precision)
+    check = validate(reference, gm, inputs, num_random=options.num_random, precision=options.precision,
                      rtol=options.rtol, seed=options.seed, original_copy=original)  # fmt: skip
+    if reference is not model:
+        check = dataclasses.replace(check, notes=(*check.notes, CAPTURED_NOTE))
     result = dataclasses.replace(result, validation=check)
     if not check:
         if STRUCTURE in check.failure:  # not a site's doing: the graph as a whole returns something else
             raise ValidationError(f"validation failed: {check.failure}; the rewritten graph returns another "
                                   "structure than the model (no site is responsible): please report the model",
                                   result=result)  # fmt: skip
+        if _error_with(model, inputs, job, result.rewritten, [], original, options) is not None:
+            other = "fx" if job.frontend == "export" else "export"
+            raise ValidationError(f"validation failed: {check.failure}; the graph {job.frontend} made fails with no "
+                                  f"site rewritten (no site is responsible): try frontend={other!r}, and please "
+                                  "report the model", result=result)  # fmt: skip
         culprits = _find_culprits(model, inputs, job, result, original, options)
         named = ", ".join(f"{s.name} ({s.pattern})" for s in culprits) or "the combination of rewritten sites"
         raise ValidationError(f"validation failed: {check.failure}; responsible: {named}. Exclude the site with "
                               "exclude=[...] and report the model", result=result,
                               sites=tuple(s.name for s in culprits))  # fmt: skip
     return result
-
-
-def _check_mode_for_validation(model: nn.Module, gm: nn.Module) -> None:
-    """A training-mode model whose forward branches on ``self.training`` is rewritten in training mode, which the
-    eval-mode validation cannot run: say so instead of blaming a site."""
-    if not model.training:
-        return
-    branching = sorted({name for m in gm.modules() if isinstance(m, fx.GraphModule) for n in m.graph.nodes
-                        if n.target is _runtime.check_mode for name in n.args[2]})
-    if branching:
-        raise InputError(f"the model is in training mode and the forward of {', '.join(branching)} branches on "
-                         "self.training: the rewritten graph holds the training-mode branch, which validation (on "
-                         "eval-mode copies) cannot run; call model.eval() before the rewrite, or pass "
-                         "validate=False")  # fmt: skip
 
 
 def _apply(traced: fx.GraphModule, inputs: tuple[torch.Tensor, ...], job: _Job) -> tuple[fx.GraphModule, list[Site]]:
@@ -144,10 +144,75 @@ def _apply(traced: fx.GraphModule, inputs: tuple[torch.Tensor, ...], job: _Job) 
     return gm, sites
 
 
+def _front_end(model: nn.Module, inputs: tuple[torch.Tensor, ...], job: _Job,
+               frontend: str) -> tuple[_Job, nn.Module, list[Site], list[str]]:  # fmt: skip
+    """Rewrite through the chosen front end; ``"auto"``: fx, and where fx does not trace the whole model, also
+    ``torch.export``, keeping whichever rewrites more sites (fx on a tie). The notes say which ran and why."""
+    if frontend != "auto":
+        job = dataclasses.replace(job, frontend=frontend)
+        return _said(job, _rewrite_structure(model, inputs, job), f"front end: {frontend} (as asked)")
+    fx_out: _Out | None = None
+    try:
+        fx_out = _rewrite_structure(model, inputs, job)
+    except TraceError as e:
+        fx_error = e
+    if fx_out is not None and not any(p in n for p in _PARTIAL for n in fx_out[2]):
+        return _said(job, fx_out, "front end: fx (torch.fx traced the whole model)")
+    ex_job = dataclasses.replace(job, frontend="export")
+    try:
+        ex_out = _rewrite_structure(model, inputs, ex_job)
+    except SurgeryError as e:
+        if fx_out is None:
+            raise fx_error from e
+        return _said(job, fx_out, f"front end: fx (torch.fx did not trace the whole model; torch.export failed "
+                                  f"too: {_cause(e)})")  # fmt: skip
+    n_ex = sum(s.rewritten for s in ex_out[1])
+    if fx_out is None:
+        return _said(ex_job, ex_out, f"front end: export (torch.fx cannot trace the model: {_cause(fx_error)})")
+    n_fx = sum(s.rewritten for s in fx_out[1])
+    if n_ex > n_fx:
+        return _said(ex_job, ex_out, f"front end: export (torch.fx did not trace the whole model; torch.export "
+                                     f"rewrites {n_ex} sites, fx {n_fx})")  # fmt: skip
+    return _said(job, fx_out, f"front end: fx (torch.fx did not trace the whole model, but torch.export rewrites "
+                              f"no more sites: {n_ex}, fx {n_fx})")  # fmt: skip
+
+
+_Out = tuple[nn.Module, list[Site], list[str]]
+
+
+def _said(job: _Job, out: _Out, note: str) -> tuple[_Job, nn.Module, list[Site], list[str]]:
+    return job, out[0], out[1], [note, *out[2]]
+
+
+#: The notes of a partial fx trace (a submodule or the root left as code).
+_PARTIAL = ("cannot be traced", "left untouched")
+
+
+def _rewrite_exported(model: nn.Module, inputs: tuple[torch.Tensor, ...],
+                      job: _Job) -> tuple[nn.Module, list[Site], list[str]]:  # fmt: skip
+    """The ``torch.export`` front end: export a copy, raise its graph back to module calls, rewrite."""
+    hooked = [name or "the root" for name, m in model.named_modules() for d in _HOOK_DICTS
+              if any(not inert_hook(h) for h in getattr(m, d, {}).values())]  # fmt: skip
+    if hooked:
+        raise TraceError(f"torch.export runs forward hooks into the graph ({hooked[0]} has hooks), where a rewrite "
+                         "would run them twice; use frontend='fx', which keeps hooked modules as calls",
+                         cause="forward hooks")  # fmt: skip
+    program = export_model(working_copy(model), inputs)
+    traced = raise_program(program, working_copy(model))
+    traced.train(model.training)
+    gm, sites = _apply(traced, inputs, job)
+    gm.meta["captured"] = traced
+    notes = [] if batch_is_dynamic(program) else ["torch.export fixed the batch size of the example inputs: the "
+                                                  "rewritten graph runs at that batch only"]  # fmt: skip
+    return gm, sites, notes
+
+
 def _rewrite_structure(model: nn.Module, inputs: tuple[torch.Tensor, ...], job: _Job) -> tuple[nn.Module, list[Site],
                                                                                                list[str]]:  # fmt: skip
     """Trace and rewrite ``model``; where fx cannot trace, rewrite inside the largest submodules that do trace.
     Returns the new module, its sites and notes saying what was left untouched."""
+    if job.frontend == "export":
+        return _rewrite_exported(model, inputs, job)
     auto = _hooked_containers(model)
     notes = [f"{name} has forward hooks: kept as a called module, so that they run and see what they saw before, "
              "and rewritten inside" for name in auto]  # fmt: skip
@@ -191,8 +256,8 @@ def _descend_root(model: nn.Module, inputs: tuple[torch.Tensor, ...], job: _Job,
              "it is and its submodules are rewritten one by one"]  # fmt: skip
     sites: list[Site] = []
     names = [name for name, _ in model.named_children()]
-    if not _rewrite_children(root, model, names, inputs, job, sites, notes):
-        raise error  # no child could be rewritten either: the original error says the most
+    if not _rewrite_children(root, model, names, inputs, job, sites, notes) and not sites:
+        raise error  # no child could be rewritten or listed either: the original error says the most
     return root, sites, notes
 
 
@@ -204,17 +269,21 @@ def _rewrite_children(target: nn.Module, source: nn.Module, names: Sequence[str]
     notes += [f"{name} left untouched: {why}" for name, why in skipped.items()]
     done = 0
     for name, sub_inputs in captured.items():
+        child = target.get_submodule(name)
+        bare = not list(child.children())  # a layer traced on its own: its one site is the layer itself
+        if bare and name in job.exclude:
+            sites += _bare_candidate(name, child, sub_inputs, job, "excluded by the caller")
+            continue
         try:
-            new, sub_sites, sub_notes = _rewrite_structure(target.get_submodule(name), sub_inputs,
-                                                           job.below(name, source))  # fmt: skip
+            new, sub_sites, sub_notes = _rewrite_structure(child, sub_inputs, job.below(name, source))
         except SurgeryError as e:
             notes.append(f"{name} left untouched: {_cause(e)}")
             continue
         done += 1
-        child = target.get_submodule(name)
-        sites += [dataclasses.replace(s, name=f"{name}.{s.name}") for s in sub_sites]
+        single = bare and len(sub_sites) == 1
+        sites += [dataclasses.replace(s, name=name if single else f"{name}.{s.name}") for s in sub_sites]
         sites += _bare_candidate(name, child, sub_inputs, job) if not sub_sites else []
-        notes += [f"{name}.{n}" for n in sub_notes]
+        notes += [f"in {name}: {n}" for n in sub_notes]
         if any(s.rewritten for s in sub_sites):  # else the child stays as it was: its class, its attributes
             _keep_attributes(new, child)
             target.set_submodule(name, new)
@@ -237,17 +306,18 @@ def _keep_attributes(new: nn.Module, old: nn.Module) -> None:
             setattr(new, key, type(getattr(old, key))(getattr(old, key)))
 
 
-def _bare_candidate(name: str, child: nn.Module, inputs: tuple[torch.Tensor, ...], job: _Job) -> list[Site]:
+def _bare_candidate(name: str, child: nn.Module, inputs: tuple[torch.Tensor, ...], job: _Job,
+                    why: str | None = None) -> list[Site]:  # fmt: skip
     """A Linear or pointwise/full-extent conv called directly by untraceable code: listed, with why it stays."""
     x = inputs[0] if inputs else None
-    kernel = tuple(getattr(child, "kernel_size", ()))
+    kernel: tuple[int, ...] = tuple(child.kernel_size) if isinstance(child, CONV_TYPES) else ()  # type: ignore[arg-type]
     linear = job.rules.direction == "linear_to_conv" and isinstance(child, nn.Linear)
-    conv = job.rules.direction == "conv_to_linear" and isinstance(child, CONV_TYPES) and x is not None and (
+    conv = job.rules.direction == "conv_to_linear" and bool(kernel) and x is not None and (
         all(k == 1 for k in kernel) or tuple(x.shape[2:]) == tuple(kernel))  # fmt: skip
     if not (linear or conv):
         return []
-    why = ("called directly by code that cannot be traced: what it reads and where its output goes are not visible "
-           "to the rewrite; make that code traceable or move the layer into a traceable submodule")  # fmt: skip
+    why = why or ("called directly by code that cannot be traced: what it reads and where its output goes are not "
+                  "visible to the rewrite; make that code traceable or move the layer into a traceable submodule")
     pattern = "flatten->linear" if linear else "conv1x1" if all(k == 1 for k in kernel) else "conv-full-extent"
     return [Site(name, pattern, "skipped", why)]
 
@@ -256,21 +326,27 @@ def _cause(e: BaseException) -> str:
     return e.cause if isinstance(e, TraceError) else str(e)
 
 
+def _error_with(model: nn.Module, inputs: tuple[torch.Tensor, ...], job: _Job, rewritten: list[Site],
+                group: list[Site], original: nn.Module, options: Options) -> float | None:  # fmt: skip
+    """The validation error with only the sites of ``group`` rewritten (None: it passes)."""
+    others = [s.name for s in rewritten if s not in group]
+    gm, _, _ = _rewrite_structure(model, inputs, dataclasses.replace(job, exclude=[*job.exclude, *others]))
+    check = validate(original, gm, inputs, num_random=0, precision=options.precision, rtol=options.rtol,
+                     seed=options.seed, original_copy=original)  # fmt: skip
+    return None if check else check.max_rel_error
+
+
 def _find_culprits(model: nn.Module, inputs: tuple[torch.Tensor, ...], job: _Job, result: SurgeryResult,
                    original: nn.Module, options: Options) -> list[Site]:  # fmt: skip
     """The sites whose rewrite alone fails validation, worst first, by halving: rewrite half of a failing group,
     keep the halves that fail, down to single sites (about 2 log2(n) rewrites for one culprit among n, instead of n).
     Empty when no single site fails alone (an interaction between sites)."""
     rewritten = result.rewritten
-    if len(rewritten) == 1:
+    if len(rewritten) <= 1:
         return rewritten
 
     def error_of(group: list[Site]) -> float | None:
-        others = [s.name for s in rewritten if s not in group]
-        gm, _, _ = _rewrite_structure(model, inputs, dataclasses.replace(job, exclude=[*job.exclude, *others]))
-        check = validate(original, gm, inputs, num_random=0, precision=options.precision, rtol=options.rtol,
-                         seed=options.seed, original_copy=original)  # fmt: skip
-        return None if check else check.max_rel_error
+        return _error_with(model, inputs, job, rewritten, group, original, options)
 
     def search(group: list[Site], error: float) -> list[tuple[float, Site]]:
         if len(group) == 1:

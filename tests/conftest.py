@@ -9,6 +9,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 import fxsurgery
+from fxsurgery import _runtime
 
 # Every flatten spelling the linear_to_conv rule must recognise.
 FLATTEN_FORMS = {
@@ -66,9 +67,14 @@ _LAYOUT_OPS = {"permute", "reshape", "view", "flatten", "t", "transpose", "squee
                torch.reshape, torch.permute}
 
 
+# the spatial layout's helpers, with the layout ops each runs at a non-empty batch (a transpose and a reshape)
+_LAYOUT_HELPERS = {_runtime.batch_to_width: 2, _runtime.maps_side_by_side: 2, _runtime.batch_from_width: 2}
+
+
 def layout_ops(gm: torch.fx.GraphModule) -> int:
-    """How many layout-changing nodes (reshape, permute, flatten, ...) a graph holds."""
-    return sum(n.op in ("call_method", "call_function") and n.target in _LAYOUT_OPS for n in gm.graph.nodes)
+    """How many layout-changing ops (reshape, permute, flatten, ...) a graph runs."""
+    calls = [n for n in gm.graph.nodes if n.op in ("call_method", "call_function")]
+    return sum(n.target in _LAYOUT_OPS for n in calls) + sum(_LAYOUT_HELPERS.get(n.target, 0) for n in calls)
 
 
 def _deepcopy(model: nn.Module) -> nn.Module:

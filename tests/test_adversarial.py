@@ -260,12 +260,19 @@ CASES: dict[str, Case] = {
     "too-few-inputs": Case(lambda: TwoKinds().eval(), lambda: (torch.randn(2, 3, 2, 2),),
                            error=(fxsurgery.InputError, "needs 2 inputs")),  # fmt: skip
     # untraceable roots: their code stays, their children are rewritten alone (a bare Linear reads a plain input)
+    # fx cannot trace these roots: their children are rewritten one by one (fc alone: not a flattened map) ...
     "value-control-flow": Case(lambda: ValueBranch().eval(), lambda: (torch.randn(2, 4, 3, 2),),
-                               skipped={"fc.linear": "not a flattened or pooled"}),  # fmt: skip
+                               skipped={"fc": "not a flattened or pooled"}, kwargs={"frontend": "fx"}),  # fmt: skip
     "shape-branch": Case(lambda: ShapeBranch().eval(), lambda: (torch.randn(2, 4, 3, 2),),
-                         skipped={"fc.linear": "not a flattened or pooled"}),  # fmt: skip
+                         skipped={"fc": "not a flattened or pooled"}, kwargs={"frontend": "fx"}),  # fmt: skip
     "module-made-in-forward": Case(lambda: MadeInForward().eval(), lambda: (torch.randn(2, 4, 3, 2),),
-                                   skipped={"fc.linear": "not a flattened or pooled"}),  # fmt: skip
+                                   skipped={"fc": "not a flattened or pooled"}, kwargs={"frontend": "fx"}),  # fmt: skip
+    # ... which torch.export (frontend="auto") captures whole, except a branch on a tensor's value
+    "value-control-flow-auto": Case(lambda: ValueBranch().eval(), lambda: (torch.randn(2, 4, 3, 2),),
+                                    skipped={"fc": "not a flattened or pooled"}),  # fmt: skip
+    "shape-branch-auto": Case(lambda: ShapeBranch().eval(), lambda: (torch.randn(2, 4, 3, 2),), rewritten=["fc"]),
+    "module-made-in-forward-auto": Case(lambda: MadeInForward().eval(), lambda: (torch.randn(2, 4, 3, 2),),
+                                        rewritten=["fc"]),  # fmt: skip
     "inplace-on-input": Case(lambda: InPlace().eval(), lambda: (torch.randn(2, 4, 3, 2),), rewritten=["fc"]),
     "train-mode-bn": Case(lambda: BNTrain().train(), lambda: (torch.randn(2, 3, 3, 2),), rewritten=["fc"]),
     "train-mode-bn-c2l": Case(lambda: BNTrain().train(), lambda: (torch.randn(2, 3, 3, 2),), "conv_to_linear",

@@ -44,6 +44,13 @@ MODELS = textwrap.dedent(
             h = self.ln(x)
             return self.fc(x + self.attn(h, h, h, need_weights=False)[0])
 
+    def bert():  # a HuggingFace model, called with keyword inputs
+        import transformers
+        torch.manual_seed(0)
+        config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                         intermediate_size=64, num_labels=3)
+        return transformers.BertForSequenceClassification(config)
+
     class Branchy(nn.Module):  # untraceable, and no submodule to rewrite instead
         def __init__(self):
             super().__init__()
@@ -92,6 +99,18 @@ def test_rewrite_success_writes_everything(models_file, tmp_path):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(program(x), original(x), rtol=1e-4, atol=1e-5)
+
+
+def test_keyword_inputs_and_integer_ids(models_file, tmp_path):
+    pytest.importorskip("transformers")
+    out = tmp_path / "out"
+    proc = run("rewrite", f"{models_file}:bert", "--to", "conv", "--token-layout", "--input-shape", "2,8:int64",
+               "--input", "attention_mask=2,8:int64", "--out", str(out), "--json", "--quiet")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["passed"] and report["frontend"] == "export" and report["onnx"]["passed"]
+    assert sum(s["status"] == "rewritten" for s in report["sites"]) == 6  # q, k, v, out, MLP in and out
+    assert report["notes"][0].startswith("front end: export")
 
 
 def test_rewrite_json_quiet_weights_and_torchscript(models_file, tmp_path):
@@ -180,9 +199,13 @@ def _bad_weights(tmp_path: Path) -> str:
         (["rewrite", "{models}:make", "--to", "conv", "--input-shape", "100000,100000,100000,100000"],
          "GiB of example inputs"),
         (["rewrite", "{models}:make", "--to", "conv", "--input-shape", "1,1,1000,1000000"], "use a smaller shape"),
+        (["rewrite", "{models}:make", "--to", "conv"], "no example input"),
+        (["rewrite", "{models}:make", "--to", "conv", "--input", "1,3,32,32"], "expected NAME=SHAPE"),
+        (["rewrite", "{models}:make", "--to", "conv", "--input-shape", "1,3,32,32:int8"], "unknown dtype 'int8'"),
     ],
     ids=["module", "callable", "not-module", "factory-raises", "no-colon", "shape", "zero-dim", "ndim", "no-weights",
-         "bad-weights", "untraceable", "bad-to", "missing-to", "sys-exit", "huge-input", "4gb-input"],
+         "bad-weights", "untraceable", "bad-to", "missing-to", "sys-exit", "huge-input", "4gb-input", "no-input",
+         "unnamed-keyword", "bad-dtype"],
 )  # fmt: skip
 def test_bad_input_exits_2_with_one_line(models_file, tmp_path, argv, message):
     out = tmp_path / "out"

@@ -79,10 +79,15 @@ class NoGradBackbone(nn.Module):
         return self.head(y)
 
 
-def test_grad_mode_regions_are_kept():
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_grad_mode_regions_are_kept(frontend):
+    """fx keeps the module's code (a note says why); torch.export records the region in the graph."""
     m = nn.Sequential(NoGradBackbone())
-    res = c2l(m, torch.randn(2, 3, 5, 5))
-    assert any("uses no_grad" in n for n in res.notes), res.notes
+    res = c2l(m, torch.randn(2, 3, 5, 5), frontend=frontend)
+    if frontend == "fx":
+        assert any("uses no_grad" in n for n in res.notes), res.notes
+    else:
+        assert [s.name for s in res.rewritten] == ["0.head"]
     res.module(torch.randn(2, 3, 5, 5)).sum().backward()
     grads = {n: p.grad is not None for n, p in res.module.named_parameters()}
     assert grads == {"0.backbone.weight": False, "0.backbone.bias": False, "0.head.weight": True,
@@ -295,11 +300,13 @@ class Branchy(nn.Module):
 
 def test_children_of_an_untraceable_root_keep_what_the_parent_reads_and_every_candidate_is_listed():
     m = Branchy().eval()
-    res = c2l(m, torch.randn(2, 3, 4, 4))
+    res = c2l(m, torch.randn(2, 3, 4, 4), frontend="fx")
     sites = {s.name: s for s in res.sites}
     assert set(sites) == {"pw", "proj"}  # both candidates listed; the 3x3 conv is not one
     assert all("called directly by code that cannot be traced" in s.reason for s in sites.values())
     assert type(res.module.conv) is nn.Conv2d  # nothing rewritten in it: left as it was
+    by_export = c2l(m, torch.randn(2, 3, 4, 4))  # frontend="auto": torch.export reaches both
+    assert by_export.frontend == "export" and {s.name for s in by_export.rewritten} == {"pw", "proj"}
 
 
 def test_modules_and_buffers_the_forward_does_not_use_are_kept():
@@ -366,7 +373,9 @@ def test_the_culprit_search_halves_instead_of_rewriting_once_per_site():
     with pytest.raises(fxsurgery.ValidationError) as info:
         l2c(Chain().eval(), torch.randn(2, 4, 2, 2), rules=rules)
     assert info.value.sites == ("head",)
-    assert len(counter.rewriters) <= 1 + 2 * 4  # 16 sites: the pass, then at most two halves per level
+    # 16 sites: the pass, the graph with no site rewritten (is the graph itself at fault?), then at most two halves
+    # per level
+    assert len(counter.rewriters) <= 2 + 2 * 4
 
 
 def test_the_size_guard_says_when_the_original_accepts_the_size():
@@ -407,3 +416,25 @@ def test_a_weight_tied_across_an_untraceable_parent_stays_tied():
     res = l2c(m, (torch.randn(2, 3, 2, 2), torch.randint(0, 10, (2, 10))))
     assert "shared with embed (tied weights)" in {s.name: s.reason for s in res.sites}["head.proj"]
     assert len(list(res.module.parameters())) == len(list(m.parameters()))  # the tie is still one parameter
+
+
+@pytest.mark.parametrize("batch_layout", ["spatial", "batch"])
+@pytest.mark.parametrize(
+    "head",
+    [
+        lambda: nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Flatten(), nn.Linear(256, 5)),
+        lambda: nn.Sequential(nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.Flatten(), nn.Linear(64, 7), nn.Softmax(1),
+                              nn.Linear(7, 5)),  # fmt: skip
+        lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 6), nn.GELU(),
+                              nn.Linear(6, 5)),  # fmt: skip
+    ],
+    ids=["flatten", "flatten-hw-chain", "pooled-chain"],
+)
+def test_an_empty_batch_at_run_time_gives_an_empty_output(head, batch_layout):
+    m = head().eval()
+    res = l2c(m, torch.randn(2, 3, 8, 8), batch_layout=batch_layout)
+    assert res.rewritten
+    for n in (0, 1, 3):
+        x = torch.randn(n, 3, 8, 8)
+        torch.testing.assert_close(res.module(x), m(x), rtol=1e-5, atol=1e-6)
+    assert res.module(torch.randn(0, 3, 8, 8)).shape == (0, 5)

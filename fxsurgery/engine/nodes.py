@@ -20,7 +20,7 @@ from torch import nn
 from fxsurgery.tracing.shapes import shape_of
 
 __all__ = ["LinearOp", "ConvOp", "as_linear", "as_conv", "as_layer_norm", "spatial_mean_source", "is_reshape",
-           "first_input", "bind", "is_torchvision", "static_shape", "NoShape", "hook_kinds",
+           "first_input", "reader_name", "bind", "is_torchvision", "static_shape", "NoShape", "hook_kinds",
            "writes_in_place"]  # fmt: skip
 
 #: Linear layers whose forward is exactly ``F.linear`` (MultiheadAttention's out_proj is the second).
@@ -42,6 +42,15 @@ def static_shape(node: Any, what: str) -> tuple[int, ...]:
     if shape is None:
         raise NoShape(f"no static shape is known for {what} ({getattr(node, 'name', node)})")
     return shape
+
+
+def reader_name(node: fx.Node) -> str:
+    """Who ``node`` computes for: its module's path (``nn_module_stack``, recorded by torch.export), else its name."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if stack:
+        path = str(list(stack.values())[-1][0])
+        return path.removeprefix("L['self'].") if path.startswith("L['self']") and path != "L['self']" else path
+    return node.name
 
 
 def first_input(node: fx.Node) -> Any:

@@ -17,7 +17,7 @@ from torch import nn
 
 from fxsurgery.engine import cleanup
 from fxsurgery.engine.layout import Layout, composes_to_identity, permute_dims
-from fxsurgery.engine.nodes import NoShape, first_input
+from fxsurgery.engine.nodes import NoShape, first_input, reader_name
 from fxsurgery.engine.rule import Rule, RuleSet, Skip
 from fxsurgery.report import Site
 
@@ -53,6 +53,14 @@ class Rewriter:
             self.param_owners.setdefault(id(p), []).append(pname)
             if tied and pname in tied:
                 self.param_owners[id(p)].append(f"{tied[pname]}.(outside)")
+        # code that reads a parameter directly (``F.embedding(ids, self.lm_head.weight)``; torch.export names a
+        # tied weight once and reads it so): (who reads it, the reading node)
+        self.param_readers: dict[int, list[tuple[str, fx.Node]]] = {}
+        params = dict(gm.named_parameters(remove_duplicate=False))
+        for n in self.graph.nodes:
+            if n.op == "get_attr" and str(n.target) in params:
+                for user in n.users:
+                    self.param_readers.setdefault(id(params[str(n.target)]), []).append((reader_name(user), user))
         self._seen_modules: set[str] = set()
         # values that depend on a model input (the rest is constant: parameters and buffers only)
         self.dynamic: set[fx.Node] = set()

@@ -27,7 +27,8 @@ from fxsurgery.report import Site
 if TYPE_CHECKING:
     from fxsurgery.engine.rewriter import Rewriter
 
-__all__ = ["Skip", "Match", "Rule", "Propagator", "RuleSet", "module_skip_reason", "feeds_candidate"]
+__all__ = ["Skip", "Match", "Rule", "Propagator", "RuleSet", "module_skip_reason", "weight_skip_reason",
+           "feeds_candidate"]
 
 
 class Skip(Exception):
@@ -111,10 +112,31 @@ def module_skip_reason(name: str, mod: nn.Module, exact_types: tuple[type, ...],
     if rw.module_calls[name] > 1:
         return f"called {rw.module_calls[name]} times in forward (a shared layer); left as it is"
     for pname, p in mod.named_parameters(recurse=False):
-        others = [o for o in rw.param_owners.get(id(p), []) if o != f"{name}.{pname}"]
-        if others:
-            return f"{pname} shared with {others[0].rsplit('.', 1)[0] or others[0]} (tied weights)"
+        reason = shared_reason(p, f"{name}.{pname}", rw)
+        if reason:
+            return reason
     return None
+
+
+def shared_reason(p: torch.Tensor, qualname: str, rw: Rewriter, site: fx.Node | None = None) -> str | None:
+    """Why parameter ``p`` (named ``qualname`` in the graph) cannot be re-laid out: another module shares it, or
+    code other than the ``site`` reads it."""
+    others = [o.rsplit(".", 1)[0] or o for o in rw.param_owners.get(id(p), []) if o != qualname]
+    others += [who for who, user in rw.param_readers.get(id(p), []) if user is not site]
+    if not others:
+        return None
+    return f"{qualname.rsplit('.', 1)[-1]} shared with {others[0]} (tied weights)"
+
+
+def weight_skip_reason(weight: object, rw: Rewriter, site: fx.Node | None = None) -> str | None:
+    """Why the weight of a functional site (``F.linear(x, self.weight)`` read by ``get_attr``) must be left alone:
+    a parameter tied to another module, or None."""
+    if not (isinstance(weight, fx.Node) and weight.op == "get_attr"):
+        return None
+    target = str(weight.target)
+    owner, _, attr = target.rpartition(".")
+    p = getattr(rw.modules[owner], attr, None)
+    return shared_reason(p, target, rw, site) if isinstance(p, torch.Tensor) else None
 
 
 def feeds_candidate(start: fx.Node, rw: Rewriter, through: Sequence[type] = (), depth: int = 16) -> bool:

@@ -9,15 +9,27 @@
 * :mod:`~fxsurgery.tracing.shapes`: :func:`propagate_shapes` (``node.meta["val"]`` from fake tensors: no real
   activations) and :func:`shape_of`.
 * :mod:`~fxsurgery.tracing.capture`: :func:`capture_submodule_inputs`.
+* :mod:`~fxsurgery.tracing.export`: the ``torch.export`` front end, :func:`export_model` and
+  :func:`raise_program` (the ATen graph back to module calls and torch-level ops).
 """
 
 from __future__ import annotations
 
 from fxsurgery.tracing.capture import capture_submodule_inputs
 from fxsurgery.tracing.copies import eval_copy, working_copy
-from fxsurgery.tracing.inputs import check_devices, check_names, normalize_inputs, prepare_model, unwrap
+from fxsurgery.tracing.export import batch_is_dynamic, export_model, inert_hook, raise_program
+from fxsurgery.tracing.inputs import (
+    check_devices,
+    check_names,
+    keyword_call,
+    normalize_inputs,
+    prepare_model,
+    split_keywords,
+    unwrap,
+)
 from fxsurgery.tracing.shapes import propagate_shapes, shape_of
 from fxsurgery.tracing.trace import trace
 
-__all__ = ["capture_submodule_inputs", "eval_copy", "working_copy", "normalize_inputs", "prepare_model", "unwrap",
-           "check_devices", "check_names", "propagate_shapes", "shape_of", "trace"]  # fmt: skip
+__all__ = ["capture_submodule_inputs", "keyword_call", "split_keywords", "eval_copy", "working_copy",
+           "normalize_inputs", "prepare_model", "unwrap", "check_devices", "check_names", "propagate_shapes",
+           "shape_of", "trace", "export_model", "raise_program", "batch_is_dynamic", "inert_hook"]  # fmt: skip

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import copy
+import inspect
+import keyword
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -10,7 +14,8 @@ from torch import nn
 
 from fxsurgery.errors import InputError, TraceError
 
-__all__ = ["normalize_inputs", "prepare_model", "unwrap", "check_devices", "check_names"]
+__all__ = ["normalize_inputs", "split_keywords", "keyword_call", "prepare_model", "unwrap", "check_devices",
+           "check_names"]  # fmt: skip
 
 
 def normalize_inputs(example_inputs: Any) -> tuple[torch.Tensor, ...]:
@@ -27,6 +32,49 @@ def normalize_inputs(example_inputs: Any) -> tuple[torch.Tensor, ...]:
         if not isinstance(t, torch.Tensor):
             raise InputError(f"example_inputs[{i}] is a {type(t).__name__}, not a Tensor; pass tensors only")
     return example_inputs
+
+
+def split_keywords(example_inputs: Any) -> tuple[Any, dict[str, torch.Tensor]]:
+    """``(positional, keywords)`` of ``example_inputs``: a dict is all keyword inputs (``{"input_ids": ids,
+    "attention_mask": mask}``), a tuple may end with one (``(ids, {"attention_mask": mask})``)."""
+    if isinstance(example_inputs, Mapping):
+        return (), _keywords(example_inputs)
+    if isinstance(example_inputs, (tuple, list)) and example_inputs and isinstance(example_inputs[-1], Mapping):
+        return tuple(example_inputs[:-1]), _keywords(example_inputs[-1])
+    return example_inputs, {}
+
+
+def _keywords(given: Mapping[Any, Any]) -> dict[str, torch.Tensor]:
+    for k, v in given.items():
+        if not isinstance(k, str) or not k.isidentifier() or keyword.iskeyword(k):
+            raise InputError(f"keyword input names must be argument names of forward, got {k!r}")
+        if not isinstance(v, torch.Tensor):
+            raise InputError(f"keyword input {k!r} is a {type(v).__name__}, not a Tensor; pass tensors only (fix "
+                             "other arguments with functools.partial on a wrapper module)")  # fmt: skip
+    return dict(given)
+
+
+def keyword_call(model: nn.Module, n_positional: int, names: tuple[str, ...]) -> nn.Module:
+    """``model`` seen as a module whose forward takes every input positionally: the keyword inputs ``names``
+    follow the ``n_positional`` positional ones and are passed on by keyword (as HuggingFace models are called).
+
+    The view is a shallow copy of ``model`` whose class is a subclass with that forward (same class name, same
+    submodules and parameters, so site names and weights are the model's); ``model`` itself is not touched.
+    """
+    if not names:
+        return model
+    model = unwrap(model)[0]
+    cls = type(model)
+    params = [p.name for p in inspect.signature(cls.forward).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)][1:]  # fmt: skip
+    positional = [params[i] if i < len(params) and params[i] not in names else f"arg{i}" for i in range(n_positional)]
+    call = ", ".join([*positional, *(f"{k}={k}" for k in names)])
+    namespace: dict[str, Any] = {"_forward": cls.forward}
+    exec(f"def forward(self, {', '.join([*positional, *names])}):\n    return _forward(self, {call})\n", namespace)
+    view = copy.copy(model)
+    view.__class__ = type(cls.__name__, (cls,), {"forward": namespace["forward"], "__module__": cls.__module__,
+                                                 "__qualname__": cls.__qualname__})  # fmt: skip
+    return view
 
 
 def unwrap(model: Any) -> tuple[Any, list[str]]:

@@ -20,8 +20,7 @@ from fxsurgery.tracing.modes import GRAD_MODE, TRAINING, mode_reads
 __all__ = ["trace"]
 
 # Functions the rewritten graphs call; re-tracing a rewritten model must keep them as single nodes.
-_AUTOWRAP = (_runtime.check_spatial_size, _runtime.layer_norm_channels, _runtime.window_attention_nchw,
-             _runtime.check_mode)  # fmt: skip
+_AUTOWRAP = tuple(getattr(_runtime, name) for name in _runtime.__all__ if name != "output_builder")
 
 
 def _encoder_layer_forward(layer: nn.TransformerEncoderLayer, src: Any, src_mask: Any = None,

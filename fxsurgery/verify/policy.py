@@ -92,6 +92,15 @@ def compare_tensor(a: torch.Tensor, b: torch.Tensor, where: str, errors: Errors,
     errors.max_abs = max(errors.max_abs, max_abs) if not math.isnan(max_abs) else math.inf
 
 
+#: How deep objects are compared attribute by attribute (a cache holds layers that hold tensors).
+_OBJECT_DEPTH = 4
+
+
+def _plain_object(x: Any) -> bool:
+    """An object with attributes and no equality of its own (``==`` would compare identities)."""
+    return hasattr(x, "__dict__") and type(x).__eq__ is object.__eq__ and not isinstance(x, (torch.Tensor, type))
+
+
 def compare_outputs(
     ref: Any, got: Any, *, rtol: float | None = None, label: str = "output", errors: Errors | None = None
 ) -> Errors:
@@ -109,6 +118,9 @@ def compare_outputs(
                 errors.fail(where, f"{STRUCTURE}: original {type(a).__name__}, rewritten {type(b).__name__}")
             else:
                 compare_outputs(dict(a), dict(b), rtol=rtol, label=where, errors=errors)
+        elif _plain_object(a) and type(a) is type(b) and label.count(".") < _OBJECT_DEPTH:
+            # an object compared by identity (a HuggingFace cache of keys and values): attribute by attribute
+            compare_outputs(vars(a), vars(b), rtol=rtol, label=f"{where}.{type(a).__name__}", errors=errors)
         elif not isinstance(a, torch.Tensor):
             if a != b:
                 errors.fail(where, f"non-tensor output differs: {a!r} vs {b!r}")

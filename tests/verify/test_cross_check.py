@@ -166,3 +166,28 @@ def test_the_run_time_guards_add_no_onnx_op(tmp_path):
         for module, path in zip((guarded, bare), paths):
             export_onnx(module, (torch.randn(2, 3, 6, 6),), path, exporter=exporter)
         assert op_histogram(paths[0]) == op_histogram(paths[1])
+
+
+def test_the_empty_batch_path_adds_no_onnx_op(tmp_path):
+    """The spatial layout's empty-batch branch (a batch of 0 stays on the batch axis) is resolved when exporting:
+    the rewritten head exports to the same ops as the same head written by hand with the batch on the width axis."""
+    from fxsurgery.verify.onnx_export import export_onnx
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.Flatten(), nn.Linear(64, 7), nn.ReLU(),
+                          nn.Linear(7, 5)).eval()  # fmt: skip
+
+    class ByHand(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc1, self.fc2 = model[0], nn.Conv2d(4, 7, 4, stride=4), nn.Conv2d(7, 5, 1)
+
+        def forward(self, x):
+            y = self.conv(x).permute(1, 2, 0, 3).reshape(1, 4, 4, -1)
+            return self.fc2(torch.relu(self.fc1(y))).flatten(0, 2).t()
+
+    rewritten = fxsurgery.linear_to_conv(model, torch.randn(2, 3, 8, 8)).module
+    for exporter in ("dynamo", "torchscript"):
+        paths = [tmp_path / f"{name}-{exporter}.onnx" for name in ("rewritten", "by-hand")]
+        for module, path in zip((rewritten, ByHand().eval()), paths):
+            export_onnx(module, (torch.randn(2, 3, 8, 8),), path, exporter=exporter)
+        assert op_histogram(paths[0]) == op_histogram(paths[1]), exporter

@@ -77,3 +77,23 @@ def test_the_onnx_cross_check_fails_a_nan_the_original_does_not_have(tmp_path):
     assert not check.passed
     assert any("NaN" in f for f in check.failures), check.failures
     assert all(math.isinf(c.max_abs_error) for c in check.comparisons if c.candidate.startswith("torch rewritten"))
+
+
+class _Layer:
+    def __init__(self, keys):
+        self.keys, self.ready = keys, True
+
+
+class _Cache:  # an output object compared by identity, like a HuggingFace DynamicCache
+    def __init__(self, keys):
+        self.layers = [_Layer(k) for k in keys]
+
+
+def test_objects_without_equality_are_compared_attribute_by_attribute():
+    from fxsurgery.verify.policy import compare_outputs
+
+    a = torch.randn(2, 3)
+    same = compare_outputs((a, _Cache([a, a + 1])), (a.clone(), _Cache([a.clone(), a + 1])))
+    assert not same.failure
+    off = compare_outputs((a, _Cache([a, a + 1])), (a.clone(), _Cache([a.clone(), a + 2])))
+    assert "_Cache" in off.failure and "exceeds" in off.failure

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from fxsurgery.engine.layout import Layout
 from fxsurgery.engine.nodes import EXACT_LINEAR, LinearOp, as_linear, static_shape
 from fxsurgery.engine.rewriter import Rewriter
-from fxsurgery.engine.rule import Match, Skip, module_skip_reason
+from fxsurgery.engine.rule import Match, Skip, module_skip_reason, weight_skip_reason
 from fxsurgery.layers import conv_viewing_linear
 from fxsurgery.report import Site
 from fxsurgery.rules.linear_to_conv.layouts import CONV_LAYOUTS, NCHW_LAYOUT, TOKEN_LAYOUT
@@ -73,6 +73,9 @@ def check_linear(node: fx.Node, rw: Rewriter) -> tuple[LinearOp, int, int, tuple
         raise Skip("the input is not a graph value")
     if op.module is None and not isinstance(op.weight, fx.Node):
         raise Skip("the weight is not a graph value")
+    reason = weight_skip_reason(op.weight, rw, node) if op.module is None else None
+    if reason:
+        raise Skip(reason)
     x_shape = static_shape(op.input, "the Linear input")
     in_features, out_features = op.features()
     return op, in_features, out_features, x_shape

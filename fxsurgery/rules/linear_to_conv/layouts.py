@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from fxsurgery import _runtime
 from fxsurgery.engine.layout import Layout, permutation_layout
 from fxsurgery.engine.nodes import static_shape
 from fxsurgery.tracing.shapes import shape_of
@@ -26,12 +27,11 @@ POINT_LAYOUT = Layout("(N,C,1,1)", _enter_point, _exit_point)
 
 
 def _enter_spatial(graph: fx.Graph, x: fx.Node, site: str) -> fx.Node:
-    k = static_shape(x, "a chained value")[1]
-    return graph.call_method("reshape", (graph.call_method("t", (x,)), (1, k, 1, -1)))
+    return graph.call_function(_runtime.batch_to_width, (x, static_shape(x, "a chained value")[1]))
 
 
 def _exit_spatial(graph: fx.Graph, alt: fx.Node, orig: fx.Node) -> fx.Node:
-    return graph.call_method("t", (graph.call_method("flatten", (alt, 0, 2)),))
+    return graph.call_function(_runtime.batch_from_width, (alt,))
 
 
 #: ``(N, O)`` values carried as ``(1, O, 1, N)``: the batch on the width axis, so each conv is one matrix product.
@@ -67,9 +67,4 @@ def from_map(graph: fx.Graph, y: fx.Node, feature: tuple[int, ...], point: Layou
     side."""
     if point is POINT_LAYOUT:
         return y
-    if feature[1:] == (1, 1):
-        # a pooled map: a 2-D transpose of (N, C); onnxruntime runs a 4-D permute of (N, C, 1, 1) far slower
-        flat = graph.call_method("t", (graph.call_method("flatten", (y, 1)),))
-        return graph.call_method("reshape", (flat, (1, feature[0], 1, -1)))
-    side_by_side = graph.call_method("permute", (y, (1, 2, 0, 3)))
-    return graph.call_method("reshape", (side_by_side, (1, feature[0], feature[1], -1)))
+    return graph.call_function(_runtime.maps_side_by_side, (y, feature[0], feature[1]))

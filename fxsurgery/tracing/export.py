@@ -1,0 +1,259 @@
+"""The ``torch.export`` front end: capture a model with ``torch.export`` (which reaches code ``symbolic_trace``
+cannot: HuggingFace forwards with ``**kwargs`` decorators, branches on shapes), then raise the ATen graph back to the
+torch level the rules read.
+
+Raising has two parts. An ATen layer op whose weights are exactly those of a layer the model owns, called inside
+that layer (``nn_module_stack``), becomes a call of that module again (``aten.linear(x, fc.weight, fc.bias)`` ->
+``self.fc(x)``): site names are module paths, weights stay the model's own, and every rule, skip reason and
+layout of the fx path applies unchanged. Other ATen ops with a torch-level twin of the same signature become that
+twin (``aten.view`` -> ``x.view``, ``aten.relu`` -> ``torch.relu``); the rest stay ATen calls, which the rules
+treat as opaque (a layout is left before them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import logging
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, cast
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from fxsurgery.errors import InputError, TraceError, one_line
+
+__all__ = ["export_model", "raise_program", "batch_is_dynamic", "inert_hook"]
+
+aten = torch.ops.aten
+
+# ATen ops whose torch-level twin takes the same arguments.
+_FUNCTIONS: dict[Any, Callable[..., Any]] = {
+    aten.relu.default: torch.relu, aten.gelu.default: F.gelu, aten.silu.default: F.silu,
+    aten.hardswish.default: F.hardswish, aten.hardsigmoid.default: F.hardsigmoid, aten.sigmoid.default: torch.sigmoid,
+    aten.tanh.default: torch.tanh, aten.hardtanh.default: F.hardtanh, aten.dropout.default: torch.dropout,
+    aten.exp.default: torch.exp, aten.sqrt.default: torch.sqrt, aten.rsqrt.default: torch.rsqrt,
+    aten.neg.default: torch.neg, aten.abs.default: torch.abs, aten.erf.default: torch.erf,
+    aten.add.Tensor: torch.add, aten.sub.Tensor: torch.sub, aten.mul.Tensor: torch.mul, aten.div.Tensor: torch.div,
+    aten.flatten.using_ints: torch.flatten, aten.mean.dim: torch.mean, aten.permute.default: torch.permute,
+    aten.adaptive_avg_pool2d.default: F.adaptive_avg_pool2d, aten.linear.default: F.linear,
+    aten.softmax.int: torch.softmax, aten.matmul.default: torch.matmul,
+    aten.scaled_dot_product_attention.default: F.scaled_dot_product_attention,
+}  # fmt: skip
+_METHODS: dict[Any, str] = {
+    aten.view.default: "view", aten.reshape.default: "reshape", aten.transpose.int: "transpose", aten.t.default: "t",
+    aten.unsqueeze.default: "unsqueeze", aten.squeeze.dim: "squeeze", aten.expand.default: "expand",
+    aten.contiguous.default: "contiguous",
+}  # fmt: skip
+
+
+#: Checks the export adds of the traced dtypes and layouts, which a float64 proof would trip.
+_ASSERTIONS = {aten._assert_tensor_metadata.default}
+
+
+def _example_batch(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Example inputs whose batch can be dynamic: ``torch.export`` specialises a dim of size 1, so a batch of one
+    is exported as a batch of two (each input repeated)."""
+    tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor) and t.dim()]
+    if not tensors or any(t.shape[0] != 1 for t in tensors):
+        return args, dict(kwargs)
+    twice: Callable[[Any], Any] = lambda t: torch.cat([t, t]) if isinstance(t, torch.Tensor) and t.dim() else t
+    return tuple(twice(a) for a in args), {k: twice(v) for k, v in kwargs.items()}
+
+
+def export_model(model: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any] | None = None,
+                 dynamic_shapes: Any = None) -> torch.export.ExportedProgram:  # fmt: skip
+    """``torch.export.export(model, args, kwargs, strict=False)`` with a dynamic batch (dim 0 of every tensor input,
+    ``Dim.AUTO``: kept static where the model fixes it) unless ``dynamic_shapes`` says otherwise."""
+    _register_hf_caches()
+    args, kw = _example_batch(args, kwargs or {})
+    if dynamic_shapes is None:
+        auto: Callable[[Any], Any] = lambda t: {0: torch.export.Dim.AUTO} if isinstance(t, torch.Tensor) and t.dim() \
+            else None  # fmt: skip
+        dynamic_shapes = (tuple(auto(a) for a in args), {k: auto(v) for k, v in kw.items()}) if kw else tuple(
+            auto(a) for a in args)  # fmt: skip
+    try:
+        with _quiet_torch():
+            return torch.export.export(model, args, kw or None, dynamic_shapes=dynamic_shapes, strict=False)
+    except Exception as e:
+        raise TraceError(f"torch.export cannot capture {type(model).__name__}: {one_line(e)}", cause=one_line(e)) from e
+
+
+@contextlib.contextmanager
+def _quiet_torch() -> Iterator[None]:
+    """torch's own loggers below ERROR while exporting: a failed export (which ``frontend="auto"`` answers by keeping
+    fx) must not print graph dumps and warnings; the error is reported once, by fxsurgery."""
+    loggers = [logging.getLogger(name) for name in list(logging.root.manager.loggerDict) if name.startswith("torch")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            yield  # the graph a failed export prints
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _register_hf_caches() -> None:
+    """HuggingFace decoders return a ``DynamicCache``, which ``torch.export`` can output only once transformers has
+    registered it as a pytree node (its own ``register_dynamic_cache_export_support``, idempotent, process-wide)."""
+    if "transformers" not in sys.modules:
+        return
+    try:
+        from transformers.integrations.executorch import register_dynamic_cache_export_support
+    except ImportError:
+        return
+    register_dynamic_cache_export_support()
+
+
+def inert_hook(hook: Any) -> bool:
+    """HuggingFace's output-capturing hooks (installed on the first call; they record hidden states only while
+    ``output_hidden_states``/``output_attentions`` is asked): nothing for an export to run twice or lose."""
+    return getattr(hook, "__module__", "") == "transformers.utils.output_capturing"
+
+
+def batch_is_dynamic(ep: torch.export.ExportedProgram) -> bool:
+    """Whether the program's first user input has a symbolic batch."""
+    for node in ep.graph.nodes:
+        if node.op == "placeholder" and node.name in ep.graph_signature.user_inputs:
+            val = node.meta.get("val")
+            return isinstance(val, torch.Tensor) and val.dim() > 0 and not isinstance(val.shape[0], int)
+    return False
+
+
+def _owner(node: Any, modules: Mapping[str, nn.Module]) -> tuple[str, str] | None:
+    """``(module path, attribute)`` of a ``get_attr`` node reading a module's parameter or buffer."""
+    if not (isinstance(node, fx.Node) and node.op == "get_attr"):
+        return None
+    path, _, attr = str(node.target).rpartition(".")
+    return (path, attr) if path in modules else None
+
+
+def _called_in(node: fx.Node, path: str) -> bool:
+    """Whether ``node`` was recorded inside the forward of the module at ``path`` (its innermost module)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return False
+    inner = list(stack.values())[-1][0]
+    return str(inner).removeprefix("L['self'].").replace("L['self']", "") == path or inner == path
+
+
+def _layer_of(node: fx.Node, modules: Mapping[str, nn.Module]) -> tuple[str, nn.Module] | None:
+    """The module a layer op computes, when its weights are exactly that module's and it ran inside it."""
+    target, args = node.target, tuple(node.args)
+    weight = _owner(args[1] if len(args) > 1 else None, modules)
+    if target is aten.layer_norm.default:
+        weight = _owner(args[2] if len(args) > 2 else None, modules)
+    if weight is None or weight[1] != "weight" or not _called_in(node, weight[0]):
+        return None
+    path, mod = weight[0], modules[weight[0]]
+    if target is aten.linear.default and isinstance(mod, nn.Linear) and len(args) <= 3 and not node.kwargs:
+        bias = args[2] if len(args) > 2 else None
+        return (path, mod) if _same_param(bias, mod, "bias", modules) else None
+    if target in (aten.conv2d.default, aten.conv1d.default) and isinstance(mod, (nn.Conv2d, nn.Conv1d)):
+        return (path, mod) if _conv_matches(node, mod, modules) else None
+    if target is aten.layer_norm.default and isinstance(mod, nn.LayerNorm) and not node.kwargs:
+        shape, eps = list(cast(Sequence[int], args[1])), args[4] if len(args) > 4 else 1e-5
+        same = shape == list(mod.normalized_shape) and eps == mod.eps
+        return (path, mod) if same and _same_param(args[3] if len(args) > 3 else None, mod, "bias", modules) else None
+    return None
+
+
+def _same_param(node: Any, mod: nn.Module, attr: str, modules: Mapping[str, nn.Module]) -> bool:
+    if getattr(mod, attr, None) is None:
+        return node is None
+    owner = _owner(node, modules)
+    return owner is not None and modules[owner[0]] is mod and owner[1] == attr
+
+
+def _conv_matches(node: fx.Node, mod: Any, modules: Mapping[str, nn.Module]) -> bool:
+    """``aten.conv{1,2}d(x, w, b, stride, padding, dilation, groups)`` with the module's own settings."""
+    args: list[Any] = [*node.args, *[None] * (7 - len(node.args))]
+    k = len(mod.kernel_size)
+    defaults = ((1,) * k, (0,) * k, (1,) * k, 1)
+    given = [tuple(a) if isinstance(a, (list, tuple)) else a for a in args[3:]]
+    got = [d if g is None else g for g, d in zip(given, defaults)]
+    padding = mod.padding if isinstance(mod.padding, str) else tuple(mod.padding)
+    want = [tuple(mod.stride), padding, tuple(mod.dilation), mod.groups]
+    return got == want and mod.padding_mode == "zeros" and _same_param(args[2], mod, "bias", modules) and \
+        not node.kwargs  # fmt: skip
+
+
+def raise_program(ep: torch.export.ExportedProgram, root: nn.Module) -> fx.GraphModule:
+    """The exported graph at the torch level, as a GraphModule over ``root`` (a copy of the exported model: layers
+    the graph calls again are its own modules)."""
+    gm = ep.module()
+    graph = gm.graph
+    modules = dict(root.named_modules())
+    for node in list(graph.nodes):
+        if node.op == "call_module" and str(node.target).startswith("_guards") or node.target in _ASSERTIONS:
+            graph.erase_node(node)  # the export's input guards and dtype assertions (validation runs in float64)
+        elif node.op == "call_function":
+            _raise_node(graph, node, modules, root)
+    for node in list(graph.nodes):
+        if node.op == "get_attr" and not node.users:
+            graph.erase_node(node)
+    for node in graph.nodes:  # constants the export lifted out of the code (``lifted_tensor_0``): kept
+        target = str(node.target)
+        if node.op == "get_attr" and not _has_attr(root, target):
+            owner, _, attr = target.rpartition(".")
+            if not _has_attr(root, owner) and owner:
+                raise InputError(f"the exported program reads {target}, which the model does not have")
+            value, holder = _get_attr(gm, target), root.get_submodule(owner)
+            if isinstance(value, torch.Tensor):  # a buffer, so .double() / .to() convert it as they do the model
+                holder.register_buffer(attr, value, persistent=False)
+            else:
+                setattr(holder, attr, value)
+    raised = fx.GraphModule(root, graph, class_name=type(root).__name__)
+    raised.meta["frontend"] = "export"
+    return raised
+
+
+def _get_attr(obj: Any, target: str) -> Any:
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _has_attr(root: nn.Module, target: str) -> bool:
+    obj: Any = root
+    for part in target.split("."):
+        if not hasattr(obj, part):
+            return False
+        obj = getattr(obj, part)
+    return True
+
+
+#: The layers an ATen op is raised back to; a subclass (HF ConvNeXt's LayerNorm, a QAT Linear) whose forward the
+#: export inlined becomes its base class at the call: the op recorded there is exactly the base class's.
+_BASES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d, nn.Conv1d, nn.LayerNorm)
+
+
+def _as_base(root: nn.Module, path: str, mod: nn.Module) -> None:
+    base = next(b for b in _BASES if isinstance(mod, b))
+    if type(mod) is base:
+        return
+    plain = copy.copy(mod)  # same parameters, buffers and attributes; nothing else calls it in the raised graph
+    plain.__class__ = base
+    root.set_submodule(path, plain)
+
+
+def _raise_node(graph: fx.Graph, node: fx.Node, modules: dict[str, nn.Module], root: nn.Module) -> None:
+    layer = _layer_of(node, modules)
+    if layer is not None:
+        _as_base(root, *layer)
+        modules[layer[0]] = root.get_submodule(layer[0])
+        with graph.inserting_before(node):
+            call = graph.call_module(layer[0], (node.args[0],))
+        call.meta = dict(node.meta)
+        node.replace_all_uses_with(call)
+        graph.erase_node(node)
+    elif node.target in _FUNCTIONS:
+        node.target = _FUNCTIONS[node.target]
+    elif node.target in _METHODS:
+        node.op, node.target = "call_method", _METHODS[node.target]

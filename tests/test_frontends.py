@@ -1,0 +1,128 @@
+"""The two front ends: torch.fx and torch.export (its ATen graph raised back to module calls), and the choice
+between them (``frontend="auto"``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxsurgery
+from fxsurgery.tracing import export_model, raise_program, working_copy
+from tests.conftest import run_surgery
+
+
+class Head(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc1, self.fc2 = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4 * 4 * 4, 6), nn.Linear(6, 5)
+        self.free = nn.Parameter(torch.randn(5, 5))
+
+    def forward(self, x):
+        y = torch.relu(self.fc1(self.conv(x).flatten(1)))
+        return F.linear(self.fc2(y), self.free)  # a functional Linear on a parameter of the root
+
+
+class Untraceable(Head):
+    def forward(self, x):
+        if x.shape[-1] > 1:  # fx cannot branch on a shape; torch.export specialises it
+            x = x * 1.0
+        return super().forward(x)
+
+
+def test_the_aten_graph_is_raised_to_module_calls_and_torch_ops():
+    m = Head().eval()
+    program = export_model(working_copy(m), (torch.randn(2, 3, 4, 4),))
+    gm = raise_program(program, working_copy(m))
+    calls = [str(n.target) for n in gm.graph.nodes if n.op == "call_module"]
+    assert calls == ["conv", "fc1", "fc2"]
+    targets = {n.target for n in gm.graph.nodes if n.op == "call_function"}
+    assert {torch.relu, torch.flatten, F.linear} <= targets  # the root's own F.linear stays functional
+    assert not any(isinstance(t, torch._ops.OpOverload) for t in targets), targets
+    assert gm.conv.weight.data_ptr() == m.conv.weight.data_ptr()  # the model's layers, viewing its parameters
+    x = torch.randn(3, 3, 4, 4)  # another batch size: the export's batch is dynamic
+    torch.testing.assert_close(gm(x), m(x))
+
+
+@pytest.mark.parametrize("direction", ["linear_to_conv", "conv_to_linear"])
+def test_export_rewrites_what_fx_rewrites(direction):
+    m = Head().eval()
+    x = torch.randn(2, 3, 4, 4)
+    by_fx = fxsurgery.rewrite(m, x, direction, frontend="fx")
+    by_export = run_surgery(direction, m, x, frontend="export",
+                            rewritten=[s.name.replace("linear", "linear_2") for s in by_fx.rewritten])  # fmt: skip
+    # module sites are named by their paths in both; a functional site by its graph node, which each tracer names
+    assert [(s.name.replace("linear_2", "linear"), s.pattern, s.status) for s in by_export.sites] == [
+        (s.name, s.pattern, s.status) for s in by_fx.sites]  # fmt: skip
+    assert by_export.frontend == "export" and by_export.notes[0] == "front end: export (as asked)"
+
+
+def test_auto_keeps_fx_when_it_traces_the_whole_model():
+    res = fxsurgery.linear_to_conv(Head().eval(), torch.randn(2, 3, 4, 4))
+    assert res.frontend == "fx" and res.notes[0] == "front end: fx (torch.fx traced the whole model)"
+
+
+def test_auto_takes_export_where_fx_cannot_trace_and_says_why():
+    m = Untraceable().eval()
+    res = run_surgery("linear_to_conv", m, torch.randn(2, 3, 4, 4), rewritten=["fc1", "fc2", "linear_2"])
+    assert res.frontend == "export"
+    assert res.notes[0] == "front end: export (torch.fx did not trace the whole model; torch.export rewrites 3 sites, fx 0)"
+    fx_only = fxsurgery.linear_to_conv(m, torch.randn(2, 3, 4, 4), frontend="fx")
+    assert not fx_only.rewritten  # the fx descent reaches fc1 alone, not the flatten it reads
+
+
+def test_a_batch_of_one_is_exported_with_a_dynamic_batch():
+    m = Untraceable().eval()
+    res = fxsurgery.linear_to_conv(m, torch.randn(1, 3, 4, 4), frontend="export")
+    for n in (1, 4):
+        x = torch.randn(n, 3, 4, 4)
+        torch.testing.assert_close(res.module(x), m(x))
+    assert not any("fixed the batch" in n for n in res.notes)
+
+
+def test_hooks_keep_fx_and_export_refuses_them():
+    m = Untraceable().eval()
+    seen = []
+    m.fc1.register_forward_hook(lambda mod, args, out: seen.append(out.shape))
+    with pytest.raises(fxsurgery.TraceError, match="forward hooks .*fc1 has hooks.*frontend='fx'"):
+        fxsurgery.linear_to_conv(m, torch.randn(2, 3, 4, 4), frontend="export")
+    res = fxsurgery.linear_to_conv(m, torch.randn(2, 3, 4, 4))
+    assert res.frontend == "fx" and "torch.export failed too" in res.notes[0]
+
+
+def test_a_weight_read_by_other_code_is_tied():
+    class Tied(nn.Module):  # GPT-2-like; torch.export names the shared table once, and the embedding reads it
+        def __init__(self):
+            super().__init__()
+            self.embed, self.conv, self.head = nn.Embedding(10, 16), nn.Conv2d(3, 4, 1), nn.Linear(16, 10)
+            self.head.weight = self.embed.weight
+
+        def forward(self, x, ids):
+            return self.head(self.conv(x).flatten(1)) + self.embed(ids).sum(1)[:, :10]
+
+    m = Tied().eval()
+    inputs = (torch.randn(2, 3, 2, 2), torch.randint(0, 10, (2, 3)))
+    for frontend in ("fx", "export"):
+        res = fxsurgery.linear_to_conv(m, inputs, frontend=frontend)
+        assert "(tied weights)" in {s.name: s.reason for s in res.sites}["head"], (frontend, res.summary())
+        assert res.module.head.weight is res.module.embed.weight if frontend == "fx" else True
+
+
+def test_constants_the_export_lifts_are_kept():
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(3, 4, 1), nn.Linear(16, 5)
+
+        def forward(self, x):
+            if x.shape[0] > 0:  # untraceable for fx
+                x = x * torch.tensor([1.0, 2.0, 3.0]).view(1, 3, 1, 1)
+            return self.fc(self.conv(x).flatten(1))
+
+    run_surgery("linear_to_conv", Scaled().eval(), torch.randn(2, 3, 2, 2), frontend="export", rewritten=["fc"])
+
+
+def test_unknown_frontend_is_an_input_error():
+    with pytest.raises(fxsurgery.InputError, match="frontend must be one of"):
+        fxsurgery.linear_to_conv(Head(), torch.randn(2, 3, 4, 4), frontend="dynamo")
