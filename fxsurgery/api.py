@@ -7,6 +7,7 @@ Each takes the model, example inputs and the options (keywords, or one :class:`~
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import os
 from collections.abc import Sequence
@@ -16,8 +17,9 @@ import torch
 from torch import nn
 
 from fxsurgery.auto import auto_rewrite
-from fxsurgery.errors import ValidationError
+from fxsurgery.errors import InputError, ValidationError
 from fxsurgery.options import OPTIONS_DOC, Options, resolve
+from fxsurgery.programs import export_rewritten, module_of_program
 from fxsurgery.report import CheckReport, SurgeryResult
 from fxsurgery.rules import DIRECTIONS
 from fxsurgery.surgery import run_pass
@@ -40,19 +42,45 @@ def rewrite(model: nn.Module, example_inputs: Any, direction: str, *, options: O
     Returns a :class:`~fxsurgery.SurgeryResult` listing every candidate site, rewritten or skipped with its reason.
     """
     opts = resolve(options, overrides)
-    model, inputs = _with_keywords(model, example_inputs)
     direction = DIRECTIONS.get(direction, direction)
+    if isinstance(model, torch.export.ExportedProgram):
+        return _rewrite_program(model, example_inputs, direction, opts)
+    model, inputs = _with_keywords(model, example_inputs)
     if direction == "auto":
         return auto_rewrite(prepare_model(model), inputs, opts)
     return run_pass(model, inputs, direction, opts)
 
 
+def _rewrite_program(program: torch.export.ExportedProgram, example_inputs: Any, direction: str,
+                     opts: Options) -> SurgeryResult:  # fmt: skip
+    """An ExportedProgram: its graph through the export front end (``example_inputs=None``: the program's own
+    example inputs), and the rewritten model exported again as ``result.program``."""
+    if opts.frontend == "fx" or direction == "auto":
+        raise InputError("an ExportedProgram is rewritten through the export front end, in one direction: pass "
+                         "frontend='auto' or 'export' and to='conv' or 'linear'")  # fmt: skip
+    if example_inputs is None:
+        if program.example_inputs is None:
+            raise InputError("this ExportedProgram holds no example inputs: pass example_inputs")
+        args, kwargs = program.example_inputs
+        example_inputs = (*args, kwargs) if kwargs else tuple(args)
+    model = module_of_program(program)
+    inputs = _flat_inputs(example_inputs)[0]
+    result = run_pass(model, inputs, direction, dataclasses.replace(opts, frontend="export"), program=program)
+    return dataclasses.replace(result, program=export_rewritten(result.module, inputs))
+
+
 def _with_keywords(model: nn.Module, example_inputs: Any) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     """The model and its inputs, all positional (keyword inputs follow the positional ones)."""
+    inputs, n_positional, names = _flat_inputs(example_inputs)
+    return (keyword_call(model, n_positional, names) if names else model), inputs
+
+
+def _flat_inputs(example_inputs: Any) -> tuple[tuple[torch.Tensor, ...], int, tuple[str, ...]]:
+    """Every example input in order (the keyword ones after the positional ones), how many are positional, and
+    the keyword names."""
     positional, keywords = split_keywords(example_inputs)
     given = () if isinstance(positional, tuple) and not positional else normalize_inputs(positional)
-    inputs = normalize_inputs((*given, *keywords.values()))
-    return (keyword_call(model, len(given), tuple(keywords)) if keywords else model), inputs
+    return normalize_inputs((*given, *keywords.values())), len(given), tuple(keywords)
 
 
 def linear_to_conv(model: nn.Module, example_inputs: Any, *, options: Options | None = None,

@@ -135,6 +135,7 @@ class SurgeryResult:
     notes: tuple[str, ...] = field(default=())
     timings: dict[str, Any] | None = None  # to="auto": per-site and whole-model measurements and the choice
     frontend: str = "fx"  # the front end that made the graph: "fx" or "export" (the notes say why)
+    program: Any = None  # given an ExportedProgram: the rewritten model exported again (same dynamic batch)
 
     @property
     def rewritten(self) -> list[Site]:

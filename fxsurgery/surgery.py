@@ -12,6 +12,7 @@ import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -62,6 +63,7 @@ class _Job:
     depth: int = 0
     tied: Mapping[str, str] = field(default_factory=dict)  # parameter -> the module outside that shares it
     frontend: str = "fx"  # "fx" or "export"
+    program: Any = None  # the ExportedProgram the caller gave instead of a model
 
     def below(self, name: str, source: nn.Module) -> _Job:
         """The job for submodule ``name`` of ``source``: its names relative to it, and the parameters it shares
@@ -77,10 +79,11 @@ class _Job:
         for names in owners.values():
             inside, outside = [n for n in names if n.startswith(prefix)], [n for n in names if not n.startswith(prefix)]
             tied.update({n.removeprefix(prefix): outside[0].rsplit(".", 1)[0] for n in inside if outside})
-        return _Job(self.rules, leaves, exclude, self.depth + 1, tied, self.frontend)
+        return _Job(self.rules, leaves, exclude, self.depth + 1, tied, self.frontend, self.program)
 
 
-def run_pass(model: nn.Module, inputs: tuple[torch.Tensor, ...], direction: str, options: Options) -> SurgeryResult:
+def run_pass(model: nn.Module, inputs: tuple[torch.Tensor, ...], direction: str, options: Options,
+             program: Any = None) -> SurgeryResult:  # fmt: skip
     """One direction (``"linear_to_conv"`` or ``"conv_to_linear"``) over ``model``: see the module docstring."""
     rules = rule_set(direction, options)
     wrappers = unwrap(model)[1] if isinstance(model, nn.Module) else []
@@ -90,7 +93,7 @@ def run_pass(model: nn.Module, inputs: tuple[torch.Tensor, ...], direction: str,
     module_names = [n for n, _ in model.named_modules() if n]
     check_names("leaf_modules entry", [x for x in options.leaf_modules if isinstance(x, str)], module_names)
     log.info("tracing %s", type(model).__name__)
-    job = _Job(rules, options.leaf_modules, options.exclude)
+    job = _Job(rules, options.leaf_modules, options.exclude, program=program)
     job, gm, sites, notes = _front_end(model, inputs, job, options.frontend)
     captured = gm.meta.pop("captured", None) if isinstance(gm, fx.GraphModule) else None  # the export, unrewritten
     check_names("exclude entry", options.exclude, [*module_names, *(s.name for s in sites)])
@@ -193,11 +196,11 @@ def _rewrite_exported(model: nn.Module, inputs: tuple[torch.Tensor, ...],
     """The ``torch.export`` front end: export a copy, raise its graph back to module calls, rewrite."""
     hooked = [name or "the root" for name, m in model.named_modules() for d in _HOOK_DICTS
               if any(not inert_hook(h) for h in getattr(m, d, {}).values())]  # fmt: skip
-    if hooked:
+    if hooked and job.program is None:  # a given program's module has the export's own input-checking hook
         raise TraceError(f"torch.export runs forward hooks into the graph ({hooked[0]} has hooks), where a rewrite "
                          "would run them twice; use frontend='fx', which keeps hooked modules as calls",
                          cause="forward hooks")  # fmt: skip
-    program = export_model(working_copy(model), inputs)
+    program = job.program or export_model(working_copy(model), inputs)
     traced = raise_program(program, working_copy(model))
     traced.train(model.training)
     gm, sites = _apply(traced, inputs, job)

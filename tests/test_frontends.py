@@ -126,3 +126,31 @@ def test_constants_the_export_lifts_are_kept():
 def test_unknown_frontend_is_an_input_error():
     with pytest.raises(fxsurgery.InputError, match="frontend must be one of"):
         fxsurgery.linear_to_conv(Head(), torch.randn(2, 3, 4, 4), frontend="dynamo")
+
+
+def test_an_exported_program_in_gives_a_rewritten_program_out(tmp_path):
+    import numpy as np
+    import onnxruntime as ort
+
+    m = Head().eval()
+    x = torch.randn(2, 3, 4, 4)
+    program = torch.export.export(m, (x,), dynamic_shapes=({0: torch.export.Dim.AUTO},), strict=False)
+    res = fxsurgery.linear_to_conv(program, None, precision="float64")  # the program's own example inputs
+    assert [s.name for s in res.rewritten] == ["fc1", "fc2", "linear_2"] and res.frontend == "export"
+    ops = {str(n.target) for n in res.program.graph.nodes if n.op == "call_function"}
+    assert "aten.conv2d.default" in ops and "aten.linear.default" not in ops  # the rewrite, in the program
+    torch.export.save(res.program, tmp_path / "rewritten.pt2")
+    loaded = torch.export.load(tmp_path / "rewritten.pt2").module()
+    for n in (1, 2, 5):  # the batch stays dynamic
+        xn = torch.randn(n, 3, 4, 4)
+        torch.testing.assert_close(loaded(xn), m(xn), rtol=1e-4, atol=1e-5)
+    torch.onnx.export(res.program, (x,), str(tmp_path / "rewritten.onnx"), dynamo=True)
+    session = ort.InferenceSession(str(tmp_path / "rewritten.onnx"), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    np.testing.assert_allclose(got, m(x).detach().numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_an_exported_program_is_refused_by_the_fx_front_end():
+    program = torch.export.export(Head().eval(), (torch.randn(2, 3, 4, 4),), strict=False)
+    with pytest.raises(fxsurgery.InputError, match="through the export front end"):
+        fxsurgery.linear_to_conv(program, None, frontend="fx")

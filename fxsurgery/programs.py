@@ -1,0 +1,83 @@
+"""``torch.export.ExportedProgram`` in and out: a program given instead of a model is rewritten through the export
+front end, and the rewritten model is exported again (same dynamic batch) for the caller."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from fxsurgery.errors import InputError
+from fxsurgery.tracing import export_model, working_copy
+
+__all__ = ["module_of_program", "export_rewritten"]
+
+aten = torch.ops.aten
+
+# nn_module_stack class names -> the torch.nn layer rebuilt from the recorded op
+_LAYERS = {
+    "torch.nn.modules.linear.Linear": (aten.linear.default,),
+    "torch.nn.modules.conv.Conv2d": (aten.conv2d.default,),
+    "torch.nn.modules.conv.Conv1d": (aten.conv1d.default,),
+    "torch.nn.modules.normalization.LayerNorm": (aten.layer_norm.default,),
+}
+
+
+def module_of_program(program: Any) -> nn.Module:
+    """``program.module()`` (a GraphModule of ATen ops whose submodules only hold parameters), with every layer an
+    op was recorded in (``nn_module_stack``: Linear, Conv1d/2d, LayerNorm) rebuilt as that ``torch.nn`` layer around
+    the same parameters, so the export front end raises its ops back to calls of these layers."""
+    if not isinstance(program, torch.export.ExportedProgram):
+        raise InputError(f"expected a torch.export.ExportedProgram, got {type(program).__name__}")
+    module = program.module()
+    for node in program.graph.nodes:
+        stack = node.meta.get("nn_module_stack") or {}
+        if node.op != "call_function" or not stack:
+            continue
+        path, kind = list(stack.values())[-1][:2]
+        path = str(path).removeprefix("L['self'].")
+        if node.target not in _LAYERS.get(str(kind), ()) or not _has(module, path):
+            continue
+        holder = module.get_submodule(path)
+        if not isinstance(holder, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.LayerNorm)):
+            module.set_submodule(path, _rebuild(node, holder))
+    return module
+
+
+def _has(module: nn.Module, path: str) -> bool:
+    try:
+        module.get_submodule(path)
+    except AttributeError:
+        return False
+    return hasattr(module.get_submodule(path), "weight")
+
+
+def _rebuild(node: fx.Node, holder: nn.Module) -> nn.Module:
+    """The layer ``node`` computes, built on the meta device and given ``holder``'s parameters."""
+    weight: Any = holder.weight
+    bias: Any = getattr(holder, "bias", None)
+    args: list[Any] = list(node.args)
+    layer: Any
+    if node.target is aten.linear.default:
+        layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    elif node.target is aten.layer_norm.default:
+        eps = args[4] if len(args) > 4 else 1e-5
+        layer = nn.LayerNorm(list(args[1]), eps=eps, bias=bias is not None, device="meta")
+    else:
+        cls = nn.Conv2d if node.target is aten.conv2d.default else nn.Conv1d
+        settings = [*args[3:7], *[None] * (4 - len(args[3:7]))]  # stride, padding, dilation, groups
+        stride, padding, dilation, groups = (s if s is not None else d for s, d in zip(settings, (1, 0, 1, 1)))
+        layer = cls(weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]), stride=stride,
+                    padding=padding, dilation=dilation, groups=groups, bias=bias is not None,
+                    device="meta")  # fmt: skip
+    layer.weight = weight
+    if bias is not None:
+        layer.bias = bias
+    return layer
+
+
+def export_rewritten(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> torch.export.ExportedProgram:
+    """The rewritten model as an ExportedProgram, with the dynamic batch of the front end's own export."""
+    return export_model(working_copy(module).eval(), inputs)
