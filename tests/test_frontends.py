@@ -154,3 +154,31 @@ def test_an_exported_program_is_refused_by_the_fx_front_end():
     program = torch.export.export(Head().eval(), (torch.randn(2, 3, 4, 4),), strict=False)
     with pytest.raises(fxsurgery.InputError, match="through the export front end"):
         fxsurgery.linear_to_conv(program, None, frontend="fx")
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_gpt2_style_conv1d_is_a_linear_with_a_transposed_weight(frontend):
+    class Conv1D(nn.Module):  # transformers.pytorch_utils.Conv1D, recognised by name and attributes
+        def __init__(self, nf, nx):
+            super().__init__()
+            self.nf, self.nx = nf, nx
+            self.weight, self.bias = nn.Parameter(torch.randn(nx, nf)), nn.Parameter(torch.randn(nf))
+
+        def forward(self, x):
+            size_out = x.size()[:-1] + (self.nf,)
+            return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(size_out)
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln, self.fc, self.proj = nn.LayerNorm(8), Conv1D(16, 8), Conv1D(8, 16)
+
+        def forward(self, x):
+            return x + self.proj(torch.relu(self.fc(self.ln(x))))
+
+    m = Block().eval()
+    res = run_surgery("linear_to_conv", m, torch.randn(2, 5, 8), token_layout=True, frontend=frontend,
+                      rewritten=["fc", "proj"])  # fmt: skip
+    assert res.module.get_submodule("fc").weight.data_ptr() == m.fc.weight.data_ptr()
+    state = fxsurgery.original_state_dict(res.module)
+    assert state["fc.weight"].shape == (8, 16) and torch.equal(state["fc.weight"], m.fc.weight)

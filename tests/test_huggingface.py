@@ -40,6 +40,9 @@ FAMILIES = {
     "segformer": (lambda: T.SegformerForSemanticSegmentation(T.SegformerConfig(
         num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[8, 16], num_attention_heads=[1, 2],
         decoder_hidden_size=16, num_labels=3)), lambda: (torch.randn(2, 3, 32, 32),), r"stages\.\d+\.blocks\."),
+    "gpt2": (lambda: T.GPT2LMHeadModel(T.GPT2Config(
+        n_layer=2, n_embd=32, n_head=4, vocab_size=100, n_positions=64, bos_token_id=0, eos_token_id=0)),
+        lambda: (_ids(), {"attention_mask": _mask()}), r"h\.\d+\."),
     "llama": (lambda: T.LlamaForCausalLM(T.LlamaConfig(
         vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=64)), lambda: (_ids(),), r"layers\.\d+\."),
@@ -47,7 +50,9 @@ FAMILIES = {
 
 
 def _linears_in_blocks(model: nn.Module, pattern: str) -> set[str]:
-    return {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and re.search(pattern, n)}
+    """The Linear layers (GPT-2's Conv1D, a Linear with a transposed weight, included) of the blocks."""
+    linear = (nn.Linear, T.pytorch_utils.Conv1D)
+    return {n for n, m in model.named_modules() if isinstance(m, linear) and re.search(pattern, n)}
 
 
 def _call(model, inputs):
@@ -95,6 +100,22 @@ def test_a_padding_mask_changes_the_output_and_the_rewrite_follows_it():
     assert not torch.allclose(masked.logits, unmasked.logits)  # the mask is an input of the rewritten graph
     torch.testing.assert_close(masked.logits, model(ids, attention_mask=kw["attention_mask"]).logits)
     torch.testing.assert_close(unmasked.logits, model(ids, attention_mask=full).logits)
+
+
+def test_gpt2_conv1d_weights_are_transposed_views_and_checkpoints_round_trip():
+    make, inputs, _ = FAMILIES["gpt2"]
+    torch.manual_seed(0)
+    model, x = make().eval(), inputs()
+    res = fxsurgery.linear_to_conv(model, x, token_layout=True)
+    conv = res.module.get_submodule("transformer.h.0.attn.c_attn")
+    original = model.transformer.h[0].attn.c_attn.weight  # (in, out)
+    assert isinstance(conv, nn.Conv2d) and conv.weight.shape == (96, 32, 1, 1)
+    assert conv.weight.data_ptr() == original.data_ptr()  # a view of the transposed weight, no copy
+    state = fxsurgery.original_state_dict(res.module)
+    for key, value in model.state_dict().items():
+        if key in state:
+            assert torch.equal(state[key], value), key
+    assert {s.name: s.reason for s in res.skipped}["lm_head"] == "weight shared with transformer.wte (tied weights)"
 
 
 def test_segformer_pointwise_convs_become_linears():

@@ -17,6 +17,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from fxsurgery.tracing.layers import is_transposed_linear
 from fxsurgery.tracing.shapes import shape_of
 
 __all__ = ["LinearOp", "ConvOp", "as_linear", "as_conv", "as_layer_norm", "spatial_mean_source", "is_reshape",
@@ -64,9 +65,15 @@ class LinearOp:
 
     node: fx.Node
     input: Any
-    module: Any = None  # an nn.Linear
+    module: Any = None  # an nn.Linear, or a transformers Conv1D (``transposed``)
     weight: Any = None
     bias: Any = None
+    transposed: bool = False  # the module's weight is ``(in, out)``: ``y = x @ W + b`` (GPT-2's Conv1D)
+
+    @property
+    def module_weight(self) -> torch.Tensor:
+        """The module's weight as a Linear holds it, ``(out, in)``: a transposed view for a Conv1D."""
+        return self.module.weight.t() if self.transposed else self.module.weight
 
     @property
     def name(self) -> str:
@@ -76,7 +83,7 @@ class LinearOp:
     def features(self) -> tuple[int, int]:
         """``(in_features, out_features)``."""
         if self.module is not None:
-            out_features, in_features = self.module.weight.shape
+            out_features, in_features = self.module_weight.shape
         else:
             out_features, in_features = static_shape(self.weight, "the weight")
         return int(in_features), int(out_features)
@@ -86,7 +93,9 @@ def as_linear(node: fx.Node, modules: dict[str, nn.Module]) -> LinearOp | None:
     """The Linear computed by ``node`` (any ``nn.Linear``, subclasses included: rules decide), or None."""
     if node.op == "call_module":
         mod = modules.get(str(node.target))
-        return LinearOp(node, first_input(node), module=mod) if isinstance(mod, nn.Linear) else None
+        if isinstance(mod, nn.Linear) or is_transposed_linear(mod):
+            return LinearOp(node, first_input(node), module=mod, transposed=not isinstance(mod, nn.Linear))
+        return None
     if node.op == "call_function" and node.target is F.linear:
         args = list(node.args) + [None] * (3 - len(node.args))
         x, w, b = (node.kwargs.get(k, args[i]) for i, k in enumerate(("input", "weight", "bias")))

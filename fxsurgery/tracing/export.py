@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxsurgery.errors import InputError, TraceError, one_line
+from fxsurgery.tracing.layers import is_transposed_linear
 
 __all__ = ["export_model", "raise_program", "batch_is_dynamic", "inert_hook"]
 
@@ -190,14 +191,20 @@ def raise_program(ep: torch.export.ExportedProgram, root: nn.Module) -> fx.Graph
     gm = ep.module()
     graph = gm.graph
     modules = dict(root.named_modules())
+    for node in list(graph.nodes):  # first the patterns of several ATen ops, while they are ATen ops
+        conv1d = _conv1d_call(node, modules) if node.op == "call_function" else None
+        if conv1d is not None:
+            path, x, out = conv1d
+            with graph.inserting_before(out):
+                call = graph.call_module(path, (x,))
+            call.meta = dict(out.meta)
+            out.replace_all_uses_with(call)  # the addmm and its views are left without users, removed below
     for node in list(graph.nodes):
         if node.op == "call_module" and str(node.target).startswith("_guards") or node.target in _ASSERTIONS:
             graph.erase_node(node)  # the export's input guards and dtype assertions (validation runs in float64)
         elif node.op == "call_function":
             _raise_node(graph, node, modules, root)
-    for node in list(graph.nodes):
-        if node.op == "get_attr" and not node.users:
-            graph.erase_node(node)
+    graph.eliminate_dead_code()  # what a raised layer no longer needs (a Conv1D's addmm and views)
     for node in graph.nodes:  # constants the export lifted out of the code (``lifted_tensor_0``): kept
         target = str(node.target)
         if node.op == "get_attr" and not _has_attr(root, target):
@@ -241,6 +248,25 @@ def _as_base(root: nn.Module, path: str, mod: nn.Module) -> None:
     plain = copy.copy(mod)  # same parameters, buffers and attributes; nothing else calls it in the raised graph
     plain.__class__ = base
     root.set_submodule(path, plain)
+
+
+_VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+
+
+def _conv1d_call(node: fx.Node, modules: Mapping[str, nn.Module]) -> tuple[str, fx.Node, fx.Node] | None:
+    """``(path, x, out)`` when ``node`` is the ``addmm`` of a transformers Conv1D at ``path`` (``x.view(-1, nx)``
+    -> ``addmm(b, ., W)`` -> ``out = .view(..., nf)``, recorded inside it)."""
+    weight = _owner(node.args[2] if len(node.args) > 2 else None, modules)
+    if node.target is not aten.addmm.default or node.kwargs or weight is None or weight[1] != "weight":
+        return None
+    path, mod = weight[0], modules[weight[0]]
+    flat, users = node.args[1], list(node.users)
+    if not (is_transposed_linear(mod) and _called_in(node, path) and _same_param(node.args[0], mod, "bias", modules)):
+        return None
+    if not (isinstance(flat, fx.Node) and flat.target in _VIEWS and len(users) == 1 and users[0].target in _VIEWS):
+        return None
+    x = flat.args[0]
+    return (path, x, users[0]) if isinstance(x, fx.Node) else None
 
 
 def _raise_node(graph: fx.Graph, node: fx.Node, modules: dict[str, nn.Module], root: nn.Module) -> None:

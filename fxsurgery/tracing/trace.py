@@ -15,6 +15,7 @@ from torch import nn
 from fxsurgery import _runtime
 from fxsurgery.errors import InputError, TraceError, one_line
 from fxsurgery.options import LeafSpec
+from fxsurgery.tracing.layers import is_transposed_linear
 from fxsurgery.tracing.modes import GRAD_MODE, TRAINING, mode_reads
 
 __all__ = ["trace"]
@@ -81,6 +82,8 @@ class _Tracer(fx.Tracer):
             return True
         if m._forward_hooks or m._forward_pre_hooks:
             return True  # stays a called module, so that its hooks run and see what they saw before
+        if is_transposed_linear(m):
+            return True  # a Linear with a transposed weight (GPT-2's Conv1D): a site, as an nn.Linear is
         if type(m) in _TRACEABLE_FORWARDS and not m._forward_hooks and not m._forward_pre_hooks:
             return False
         return super().is_leaf_module(m, module_qualified_name)

@@ -66,7 +66,7 @@ def check_linear(node: fx.Node, rw: Rewriter) -> tuple[LinearOp, int, int, tuple
     if op is None:
         raise Skip("not a Linear")
     if op.module is not None:
-        reason = module_skip_reason(op.name, op.module, EXACT_LINEAR, rw)
+        reason = module_skip_reason(op.name, op.module, (type(op.module),) if op.transposed else EXACT_LINEAR, rw)
         if reason:
             raise Skip(reason)
     if not isinstance(op.input, fx.Node):
@@ -117,7 +117,7 @@ def emit_conv(plan: ConvPlan, rw: Rewriter, pattern: str, weight_map: WeightMap 
             conv = rw.graph.call_function(F.conv2d, (src, w4, op.bias, kernel))
         else:
             lin = op.module
-            rw.new_modules[plan.name] = conv_viewing_linear(lin.weight, lin.bias, lin.training, feature, order,
+            rw.new_modules[plan.name] = conv_viewing_linear(op.module_weight, lin.bias, lin.training, feature, order,
                                                             weight_map=weight_map)  # fmt: skip
             conv = rw.graph.call_module(plan.name, (src,))
     rw.set_alt(plan.node, conv, plan.layout)
