@@ -169,15 +169,17 @@ def _front_end(model: nn.Module, inputs: tuple[torch.Tensor, ...], job: _Job,
             raise fx_error from e
         return _said(job, fx_out, f"front end: fx (torch.fx did not trace the whole model; torch.export failed "
                                   f"too: {_cause(e)})")  # fmt: skip
-    n_ex = sum(s.rewritten for s in ex_out[1])
     if fx_out is None:
         return _said(ex_job, ex_out, f"front end: export (torch.fx cannot trace the model: {_cause(fx_error)})")
-    n_fx = sum(s.rewritten for s in fx_out[1])
-    if n_ex > n_fx:
+    # more sites rewritten wins; then more candidates seen (listed with their reasons); then fx
+    n_ex, n_fx = (sum(s.rewritten for s in out[1]) for out in (ex_out, fx_out))
+    if (n_ex, len(ex_out[1])) > (n_fx, len(fx_out[1])):
         return _said(ex_job, ex_out, f"front end: export (torch.fx did not trace the whole model; torch.export "
-                                     f"rewrites {n_ex} sites, fx {n_fx})")  # fmt: skip
-    return _said(job, fx_out, f"front end: fx (torch.fx did not trace the whole model, but torch.export rewrites "
-                              f"no more sites: {n_ex}, fx {n_fx})")  # fmt: skip
+                                     f"rewrites {n_ex} of {len(ex_out[1])} candidates, fx {n_fx} of "
+                                     f"{len(fx_out[1])})")  # fmt: skip
+    return _said(job, fx_out, f"front end: fx (torch.fx did not trace the whole model, but torch.export does no "
+                              f"better: {n_ex} of {len(ex_out[1])} candidates rewritten, fx {n_fx} of "
+                              f"{len(fx_out[1])})")  # fmt: skip
 
 
 _Out = tuple[nn.Module, list[Site], list[str]]

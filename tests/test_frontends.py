@@ -67,7 +67,8 @@ def test_auto_takes_export_where_fx_cannot_trace_and_says_why():
     m = Untraceable().eval()
     res = run_surgery("linear_to_conv", m, torch.randn(2, 3, 4, 4), rewritten=["fc1", "fc2", "linear_2"])
     assert res.frontend == "export"
-    assert res.notes[0] == "front end: export (torch.fx did not trace the whole model; torch.export rewrites 3 sites, fx 0)"
+    assert res.notes[0] == ("front end: export (torch.fx did not trace the whole model; torch.export rewrites 3 of 3 "
+                            "candidates, fx 0 of 2)")
     fx_only = fxsurgery.linear_to_conv(m, torch.randn(2, 3, 4, 4), frontend="fx")
     assert not fx_only.rewritten  # the fx descent reaches fc1 alone, not the flatten it reads
 
@@ -182,3 +183,18 @@ def test_gpt2_style_conv1d_is_a_linear_with_a_transposed_weight(frontend):
     assert res.module.get_submodule("fc").weight.data_ptr() == m.fc.weight.data_ptr()
     state = fxsurgery.original_state_dict(res.module)
     assert state["fc.weight"].shape == (8, 16) and torch.equal(state["fc.weight"], m.fc.weight)
+
+
+def test_the_export_front_end_keeps_every_state_dict_key():
+    class WithAux(Untraceable):
+        def __init__(self):
+            super().__init__()
+            self.aux = nn.Linear(4, 2)  # used in training only
+            self.register_buffer("loss_weight", torch.ones(5))
+
+    m = WithAux().eval()
+    res = fxsurgery.linear_to_conv(m, torch.randn(2, 3, 4, 4), frontend="export")
+    assert set(fxsurgery.original_state_dict(res.module)) == set(m.state_dict())
+    fxsurgery.load_state_dict(res.module, m.state_dict())  # the original checkpoint loads
+    x = torch.randn(2, 3, 4, 4)
+    torch.testing.assert_close(res.module(x), m(x))

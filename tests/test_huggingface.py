@@ -4,8 +4,6 @@ the attention and MLP blocks rewritten."""
 
 from __future__ import annotations
 
-import re
-
 import pytest
 import torch
 from torch import nn
@@ -13,46 +11,9 @@ from torch import nn
 import fxsurgery
 
 T = pytest.importorskip("transformers")
+from benchmarks.hf_models import ZOO, block_linears, build  # noqa: E402  (needs transformers)
 
-
-def _ids(n: int = 2, s: int = 8) -> torch.Tensor:
-    return torch.randint(0, 100, (n, s))
-
-
-def _mask() -> torch.Tensor:
-    mask = torch.ones(2, 8, dtype=torch.long)
-    mask[0, 5:] = 0
-    return mask
-
-
-# name: (model factory, example inputs, pattern of the Linear layers inside attention and MLP blocks)
-FAMILIES = {
-    "bert": (lambda: T.BertForSequenceClassification(T.BertConfig(
-        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-        num_labels=3)), lambda: (_ids(), {"attention_mask": _mask()}), r"encoder\.layer\.\d+\."),
-    "vit": (lambda: T.ViTForImageClassification(T.ViTConfig(
-        image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=64, num_labels=5)), lambda: (torch.randn(2, 3, 32, 32),), r"layers?\.\d+\."),
-    "whisper-encoder": (lambda: T.WhisperForAudioClassification(T.WhisperConfig(
-        d_model=32, encoder_layers=2, decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4,
-        encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=16, max_source_positions=16, num_labels=3)),
-        lambda: (torch.randn(2, 16, 32),), r"encoder\.layers\.\d+\."),
-    "segformer": (lambda: T.SegformerForSemanticSegmentation(T.SegformerConfig(
-        num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[8, 16], num_attention_heads=[1, 2],
-        decoder_hidden_size=16, num_labels=3)), lambda: (torch.randn(2, 3, 32, 32),), r"stages\.\d+\.blocks\."),
-    "gpt2": (lambda: T.GPT2LMHeadModel(T.GPT2Config(
-        n_layer=2, n_embd=32, n_head=4, vocab_size=100, n_positions=64, bos_token_id=0, eos_token_id=0)),
-        lambda: (_ids(), {"attention_mask": _mask()}), r"h\.\d+\."),
-    "llama": (lambda: T.LlamaForCausalLM(T.LlamaConfig(
-        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64)), lambda: (_ids(),), r"layers\.\d+\."),
-}  # fmt: skip
-
-
-def _linears_in_blocks(model: nn.Module, pattern: str) -> set[str]:
-    """The Linear layers (GPT-2's Conv1D, a Linear with a transposed weight, included) of the blocks."""
-    linear = (nn.Linear, T.pytorch_utils.Conv1D)
-    return {n for n, m in model.named_modules() if isinstance(m, linear) and re.search(pattern, n)}
+TRANSFORMERS = [name for name in ZOO if name not in ("resnet", "mobilenet_v2")]
 
 
 def _call(model, inputs):
@@ -60,13 +21,11 @@ def _call(model, inputs):
     return model(*args, **kwargs)
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", TRANSFORMERS)
 def test_token_layout_rewrites_every_linear_of_the_blocks(family):
-    make, inputs, blocks = FAMILIES[family]
-    torch.manual_seed(0)
-    model, x = make().eval(), inputs()
+    model, x, blocks = build(family)
     res = fxsurgery.linear_to_conv(model, x, token_layout=True, precision="float64")
-    wanted = _linears_in_blocks(model, blocks)
+    wanted = block_linears(model, blocks)
     assert wanted and wanted <= {s.name for s in res.rewritten}, res.summary()
     assert res.validation.passed and res.validation.max_rel_error < 1e-12
     for s in res.skipped:
@@ -78,22 +37,21 @@ def test_token_layout_rewrites_every_linear_of_the_blocks(family):
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["vit", "segformer"])
-def test_the_default_modes_never_break_the_model(family):
-    make, inputs, _ = FAMILIES[family]
-    torch.manual_seed(0)
-    model, x = make().eval(), inputs()
+@pytest.mark.parametrize("family", ZOO)
+def test_the_default_modes_never_break_the_model_and_list_every_pointwise_conv(family):
+    model, x, _ = build(family)
     for surgery in (fxsurgery.linear_to_conv, fxsurgery.conv_to_linear):
         res = surgery(model, x)
         assert res.validation.passed
         assert type(_call(res.module, x)) is type(_call(model, x))
+        assert all(s.reason and "internal error" not in s.reason for s in res.skipped), res.summary()
+    pointwise = {n for n, m in model.named_modules()
+                 if isinstance(m, (nn.Conv1d, nn.Conv2d)) and all(k == 1 for k in m.kernel_size)}  # fmt: skip
+    assert pointwise <= {s.name for s in res.sites}, res.summary()  # every candidate listed, rewritten or not
 
 
 def test_a_padding_mask_changes_the_output_and_the_rewrite_follows_it():
-    make, inputs, _ = FAMILIES["bert"]
-    torch.manual_seed(0)
-    model = make().eval()
-    ids, kw = inputs()
+    model, (ids, kw), _ = build("bert")
     res = fxsurgery.linear_to_conv(model, (ids, kw), token_layout=True)
     full = torch.ones_like(kw["attention_mask"])
     masked, unmasked = res.module(ids, attention_mask=kw["attention_mask"]), res.module(ids, full)
@@ -103,9 +61,7 @@ def test_a_padding_mask_changes_the_output_and_the_rewrite_follows_it():
 
 
 def test_gpt2_conv1d_weights_are_transposed_views_and_checkpoints_round_trip():
-    make, inputs, _ = FAMILIES["gpt2"]
-    torch.manual_seed(0)
-    model, x = make().eval(), inputs()
+    model, x, _ = build("gpt2")
     res = fxsurgery.linear_to_conv(model, x, token_layout=True)
     conv = res.module.get_submodule("transformer.h.0.attn.c_attn")
     original = model.transformer.h[0].attn.c_attn.weight  # (in, out)
@@ -119,9 +75,7 @@ def test_gpt2_conv1d_weights_are_transposed_views_and_checkpoints_round_trip():
 
 
 def test_segformer_pointwise_convs_become_linears():
-    make, inputs, _ = FAMILIES["segformer"]
-    torch.manual_seed(0)
-    model, x = make().eval(), inputs()
+    model, x, _ = build("segformer")
     res = fxsurgery.conv_to_linear(model, x, precision="float64")
     pointwise = {n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1)}
     assert pointwise and pointwise <= {s.name for s in res.rewritten}, res.summary()

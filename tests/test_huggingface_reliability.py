@@ -48,9 +48,10 @@ def test_hf_mobilenet_v2_runs_after_the_rewrite_and_keeps_its_output_class(surge
         assert all(s.reason.startswith("groups=") for s in res.skipped), res.summary()
 
 
-def test_gpt2_lm_head_tied_to_the_embedding_stays_tied():
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_gpt2_lm_head_tied_to_the_embedding_stays_tied(frontend):
     m, ids = _gpt2()
-    res = l2c(m, ids, token_layout=True)
+    res = l2c(m, ids, token_layout=True, frontend=frontend)
     assert {s.name: s.reason for s in res.sites}["lm_head"] == "weight shared with transformer.wte (tied weights)"
     assert len(list(res.module.parameters())) == len(list(m.parameters()))
     assert res.module.lm_head.weight is res.module.transformer.wte.weight
@@ -59,7 +60,7 @@ def test_gpt2_lm_head_tied_to_the_embedding_stays_tied():
 
 def test_a_layer_of_an_untraceable_root_is_named_by_its_path_and_can_be_excluded():
     m, ids = _gpt2()
-    res = l2c(m, ids, token_layout=True, exclude=["lm_head"])
+    res = l2c(m, ids, token_layout=True, exclude=["lm_head"], frontend="fx")
     assert [(s.name, s.reason) for s in res.sites] == [("lm_head", "excluded by the caller")]
 
 

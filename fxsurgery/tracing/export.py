@@ -27,6 +27,7 @@ from torch import nn
 
 from fxsurgery.errors import InputError, TraceError, one_line
 from fxsurgery.tracing.layers import is_transposed_linear
+from fxsurgery.tracing.trace import keep_unused
 
 __all__ = ["export_model", "raise_program", "batch_is_dynamic", "inert_hook"]
 
@@ -217,6 +218,7 @@ def raise_program(ep: torch.export.ExportedProgram, root: nn.Module) -> fx.Graph
             else:
                 setattr(holder, attr, value)
     raised = fx.GraphModule(root, graph, class_name=type(root).__name__)
+    keep_unused(raised, root)  # every key of the state dict, and the names a tied weight has (lm_head, wte)
     raised.meta["frontend"] = "export"
     return raised
 

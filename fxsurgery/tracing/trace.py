@@ -18,7 +18,7 @@ from fxsurgery.options import LeafSpec
 from fxsurgery.tracing.layers import is_transposed_linear
 from fxsurgery.tracing.modes import GRAD_MODE, TRAINING, mode_reads
 
-__all__ = ["trace"]
+__all__ = ["trace", "keep_unused"]
 
 # Functions the rewritten graphs call; re-tracing a rewritten model must keep them as single nodes.
 _AUTOWRAP = tuple(getattr(_runtime, name) for name in _runtime.__all__ if name != "output_builder")
@@ -183,7 +183,7 @@ def trace(model: nn.Module, leaf_modules: LeafSpec = (), n_inputs: int | None = 
     if tracer.output_type is not None:
         _rebuild_output(graph, tracer.output_type)
     gm = fx.GraphModule(tracer.root, graph, model.__class__.__name__)
-    _keep_unused(gm, tracer.root)
+    keep_unused(gm, tracer.root)
     return gm
 
 
@@ -195,7 +195,7 @@ def _rebuild_output(graph: fx.Graph, cls: type) -> None:
     out.args = (built,)
 
 
-def _keep_unused(gm: fx.GraphModule, root: nn.Module) -> None:
+def keep_unused(gm: fx.GraphModule, root: nn.Module) -> None:
     """Modules, parameters and buffers the traced forward does not use (an auxiliary head used only in training, a
     buffer only the loss reads) stay in the GraphModule under their names, so that its state dict has every key."""
     have = {n for n, _ in gm.named_modules()}
@@ -213,7 +213,6 @@ def _keep_unused(gm: fx.GraphModule, root: nn.Module) -> None:
             owner.register_parameter(attr, tensor)
         else:
             owner.register_buffer(attr, tensor, persistent=attr not in source._non_persistent_buffers_set)
-
 
 
 def _guard_mode(graph: fx.Graph, training: bool, where: list[str]) -> None:

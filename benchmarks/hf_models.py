@@ -1,0 +1,98 @@
+"""HuggingFace models from small configs with random weights (no hub access), with the inputs users call them with:
+the zoo of the HuggingFace coverage table and of ``tests/test_huggingface.py``.
+
+Each entry: a factory, example inputs (a tuple that may end with a dict of keyword inputs), and a regular expression
+matching the module paths of the attention and MLP blocks (their Linear layers are what ``token_layout=True`` must
+rewrite; embeddings and vector heads may stay, with reasons).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["ZOO", "build", "block_linears"]
+
+
+def _ids(n: int = 2, s: int = 8) -> torch.Tensor:
+    return torch.randint(0, 100, (n, s), generator=torch.Generator().manual_seed(1))
+
+
+def _mask() -> torch.Tensor:
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[0, 5:] = 0  # a padded sequence
+    return mask
+
+
+def _image(size: int = 32) -> tuple[torch.Tensor]:
+    return (torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1)),)
+
+
+_TEXT = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+_DECODER = dict(_TEXT, num_key_value_heads=2, max_position_embeddings=64)
+
+
+def _zoo(T: Any) -> dict[str, tuple[Callable[[], nn.Module], Callable[[], tuple[Any, ...]], str]]:
+    text = lambda: (_ids(), {"attention_mask": _mask()})  # noqa: E731
+    return {
+        "bert": (lambda: T.BertForSequenceClassification(T.BertConfig(**_TEXT, num_labels=3)), text,
+                 r"encoder\.layer\.\d+\."),
+        "roberta": (lambda: T.RobertaForSequenceClassification(T.RobertaConfig(**_TEXT, num_labels=3,
+                                                                               pad_token_id=1)),
+                    text, r"encoder\.layer\.\d+\."),
+        "distilbert": (lambda: T.DistilBertForSequenceClassification(T.DistilBertConfig(
+            vocab_size=100, dim=32, n_layers=2, n_heads=4, hidden_dim=64, num_labels=3)), text, r"layer\.\d+\."),
+        "gpt2": (lambda: T.GPT2LMHeadModel(T.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=100,
+                                                        n_positions=64, bos_token_id=0, eos_token_id=0)),
+                 text, r"h\.\d+\."),
+        "llama": (lambda: T.LlamaForCausalLM(T.LlamaConfig(**_DECODER)), lambda: (_ids(),), r"layers\.\d+\."),
+        "mistral": (lambda: T.MistralForCausalLM(T.MistralConfig(**_DECODER)), lambda: (_ids(),), r"layers\.\d+\."),
+        "qwen2": (lambda: T.Qwen2ForCausalLM(T.Qwen2Config(**_DECODER)), lambda: (_ids(),), r"layers\.\d+\."),
+        "vit": (lambda: T.ViTForImageClassification(T.ViTConfig(
+            image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+            intermediate_size=64, num_labels=5)), _image, r"layers?\.\d+\."),
+        "whisper-encoder": (lambda: T.WhisperForAudioClassification(T.WhisperConfig(
+            d_model=32, encoder_layers=2, decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4,
+            encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=16, max_source_positions=16, num_labels=3)),
+            lambda: (torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(1)),), r"encoder\.layers\.\d+\."),
+        "segformer": (lambda: T.SegformerForSemanticSegmentation(T.SegformerConfig(
+            num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[8, 16], num_attention_heads=[1, 2],
+            decoder_hidden_size=16, num_labels=3)), _image, r"stages\.\d+\.blocks\."),
+        "resnet": (lambda: T.ResNetForImageClassification(T.ResNetConfig(
+            num_labels=4, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic")), _image, "$^"),
+        "mobilenet_v2": (lambda: T.MobileNetV2ForImageClassification(T.MobileNetV2Config(
+            num_labels=5, image_size=32, depth_multiplier=0.35)), _image, "$^"),
+        "convnext": (lambda: T.ConvNextForImageClassification(T.ConvNextConfig(
+            hidden_sizes=[8, 16], depths=[1, 1], num_stages=2, num_labels=3, image_size=32)), _image,
+            r"stages\.\d+\.layers\."),
+    }  # fmt: skip
+
+
+def zoo() -> dict[str, tuple[Callable[[], nn.Module], Callable[[], tuple[Any, ...]], str]]:
+    import transformers
+
+    return _zoo(transformers)
+
+
+ZOO = ("bert", "roberta", "distilbert", "gpt2", "llama", "mistral", "qwen2", "vit", "whisper-encoder", "segformer",
+       "resnet", "mobilenet_v2", "convnext")  # fmt: skip
+
+
+def build(name: str) -> tuple[nn.Module, tuple[Any, ...], str]:
+    """The model (eval mode, seeded random weights), its example inputs and its block pattern."""
+    make, inputs, blocks = zoo()[name]
+    torch.manual_seed(0)
+    return make().eval(), inputs(), blocks
+
+
+def block_linears(model: nn.Module, pattern: str) -> set[str]:
+    """The Linear layers (GPT-2's Conv1D, a Linear with a transposed weight, included) inside the blocks."""
+    import re
+
+    from fxsurgery.tracing.layers import is_transposed_linear
+
+    return {n for n, m in model.named_modules()
+            if (isinstance(m, nn.Linear) or is_transposed_linear(m)) and re.search(pattern, n)}  # fmt: skip
