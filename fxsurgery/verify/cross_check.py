@@ -69,7 +69,7 @@ def _export(models: dict[str, nn.Module], paths: dict[str, Path], inputs: tuple[
                         opset=opset)  # fmt: skip
         except Exception as e:
             if not dynamic:
-                raise SurgeryError(f"ONNX export of the {name} model failed ({exporter}): {one_line(e)}") from e
+                raise _export_error(name, exporter, e) from e
             found.skipped.append(f"dynamic batch axis: export failed ({one_line(e)}); exported with a static batch")
             dynamic = False
             break
@@ -79,8 +79,17 @@ def _export(models: dict[str, nn.Module], paths: dict[str, Path], inputs: tuple[
         dynamic = False
     if not dynamic:
         for name, module in models.items():
-            export_onnx(module, _clones(inputs), paths[name], exporter=exporter, dynamic_batch=False, opset=opset)
+            try:
+                export_onnx(module, _clones(inputs), paths[name], exporter=exporter, dynamic_batch=False, opset=opset)
+            except Exception as e:
+                raise _export_error(name, exporter, e) from e
     return dynamic
+
+
+def _export_error(name: str, exporter: str, e: Exception) -> SurgeryError:
+    other = "torchscript" if exporter == "dynamo" else "dynamo"
+    return SurgeryError(f"ONNX export of the {name} model failed ({exporter}): {one_line(e)}; try "
+                        f"exporter={other!r} (--exporter {other}), or check(..., onnx=False) without the cross-check")
 
 
 def _clones(inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:

@@ -60,7 +60,18 @@ def _like(t: torch.Tensor, shape: list[int], generator: torch.Generator) -> torc
         return torch.randn(shape, generator=generator, dtype=t.dtype)
     lo = int(t.min()) if t.numel() else 0
     hi = int(t.max()) if t.numel() else 1
+    if _padding_mask(t):  # an attention mask: ones then zeros per sequence, never empty
+        lengths = torch.randint(1, shape[-1] + 1, (*shape[:-1], 1), generator=generator)
+        return (torch.arange(shape[-1]) < lengths).to(t.dtype)
     return torch.randint(lo, hi + 1, shape, generator=generator)
+
+
+def _padding_mask(t: torch.Tensor) -> bool:
+    """0/1 integers whose every row (last dim) is ones then zeros, with at least one one: a padding mask, for which
+    independent random bits would mask whole sequences (where runtimes differ on what an empty softmax gives)."""
+    if t.dim() < 2 or t.numel() == 0 or not bool(((t == 0) | (t == 1)).all()):
+        return False
+    return bool((t[..., 0] == 1).all() and (t[..., 1:] <= t[..., :-1]).all())
 
 
 def run_no_grad(model: nn.Module, inputs: Sequence[torch.Tensor]) -> Any:

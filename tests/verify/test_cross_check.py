@@ -191,3 +191,22 @@ def test_the_empty_batch_path_adds_no_onnx_op(tmp_path):
         for module, path in zip((rewritten, ByHand().eval()), paths):
             export_onnx(module, (torch.randn(2, 3, 8, 8),), path, exporter=exporter)
         assert op_histogram(paths[0]) == op_histogram(paths[1]), exporter
+
+
+def test_a_model_that_does_not_export_to_onnx_is_one_clear_error(tmp_path):
+    class NoOnnx(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 1)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return y + torch.special.i1e(y)  # no ONNX counterpart
+
+    for exporter in ("dynamo", "torchscript"):
+        with pytest.raises(fxsurgery.SurgeryError, match="ONNX export of the original model failed .* or "
+                                                         "check\\(..., onnx=False\\)"):  # fmt: skip
+            fxsurgery.check(NoOnnx().eval(), torch.randn(2, 3, 4, 4), "linear", tmp_path / exporter,
+                            exporter=exporter)  # fmt: skip
+    report = fxsurgery.check(NoOnnx().eval(), torch.randn(2, 3, 4, 4), "linear", tmp_path / "none", onnx=False)
+    assert report.passed and report.onnx is None and report.surgery.rewritten

@@ -71,3 +71,17 @@ def test_validate_reports_batch_axis_not_free():
     assert res.validation.batch_sizes == (2,)
     assert any("batch axis is not free" in n for n in res.validation.notes)
     assert res.skipped[0].reason.startswith("reshape: the reshape hard-codes the batch size")
+
+
+def test_random_padding_masks_stay_padding_masks():
+    from fxsurgery.verify.validation import random_inputs
+
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    ids = torch.tensor([[5, 0, 3, 1], [2, 2, 7, 1]])
+    for seed in range(20):
+        new_ids, new_mask = random_inputs((ids, mask), torch.Generator().manual_seed(seed), batch=5)
+        assert new_mask.shape == (5, 4) and new_mask.dtype == mask.dtype
+        assert (new_mask[:, 0] == 1).all() and (new_mask[:, 1:] <= new_mask[:, :-1]).all()  # never all masked
+        assert new_ids.min() >= 0 and new_ids.max() <= 7
+    many = torch.cat([random_inputs((ids,), torch.Generator().manual_seed(s), batch=8)[0] for s in range(10)])
+    assert len(many.unique()) == 8  # other integers stay uniform over their range
