@@ -203,8 +203,14 @@ def _rewrite_exported(model: nn.Module, inputs: tuple[torch.Tensor, ...],
                          "would run them twice; use frontend='fx', which keeps hooked modules as calls",
                          cause="forward hooks")  # fmt: skip
     program = job.program or export_model(working_copy(model), inputs)
-    traced = raise_program(program, working_copy(model))
-    traced.train(model.training)
+    try:
+        traced = raise_program(program, working_copy(model))
+    except SurgeryError:
+        raise
+    except Exception as e:
+        raise SurgeryError(f"internal error while raising the exported graph ({type(e).__name__}: {e}); please "
+                           "report it, and use frontend='fx' meanwhile") from e  # fmt: skip
+    traced.training = model.training  # the root's flag only: every submodule keeps its own
     gm, sites = _apply(traced, inputs, job)
     gm.meta["captured"] = traced
     notes = [] if batch_is_dynamic(program) else ["torch.export fixed the batch size of the example inputs: the "

@@ -198,3 +198,13 @@ def test_the_export_front_end_keeps_every_state_dict_key():
     fxsurgery.load_state_dict(res.module, m.state_dict())  # the original checkpoint loads
     x = torch.randn(2, 3, 4, 4)
     torch.testing.assert_close(res.module(x), m(x))
+
+
+def test_an_exported_graph_keeps_every_modules_training_flag_and_guards_its_mode():
+    m = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Dropout(0.5), nn.Flatten(),
+                      nn.Linear(64, 5)).eval()  # fmt: skip
+    m[2].train()  # a dropout left in training mode: its own flag, as the fx path keeps it
+    res = fxsurgery.linear_to_conv(m, torch.randn(2, 3, 4, 4), frontend="export", validate=False)
+    assert res.module.get_submodule("2").training and not res.module.training
+    with pytest.raises(RuntimeError, match="traced in eval mode"):
+        res.module.train()(torch.randn(2, 3, 4, 4))  # batch norm and dropout are fixed to the traced mode

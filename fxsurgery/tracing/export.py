@@ -27,7 +27,8 @@ from torch import nn
 
 from fxsurgery.errors import InputError, TraceError, one_line
 from fxsurgery.tracing.layers import is_transposed_linear
-from fxsurgery.tracing.trace import keep_unused
+from fxsurgery.tracing.modes import TRAINING, mode_reads
+from fxsurgery.tracing.trace import guard_mode, keep_unused
 
 __all__ = ["export_model", "raise_program", "batch_is_dynamic", "inert_hook"]
 
@@ -217,6 +218,9 @@ def raise_program(ep: torch.export.ExportedProgram, root: nn.Module) -> fx.Graph
                 holder.register_buffer(attr, value, persistent=False)
             else:
                 setattr(holder, attr, value)
+    modal = [name or type(root).__name__ for name, m in root.named_modules() if TRAINING in mode_reads(type(m))]
+    if modal:  # dropout, batch norm ...: the export fixed their mode's branch
+        guard_mode(graph, root.training, modal[:3] + ([f"{len(modal) - 3} more"] if len(modal) > 3 else []))
     raised = fx.GraphModule(root, graph, class_name=type(root).__name__)
     keep_unused(raised, root)  # every key of the state dict, and the names a tied weight has (lm_head, wte)
     raised.meta["frontend"] = "export"

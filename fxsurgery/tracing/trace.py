@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import warnings
 from typing import Any
 
 import torch.fx as fx
@@ -18,7 +19,7 @@ from fxsurgery.options import LeafSpec
 from fxsurgery.tracing.layers import is_transposed_linear
 from fxsurgery.tracing.modes import GRAD_MODE, TRAINING, mode_reads
 
-__all__ = ["trace", "keep_unused"]
+__all__ = ["trace", "keep_unused", "guard_mode"]
 
 # Functions the rewritten graphs call; re-tracing a rewritten model must keep them as single nodes.
 _AUTOWRAP = tuple(getattr(_runtime, name) for name in _runtime.__all__ if name != "output_builder")
@@ -179,7 +180,7 @@ def trace(model: nn.Module, leaf_modules: LeafSpec = (), n_inputs: int | None = 
             msg = f"{cause}; move the untraceable code into a submodule and pass it in leaf_modules"
         raise TraceError(msg, module=where or "", cause=cause) from e
     if tracer.training_reads:
-        _guard_mode(graph, model.training, tracer.training_reads)
+        guard_mode(graph, model.training, tracer.training_reads)
     if tracer.output_type is not None:
         _rebuild_output(graph, tracer.output_type)
     gm = fx.GraphModule(tracer.root, graph, model.__class__.__name__)
@@ -215,9 +216,10 @@ def keep_unused(gm: fx.GraphModule, root: nn.Module) -> None:
             owner.register_buffer(attr, tensor, persistent=attr not in source._non_persistent_buffers_set)
 
 
-def _guard_mode(graph: fx.Graph, training: bool, where: list[str]) -> None:
+def guard_mode(graph: fx.Graph, training: bool, where: list[str]) -> None:
     """The graph holds the branches of the traced mode: check, first thing, that it runs in that mode."""
     first = next(n for n in graph.nodes if n.op != "placeholder")
-    with graph.inserting_before(first):
+    with graph.inserting_before(first), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # fx warns that ``training`` is no parameter or buffer
         flag = graph.get_attr("training")
         graph.call_function(_runtime.check_mode, (flag, training, tuple(dict.fromkeys(where))))
