@@ -150,7 +150,8 @@ def _apply(traced: fx.GraphModule, inputs: tuple[torch.Tensor, ...], job: _Job) 
 def _front_end(model: nn.Module, inputs: tuple[torch.Tensor, ...], job: _Job,
                frontend: str) -> tuple[_Job, nn.Module, list[Site], list[str]]:  # fmt: skip
     """Rewrite through the chosen front end; ``"auto"``: fx, and where fx does not trace the whole model, also
-    ``torch.export``, keeping whichever rewrites more sites (fx on a tie). The notes say which ran and why."""
+    ``torch.export``, keeping whichever rewrites more sites, then whichever sees more candidates, then fx. The notes
+    say which ran and why."""
     if frontend != "auto":
         job = dataclasses.replace(job, frontend=frontend)
         return _said(job, _rewrite_structure(model, inputs, job), f"front end: {frontend} (as asked)")
