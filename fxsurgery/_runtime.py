@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["check_spatial_size", "check_mode", "layer_norm_channels", "window_attention_nchw", "shift_mask",
-           "output_builder", "batch_to_width", "maps_side_by_side", "batch_from_width"]  # fmt: skip
+           "output_builder", "batch_to_width", "maps_side_by_side", "batch_from_width",
+           "attention_channels"]  # fmt: skip
 
 
 def check_spatial_size(
@@ -116,6 +117,29 @@ def layer_norm_channels(
     if bias is not None:
         y = y + bias.reshape(shape)
     return y
+
+
+def attention_channels(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool, scale: float | None
+) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` on queries, keys and values carried as ``(B, H, D, S)`` (head_dim before
+    the tokens), returning ``(B, H, D, S)``: no transpose of the activations.
+
+    ``scores[b,h,s,t] = scale * sum_d q[b,h,d,s] k[b,h,d,t]`` (``scale`` defaults to ``D ** -0.5``), ``mask``
+    broadcast onto ``(B, H, S, T)`` as SDPA does (a boolean False is -inf, a float is added), ``is_causal`` keeps
+    ``t <= s``; ``p = softmax_t(scores)``, with rows masked entirely giving 0 as SDPA gives;
+    ``out[b,h,d,s] = sum_t p[b,h,s,t] v[b,h,d,t]``.
+    """
+    scores = torch.einsum("bhds,bhdt->bhst", q, k) * (q.shape[-2] ** -0.5 if scale is None else scale)
+    if is_causal:
+        keep = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~keep, float("-inf"))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    p = torch.softmax(scores, dim=-1)
+    if mask is not None:  # a row with every key masked: SDPA returns zeros, softmax NaN
+        p = p.masked_fill(torch.isneginf(scores).all(-1, keepdim=True), 0.0)
+    return torch.einsum("bhst,bhdt->bhds", p, v)
 
 
 def shift_mask(canvas: torch.Tensor, window: tuple[int, int], shift: list[int]) -> torch.Tensor:

@@ -9,11 +9,15 @@ import torch
 from torch import nn
 
 import fxsurgery
+from fxsurgery import _runtime
 
 T = pytest.importorskip("transformers")
 from benchmarks.hf_models import ZOO, block_linears, build  # noqa: E402  (needs transformers)
 
 TRANSFORMERS = [name for name in ZOO if name not in ("resnet", "mobilenet_v2")]
+#: Decoders whose rotary embeddings and grouped-query heads are not carried per head yet: their attention runs in
+#: its own layout between the rewritten projections.
+ROTARY = ("llama", "mistral", "qwen2")
 
 
 def _call(model, inputs):
@@ -35,6 +39,29 @@ def test_token_layout_rewrites_every_linear_of_the_blocks(family):
     ref = expected[0] if not isinstance(expected, torch.Tensor) else expected
     got = out[0] if not isinstance(out, torch.Tensor) else out
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", [name for name in TRANSFORMERS if name not in ROTARY + ("convnext",)])
+def test_token_layout_runs_every_attention_per_head_without_converting_the_tokens_back(family):
+    model, x, _ = build(family)
+    res = fxsurgery.linear_to_conv(model, x, token_layout=True)
+    nodes = [n for m in res.module.modules() if isinstance(m, torch.fx.GraphModule) for n in m.graph.nodes]
+    per_head = sum(n.target is _runtime.attention_channels for n in nodes)
+    layers = sum(isinstance(m, nn.Module) and type(m).__name__.endswith(("Attention", "SelfAttention"))
+                 and not any(type(c).__name__.endswith("Attention") for c in m.children())
+                 for m in model.modules())  # fmt: skip
+    assert per_head == layers > 0
+    assert not any(n.target is torch.nn.functional.scaled_dot_product_attention for n in nodes)
+
+
+def test_eager_attention_is_carried_per_head_as_well():
+    model, x, _ = build("bert")
+    model.config._attn_implementation = "eager"  # the products and the softmax written out
+    res = fxsurgery.linear_to_conv(model, x, token_layout=True, precision="float64")
+    assert res.validation.max_rel_error < 1e-12
+    nodes = [n for m in res.module.modules() if isinstance(m, torch.fx.GraphModule) for n in m.graph.nodes]
+    assert sum(n.target is torch.einsum for n in nodes) == 2 * 2  # two products in each of the two layers
+    assert not any(n.target is torch.matmul for n in nodes)
 
 
 @pytest.mark.parametrize("family", ZOO)

@@ -34,7 +34,8 @@ __all__ = ["cross_check"]
 
 log = logging.getLogger(__name__)
 
-_MATMUL_OPS = ("Gemm", "MatMul")
+#: Matrix products (attention carried per head computes its two products as Einsum where SDPA exports MatMul).
+_MATMUL_OPS = ("Gemm", "MatMul", "Einsum")
 _CONV_OPS = ("Conv", "ConvTranspose")
 NAMES = ("original", "rewritten")
 
@@ -165,9 +166,9 @@ def _visibility(counts: dict[str, dict[str, int]], direction: str | None,
     mm_delta = sum(rew.get(op, 0) for op in _MATMUL_OPS) - sum(orig.get(op, 0) for op in _MATMUL_OPS)
     sign = 1 if direction == "linear_to_conv" else -1
     ok = conv_delta == sign * n_sites and mm_delta == -sign * n_sites
-    detail = f"Conv+ConvTranspose {conv_delta:+d}, Gemm+MatMul {mm_delta:+d} for {n_sites} rewritten site(s)"
+    detail = f"Conv+ConvTranspose {conv_delta:+d}, Gemm+MatMul+Einsum {mm_delta:+d} for {n_sites} rewritten site(s)"
     if not ok:
-        detail += f" (expected Conv+ConvTranspose {sign * n_sites:+d}, Gemm+MatMul {-sign * n_sites:+d})"
+        detail += f" (expected Conv+ConvTranspose {sign * n_sites:+d}, Gemm+MatMul+Einsum {-sign * n_sites:+d})"
     return ok, detail
 
 

@@ -10,6 +10,9 @@ Patterns (found by graph pattern and propagated shapes, never by layer names), e
 * ``pool->linear``: :mod:`.pool_head`
 * ``flatten->linear``: :mod:`.flatten_head` (last: it claims every Linear no other rule claimed)
 
+With the token layout, HuggingFace-style attention (``view -> transpose -> SDPA``) is carried per head as
+``(B, H, D, S)`` between its projections: :mod:`.heads`.
+
 Propagators carry the regions between sites: :mod:`.carry` (permute seed, class-token select, stochastic depth),
 :mod:`.layer_norm` (LayerNorm over channels), and the engine's elementwise and static-rank propagators. Functional
 ``F.linear(x, w, b)`` sites become ``F.conv2d(x, w.view(...), b)``, so the parameter keeps its 2-D shape.
@@ -18,11 +21,21 @@ Propagators carry the regions between sites: :mod:`.carry` (permute seed, class-
 from __future__ import annotations
 
 from fxsurgery.engine.propagate import Elementwise, StaticRank
-from fxsurgery.engine.rule import Rule, RuleSet
+from fxsurgery.engine.rule import Propagator, Rule, RuleSet
 from fxsurgery.rules.linear_to_conv.carry import PermuteSeed, SelectToken, StochasticDepth
 from fxsurgery.rules.linear_to_conv.chain import ChainLinear
 from fxsurgery.rules.linear_to_conv.channels_last import ChannelsLastLinear
 from fxsurgery.rules.linear_to_conv.flatten_head import FlattenHead
+from fxsurgery.rules.linear_to_conv.heads import (
+    ChannelAttention,
+    ChannelMatmul,
+    HeadCat,
+    HeadMerge,
+    HeadPermute,
+    HeadSplit,
+    SameShape,
+    SplitChannels,
+)
 from fxsurgery.rules.linear_to_conv.layer_norm import LayerNormChannels
 from fxsurgery.rules.linear_to_conv.layouts import BATCH_LAYOUTS
 from fxsurgery.rules.linear_to_conv.pool_head import PoolHead
@@ -41,6 +54,9 @@ def rule_set(batch_layout: str = "spatial", token_layout: bool = False) -> RuleS
     rules: list[Rule] = [SelfAttention(), WindowAttention()] if token_layout else []
     rules += [ChannelsLastLinear(token_layout), TokenLinear(token_layout), ChainLinear(), PoolHead(point),
               FlattenHead(point)]  # fmt: skip
-    propagators = (StaticRank(), PermuteSeed(), SelectToken(), StochasticDepth(), LayerNormChannels(token_layout),
-                   Elementwise())  # fmt: skip
-    return RuleSet(DIRECTION, tuple(rules), propagators)
+    propagators: tuple[Propagator, ...] = (StaticRank(), PermuteSeed(), SelectToken(), StochasticDepth(),
+                                           LayerNormChannels(token_layout))  # fmt: skip
+    if token_layout:  # attention carried per head (HuggingFace's view -> transpose -> SDPA)
+        propagators += (SplitChannels(), HeadSplit(), HeadPermute(), HeadMerge(), SameShape(), HeadCat(),
+                        ChannelAttention(), ChannelMatmul())
+    return RuleSet(DIRECTION, tuple(rules), propagators + (Elementwise(),))
