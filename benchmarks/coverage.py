@@ -4,6 +4,7 @@
     python -m benchmarks.coverage resnet18 vgg11        # a few
     python -m benchmarks.coverage --no-onnx             # rewrite + validation only
     python -m benchmarks.coverage --rerun               # every row of coverage.json again, same exporter per row
+    python -m benchmarks.coverage --rerun --token-layout vit_b_16   # only its token-layout row
     python -m benchmarks.coverage --frontend export --out benchmarks/coverage-export   # through torch.export
 
 Needs torchvision (``pip install torch==2.14.1 torchvision==0.29.1`` on these machines). Models are built with
@@ -270,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.rerun:
         records = json.loads(out.with_suffix(".json").read_text())
         for i, old in enumerate(records):
-            if args.models and old["model"] not in args.models:
+            if args.models and old["model"] not in args.models or args.token_layout and old["direction"] != TOKENS:
                 continue
             to = "conv" if old["direction"].startswith("linear_to_conv") else "linear"
             records[i] = run_one(old["model"], to, onnx=not args.no_onnx, exporter=old.get("exporter") or "dynamo",
