@@ -35,11 +35,12 @@ import torch
 from torch import nn
 
 import fxsurgery
+from benchmarks import llm
 from fxsurgery.verify.onnx_export import export_onnx
 from fxsurgery.timing import Ratio, interleaved, runner
 
 HERE = Path(__file__).resolve().parent
-SUITES = ("cost", "memory", "check", "latency", "kernels", "auto")
+SUITES = ("cost", "memory", "check", "latency", "kernels", "auto", "meta", "convert")
 
 
 # -- cases ------------------------------------------------------------------------------------------------------------
@@ -468,6 +469,7 @@ def write_outputs(results: dict[str, Any], out: Path, command: str) -> None:
             lines.append(f"| {r['case']} | {r['batch']} | {r['runtime']} | {r['chosen']} | {r['sites_kept']} / "
                          f"{r['sites_measured']} | **{q['auto']}** | {q['all-conv']} | {q['all-linear']} | "
                          f"**{r['auto_vs_better']:.2f}** | {r['auto_seconds']:.0f} |")  # fmt: skip
+    lines += llm.markdown(results)
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     if results.get("latency"):
         chart(results["latency"], out.with_suffix(".png"))
@@ -562,6 +564,11 @@ def main(argv: list[str] | None = None) -> int:
         cases = [c for c in auto_cases(args.quick) if args.only in c.name and c.key not in args.skip]
         runtimes = tuple("torch eager" if r == "torch" else r for r in args.runtimes.split(","))
         results["auto"] = auto(cases, pairs, args.threads, runtimes)
+    if "meta" in suites:
+        names = ["tiny"] if args.quick else ["llama-2-7b", "llama-3-8b"]
+        results["meta"] = [llm.meta_rewrite(n, pairs=1 if args.quick else 2) for n in names]
+    if "convert" in suites:
+        results["convert"] = [llm.streamed_convert("tiny" if args.quick else "llama-3.2-1b", 1 if args.quick else 3)]
     command = ("python -m benchmarks " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
     if args.merge and Path(args.out).with_suffix(".json").exists():
         results = merge(json.loads(Path(args.out).with_suffix(".json").read_text()), results)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from fxsurgery.api import check, conv_to_linear, linear_to_conv, rewrite
 from fxsurgery.checkpoint import load_state_dict, original_state_dict
+from fxsurgery.convert import convert_checkpoint
 from fxsurgery.engine.rule import Match, Rule, RuleSet, Skip
 from fxsurgery.errors import InputError, SurgeryError, TraceError, ValidationError
 from fxsurgery.options import Options
@@ -27,6 +28,7 @@ __all__ = [
     "cross_check",
     "load_state_dict",
     "original_state_dict",
+    "convert_checkpoint",
     "Rule",
     "RuleSet",
     "Match",

@@ -7,8 +7,9 @@ described by the two views' (shape, stride, offset) over the same storage. :func
 
 from __future__ import annotations
 
+import json
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +17,12 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from fxsurgery.errors import one_line
+from fxsurgery.errors import InputError, one_line
 from fxsurgery.tracing.copies import working_copy
 from fxsurgery.weights import shares_storage
 
-__all__ = ["ParamLayout", "record_layout", "record_module_layouts", "merge_layouts", "load_state_dict",
-           "original_state_dict", "save_rewritten"]
+__all__ = ["ParamLayout", "record_layout", "record_module_layouts", "merge_layouts", "layouts_of", "load_state_dict",
+           "original_state_dict", "save_rewritten", "save_layouts", "load_layouts"]
 
 META_KEY = "fxsurgery_layouts"
 
@@ -88,7 +89,7 @@ def record_module_layouts(gm: fx.GraphModule, old: dict[str, nn.Module], new: di
 
 def merge_layouts(target: nn.Module, prefix: str, child: nn.Module) -> None:
     """``child`` was installed in ``target`` at ``prefix``: its recorded layouts become ``target``'s, prefixed."""
-    for key, layout in _layouts(child).items():
+    for key, layout in layouts_of(child).items():
         if not isinstance(getattr(target, "meta", None), dict):
             target.meta = {}  # type: ignore[assignment]
         target.meta.setdefault(META_KEY, {})[prefix + key] = layout  # type: ignore[union-attr,operator]
@@ -98,14 +99,35 @@ def _extent(t: torch.Tensor, stride: tuple[int, ...] | None = None) -> int:
     return 1 + sum((s - 1) * st for s, st in zip(t.shape, stride or t.stride())) if t.numel() else 0
 
 
-def _layouts(module: nn.Module) -> dict[str, ParamLayout]:
+def layouts_of(module: nn.Module) -> dict[str, ParamLayout]:
+    """The recorded layout of every rewritten parameter of ``module``, by name."""
     meta = getattr(module, "meta", None)
     return dict(meta.get(META_KEY, {})) if isinstance(meta, dict) else {}
 
 
+def save_layouts(model: Any, path: str | os.PathLike) -> None:
+    """Write the parameter layouts of a rewritten model (or a SurgeryResult) as JSON: what
+    :func:`fxsurgery.convert_checkpoint` and ``fxsurgery convert --layouts`` read."""
+    layouts = {k: asdict(v) for k, v in layouts_of(getattr(model, "module", model)).items()}
+    Path(path).write_text(json.dumps({"format": "fxsurgery-layouts", "version": 1, "layouts": layouts}, indent=1))
+
+
+def load_layouts(path: str | os.PathLike) -> dict[str, ParamLayout]:
+    try:
+        data = json.loads(Path(path).read_text())
+        return {k: ParamLayout(_tuples(v["original"]), _tuples(v["rewritten"]), int(v["numel"]))
+                for k, v in data["layouts"].items()}  # fmt: skip
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise InputError(f"{path} is not a layouts file written by fxsurgery ({type(e).__name__}: {e})") from e
+
+
+def _tuples(view: list[Any]) -> tuple[tuple[int, ...], tuple[int, ...], int]:
+    return tuple(view[0]), tuple(view[1]), int(view[2])
+
+
 def original_state_dict(rewritten: nn.Module) -> dict[str, torch.Tensor]:
     """The rewritten model's state in the original model's format (names and shapes), as new tensors."""
-    layouts = _layouts(rewritten)
+    layouts = layouts_of(rewritten)
     out = {}
     for k, v in rewritten.state_dict().items():
         out[k] = layouts[k].to_original(v.detach()) if k in layouts else v.detach().clone()
@@ -118,7 +140,7 @@ def load_state_dict(rewritten: nn.Module, state_dict: dict[str, torch.Tensor], s
     Like ``nn.Module.load_state_dict`` the values are copied into the existing parameters, which are views of the
     original model's storage: loading into the rewritten model updates the original model too.
     """
-    layouts = _layouts(rewritten)
+    layouts = layouts_of(rewritten)
     converted = {}
     own = rewritten.state_dict()
     for k, v in state_dict.items():
@@ -146,6 +168,9 @@ def save_rewritten(gm: nn.Module, inputs: tuple[torch.Tensor, ...], out_dir: str
     saved["rewritten.safetensors"] = "state dict of the rewritten model (safetensors)"
     save_file(original_state_dict(gm), str(out / "original_format.safetensors"))
     saved["original_format.safetensors"] = "the same weights in the original model's layout"
+    if layouts_of(gm):
+        save_layouts(gm, out / "layouts.json")
+        saved["layouts.json"] = "how each rewritten parameter views the original: fxsurgery convert --layouts"
     graphs = [(name, m) for name, m in gm.named_modules() if isinstance(m, fx.GraphModule)]
     code = "\n".join(f"# {name or 'root'}: {type(m).__name__}\n{m.code}" for name, m in graphs)
     (out / "rewritten_code.py").write_text(code)

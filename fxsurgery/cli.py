@@ -100,6 +100,15 @@ def _build_parser() -> argparse.ArgumentParser:
                          "convs")  # fmt: skip
     common(rw)
 
+    cv = sub.add_parser("convert", help="convert a safetensors checkpoint (file or sharded folder) for the rewritten "
+                        "model, or back, tensor by tensor")  # fmt: skip
+    cv.add_argument("src", help="a .safetensors file or a checkpoint folder (model.safetensors.index.json)")
+    cv.add_argument("dst", help="output folder (must not exist, or be empty)")
+    cv.add_argument("--layouts", required=True, help="layouts.json that `fxsurgery rewrite --out DIR` wrote")
+    cv.add_argument("--to", choices=("rewritten", "original"), default="rewritten",
+                    help="the format to write (default: the rewritten model's)")  # fmt: skip
+    cv.add_argument("--json", action="store_true", help="print the summary as JSON")
+
     demo = sub.add_parser("demo", help="run the whole pipeline on the built-in model, both directions")
     demo.add_argument("--out", help="output directory (default: a temporary one, removed afterwards)")
     common(demo)
@@ -118,10 +127,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" notices on every export
     from fxsurgery.errors import InputError, SurgeryError, TraceError
 
-    progress = _Progress(args.quiet)
+    progress = _Progress(getattr(args, "quiet", False))
     try:
         if args.command == "demo":
             return _demo(args, progress)
+        if args.command == "convert":
+            return _convert(args)
         return _rewrite(args, progress)
     except (UsageError, InputError, TraceError) as e:
         return _fail(str(e))
@@ -131,6 +142,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(f"the model's code exited (SystemExit: {e.code}) before the rewrite finished")
     except KeyboardInterrupt:
         return _fail("interrupted", 130)
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from fxsurgery.convert import convert_checkpoint
+
+    summary = convert_checkpoint(args.layouts, args.src, args.dst, to=args.to)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(f"wrote {args.dst}: {summary['tensors']} tensors in {len(summary['files'])} file(s), "
+              f"{summary['converted']} in the {args.to} format ({summary['moved_bytes']} bytes moved, the rest "
+              "copied as they are)")  # fmt: skip
+    return 0
 
 
 def _fail(message: str, code: int = EXIT_USAGE) -> int:

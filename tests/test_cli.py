@@ -99,6 +99,18 @@ def test_rewrite_success_writes_everything(models_file, tmp_path):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(program(x), original(x), rtol=1e-4, atol=1e-5)
+    # the original's checkpoint, converted with the layouts the rewrite wrote, is the rewritten model's
+    from safetensors.torch import load_file, save_file
+
+    save_file({k: v.contiguous() for k, v in original.state_dict().items()}, str(tmp_path / "original.safetensors"))
+    proc = run("convert", str(tmp_path / "original.safetensors"), str(tmp_path / "conv"), "--layouts",
+               str(out / "layouts.json"))  # fmt: skip
+    assert proc.returncode == 0 and "3 in the rewritten format" in proc.stdout, proc.stderr
+    converted, expected = load_file(tmp_path / "conv" / "original.safetensors"), load_file(out / "rewritten.safetensors")
+    assert converted.keys() == expected.keys() and all(torch.equal(converted[k], expected[k]) for k in expected)
+    proc = run("convert", str(tmp_path / "original.safetensors"), str(tmp_path / "conv"), "--layouts",
+               str(out / "layouts.json"))  # fmt: skip
+    assert proc.returncode != 0 and "not an empty folder" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_keyword_inputs_and_integer_ids(models_file, tmp_path):
