@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 __all__ = ["check_spatial_size", "check_mode", "layer_norm_channels", "window_attention_nchw", "shift_mask",
            "output_builder", "batch_to_width", "maps_side_by_side", "batch_from_width",
-           "attention_channels"]  # fmt: skip
+           "attention_channels", "check_exported_size"]  # fmt: skip
 
 
 def check_spatial_size(
@@ -38,6 +38,18 @@ def check_spatial_size(
     size = "x".join(str(d) for d in expected)
     raise RuntimeError(f"fxsurgery: site {site!r} was rewritten for a {size} feature map but got "
                        f"{'x'.join(map(str, got))}; {reason}")  # fmt: skip
+
+
+def check_exported_size(x: torch.Tensor, name: str, sizes: tuple[tuple[int, int], ...]) -> None:
+    """Raise, naming the input, if ``x`` differs from the exported size on a dim torch.export kept static
+    (``(dim, size)`` pairs): the graph computes for that size only (a HuggingFace model exported at sequence length 8
+    has ``arange(8)`` in its graph)."""
+    for dim, size in sizes:
+        if x.dim() <= dim or x.shape[dim] != size:
+            raise RuntimeError(f"fxsurgery: input {name!r} has shape {tuple(x.shape)}, but this graph was exported "
+                               f"with size {size} on dim {dim}, which torch.export kept static (the batch, where the "
+                               "model allows it, stays dynamic): call it with that size, or rewrite again with example "
+                               "inputs of the size you will run")  # fmt: skip
 
 
 def batch_to_width(x: torch.Tensor, channels: int) -> torch.Tensor:

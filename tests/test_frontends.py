@@ -82,6 +82,26 @@ def test_a_batch_of_one_is_exported_with_a_dynamic_batch():
     assert not any("fixed the batch" in n for n in res.notes)
 
 
+def test_a_dim_the_export_kept_static_is_checked_with_a_clear_error():
+    class Pool(nn.Module):  # accepts any image size itself
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(3, 4, 1), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(self.conv(x).mean((2, 3)))
+
+    m = Pool().eval()
+    res = fxsurgery.linear_to_conv(m, torch.randn(2, 3, 4, 4), frontend="export")
+    assert [s.name for s in res.rewritten] == ["fc"]
+    x = torch.randn(5, 3, 4, 4)
+    torch.testing.assert_close(res.module(x), m(x))  # the batch stays dynamic
+    with pytest.raises(RuntimeError, match=r"input 'x' has shape \(2, 3, 6, 6\), but this graph was exported with "
+                                           r"size 4 on dim 2"):  # fmt: skip
+        res.module(torch.randn(2, 3, 6, 6))
+
+
+
 def test_hooks_keep_fx_and_export_refuses_them():
     m = Untraceable().eval()
     seen = []

@@ -25,6 +25,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from fxsurgery import _runtime
 from fxsurgery.errors import InputError, TraceError, one_line
 from fxsurgery.tracing.layers import is_transposed_linear
 from fxsurgery.tracing.modes import TRAINING, mode_reads
@@ -207,6 +208,7 @@ def raise_program(ep: torch.export.ExportedProgram, root: nn.Module) -> fx.Graph
         elif node.op == "call_function":
             _raise_node(graph, node, modules, root)
     graph.eliminate_dead_code()  # what a raised layer no longer needs (a Conv1D's addmm and views)
+    _guard_static_sizes(graph)
     for node in graph.nodes:  # constants the export lifted out of the code (``lifted_tensor_0``): kept
         target = str(node.target)
         if node.op == "get_attr" and not _has_attr(root, target):
@@ -225,6 +227,21 @@ def raise_program(ep: torch.export.ExportedProgram, root: nn.Module) -> fx.Graph
     keep_unused(raised, root)  # every key of the state dict, and the names a tied weight has (lm_head, wte)
     raised.meta["frontend"] = "export"
     return raised
+
+
+def _guard_static_sizes(graph: fx.Graph) -> None:
+    """In place of the export's own input guards (removed: they also pin dtypes, which the float64 proof changes),
+    a check of every input dim the export kept static, with a message that says so."""
+    inputs = [n for n in graph.nodes if n.op == "placeholder"]
+    if not inputs:
+        return
+    with graph.inserting_after(inputs[-1]):
+        for node in reversed(inputs):
+            val = node.meta.get("val")
+            if isinstance(val, torch.Tensor):
+                static = tuple((i, int(d)) for i, d in enumerate(val.shape) if not isinstance(d, torch.SymInt))
+                if static:
+                    graph.call_function(_runtime.check_exported_size, (node, node.name, static))
 
 
 def _get_attr(obj: Any, target: str) -> Any:

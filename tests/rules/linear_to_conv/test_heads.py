@@ -118,6 +118,25 @@ def test_eager_attention_is_carried_too():
                                    rtol=0, atol=1e-12)  # fmt: skip
 
 
+class CrossAttention(HFAttention):
+    """A decoder's cross-attention: queries from the tokens, keys and values from another sequence (the encoder's)."""
+
+    def forward(self, x, memory):
+        (b, s, c), t = x.shape, memory.shape[1]
+        q = self.q(self.norm(x)).view(b, s, self.heads, -1).transpose(1, 2)
+        m = self.norm(memory)
+        k, v = (f(m).view(b, t, self.heads, -1).transpose(1, 2) for f in (self.k, self.v))
+        return x + self.o(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, s, c))
+
+
+def test_cross_attention_over_another_length_is_carried():
+    torch.manual_seed(0)
+    model = CrossAttention().eval().double()
+    x, memory = torch.randn(2, 5, 8, dtype=torch.float64), torch.randn(2, 7, 8, dtype=torch.float64)
+    res = run_surgery("linear_to_conv", model, (x, memory), rewritten=["q", "k", "v", "o"], token_layout=True)
+    assert _moves_in_attention(res.module) == (3, 1)  # both sequences enter once, the result leaves once
+
+
 class Rotary(HFAttention):
     """A step the heads layout does not carry (an elementwise op on a broadcast table, as rotary embeddings): the
     queries are converted back there, and attention still runs per head."""
