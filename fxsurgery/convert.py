@@ -230,9 +230,21 @@ def _write_tensor(out: BinaryIO, t: torch.Tensor) -> None:
 
 
 def _copy_bytes(f: BinaryIO, out: BinaryIO, begin: int, end: int) -> None:
-    f.seek(begin)
-    left = end - begin
-    while left:
-        chunk = f.read(min(left, _CHUNK))
-        out.write(chunk)
-        left -= len(chunk)
+    """Bytes ``begin:end`` of ``f`` appended to ``out``: by the kernel (``copy_file_range``, no copy through Python)
+    where the system has it, else in chunks."""
+    out.flush()
+    start, done = out.tell(), 0
+    try:
+        while done < end - begin:
+            n = os.copy_file_range(f.fileno(), out.fileno(), end - begin - done, begin + done, start + done)
+            if n == 0:
+                raise OSError("copy_file_range copied nothing")
+            done += n
+    except (AttributeError, OSError):  # no copy_file_range (not Linux, another file system): through Python
+        f.seek(begin + done)
+        out.seek(start + done)
+        while done < end - begin:
+            chunk = f.read(min(end - begin - done, _CHUNK))
+            out.write(chunk)
+            done += len(chunk)
+    out.seek(start + done)

@@ -105,3 +105,12 @@ def test_bad_checkpoints_are_refused_with_the_reason(llama, tmp_path):
     save_file({"lm_head.weight": torch.zeros(100, 32)}, str(single))
     with pytest.raises(InputError, match="lacks 14 rewritten parameter"):
         fxsurgery.convert_checkpoint(res, single, tmp_path / "y")
+
+
+def test_without_copy_file_range_the_bytes_are_the_same(llama, tmp_path, monkeypatch):
+    _, src, res = llama
+    fxsurgery.convert_checkpoint(res, src, tmp_path / "fast")
+    monkeypatch.delattr("os.copy_file_range", raising=False)  # other systems: copied through Python in chunks
+    fxsurgery.convert_checkpoint(res, src, tmp_path / "slow")
+    for f in sorted((tmp_path / "fast").iterdir()):
+        assert f.read_bytes() == (tmp_path / "slow" / f.name).read_bytes(), f.name
