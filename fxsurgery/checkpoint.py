@@ -157,7 +157,8 @@ def save_rewritten(gm: nn.Module, inputs: tuple[torch.Tensor, ...], out_dir: str
     * ``rewritten.safetensors``: its state dict (rewritten shapes) and ``original_format.safetensors``: the same
       weights in the original model's format;
     * ``rewritten_code.py``: the generated forward;
-    * ``rewritten.pt2``: a ``torch.export`` program (load with ``torch.export.load``), when the model exports.
+    * ``rewritten.pt2``: a ``torch.export`` program with a dynamic batch where the model allows one (load with
+      ``torch.export.load``), when the model exports.
     """
     from safetensors.torch import save_file
 
@@ -176,7 +177,9 @@ def save_rewritten(gm: nn.Module, inputs: tuple[torch.Tensor, ...], out_dir: str
     (out / "rewritten_code.py").write_text(code)
     saved["rewritten_code.py"] = "generated forward of the rewritten GraphModule(s)"
     try:
-        program = torch.export.export(working_copy(gm).eval(), inputs, strict=False)
+        from fxsurgery.tracing.export import export_model  # (a dynamic batch, as the ONNX files have)
+
+        program = export_model(working_copy(gm).eval(), inputs)
         torch.export.save(program, str(out / "rewritten.pt2"))
         saved["rewritten.pt2"] = "torch.export program: torch.export.load(path).module()"
     except Exception as e:  # an exportable fx graph is not guaranteed; the other files still hold everything

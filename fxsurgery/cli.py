@@ -57,8 +57,22 @@ class _Progress:
             print(f"fxsurgery: {what}: done in {time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fxsurgery")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        return "unknown (not installed)"
+
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fxsurgery", description="Rewrite Linear <-> Conv2d layers in a PyTorch model, validated.")
+    parser.add_argument("--version", action="version", version=f"fxsurgery {_version()}")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
 
     def common(p: argparse.ArgumentParser) -> None:
@@ -264,9 +278,7 @@ def staged_output(out: str) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder
+    tmp.chmod(0o777 & ~_UMASK)  # mkdtemp makes it private; the result is an ordinary folder
     if target.exists():
         target.rmdir()
     os.replace(tmp, target)
@@ -274,6 +286,8 @@ def staged_output(out: str) -> Iterator[Path]:
 
 def _rewrite(args: argparse.Namespace, progress: _Progress) -> int:
     import torch
+
+    from fxsurgery.report import moved
 
     specs = [parse_input(s, "--input-shape", args.dtype) for s in args.input_shape]
     specs += [parse_input(s, "--input", args.dtype) for s in args.input]
@@ -292,8 +306,10 @@ def _rewrite(args: argparse.Namespace, progress: _Progress) -> int:
         named = {name: t for (name, _, _), t in zip(specs, inputs) if name is not None}
         check_input_dims(model, positional)
         report = _run_pipeline(model, (*positional, named) if named else positional, args.to, tmp, args, progress)
-        _write_report(report, tmp, (*positional, *named.values()), args, progress)
-    print(json.dumps(report.to_dict(), indent=2) if args.json else report.summary())
+        report = moved(report, args.out)  # the staging folder becomes --out below
+        names = [f"input_{i}" for i in range(len(positional))] + list(named)
+        data = _write_report(report, tmp, list(zip(names, (*positional, *named.values()))), progress)
+    print(json.dumps(data, indent=2) if args.json else report.summary())
     return EXIT_OK if report.passed else EXIT_MISMATCH
 
 
@@ -314,19 +330,17 @@ def _run_pipeline(model: Any, inputs: tuple, to: str, out_dir: Path, args: argpa
                      frontend=getattr(args, "frontend", "auto"))  # fmt: skip
 
 
-def _write_report(report: Any, out_dir: Path, inputs: tuple, args: argparse.Namespace, progress: _Progress) -> None:
+def _write_report(report: Any, out_dir: Path, inputs: list[tuple[str, Any]], progress: _Progress) -> dict[str, Any]:
     from fxsurgery.checkpoint import save_rewritten
+    from fxsurgery.report import report_file
 
     with progress.step("saving the rewritten model"):
-        notes = save_rewritten(report.surgery.module, inputs, out_dir)
-    data = report.to_dict()
-    data["saved"] = notes
-    data["command"] = " ".join(sys.argv)
-    # The files will live in --out once the staging folder is renamed.
-    for key in ("original_path", "rewritten_path"):
-        if data["onnx"]:
-            data["onnx"][key] = str(Path(args.out) / Path(data["onnx"][key]).name)
+        saved = save_rewritten(report.surgery.module, tuple(t for _, t in inputs), out_dir)
+    data = report_file(report, saved=saved, command=" ".join(sys.argv), inputs=inputs)
     (out_dir / "report.json").write_text(json.dumps(data, indent=2))
+    for f in out_dir.iterdir():  # one mode for every file (safetensors writes its files private)
+        f.chmod(0o666 & ~_UMASK)
+    return data
 
 
 # -- demo ------------------------------------------------------------------------------------------------------------
@@ -336,6 +350,7 @@ def _demo(args: argparse.Namespace, progress: _Progress) -> int:
     import torch
 
     from fxsurgery.models import DEMO_INPUT_SHAPE, demo_model
+    from fxsurgery.report import moved
 
     model = demo_model()
     inputs = (torch.randn(DEMO_INPUT_SHAPE, generator=torch.Generator().manual_seed(0)),)
@@ -347,6 +362,7 @@ def _demo(args: argparse.Namespace, progress: _Progress) -> int:
     finally:
         if not args.out:
             shutil.rmtree(base, ignore_errors=True)
+    reports = {to: moved(r, str(base / f"to_{to}") if args.out else None) for to, r in reports.items()}
     if args.json:
         print(json.dumps({to: r.to_dict() for to, r in reports.items()}, indent=2))
     else:

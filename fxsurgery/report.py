@@ -14,7 +14,7 @@ from typing import Any, Literal
 from torch import nn
 
 __all__ = ["Site", "SurgeryResult", "Validation", "Comparison", "OnnxCheck", "CheckReport", "format_table",
-           "json_float"]  # fmt: skip
+           "json_float", "SCHEMA_VERSION", "moved", "report_file"]  # fmt: skip
 
 Status = Literal["rewritten", "skipped"]
 
@@ -292,3 +292,42 @@ class CheckReport:
             "timings": d["timings"],
             "onnx": None if self.onnx is None else self.onnx.to_dict(),
         }
+
+
+#: The version of ``report.json``'s layout; raised when a key changes meaning or goes away.
+SCHEMA_VERSION = 1
+
+
+def moved(report: CheckReport, folder: str | None) -> CheckReport:
+    """``report`` with its ONNX paths in ``folder`` (where the CLI's staging folder ends up), or marked as removed
+    when ``folder`` is None (``fxsurgery demo`` without ``--out``)."""
+    import dataclasses
+    from pathlib import Path
+
+    if report.onnx is None:
+        return report
+    def where(path: str) -> str:
+        return str(Path(folder) / Path(path).name) if folder else "(removed: pass --out DIR to keep the files)"
+
+    onnx = dataclasses.replace(report.onnx, original_path=where(report.onnx.original_path),
+                               rewritten_path=where(report.onnx.rewritten_path))  # fmt: skip
+    return dataclasses.replace(report, onnx=onnx)
+
+
+def report_file(report: CheckReport, *, saved: dict[str, str], command: str,
+                inputs: list[tuple[str, Any]]) -> dict[str, Any]:  # fmt: skip
+    """What ``report.json`` (and ``--json``) holds: the report, the files saved, the command, the schema version,
+    the versions of the tools, and the example inputs ``(name, tensor)`` as names, shapes and dtypes."""
+    import importlib.metadata
+    import sys
+
+    versions: dict[str, str | None] = {}
+    for package in ("fxsurgery", "torch", "onnx", "onnxruntime", "onnxscript", "transformers"):
+        loaded = getattr(sys.modules.get(package), "__version__", None)  # torch's carries its build: 2.14.1+cu130
+        try:
+            versions[package] = str(loaded) if loaded else importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    return {"schema_version": SCHEMA_VERSION, **report.to_dict(), "saved": saved, "command": command,
+            "versions": versions, "inputs": [{"name": name, "shape": list(t.shape), "dtype": str(t.dtype).removeprefix(
+                "torch.")} for name, t in inputs]}  # fmt: skip

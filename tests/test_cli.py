@@ -96,9 +96,10 @@ def test_rewrite_success_writes_everything(models_file, tmp_path):
         original = models.make().eval()
     finally:
         sys.path.pop(0)
-    x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        torch.testing.assert_close(program(x), original(x), rtol=1e-4, atol=1e-5)
+    for batch in (1, 2, 7):  # a dynamic batch, as the ONNX files have
+        x = torch.randn(batch, 3, 32, 32)
+        with torch.no_grad():
+            torch.testing.assert_close(program(x), original(x), rtol=1e-4, atol=1e-5)
     # the original's checkpoint, converted with the layouts the rewrite wrote, is the rewritten model's
     from safetensors.torch import load_file, save_file
 
@@ -144,6 +145,13 @@ def test_rewrite_json_quiet_weights_and_torchscript(models_file, tmp_path):
     assert proc.stderr == ""
     data = json.loads(proc.stdout)
     assert data["passed"] and data["onnx"]["exporter"] == "torchscript"
+    assert data == json.loads((out / "report.json").read_text())  # --json prints report.json, saved files included
+    assert data["schema_version"] == 1 and data["versions"]["torch"] == torch.__version__
+    assert data["inputs"] == [{"name": "input_0", "shape": [2, 3, 32, 32], "dtype": "float32"}]
+    assert "rewritten.safetensors" in data["saved"] and data["command"]
+    for key in ("original_path", "rewritten_path"):  # paths in --out, not in the staging folder
+        assert Path(data["onnx"][key]).parent == out and Path(data["onnx"][key]).is_file()
+    assert len({f.stat().st_mode for f in out.iterdir()}) == 1  # one mode for every file written
     pt = tmp_path / "w.pt"
     torch.save(model.state_dict(), pt)
     proc = run("rewrite", f"{models_file}:make", "--to", "linear", "--input-shape", "2,3,32,32", "--out",
@@ -252,6 +260,8 @@ def test_demo():
     assert proc.returncode == 0, proc.stderr
     assert "=== to conv ===" in proc.stdout and "=== to linear ===" in proc.stdout
     assert proc.stdout.count("overall: PASSED") == 2
+    assert "fxsurgery-demo-" not in proc.stdout and "(removed: pass --out DIR" in proc.stdout  # no deleted paths
+    assert run("--version").stdout.startswith("fxsurgery ")
 
 
 @pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "scripts").glob("*.py")))

@@ -25,7 +25,14 @@ from fxsurgery.errors import InputError, SurgeryError, one_line
 from fxsurgery.report import Comparison, OnnxCheck
 from fxsurgery.tracing.copies import eval_copy
 from fxsurgery.tracing.inputs import normalize_inputs
-from fxsurgery.verify.onnx_export import EXPORTERS, batch_is_dynamic, export_onnx, op_histogram
+from fxsurgery.verify.onnx_export import (
+    EXPORTERS,
+    batch_is_dynamic,
+    export_onnx,
+    io_names,
+    op_histogram,
+    rename_outputs,
+)
 from fxsurgery.verify.ort import OPT_LEVELS, run_session, session
 from fxsurgery.verify.policy import compare_leaves
 from fxsurgery.verify.validation import random_inputs, run_no_grad
@@ -74,6 +81,8 @@ def _export(models: dict[str, nn.Module], paths: dict[str, Path], inputs: tuple[
             found.skipped.append(f"dynamic batch axis: export failed ({one_line(e)}); exported with a static batch")
             dynamic = False
             break
+    if dynamic:  # a drop-in replacement: the rewritten file's outputs get the original file's names
+        rename_outputs(paths["rewritten"], io_names(paths["original"])[1])
     if dynamic and (static := [n for n, p in paths.items() if not batch_is_dynamic(p)]):
         found.skipped.append(f"dynamic batch axis: the exporter specialised the batch of {', '.join(static)}.onnx; "
                              "re-exported with a static batch")  # fmt: skip
@@ -84,6 +93,7 @@ def _export(models: dict[str, nn.Module], paths: dict[str, Path], inputs: tuple[
                 export_onnx(module, _clones(inputs), paths[name], exporter=exporter, dynamic_batch=False, opset=opset)
             except Exception as e:
                 raise _export_error(name, exporter, e) from e
+        rename_outputs(paths["rewritten"], io_names(paths["original"])[1])
     return dynamic
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["EXPORTERS", "export_onnx", "op_histogram", "batch_is_dynamic"]
+__all__ = ["EXPORTERS", "export_onnx", "op_histogram", "batch_is_dynamic", "io_names", "rename_outputs"]
 
 EXPORTERS = ("dynamo", "torchscript")
 # Beyond this many parameter bytes a single protobuf (2 GiB limit) cannot hold the model: write external data.
@@ -74,6 +74,42 @@ def _export_torchscript(module: nn.Module, inputs: tuple[torch.Tensor, ...], pat
 
             onnx.save_model(onnx.load(str(staged)), str(path), save_as_external_data=True,
                             all_tensors_to_one_file=True, location=f"{path.name}.data")  # fmt: skip
+
+
+def io_names(path: str | os.PathLike) -> tuple[list[str], list[str]]:
+    """The input and output names of an ONNX file (weights not loaded)."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return [i.name for i in graph.input], [o.name for o in graph.output]
+
+
+def rename_outputs(path: str | os.PathLike, names: list[str]) -> None:
+    """Give the graph outputs of an ONNX file ``names`` (the rewritten model's file takes the original's, so that
+    code that looks outputs up by name works with either), renaming first any other value that has one of them (the
+    exporters name values by op, "relu_2", or by number, "10": another graph uses those for something else). Weights
+    kept in external files stay where they are."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    graph = model.graph
+    old = [o.name for o in graph.output]
+    if old == names or len(old) != len(names):
+        return
+    subgraphs = any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+                    for node in graph.node for a in node.attribute)  # fmt: skip
+    if subgraphs or set(names) & {i.name for i in graph.input}:
+        return  # (subgraphs read outer values by name; an output named like an input): left as exported
+    mapping = dict(zip(old, names))
+    taken = {v for node in graph.node for v in (*node.input, *node.output)} | {t.name for t in graph.initializer}
+    for clash in (set(names) & taken) - set(old):
+        mapping[clash] = f"{clash}__fxsurgery"  # an inner value that had an output's name
+    for node in graph.node:
+        node.input[:] = [mapping.get(v, v) for v in node.input]
+        node.output[:] = [mapping.get(v, v) for v in node.output]
+    for value in (*graph.output, *graph.value_info, *graph.initializer):
+        value.name = mapping.get(value.name, value.name)
+    onnx.save_model(model, str(path))
 
 
 def op_histogram(path: str | os.PathLike) -> dict[str, int]:

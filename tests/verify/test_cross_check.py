@@ -93,6 +93,10 @@ def test_cross_check_every_rule(case, exporter, tmp_path):
     scale = max(np.abs(expected).max(), 1e-3)
     assert np.abs(got - expected).max() / scale < 1e-4
     assert op_histogram(chk.rewritten_path) == rew
+    # a drop-in replacement: the rewritten file's inputs and outputs have the original file's names
+    original = ort.InferenceSession(chk.original_path, providers=["CPUExecutionProvider"])
+    assert [o.name for o in sess.get_outputs()] == [o.name for o in original.get_outputs()]
+    assert [i.name for i in sess.get_inputs()] == [i.name for i in original.get_inputs()]
 
 
 def test_to_dict_and_summary(tmp_path):
