@@ -110,11 +110,14 @@ def check(
     onnx: bool = True,
     providers: Sequence[str] = ("CPUExecutionProvider",),
     options: Options | None = None,
+    opset: int | None = None,
+    dynamic_batch: bool = True,
     **overrides: Any,
 ) -> CheckReport:
     """Rewrite ``model`` towards ``to`` (``"conv"``, ``"linear"`` or ``"auto"``), validate, export both versions
     to ONNX in ``out_dir`` and cross-check them in onnxruntime (``providers``; ``exporter="dynamo"`` or
-    ``"torchscript"``; ``onnx=False`` skips the cross-check).
+    ``"torchscript"``; ``opset``; ``dynamic_batch=False`` exports a static batch; ``onnx=False`` skips the
+    cross-check, which compares with the validation's ``rtol`` when one is given).
 
     A validation mismatch does not stop the export: the report carries both results and ``passed`` is False.
     """
@@ -125,8 +128,10 @@ def check(
         result = e.result
     onnx_check = None
     if onnx:
+        rtol = overrides.get("rtol", options.rtol if options is not None else None)
         onnx_check = cross_check(model, result.module, inputs, out_dir, exporter=exporter, providers=providers,
-                                 direction=result.direction, rewritten_sites=len(result.rewritten))  # fmt: skip
+                                 direction=result.direction, rewritten_sites=len(result.rewritten), opset=opset,
+                                 dynamic_batch=dynamic_batch, rtol=rtol)  # fmt: skip
     return CheckReport(result, onnx_check)
 
 

@@ -83,9 +83,14 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="onnxruntime execution provider (repeatable; default CPUExecutionProvider)")  # fmt: skip
         p.add_argument("--precision", choices=("native", "float64"), default="native",
                        help="validate in the model's dtype, or prove exactness in float64")  # fmt: skip
+        p.add_argument("--rtol", type=float, help="tolerance relative to the output scale (default: per dtype)")
+        p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
+        p.add_argument("--static-batch", action="store_true", help="export the ONNX files with a fixed batch size")
 
     rw = sub.add_parser("rewrite", help="rewrite a model, validate, export both versions and cross-check them")
     rw.add_argument("model", help="package.module:callable or path/to/file.py:callable returning an nn.Module")
+    rw.add_argument("--model-kwargs", default="{}", metavar="JSON",
+                    help='keyword arguments for the callable, e.g. \'{"model_name": "resnet18"}\'')  # fmt: skip
     rw.add_argument("--to", choices=("conv", "linear", "auto"), required=True,
                     help="target layer type, or auto: per site the faster form on --runtime")  # fmt: skip
     rw.add_argument("--runtime", choices=("onnxruntime", "torch"), default="onnxruntime",
@@ -212,12 +217,18 @@ def load_factory(spec: str) -> Callable[[], Any]:
     return obj
 
 
-def build_model(spec: str) -> Any:
+def build_model(spec: str, kwargs_json: str = "{}") -> Any:
     from torch import nn
 
+    try:
+        kwargs = json.loads(kwargs_json)
+    except ValueError as e:
+        raise UsageError(f"--model-kwargs is not JSON: {e}") from e
+    if not isinstance(kwargs, dict):
+        raise UsageError(f"--model-kwargs must be a JSON object of keyword arguments, got {kwargs_json!r}")
     factory = load_factory(spec)
     try:
-        model = factory()
+        model = factory(**kwargs)
     except SystemExit as e:  # user code that exits is not a result: say so, never "passed"
         raise UsageError(f"calling {spec}() exited (SystemExit: {e.code}) instead of returning a model") from e
     except Exception as e:
@@ -297,7 +308,7 @@ def _rewrite(args: argparse.Namespace, progress: _Progress) -> int:
     check_input_size([shape for _, shape, _ in specs], dtype)
     with staged_output(args.out) as tmp:
         with progress.step(f"building {args.model}"):
-            model = build_model(args.model)
+            model = build_model(args.model, args.model_kwargs)
             if args.weights:
                 load_weights(model, args.weights, args.unsafe_pickle)
             model = model.to(dtype).eval()
@@ -327,7 +338,8 @@ def _run_pipeline(model: Any, inputs: tuple, to: str, out_dir: Path, args: argpa
                      batch_layout=getattr(args, "batch_layout", "spatial"),
                      token_layout=getattr(args, "token_layout", False),
                      runtime=getattr(args, "runtime", "onnxruntime"),
-                     frontend=getattr(args, "frontend", "auto"))  # fmt: skip
+                     frontend=getattr(args, "frontend", "auto"), opset=args.opset,
+                     dynamic_batch=not args.static_batch, **({"rtol": args.rtol} if args.rtol else {}))  # fmt: skip
 
 
 def _write_report(report: Any, out_dir: Path, inputs: list[tuple[str, Any]], progress: _Progress) -> dict[str, Any]:

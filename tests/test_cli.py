@@ -189,6 +189,22 @@ def test_module_spec_and_several_inputs(tmp_path):
     assert "fc" in proc.stdout and "rewritten" in proc.stdout
 
 
+def test_model_kwargs_opset_rtol_and_a_static_batch(tmp_path):
+    argv = ["rewrite", "torch.nn:Linear", "--model-kwargs", '{"in_features": 4, "out_features": 3}', "--to", "conv",
+            "--input-shape", "2,4", "--out", str(tmp_path / "o"), "--quiet", "--json"]  # fmt: skip
+    proc = run(*argv, "--opset", "18", "--rtol", "1e-3", "--static-batch")
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["onnx"]["dynamic_batch"] is False and data["onnx"]["rtol"] == 1e-3
+    import onnx
+
+    model = onnx.load(data["onnx"]["rewritten_path"])
+    assert [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] == [18]
+    bad = run("rewrite", "torch.nn:Linear", "--model-kwargs", "[4, 3]", "--to", "conv", "--input-shape", "2,4",
+              "--out", str(tmp_path / "p"))  # fmt: skip
+    assert bad.returncode == 2 and "--model-kwargs must be a JSON object" in bad.stderr
+
+
 def _bad_weights(tmp_path: Path) -> str:
     from safetensors.torch import save_file
 
