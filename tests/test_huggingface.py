@@ -54,6 +54,21 @@ def test_token_layout_runs_every_attention_per_head_without_converting_the_token
     assert not any(n.target is torch.nn.functional.scaled_dot_product_attention for n in nodes)
 
 
+def test_a_program_exported_with_a_dynamic_sequence_length_stays_dynamic():
+    from torch.export import Dim
+
+    model, (ids, kw), _ = build("bert")
+    seq = Dim("seq", min=2, max=64)
+    program = torch.export.export(model, (ids,), kw, strict=False, dynamic_shapes={
+        "input_ids": {0: Dim.AUTO, 1: seq}, "attention_mask": {0: Dim.AUTO, 1: seq}})  # fmt: skip
+    res = fxsurgery.linear_to_conv(program, None, token_layout=True)
+    assert len(res.rewritten) == 12 and res.validation.passed
+    for n, s in ((3, 5), (1, 13)):  # other batch sizes and sequence lengths than the example's (2, 8)
+        i, mask = torch.randint(0, 100, (n, s)), torch.ones(n, s, dtype=torch.long)
+        mask[0, -2:] = 0
+        torch.testing.assert_close(res.module(i, mask).logits, model(i, attention_mask=mask).logits)
+
+
 def test_eager_attention_is_carried_per_head_as_well():
     model, x, _ = build("bert")
     model.config._attn_implementation = "eager"  # the products and the softmax written out
