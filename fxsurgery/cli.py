@@ -119,6 +119,14 @@ def _build_parser() -> argparse.ArgumentParser:
                          "convs")  # fmt: skip
     common(rw)
 
+    _add_convert(sub)
+    demo = sub.add_parser("demo", help="run the whole pipeline on the built-in model, both directions")
+    demo.add_argument("--out", help="output directory (default: a temporary one, removed afterwards)")
+    common(demo)
+    return parser
+
+
+def _add_convert(sub: Any) -> None:
     cv = sub.add_parser("convert", help="convert a safetensors checkpoint (file or sharded folder) for the rewritten "
                         "model, or back, tensor by tensor")  # fmt: skip
     cv.add_argument("src", help="a .safetensors file or a checkpoint folder (model.safetensors.index.json)")
@@ -127,11 +135,6 @@ def _build_parser() -> argparse.ArgumentParser:
     cv.add_argument("--to", choices=("rewritten", "original"), default="rewritten",
                     help="the format to write (default: the rewritten model's)")  # fmt: skip
     cv.add_argument("--json", action="store_true", help="print the summary as JSON")
-
-    demo = sub.add_parser("demo", help="run the whole pipeline on the built-in model, both directions")
-    demo.add_argument("--out", help="output directory (default: a temporary one, removed afterwards)")
-    common(demo)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
