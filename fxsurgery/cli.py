@@ -8,8 +8,6 @@ renamed into place at the end, so a failed run leaves nothing that looks valid.
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import json
 import logging
 import os
@@ -17,7 +15,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
@@ -30,6 +28,7 @@ from fxsurgery.cli_inputs import (
     example_inputs,
     parse_input,
 )
+from fxsurgery.cli_model import build_model, load_weights
 
 __all__ = ["main"]
 
@@ -88,42 +87,53 @@ def _build_parser() -> argparse.ArgumentParser:
         p.add_argument("--static-batch", action="store_true", help="export the ONNX files with a fixed batch size")
 
     rw = sub.add_parser("rewrite", help="rewrite a model, validate, export both versions and cross-check them")
-    rw.add_argument("model", help="package.module:callable or path/to/file.py:callable returning an nn.Module")
-    rw.add_argument("--model-kwargs", default="{}", metavar="JSON",
-                    help='keyword arguments for the callable, e.g. \'{"model_name": "resnet18"}\'')  # fmt: skip
+    _model_arguments(rw)
     rw.add_argument("--to", choices=("conv", "linear", "auto"), required=True,
                     help="target layer type, or auto: per site the faster form on --runtime")  # fmt: skip
     rw.add_argument("--runtime", choices=("onnxruntime", "torch"), default="onnxruntime",
                     help="with --to auto: where to measure")  # fmt: skip
-    rw.add_argument("--input-shape", action="append", default=[], metavar="N,C,H,W[:DTYPE]",
-                    help="shape of one positional example input (repeat for several inputs); :int64 (or another "
-                         "integer dtype) makes random ids in [0, 2), for token ids and masks")  # fmt: skip
-    rw.add_argument("--input", action="append", default=[], metavar="NAME=SHAPE[:DTYPE]",
-                    help="a keyword example input, as HuggingFace models are called: --input attention_mask=1,8:int64")
-    rw.add_argument("--frontend", choices=("auto", "fx", "export"), default="auto",
-                    help="how the model becomes a graph: torch.fx, torch.export, or auto (fx, and torch.export "
-                         "where fx does not trace the whole model)")  # fmt: skip
-    rw.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the model and its inputs")
     rw.add_argument("--out", required=True, help="output directory (must not exist, or be empty)")
-    rw.add_argument("--weights", help="safetensors file, or a state dict saved with torch.save")
-    rw.add_argument("--unsafe-pickle", action="store_true",
-                    help="allow --weights files that need full unpickling (runs code from the file!)")  # fmt: skip
-    rw.add_argument("--leaf-module", action="append", default=[], help="qualified name fx must not trace into")
-    rw.add_argument("--exclude", action="append", default=[], help="site name to leave alone")
-    rw.add_argument("--batch-layout", choices=("spatial", "batch"), default="spatial",
-                    help="linear_to_conv: carry the head as (1, C, 1, N) (one matrix product) or "
-                         "(N, C, 1, 1)")  # fmt: skip
-    rw.add_argument("--token-layout", action="store_true",
-                    help="linear_to_conv: carry transformer tokens (B, S, C) as (B, C, 1, S) and channels-last "
-                         "maps as NCHW, so Linears in ViT/Swin/MLP-Mixer blocks and their attention become 1x1 "
-                         "convs")  # fmt: skip
     common(rw)
 
+    ls = sub.add_parser("list", help="list the candidate sites and what would happen to each (no validation, no "
+                        "export)")  # fmt: skip
+    _model_arguments(ls)
+    ls.add_argument("--to", choices=("conv", "linear"), required=True, help="target layer type")
+    ls.add_argument("--quiet", action="store_true", help="no progress messages on stderr")
+    ls.add_argument("--json", action="store_true", help="print the sites as JSON")
     _add_convert(sub)
     demo = sub.add_parser("demo", help="run the whole pipeline on the built-in model, both directions")
     demo.add_argument("--out", help="output directory (default: a temporary one, removed afterwards)")
     common(demo)
     return parser
+
+
+def _model_arguments(p: argparse.ArgumentParser) -> None:
+    """The model, its example inputs and the rewrite options, shared by ``rewrite`` and ``list``."""
+    p.add_argument("model", help="package.module:callable or path/to/file.py:callable returning an nn.Module")
+    p.add_argument("--model-kwargs", default="{}", metavar="JSON",
+                   help='keyword arguments for the callable, e.g. \'{"model_name": "resnet18"}\'')  # fmt: skip
+    p.add_argument("--input-shape", action="append", default=[], metavar="N,C,H,W[:DTYPE]",
+                   help="shape of one positional example input (repeat for several inputs); :int64 (or another "
+                        "integer dtype) makes random ids in [0, 2), for token ids and masks")  # fmt: skip
+    p.add_argument("--input", action="append", default=[], metavar="NAME=SHAPE[:DTYPE]",
+                   help="a keyword example input, as HuggingFace models are called: --input attention_mask=1,8:int64")
+    p.add_argument("--frontend", choices=("auto", "fx", "export"), default="auto",
+                   help="how the model becomes a graph: torch.fx, torch.export, or auto (fx, and torch.export "
+                        "where fx does not trace the whole model)")  # fmt: skip
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the model and its inputs")
+    p.add_argument("--weights", help="safetensors file, or a state dict saved with torch.save")
+    p.add_argument("--unsafe-pickle", action="store_true",
+                   help="allow --weights files that need full unpickling (runs code from the file!)")  # fmt: skip
+    p.add_argument("--leaf-module", action="append", default=[], help="qualified name fx must not trace into")
+    p.add_argument("--exclude", action="append", default=[], help="site name to leave alone")
+    p.add_argument("--batch-layout", choices=("spatial", "batch"), default="spatial",
+                   help="linear_to_conv: carry the head as (1, C, 1, N) (one matrix product) or "
+                        "(N, C, 1, 1)")  # fmt: skip
+    p.add_argument("--token-layout", action="store_true",
+                   help="linear_to_conv: carry transformer tokens (B, S, C) as (B, C, 1, S) and channels-last "
+                        "maps as NCHW, so Linears in ViT/Swin/MLP-Mixer blocks and their attention become 1x1 "
+                        "convs")  # fmt: skip
 
 
 def _add_convert(sub: Any) -> None:
@@ -155,6 +165,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _demo(args, progress)
         if args.command == "convert":
             return _convert(args)
+        if args.command == "list":
+            return _list(args, progress)
         return _rewrite(args, progress)
     except (UsageError, InputError, TraceError) as e:
         return _fail(str(e))
@@ -187,93 +199,6 @@ def _fail(message: str, code: int = EXIT_USAGE) -> int:
 # -- rewrite -------------------------------------------------------------------------------------------------------
 
 
-def load_factory(spec: str) -> Callable[[], Any]:
-    """Resolve ``package.module:callable`` or ``path/to/file.py:callable``."""
-    if ":" not in spec:
-        raise UsageError(f"MODEL must be package.module:callable or file.py:callable, got {spec!r}")
-    where, _, name = spec.rpartition(":")
-    if where.endswith(".py") or os.sep in where:
-        path = Path(where)
-        if not path.is_file():
-            raise UsageError(f"model file not found: {where}")
-        module_spec = importlib.util.spec_from_file_location(f"_fxsurgery_user_{path.stem}", path)
-        module = importlib.util.module_from_spec(module_spec)  # type: ignore[arg-type]
-        sys.path.insert(0, str(path.parent.resolve()))
-        try:
-            module_spec.loader.exec_module(module)  # type: ignore[union-attr]
-        except (Exception, SystemExit) as e:
-            raise UsageError(f"cannot import {where}: {type(e).__name__}: {e}") from e
-        finally:
-            sys.path.pop(0)
-    else:
-        try:
-            module = importlib.import_module(where)
-        except (Exception, SystemExit) as e:
-            raise UsageError(f"cannot import module {where!r}: {type(e).__name__}: {e}") from e
-    obj = module
-    for part in name.split("."):
-        if not hasattr(obj, part):
-            raise UsageError(f"{where} has no attribute {name!r}")
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise UsageError(f"{spec} is not callable: expected a function or class returning an nn.Module")
-    return obj
-
-
-def build_model(spec: str, kwargs_json: str = "{}") -> Any:
-    from torch import nn
-
-    try:
-        kwargs = json.loads(kwargs_json)
-    except ValueError as e:
-        raise UsageError(f"--model-kwargs is not JSON: {e}") from e
-    if not isinstance(kwargs, dict):
-        raise UsageError(f"--model-kwargs must be a JSON object of keyword arguments, got {kwargs_json!r}")
-    factory = load_factory(spec)
-    try:
-        model = factory(**kwargs)
-    except SystemExit as e:  # user code that exits is not a result: say so, never "passed"
-        raise UsageError(f"calling {spec}() exited (SystemExit: {e.code}) instead of returning a model") from e
-    except Exception as e:
-        raise UsageError(f"calling {spec}() failed: {type(e).__name__}: {e}") from e
-    if not isinstance(model, nn.Module):
-        raise UsageError(f"{spec}() returned {type(model).__name__}, not a torch.nn.Module")
-    return model
-
-
-def load_weights(model: Any, path: str, allow_pickle: bool) -> None:
-    import torch
-
-    file = Path(path)
-    if not file.is_file():
-        raise UsageError(f"weights file not found: {path}")
-    try:
-        if file.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(file))
-        else:
-            state = torch.load(str(file), map_location="cpu", weights_only=not allow_pickle)
-    except Exception as e:
-        hint = "" if allow_pickle else " (only tensors are loaded by default; see --unsafe-pickle)"
-        raise UsageError(f"cannot read weights file {path}: {type(e).__name__}: {str(e).splitlines()[0]}{hint}") from e
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]  # type: ignore[assignment]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UsageError(f"weights file {path} does not hold a state dict of tensors")
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        expected = model.state_dict()
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
-        shapes = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
-        parts = [f"{label} {keys[:3]}{'...' if len(keys) > 3 else ''}"
-                 for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes))
-                 if keys]  # fmt: skip
-        raise UsageError(f"weights file {path} does not match the model: {'; '.join(parts) or e}") from e
-
-
 @contextmanager
 def staged_output(out: str) -> Iterator[Path]:
     """A temporary folder beside ``out`` that becomes ``out`` only if the block completes."""
@@ -298,10 +223,9 @@ def staged_output(out: str) -> Iterator[Path]:
     os.replace(tmp, target)
 
 
-def _rewrite(args: argparse.Namespace, progress: _Progress) -> int:
+def _model_and_inputs(args: argparse.Namespace, progress: _Progress) -> tuple[Any, tuple, dict[str, Any]]:
+    """The user's model (built, weights loaded, in ``--dtype``, eval mode) and its positional and keyword inputs."""
     import torch
-
-    from fxsurgery.report import moved
 
     specs = [parse_input(s, "--input-shape", args.dtype) for s in args.input_shape]
     specs += [parse_input(s, "--input", args.dtype) for s in args.input]
@@ -309,22 +233,43 @@ def _rewrite(args: argparse.Namespace, progress: _Progress) -> int:
         raise UsageError("no example input: give --input-shape N,C,H,W (and/or --input NAME=SHAPE[:DTYPE])")
     dtype = getattr(torch, args.dtype)
     check_input_size([shape for _, shape, _ in specs], dtype)
+    with progress.step(f"building {args.model}"):
+        model = build_model(args.model, args.model_kwargs)
+        if args.weights:
+            load_weights(model, args.weights, args.unsafe_pickle)
+        model = model.to(dtype).eval()
+    inputs = example_inputs(specs)
+    positional = tuple(t for (name, _, _), t in zip(specs, inputs) if name is None)
+    named = {name: t for (name, _, _), t in zip(specs, inputs) if name is not None}
+    check_input_dims(model, positional)
+    return model, positional, named
+
+
+def _rewrite(args: argparse.Namespace, progress: _Progress) -> int:
+    from fxsurgery.report import moved
+
     with staged_output(args.out) as tmp:
-        with progress.step(f"building {args.model}"):
-            model = build_model(args.model, args.model_kwargs)
-            if args.weights:
-                load_weights(model, args.weights, args.unsafe_pickle)
-            model = model.to(dtype).eval()
-        inputs = example_inputs(specs)
-        positional = tuple(t for (name, _, _), t in zip(specs, inputs) if name is None)
-        named = {name: t for (name, _, _), t in zip(specs, inputs) if name is not None}
-        check_input_dims(model, positional)
+        model, positional, named = _model_and_inputs(args, progress)
         report = _run_pipeline(model, (*positional, named) if named else positional, args.to, tmp, args, progress)
         report = moved(report, args.out)  # the staging folder becomes --out below
         names = [f"input_{i}" for i in range(len(positional))] + list(named)
         data = _write_report(report, tmp, list(zip(names, (*positional, *named.values()))), progress)
     print(json.dumps(data, indent=2) if args.json else report.summary())
     return EXIT_OK if report.passed else EXIT_MISMATCH
+
+
+def _list(args: argparse.Namespace, progress: _Progress) -> int:
+    from fxsurgery.api import rewrite
+
+    model, positional, named = _model_and_inputs(args, progress)
+    with progress.step(f"tracing and matching the rules towards {args.to} (no validation, no export)"):
+        res = rewrite(model, (*positional, named) if named else positional, args.to, validate=False,
+                      leaf_modules=tuple(args.leaf_module), exclude=tuple(args.exclude), frontend=args.frontend,
+                      batch_layout=args.batch_layout, token_layout=args.token_layout)  # fmt: skip
+    data = res.to_dict()
+    print(json.dumps({k: data[k] for k in ("direction", "frontend", "sites", "notes")}, indent=2) if args.json
+          else res.summary())  # fmt: skip
+    return EXIT_OK
 
 
 def _run_pipeline(model: Any, inputs: tuple, to: str, out_dir: Path, args: argparse.Namespace,

@@ -189,6 +189,16 @@ def test_module_spec_and_several_inputs(tmp_path):
     assert "fc" in proc.stdout and "rewritten" in proc.stdout
 
 
+def test_list_shows_the_sites_without_exporting(models_file, tmp_path):
+    proc = run("list", f"{models_file}:make", "--to", "conv", "--input-shape", "2,3,32,32", "--json", "--quiet",
+               "--exclude", "aux", cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert {s["name"]: s["status"] for s in data["sites"]} == {"classifier.1": "rewritten", "classifier.4": "rewritten",
+                                                               "aux": "skipped"}  # fmt: skip
+    assert data["direction"] == "linear_to_conv" and not list(tmp_path.iterdir())  # nothing written
+
+
 def test_model_kwargs_opset_rtol_and_a_static_batch(tmp_path):
     argv = ["rewrite", "torch.nn:Linear", "--model-kwargs", '{"in_features": 4, "out_features": 3}', "--to", "conv",
             "--input-shape", "2,4", "--out", str(tmp_path / "o"), "--quiet", "--json"]  # fmt: skip

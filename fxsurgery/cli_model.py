@@ -1,0 +1,104 @@
+"""How the command line gets the user's model: a factory (``package.module:callable`` or ``file.py:callable``) called
+with ``--model-kwargs``, and optional ``--weights``."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from fxsurgery.cli_inputs import UsageError
+
+__all__ = ["load_factory", "build_model", "load_weights"]
+
+
+def load_factory(spec: str) -> Callable[[], Any]:
+    """Resolve ``package.module:callable`` or ``path/to/file.py:callable``."""
+    if ":" not in spec:
+        raise UsageError(f"MODEL must be package.module:callable or file.py:callable, got {spec!r}")
+    where, _, name = spec.rpartition(":")
+    if where.endswith(".py") or os.sep in where:
+        path = Path(where)
+        if not path.is_file():
+            raise UsageError(f"model file not found: {where}")
+        module_spec = importlib.util.spec_from_file_location(f"_fxsurgery_user_{path.stem}", path)
+        module = importlib.util.module_from_spec(module_spec)  # type: ignore[arg-type]
+        sys.path.insert(0, str(path.parent.resolve()))
+        try:
+            module_spec.loader.exec_module(module)  # type: ignore[union-attr]
+        except (Exception, SystemExit) as e:
+            raise UsageError(f"cannot import {where}: {type(e).__name__}: {e}") from e
+        finally:
+            sys.path.pop(0)
+    else:
+        try:
+            module = importlib.import_module(where)
+        except (Exception, SystemExit) as e:
+            raise UsageError(f"cannot import module {where!r}: {type(e).__name__}: {e}") from e
+    obj = module
+    for part in name.split("."):
+        if not hasattr(obj, part):
+            raise UsageError(f"{where} has no attribute {name!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise UsageError(f"{spec} is not callable: expected a function or class returning an nn.Module")
+    return obj
+
+
+def build_model(spec: str, kwargs_json: str = "{}") -> Any:
+    from torch import nn
+
+    try:
+        kwargs = json.loads(kwargs_json)
+    except ValueError as e:
+        raise UsageError(f"--model-kwargs is not JSON: {e}") from e
+    if not isinstance(kwargs, dict):
+        raise UsageError(f"--model-kwargs must be a JSON object of keyword arguments, got {kwargs_json!r}")
+    factory = load_factory(spec)
+    try:
+        model = factory(**kwargs)
+    except SystemExit as e:  # user code that exits is not a result: say so, never "passed"
+        raise UsageError(f"calling {spec}() exited (SystemExit: {e.code}) instead of returning a model") from e
+    except Exception as e:
+        raise UsageError(f"calling {spec}() failed: {type(e).__name__}: {e}") from e
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"{spec}() returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def load_weights(model: Any, path: str, allow_pickle: bool) -> None:
+    import torch
+
+    file = Path(path)
+    if not file.is_file():
+        raise UsageError(f"weights file not found: {path}")
+    try:
+        if file.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(file))
+        else:
+            state = torch.load(str(file), map_location="cpu", weights_only=not allow_pickle)
+    except Exception as e:
+        hint = "" if allow_pickle else " (only tensors are loaded by default; see --unsafe-pickle)"
+        raise UsageError(f"cannot read weights file {path}: {type(e).__name__}: {str(e).splitlines()[0]}{hint}") from e
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]  # type: ignore[assignment]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UsageError(f"weights file {path} does not hold a state dict of tensors")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        expected = model.state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        shapes = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
+        parts = [f"{label} {keys[:3]}{'...' if len(keys) > 3 else ''}"
+                 for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes))
+                 if keys]  # fmt: skip
+        raise UsageError(f"weights file {path} does not match the model: {'; '.join(parts) or e}") from e
