@@ -228,3 +228,20 @@ def test_an_exported_graph_keeps_every_modules_training_flag_and_guards_its_mode
     assert res.module.get_submodule("2").training and not res.module.training
     with pytest.raises(RuntimeError, match="traced in eval mode"):
         res.module.train()(torch.randn(2, 3, 4, 4))  # batch norm and dropout are fixed to the traced mode
+
+
+def test_attention_decomposed_by_the_export_at_batch_one_is_not_a_flattened_map():
+    """MultiheadAttention's out_proj reads ``permute(S, B, H, D).reshape(B * S, E)``: at batch 1 its dim 0 equals the
+    map's, but the reshape computes it (``bsz * tgt_len``) instead of reading the batch size."""
+
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+
+        def forward(self, x):
+            return self.attn(x, x, x, need_weights=False)[0]
+
+    res = run_surgery("linear_to_conv", Attention().eval(), torch.randn(1, 5, 8), rewritten=[], frontend="export")
+    assert "first dim is computed" in {s.pattern: s.reason for s in res.skipped if "reshape" in s.reason}.get(
+        "flatten->linear", "")

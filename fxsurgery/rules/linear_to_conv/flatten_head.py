@@ -13,6 +13,7 @@ last of its set: it claims every Linear no other rule claimed, and says why the 
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import torch
@@ -45,6 +46,26 @@ def _check_batch_safe(node: fx.Node) -> None:
         first = shape[0] if shape else None
         if isinstance(first, int) and first != -1:
             raise Skip(f"{node.name}: the reshape hard-codes the batch size ({first}); use x.size(0) or -1")
+        if isinstance(first, fx.Node) and not _reads_batch_size(first):
+            raise Skip(f"{node.name}: the reshape's first dim is computed ({first.name}), not read as the batch size "
+                       "(x.size(0)) or -1: at another batch size it need not keep the samples apart")  # fmt: skip
+
+
+def _reads_batch_size(node: fx.Node) -> bool:
+    """``x.size(0)``, ``x.shape[0]`` (fx) or ``aten.sym_size.int(x, 0)`` (torch.export): a read of some tensor's dim 0,
+    not a value computed from it (MultiheadAttention's ``view(bsz * tgt_len, embed_dim)`` equals the batch size when
+    both are 1)."""
+    if node.op == "call_method" and node.target == "size":
+        return node.args[1:2] == (0,) or bool(node.kwargs.get("dim") == 0)
+    if node.op == "call_function" and node.target is torch.ops.aten.sym_size.int:
+        return node.args[1:2] == (0,)
+    if node.op == "call_function" and node.target is operator.getitem and node.args[1:2] == (0,):
+        holder = node.args[0]
+        return isinstance(holder, fx.Node) and (
+            holder.op == "call_function" and holder.target is getattr and holder.args[1:] == ("shape",)
+            or holder.op == "call_method" and holder.target == "size" and len(holder.args) == 1
+        )
+    return False
 
 
 def flatten_source(x: fx.Node, rw: Rewriter) -> tuple[fx.Node, list[tuple[fx.Node, fx.Node]]] | None:
