@@ -107,7 +107,13 @@ class _OpPass(PassBase):
             if reason:
                 self.sites.append(Site(name, self.pattern, "skipped", reason))
                 continue
-            found(_Emitter(graph_module.graph, node))
+            try:
+                found(_Emitter(graph_module.graph, node))
+            except Exception as e:  # the nodes added so far have no user: removed below; the op stays as it was
+                self.sites.append(Site(name, self.pattern, "skipped", f"internal error while rewriting "
+                                       f"({type(e).__name__}: {e}); please report it"))  # fmt: skip
+                modified = True
+                continue
             self.sites.append(Site(name, self.pattern, "rewritten"))
             modified = True
         if modified:

@@ -79,6 +79,20 @@ def test_excluded_sites_stay():
     _close(new, model)
 
 
+def test_a_failure_inside_a_rewrite_leaves_that_op_as_it_was(monkeypatch):
+    import fxsurgery.passes as passes
+
+    def broken(self, name, *args):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(passes._Emitter, "op", broken)
+    model = Net().eval().double()
+    p = LinearToConvPass()
+    new = transform(_export(model), p)
+    assert {s.name for s in p.sites if "internal error" in s.reason} == {"head.1", "head.3"}
+    _close(new, model)  # the program still computes the original
+
+
 def test_a_rewritten_program_saves_loads_and_exports_to_onnx(tmp_path):
     model = Net().eval()
     x = torch.randn(2, 3, 2, 2)
