@@ -65,8 +65,11 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+def _umask() -> int:
+    """The process's umask (read by setting it, so put back at once; read where files are written, not at import)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -217,7 +220,7 @@ def staged_output(out: str) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    tmp.chmod(0o777 & ~_UMASK)  # mkdtemp makes it private; the result is an ordinary folder
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the result is an ordinary folder
     if target.exists():
         target.rmdir()
     os.replace(tmp, target)
@@ -298,8 +301,9 @@ def _write_report(report: Any, out_dir: Path, inputs: list[tuple[str, Any]], pro
         saved = save_rewritten(report.surgery.module, tuple(t for _, t in inputs), out_dir)
     data = report_file(report, saved=saved, command=" ".join(sys.argv), inputs=inputs)
     (out_dir / "report.json").write_text(json.dumps(data, indent=2))
+    mode = 0o666 & ~_umask()
     for f in out_dir.iterdir():  # one mode for every file (safetensors writes its files private)
-        f.chmod(0o666 & ~_UMASK)
+        f.chmod(mode)
     return data
 
 
