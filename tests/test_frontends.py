@@ -245,3 +245,33 @@ def test_attention_decomposed_by_the_export_at_batch_one_is_not_a_flattened_map(
     res = run_surgery("linear_to_conv", Attention().eval(), torch.randn(1, 5, 8), rewritten=[], frontend="export")
     assert "first dim is computed" in {s.pattern: s.reason for s in res.skipped if "reshape" in s.reason}.get(
         "flatten->linear", "")
+
+
+class InPlaceHead(nn.Module):
+    """In-place activations and adds as torchvision writes them (MNASNet, MobileNet, EfficientNet, VGG): the export
+    keeps them as ``aten.relu_``, ``aten.dropout_``, ``aten.hardtanh_``, ``aten.add_`` ..."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc1, self.fc2, self.fc3 = nn.Conv2d(3, 8, 1), nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 4)
+        self.act = nn.Sequential(nn.ReLU6(inplace=True), nn.Dropout(0.2, inplace=True), nn.SiLU(inplace=True))
+        self.hs, self.relu = nn.Hardswish(inplace=True), nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        y = self.relu(self.conv(x)).mean((2, 3))
+        z = self.act(self.fc1(y))
+        z += self.fc2(z)
+        return self.fc3(self.hs(z))
+
+
+@pytest.mark.parametrize("direction", ["linear_to_conv", "conv_to_linear"])
+def test_in_place_ops_are_raised_and_rewritten_as_fx_rewrites_them(direction):
+    m = InPlaceHead().eval()
+    x = torch.randn(2, 3, 4, 4)
+    by_fx = fxsurgery.rewrite(m, x, direction, frontend="fx")
+    assert len(by_fx.rewritten) == (3 if direction == "linear_to_conv" else 1), by_fx.summary()
+    by_export = run_surgery(direction, m, x, frontend="export", rewritten=[s.name for s in by_fx.rewritten])
+    assert [(s.name, s.pattern, s.status) for s in by_export.sites] == [(s.name, s.pattern, s.status)
+                                                                         for s in by_fx.sites]  # fmt: skip
+    gm = raise_program(export_model(working_copy(m), (x,)), working_copy(m))
+    assert not any(isinstance(n.target, torch._ops.OpOverload) for n in gm.graph.nodes), gm.graph

@@ -27,6 +27,7 @@ _UNARY_FUNCTIONS: set[Any] = {
     F.sigmoid, torch.tanh, F.tanh, F.leaky_relu, F.elu, F.selu, F.celu, F.mish, F.softplus, F.hardtanh, F.dropout,
     F.alpha_dropout, torch.dropout, torch.exp, torch.abs, torch.neg, operator.neg, torch.clamp, torch.clip,
     torch.square, torch.sqrt, torch.rsqrt, torch.erf, F.logsigmoid, F.softsign, F.tanhshrink,
+    torch.dropout_, F.hardtanh_, torch._C._nn.silu_, torch._C._nn.hardswish_,  # what the export front end raises
 }  # fmt: skip
 _UNARY_METHODS = {
     "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "exp", "abs", "neg", "clamp", "clamp_", "clip",

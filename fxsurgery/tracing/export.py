@@ -47,11 +47,15 @@ _FUNCTIONS: dict[Any, Callable[..., Any]] = {
     aten.adaptive_avg_pool2d.default: F.adaptive_avg_pool2d, aten.linear.default: F.linear,
     aten.softmax.int: torch.softmax, aten.matmul.default: torch.matmul,
     aten.scaled_dot_product_attention.default: F.scaled_dot_product_attention,
+    # in place (``nn.ReLU(inplace=True)``, ``nn.Dropout(inplace=True)``, ``ReLU6``, ``x += y``): the engine's in-place
+    # checks apply to them as to their fx twins
+    aten.relu_.default: torch.relu_, aten.dropout_.default: torch.dropout_, aten.silu_.default: torch._C._nn.silu_,
+    aten.hardswish_.default: torch._C._nn.hardswish_, aten.hardtanh_.default: F.hardtanh_,
 }  # fmt: skip
 _METHODS: dict[Any, str] = {
     aten.view.default: "view", aten.reshape.default: "reshape", aten.transpose.int: "transpose", aten.t.default: "t",
     aten.unsqueeze.default: "unsqueeze", aten.squeeze.dim: "squeeze", aten.expand.default: "expand",
-    aten.contiguous.default: "contiguous",
+    aten.contiguous.default: "contiguous", aten.add_.Tensor: "add_", aten.mul_.Tensor: "mul_",
 }  # fmt: skip
 
 
