@@ -10,8 +10,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["check_spatial_size", "check_mode", "layer_norm_channels", "window_attention_nchw", "shift_mask",
-           "output_builder", "batch_to_width", "maps_side_by_side", "batch_from_width",
+__all__ = ["check_spatial_size", "check_mode", "original_shape", "layer_norm_channels", "window_attention_nchw",
+           "shift_mask", "output_builder", "batch_to_width", "maps_side_by_side", "batch_from_width",
            "attention_channels", "check_exported_size"]  # fmt: skip
 
 
@@ -99,6 +99,13 @@ def output_builder(cls: type) -> Callable[[dict[str, Any]], Any]:
     return build
 
 
+def original_shape(alt: torch.Tensor, dims: tuple[int | None, ...]) -> torch.Size:
+    """The shape of the original of ``alt``, a value carried in a layout whose dim ``i`` holds original dim
+    ``dims[i]`` (None: a unit dim the layout adds)."""
+    sizes = {d: alt.shape[i] for i, d in enumerate(dims) if d is not None}
+    return torch.Size([sizes[d] for d in range(len(sizes))])
+
+
 def check_mode(training: bool, traced: bool, modules: tuple[str, ...]) -> None:
     """Raise unless the graph runs in the mode it was traced in: ``modules`` branch on ``self.training``, and the
     graph holds only the branch of the traced mode."""
@@ -132,17 +139,19 @@ def layer_norm_channels(
 
 
 def attention_channels(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool, scale: float | None
-) -> torch.Tensor:
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool, scale: float | None,
+    keys: str = "bhdt", values: str = "bhdt",
+) -> torch.Tensor:  # fmt: skip
     """``F.scaled_dot_product_attention`` on queries, keys and values carried as ``(B, H, D, S)`` (head_dim before
-    the tokens), returning ``(B, H, D, S)``: no transpose of the activations.
+    the tokens), returning ``(B, H, D, S)``: no transpose of the activations. Keys or values held in SDPA's own
+    ``(B, H, T, D)`` (a static KV cache's buffers) are read as they are: ``keys``/``values`` ``"bhtd"``.
 
     ``scores[b,h,s,t] = scale * sum_d q[b,h,d,s] k[b,h,d,t]`` (``scale`` defaults to ``D ** -0.5``), ``mask``
     broadcast onto ``(B, H, S, T)`` as SDPA does (a boolean False is -inf, a float is added), ``is_causal`` keeps
     ``t <= s``; ``p = softmax_t(scores)``, with rows masked entirely giving 0 as SDPA gives;
     ``out[b,h,d,s] = sum_t p[b,h,s,t] v[b,h,d,t]``.
     """
-    scores = torch.einsum("bhds,bhdt->bhst", q, k) * (q.shape[-2] ** -0.5 if scale is None else scale)
+    scores = torch.einsum(f"bhds,{keys}->bhst", q, k) * (q.shape[-2] ** -0.5 if scale is None else scale)
     if is_causal:
         keep = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril()
         scores = scores.masked_fill(~keep, float("-inf"))
@@ -151,7 +160,7 @@ def attention_channels(
     p = torch.softmax(scores, dim=-1)
     if mask is not None:  # a row with every key masked: SDPA returns zeros, softmax NaN
         p = p.masked_fill(torch.isneginf(scores).all(-1, keepdim=True), 0.0)
-    return torch.einsum("bhst,bhdt->bhds", p, v)
+    return torch.einsum(f"bhst,{values}->bhds", p, v)
 
 
 def shift_mask(canvas: torch.Tensor, window: tuple[int, int], shift: list[int]) -> torch.Tensor:

@@ -4,6 +4,8 @@ the attention and MLP blocks rewritten."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -15,9 +17,7 @@ T = pytest.importorskip("transformers")
 from benchmarks.hf_models import ZOO, block_linears, build  # noqa: E402  (needs transformers)
 
 TRANSFORMERS = [name for name in ZOO if name not in ("resnet", "mobilenet_v2")]
-#: Decoders whose rotary embeddings and grouped-query heads are not carried per head yet: their attention runs in
-#: its own layout between the rewritten projections.
-ROTARY = ("llama", "mistral", "qwen2")
+DECODERS = ("llama", "mistral", "qwen2", "gpt2")
 
 
 def _call(model, inputs):
@@ -41,7 +41,7 @@ def test_token_layout_rewrites_every_linear_of_the_blocks(family):
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", [name for name in TRANSFORMERS if name not in ROTARY + ("convnext",)])
+@pytest.mark.parametrize("family", [name for name in TRANSFORMERS if name != "convnext"])
 def test_token_layout_runs_every_attention_per_head_without_converting_the_tokens_back(family):
     model, x, _ = build(family)
     res = fxsurgery.linear_to_conv(model, x, token_layout=True)
@@ -52,6 +52,55 @@ def test_token_layout_runs_every_attention_per_head_without_converting_the_token
                  for m in model.modules())  # fmt: skip
     assert per_head == layers > 0
     assert not any(n.target is torch.nn.functional.scaled_dot_product_attention for n in nodes)
+
+
+_MOVES = {"transpose", "permute", torch.transpose, torch.permute}
+
+
+def _moves_inside_blocks(res: fxsurgery.SurgeryResult, blocks: set[str]) -> list[torch.fx.Node]:
+    """Transposes and permutes of values that depend on the model's input, between the first and the last layer of
+    the blocks, other than those that convert a value back for an output (a KV cache the model returns)."""
+    gm, dynamic = res.module, set()
+    for n in gm.graph.nodes:
+        if n.op == "placeholder" or any(i in dynamic for i in n.all_input_nodes):
+            dynamic.add(n)
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    layers = [order[n] for n in gm.graph.nodes if n.op == "call_module" and n.target in blocks]
+    return [n for n in gm.graph.nodes if n.target in _MOVES and n.args[0] in dynamic
+            and min(layers) < order[n] < max(layers) and not all(u.op == "output" for u in n.users)]  # fmt: skip
+
+
+@pytest.mark.parametrize("family", DECODERS)
+def test_decoder_blocks_run_in_the_token_layout_without_a_transpose(family):
+    model, x, pattern = build(family)
+    res = fxsurgery.linear_to_conv(model, x, token_layout=True, frontend="export")
+    blocks = block_linears(model, pattern)
+    assert blocks <= {s.name for s in res.rewritten}
+    # RMSNorm/LayerNorm, rotary embeddings, grouped-query heads and the causal attention run on the carried tokens
+    # (B, C, 1, S) and heads (B, H, D, S); the KV cache the model returns is converted back for it
+    moves = _moves_inside_blocks(res, blocks)
+    assert not moves, [(n.name, n.args[0].name) for n in moves]
+    assert _runtime.attention_channels in {n.target for n in res.module.graph.nodes}
+
+
+def test_a_decode_step_with_a_static_kv_cache_reads_the_cache_in_its_own_layout():
+    from transformers import GenerationConfig
+    from transformers.integrations.executorch import TorchExportableModuleWithStaticCache
+
+    model, _, blocks = build("llama")
+    model.generation_config = GenerationConfig(use_cache=True, cache_implementation="static",
+                                               cache_config={"batch_size": 1, "max_cache_len": 16})  # fmt: skip
+    step = TorchExportableModuleWithStaticCache(model).eval()  # transformers' ExecuTorch export recipe
+    reference = copy.deepcopy(step)
+    ids, position = torch.tensor([[5]]), torch.tensor([0])
+    res = fxsurgery.linear_to_conv(step, ({"input_ids": ids, "cache_position": position},), token_layout=True)
+    assert {f"model.{n}" for n in block_linears(model, blocks)} <= {s.name for s in res.rewritten}
+    attention = [n for n in res.module.graph.nodes if n.target is _runtime.attention_channels]
+    assert len(attention) == 2 and all(n.args[6:] == ("bhtd", "bhtd") for n in attention)  # the cache as it is
+    with torch.no_grad():  # a short generation, token by token, the caches of both filled as they go
+        for pos, token in enumerate([3, 17, 42, 7, 99]):
+            kw = {"input_ids": torch.tensor([[token]]), "cache_position": torch.tensor([pos])}
+            torch.testing.assert_close(res.module(**kw), reference(**kw), rtol=1e-5, atol=1e-6)
 
 
 def test_a_program_exported_with_a_dynamic_sequence_length_stays_dynamic():

@@ -19,13 +19,16 @@ class Layout:
     last node they add).
 
     ``to_alt`` is the permutation ``enter`` applies when the layout is a pure permutation: a ``permute`` that would
-    undo a conversion is then cancelled instead of added.
+    undo a conversion is then cancelled instead of added. ``dims``, when the layout only moves dims and adds unit
+    ones, says which original dim each dim of the carried value holds (None: a unit dim the layout adds), so that an
+    op naming dims can run on the carried value with its dims renamed.
     """
 
     name: str
     enter: Callable[[fx.Graph, fx.Node, str], fx.Node]
     exit: Callable[[fx.Graph, fx.Node, fx.Node], fx.Node]
     to_alt: tuple[int, ...] | None = None
+    dims: tuple[int | None, ...] | None = None
 
 
 def permutation_layout(name: str, to_alt: tuple[int, ...]) -> Layout:
@@ -38,7 +41,7 @@ def permutation_layout(name: str, to_alt: tuple[int, ...]) -> Layout:
     def exit(graph: fx.Graph, alt: fx.Node, orig: fx.Node) -> fx.Node:
         return graph.call_method("permute", (alt, back))
 
-    return Layout(name, enter, exit, to_alt)
+    return Layout(name, enter, exit, to_alt, to_alt)
 
 
 def permute_dims(node: object) -> tuple[int, ...] | None:

@@ -63,12 +63,14 @@ _METHODS: dict[Any, str] = {
 _ASSERTIONS = {aten._assert_tensor_metadata.default}
 
 
-def _example_batch(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """Example inputs whose batch can be dynamic: ``torch.export`` specialises a dim of size 1, so a batch of one
-    is exported as a batch of two (each input repeated)."""
+def _batch_of_one(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> bool:
     tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor) and t.dim()]
-    if not tensors or any(t.shape[0] != 1 for t in tensors):
-        return args, dict(kwargs)
+    return bool(tensors) and all(t.shape[0] == 1 for t in tensors)
+
+
+def _twice(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Each tensor input repeated along its batch: ``torch.export`` specialises a dim of size 1, so a batch of one
+    is exported as a batch of two to keep it dynamic."""
     twice: Callable[[Any], Any] = lambda t: torch.cat([t, t]) if isinstance(t, torch.Tensor) and t.dim() else t
     return tuple(twice(a) for a in args), {k: twice(v) for k, v in kwargs.items()}
 
@@ -76,17 +78,34 @@ def _example_batch(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> tuple[tu
 def export_model(model: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any] | None = None,
                  dynamic_shapes: Any = None) -> torch.export.ExportedProgram:  # fmt: skip
     """``torch.export.export(model, args, kwargs, strict=False)`` with a dynamic batch (dim 0 of every tensor input,
-    ``Dim.AUTO``: kept static where the model fixes it) unless ``dynamic_shapes`` says otherwise."""
+    ``Dim.AUTO``: kept static where the model fixes it) unless ``dynamic_shapes`` says otherwise. A model that
+    cannot run at another batch than the given one of 1 (it holds state of that batch: a static KV cache) is
+    exported at that batch."""
     _register_hf_caches()
-    args, kw = _example_batch(args, kwargs or {})
-    if dynamic_shapes is None:
-        auto: Callable[[Any], Any] = lambda t: {0: torch.export.Dim.AUTO} if isinstance(t, torch.Tensor) and t.dim() \
-            else None  # fmt: skip
-        dynamic_shapes = (tuple(auto(a) for a in args), {k: auto(v) for k, v in kw.items()}) if kw else tuple(
-            auto(a) for a in args)  # fmt: skip
+    kw = dict(kwargs or {})
+    if dynamic_shapes is not None:
+        return _export(model, args, kw, dynamic_shapes)
+    if not _batch_of_one(args, kw):
+        return _export(model, args, kw, _auto_batch(args, kw))
+    try:
+        return _export(model, *_twice(args, kw), _auto_batch(args, kw))
+    except TraceError:
+        return _export(model, args, kw, None)
+
+
+def _auto_batch(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
+    auto: Callable[[Any], Any] = lambda t: {0: torch.export.Dim.AUTO} if isinstance(t, torch.Tensor) and t.dim() \
+        else None  # fmt: skip
+    if kwargs:
+        return tuple(auto(a) for a in args), {k: auto(v) for k, v in kwargs.items()}
+    return tuple(auto(a) for a in args)
+
+
+def _export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
+            dynamic_shapes: Any) -> torch.export.ExportedProgram:  # fmt: skip
     try:
         with _quiet_torch():
-            return torch.export.export(model, args, kw or None, dynamic_shapes=dynamic_shapes, strict=False)
+            return torch.export.export(model, args, kwargs or None, dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as e:
         raise TraceError(f"torch.export cannot capture {type(model).__name__}: {one_line(e)}", cause=one_line(e)) from e
 

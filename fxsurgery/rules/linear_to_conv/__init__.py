@@ -25,6 +25,16 @@ from fxsurgery.engine.rule import Propagator, Rule, RuleSet
 from fxsurgery.rules.linear_to_conv.carry import PermuteSeed, SelectToken, StochasticDepth
 from fxsurgery.rules.linear_to_conv.chain import ChainLinear
 from fxsurgery.rules.linear_to_conv.channels_last import ChannelsLastLinear
+from fxsurgery.rules.linear_to_conv.decoder import (
+    Broadcast,
+    Cast,
+    HeadExpand,
+    HeadReshape,
+    HeadUnsqueeze,
+    Reduce,
+    ShapeRead,
+    Slice,
+)
 from fxsurgery.rules.linear_to_conv.flatten_head import FlattenHead
 from fxsurgery.rules.linear_to_conv.heads import (
     ChannelAttention,
@@ -59,4 +69,7 @@ def rule_set(batch_layout: str = "spatial", token_layout: bool = False) -> RuleS
     if token_layout:  # attention carried per head (HuggingFace's view -> transpose -> SDPA)
         propagators += (SplitChannels(), HeadSplit(), HeadPermute(), HeadMerge(), SameShape(), HeadCat(),
                         ChannelAttention(), ChannelMatmul())
+        # decoders: RMSNorm over channels, rotary embeddings, grouped-query heads
+        propagators += (Broadcast(), Reduce(), Cast(), Slice(), HeadUnsqueeze(), HeadExpand(), HeadReshape(),
+                        ShapeRead())
     return RuleSet(DIRECTION, tuple(rules), propagators + (Elementwise(),))

@@ -3,8 +3,9 @@
 HuggingFace-style self-attention, ``Linear -> view(B, S, H, D) -> transpose(1, 2) -> scaled_dot_product_attention ->
 transpose(1, 2) -> reshape(B, S, C) -> Linear``, runs on tokens carried as ``(B, C, 1, S)`` without converting them
 back. Per head the values are ``(B, H, D, S)``: head_dim on the channel side, tokens on the width, as in Apple's
-``ml-ane-transformers``. Each propagator below carries one step; a step it cannot carry (rotary embeddings, a KV cache
-concatenation, grouped-query heads) is converted back where it starts, so the result is always exact.
+``ml-ane-transformers``. Each propagator below carries one step (those of decoders, RMSNorm, rotary embeddings and
+grouped-query heads, are in :mod:`.decoder`); a step none carries is converted back where it starts, so the result is
+always exact.
 
 * :class:`HeadSplit`: ``view(B, S, H, D)`` of tokens carried as ``(B, C, 1, S)`` is ``(B, H, D, S)``: the channels
   are split, nothing is transposed.
@@ -14,7 +15,8 @@ concatenation, grouped-query heads) is converted back where it starts, so the re
 * :class:`HeadCat`: a concatenation with a value carried per head (a KV cache's past and new keys) concatenates
   the carried values along the same dim, read through the layout.
 * :class:`SplitChannels`: GPT-2's fused q/k/v, ``x.split(C, dim=-1)`` of carried tokens, splits the channels.
-* :class:`ChannelAttention`: SDPA whose queries, keys and values are carried as ``(B, H, D, S)``
+* :class:`ChannelAttention`: SDPA whose queries (and keys and values, or these as SDPA reads them: a static KV cache)
+  are carried as ``(B, H, D, S)``
   (:func:`~fxsurgery._runtime.attention_channels`): ``scores[b,h,s,t] = scale * sum_d q[b,h,d,s] k[b,h,d,t]``, the
   mask added (a boolean False is -inf; ``is_causal`` keeps ``t <= s``), softmax over ``t``,
   ``out[b,h,d,s] = sum_t p[b,h,s,t] v[b,h,d,t]``: the output is carried as ``(B, H, D, S)``.
@@ -228,10 +230,16 @@ class ChannelAttention:
         mask = args.get("attn_mask")
         if isinstance(mask, fx.Node):
             mask = rw.exit_of(mask)
+        q, k, v = qkv
+        assert isinstance(q, fx.Node) and isinstance(k, fx.Node) and isinstance(v, fx.Node)
+        # keys and values not carried per head (a static KV cache's buffers) are read in their own layout
+        own = [(rw.carried(t) or (None, None))[1] is not layout for t in (k, v)]
         with rw.graph.inserting_before(node):
-            q, k, v = (rw.enter(t, layout, node.name) for t in qkv if isinstance(t, fx.Node))
-            out = rw.graph.call_function(_runtime.attention_channels,
-                                         (q, k, v, mask, bool(args.get("is_causal", False)), args.get("scale")))
+            q, k, v = rw.enter(q, layout, node.name), *(rw.exit_of(t) if o else rw.enter(t, layout, node.name)
+                                                        for t, o in zip((k, v), own))  # fmt: skip
+            out = rw.graph.call_function(_runtime.attention_channels, (
+                q, k, v, mask, bool(args.get("is_causal", False)), args.get("scale"), *("bhtd" if o else "bhdt"
+                                                                                        for o in own)))  # fmt: skip
         rw.set_alt(node, out, layout)
         return True
 

@@ -51,7 +51,7 @@ def _exit_tokens(graph: fx.Graph, alt: fx.Node, orig: fx.Node) -> fx.Node:
 
 #: Tokens ``(B, S, C)`` carried as ``(B, C, 1, S)`` (opt-in, ``token_layout=True``): every Linear on them is a 1x1
 #: conv, and self-attention runs per head on ``(B, heads, head_dim, S)``.
-TOKEN_LAYOUT = Layout("(B,C,1,S)", _enter_tokens, _exit_tokens)
+TOKEN_LAYOUT = Layout("(B,C,1,S)", _enter_tokens, _exit_tokens, dims=(0, 2, None, 1))
 #: Layouts in which a Linear on the carried value is a 1x1 conv.
 CONV_LAYOUTS = (POINT_LAYOUT, SPATIAL_LAYOUT, NCHW_LAYOUT, TOKEN_LAYOUT)
 

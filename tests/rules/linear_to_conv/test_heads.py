@@ -138,8 +138,8 @@ def test_cross_attention_over_another_length_is_carried():
 
 
 class Rotary(HFAttention):
-    """A step the heads layout does not carry (an elementwise op on a broadcast table, as rotary embeddings): the
-    queries are converted back there, and attention still runs per head."""
+    """An elementwise product with a broadcast table (as rotary embeddings): the table enters the heads layout, the
+    queries stay in it."""
 
     def forward(self, x):
         b, s, c = x.shape
@@ -149,12 +149,12 @@ class Rotary(HFAttention):
         return self.o(y.transpose(1, 2).reshape(b, s, c))
 
 
-def test_a_step_it_cannot_carry_converts_back_there_and_stays_exact():
+def test_a_broadcast_table_enters_the_heads_layout_and_the_queries_stay_in_it():
     model = Rotary().eval().double()
     res = run_surgery("linear_to_conv", model, torch.randn(2, 5, 8, dtype=torch.float64), rewritten=["q", "k", "v", "o"],
                       token_layout=True)  # fmt: skip
     moves, attention = _moves_in_attention(res.module)
-    assert attention == 1 and moves == 4  # in, out, and the queries out and back in around the broadcast product
+    assert attention == 1 and moves == 3  # the tokens in and out, and the table (1, 1, S, 1) read as (1, 1, 1, S)
 
 
 def test_without_the_token_layout_attention_is_left_alone():

@@ -1,0 +1,382 @@
+"""What decoder blocks (Llama, Mistral, Qwen2, ...) add to the token layout (``token_layout=True``).
+
+Each layout with ``dims`` says which original dim each of its dims holds (tokens ``(B, S, C)`` carried as
+``(B, C, 1, S)``: ``(0, 2, None, 1)``; a value carried per head ``(B, H, D, S)``: a permutation), so an op that
+names dims runs on the carried value with its dims renamed:
+
+* :class:`Broadcast`: ``x * w`` / ``x * rsqrt(...)`` / ``q * cos`` where the shapes broadcast (RMSNorm's weight and
+  statistic, rotary embeddings): carried inputs are used as they are; the others are entered into the layout (a
+  lower-rank one first padded with leading unit dims, as broadcasting reads it).
+* :class:`Reduce`: ``x.mean(-1, keepdim=True)`` (RMSNorm's mean square) reduces over the carried dim.
+* :class:`Cast`: ``x.to(torch.float32)`` (RMSNorm's upcast) casts the carried value; an alias
+  (``hidden[:, slice(None)]`` before the LM head) is the carried value.
+* :class:`Slice`: ``x[..., :D // 2]`` (rotate-half; ``aten.slice`` once exported) slices the carried dim.
+* :class:`ShapeRead`: ``b, h, s, d = k.shape`` (``repeat_kv``) of a carried value is read from the carried value.
+* :class:`HeadUnsqueeze`, :class:`HeadExpand`, :class:`HeadReshape`: grouped-query attention's ``repeat_kv``
+  (``k[:, :, None].expand(B, KV, n, S, D).reshape(B, H, S, D)``) on keys and values carried per head: the new dim
+  goes beside the kv-head dim, so the reshape merges dims that are adjacent in the carried value too (no copy of a
+  transposed tensor).
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from fxsurgery import _runtime
+from fxsurgery.engine.elementwise import elementwise_tensor_inputs, is_number
+from fxsurgery.engine.layout import Layout
+from fxsurgery.engine.rewriter import Rewriter
+from fxsurgery.rules.linear_to_conv.heads import heads_layout
+from fxsurgery.rules.linear_to_conv.layouts import TOKEN_LAYOUT
+from fxsurgery.tracing.shapes import shape_of
+
+__all__ = ["Broadcast", "Reduce", "Cast", "Slice", "HeadUnsqueeze", "HeadExpand", "HeadReshape", "ShapeRead"]
+
+aten = torch.ops.aten
+
+_BINARY: set[Any] = {
+    operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub, torch.mul, torch.div, torch.pow,
+    torch.maximum, torch.minimum, aten.pow.Tensor_Scalar, aten.pow.Tensor_Tensor,
+}  # fmt: skip
+_BINARY_METHODS = {"add", "sub", "mul", "div", "pow"}
+_CASTS: set[Any] = {aten.to.dtype, aten.to.device, aten.to.dtype_layout, aten._to_copy.default, aten.alias.default,
+                    aten.detach.default, aten.clone.default}  # fmt: skip
+_CAST_METHODS = {"to", "float", "double", "half", "bfloat16", "type_as"}
+
+
+def _rank(layout: Layout) -> int:
+    assert layout.dims is not None
+    return sum(d is not None for d in layout.dims)
+
+
+def _alt_dim(layout: Layout, dim: int) -> int:
+    """Where the original ``dim`` is in a value carried in ``layout``."""
+    assert layout.dims is not None
+    return layout.dims.index(dim % _rank(layout))
+
+
+def _carried_with_dims(node: object, rw: Rewriter) -> tuple[fx.Node, Layout] | None:
+    carried = rw.carried(node)
+    if carried is None or carried[1].dims is None or len(shape_of(node) or ()) != _rank(carried[1]):
+        return None
+    return carried
+
+
+def _no_nodes(values: Any) -> bool:
+    found: list[fx.Node] = []
+    fx.map_arg(values, found.append)
+    return not found
+
+
+def _fixed_shape(shape: tuple[int, ...], layout: Layout) -> tuple[int, ...] | None:
+    """The carried shape of a constant of ``shape`` (an RMSNorm weight ``(C,)``: ``(1, C, 1, 1)`` for tokens), when
+    a reshape gives it: its dims other than 1 keep their order."""
+    assert layout.dims is not None
+    padded = (1,) * (_rank(layout) - len(shape)) + tuple(shape)
+    alt = tuple(1 if d is None else padded[d] for d in layout.dims)
+    order = [d for d in layout.dims if d is not None and padded[d] != 1]
+    return alt if order == sorted(order) else None
+
+
+class Broadcast:
+    def propagate(self, node: fx.Node, rw: Rewriter) -> bool:
+        if not (node.op == "call_function" and node.target in _BINARY
+                or node.op == "call_method" and node.target in _BINARY_METHODS):  # fmt: skip
+            return False  # (in-place ops are left to the elementwise propagator: a broadcast write is not carried)
+        if len(node.args) != 2 or node.kwargs or elementwise_tensor_inputs(node, rw.modules) is not None:
+            return False  # same shapes: the elementwise propagator's
+        tensors = [a for a in node.args if isinstance(a, fx.Node)]
+        if not all(isinstance(a, fx.Node) or is_number(a) for a in node.args):
+            return False
+        layouts = {id(c[1]): c[1] for c in (_carried_with_dims(t, rw) for t in tensors) if c is not None}
+        out = shape_of(node)
+        if len(layouts) != 1 or out is None:
+            return False
+        layout = next(iter(layouts.values()))
+        rank = _rank(layout)
+        shapes = [shape_of(t) for t in tensors]
+        if len(out) != rank or any(s is None or len(s) > rank for s in shapes):
+            return False
+        if any(rw.carried(t) is not None and _carried_with_dims(t, rw) is None for t in tensors):
+            return False  # carried in another layout, or with another rank
+        mapped: dict[fx.Node, fx.Node] = {}
+        with rw.graph.inserting_before(node):
+            for t, shape in zip(tensors, shapes):
+                assert shape is not None
+                if t in rw.alt:
+                    mapped[t] = rw.alt[t][0]
+                elif t not in rw.dynamic and (fixed := _fixed_shape(shape, layout)) is not None:
+                    mapped[t] = rw.graph.call_method("reshape", (t, fixed))
+                elif len(shape) == rank:
+                    mapped[t] = rw.enter(t, layout, node.name)
+                else:  # broadcasting pads a lower rank with leading unit dims: so does the conversion
+                    padded = rw.graph.call_method("reshape", (t, (1,) * (rank - len(shape)) + tuple(shape)))
+                    mapped[t] = layout.enter(rw.graph, padded, node.name)
+            new = rw.graph.node_copy(node, lambda a: mapped.get(a, a))
+        new.meta = {}
+        rw.set_alt(node, new, layout)
+        return True
+
+
+def _is_cast(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in _CASTS or node.op == "call_method" and \
+        node.target in _CAST_METHODS  # fmt: skip
+
+
+def _same_shape_step(node: fx.Node, rw: Rewriter) -> fx.Node | None:
+    """The input of a one-input op that keeps the shape (a cast, ``x ** 2``, an activation), else None."""
+    inputs: list[Any] | None
+    if _is_cast(node):
+        inputs = [node.args[0]] if _no_nodes((node.args[1:], node.kwargs)) else None
+    elif (node.op == "call_function" and node.target in (torch.pow, aten.pow.Tensor_Scalar)
+          or node.op == "call_method" and node.target == "pow") and len(node.args) == 2:  # fmt: skip
+        inputs = [node.args[0]] if is_number(node.args[1]) and not node.kwargs else None
+    else:
+        inputs = elementwise_tensor_inputs(node, rw.modules)
+    x = inputs[0] if inputs and len(inputs) == 1 else None
+    return x if isinstance(x, fx.Node) and shape_of(x) == shape_of(node) else None
+
+
+def _feeds_site(start: fx.Node, rw: Rewriter, depth: int = 12) -> bool:
+    """Whether a rule's site reads ``start`` through a normalisation's ops (elementwise, broadcast, casts)."""
+    frontier = [start]
+    for _ in range(depth):
+        frontier = [u for n in frontier for u in n.users]
+        if any(rw.rules.claim(u, rw) is not None for u in frontier):
+            return True
+        frontier = [u for u in frontier if u.op in ("call_function", "call_method", "call_module")
+                    and (_same_shape_step(u, rw) is not None or u.target in _BINARY or u.target in _BINARY_METHODS)]
+        if not frontier:
+            return False
+    return False
+
+
+def _copy_on(node: fx.Node, alt: fx.Node, rw: Rewriter) -> fx.Node:
+    """``node`` again, after it, reading ``alt`` where it read its first input."""
+    first = node.args[0]
+    with rw.graph.inserting_before(node.next):
+        new = rw.graph.node_copy(node, lambda a: alt if a is first else a)
+    new.meta = {}
+    return new
+
+
+def _start_region(x: fx.Node, rw: Rewriter) -> tuple[fx.Node, Layout] | None:
+    """Tokens ``(B, S, C)`` a normalisation reduces over their channels, where a site follows it: carried from the
+    value the one-input ops before them start at (an embedding before its upcast), so the whole normalisation runs
+    in the token layout and the residual stream enters it once."""
+    if x not in rw.dynamic or len(shape_of(x) or ()) != 3:
+        return None
+    chain = [x]
+    while (step := _same_shape_step(chain[-1], rw)) is not None and step not in rw.alt and step in rw.dynamic:
+        chain.append(step)
+    alt = rw.enter(chain[-1], TOKEN_LAYOUT, x.name)
+    for n in reversed(chain[:-1]):
+        alt = _copy_on(n, alt, rw)
+        rw.set_alt(n, alt, TOKEN_LAYOUT)
+    return alt, TOKEN_LAYOUT
+
+
+class Reduce:
+    def propagate(self, node: fx.Node, rw: Rewriter) -> bool:
+        if not (node.op == "call_function" and node.target in (torch.mean, torch.sum)
+                or node.op == "call_method" and node.target in ("mean", "sum")):  # fmt: skip
+            return False
+        args = dict(zip(("input", "dim", "keepdim"), node.args), **node.kwargs)
+        x, dim = args.get("input"), args.get("dim")
+        carried = _carried_with_dims(x, rw)
+        if carried is None and isinstance(x, fx.Node) and x not in rw.alt and dim in (-1, 2, [-1], [2]) and \
+                args.get("keepdim") is True and _feeds_site(node, rw):  # fmt: skip
+            carried = _start_region(x, rw)
+        dims = [dim] if isinstance(dim, int) else list(dim) if isinstance(dim, (list, tuple)) else None
+        if carried is None or set(args) != {"input", "dim", "keepdim"} or args["keepdim"] is not True:
+            return False  # all dims, a dtype, or a reduction that drops a dim: left in its layout
+        if not dims or not all(isinstance(d, int) for d in dims):
+            return False
+        alt, layout = carried
+        reduce = torch.mean if node.target in (torch.mean, "mean") else torch.sum
+        with rw.graph.inserting_before(node):
+            rw.set_alt(node, rw.graph.call_function(reduce, (alt, [_alt_dim(layout, d) for d in dims], True)), layout)
+        return True
+
+
+class Cast:
+    def propagate(self, node: fx.Node, rw: Rewriter) -> bool:
+        if not _is_cast(node):
+            return False
+        carried = _carried_with_dims(node.args[0] if node.args else None, rw)
+        if carried is None or not _no_nodes((node.args[1:], node.kwargs)) or shape_of(node) != shape_of(node.args[0]):
+            return False
+        with rw.graph.inserting_before(node):
+            new = rw.graph.node_copy(node, lambda a: carried[0] if a is node.args[0] else a)
+        new.meta = {}
+        rw.set_alt(node, new, carried[1])
+        return True
+
+
+def _slices(index: Any, rank: int) -> list[slice] | None:
+    """``x[index]`` as one slice per dim, when ``index`` has only slices of constants and an Ellipsis."""
+    index = index if isinstance(index, tuple) else (index,)
+    if sum(i is Ellipsis for i in index) > 1:
+        return None
+    if Ellipsis in index:
+        at = index.index(Ellipsis)
+        index = index[:at] + (slice(None),) * (rank - len(index) + 1) + index[at + 1:]
+    ok = all(isinstance(i, slice) and _no_nodes((i.start, i.stop, i.step)) for i in index)
+    return [*index, *[slice(None)] * (rank - len(index))] if ok and len(index) <= rank else None
+
+
+class Slice:
+    def propagate(self, node: fx.Node, rw: Rewriter) -> bool:
+        if node.op == "call_function" and node.target is operator.getitem and len(node.args) == 2:
+            carried = _carried_with_dims(node.args[0], rw)
+            slices = _slices(node.args[1], _rank(carried[1])) if carried is not None else None
+            if carried is None or slices is None:
+                return False
+            alt, layout = carried
+            assert layout.dims is not None
+            index = tuple(slice(None) if d is None else slices[d] for d in layout.dims)
+            with rw.graph.inserting_before(node):
+                rw.set_alt(node, rw.graph.call_function(operator.getitem, (alt, index)), layout)
+            return True
+        if not (node.op == "call_function" and node.target is aten.slice.Tensor) or node.kwargs:
+            return False
+        carried = _carried_with_dims(node.args[0], rw)
+        rest = list(node.args[1:])
+        if carried is None or not _no_nodes(rest):
+            return False
+        alt, layout = carried
+        dim = rest[0] if rest else 0
+        if not isinstance(dim, int):
+            return False
+        with rw.graph.inserting_before(node):
+            sliced = rw.graph.call_function(aten.slice.Tensor, (alt, _alt_dim(layout, dim), *rest[1:]))
+        rw.set_alt(node, sliced, layout)
+        return True
+
+
+def _per_head(node: object, rw: Rewriter) -> tuple[fx.Node, tuple[int, ...]] | None:
+    """``(alt, permutation)`` of a value carried per head (a permutation layout)."""
+    carried = _carried_with_dims(node, rw)
+    if carried is None or carried[1].to_alt is None or carried[1] is not heads_layout(carried[1].to_alt):
+        return None
+    return carried[0], carried[1].to_alt
+
+
+def _carry(node: fx.Node, alt: fx.Node, perm: tuple[int, ...], rw: Rewriter) -> bool:
+    if perm == tuple(range(len(perm))):
+        return False  # the original layout itself: converting back is what the rewriter does anyway
+    rw.set_alt(node, alt, heads_layout(perm))
+    return True
+
+
+def _unsqueezed_dim(node: fx.Node) -> Any:
+    """``d`` of ``x.unsqueeze(d)``, or of ``x[:, :, None]`` (full slices and one None)."""
+    if node.op == "call_method" and node.target == "unsqueeze" and len(node.args) == 2 and not node.kwargs:
+        return node.args[1]
+    if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[1], tuple):
+        index = node.args[1]
+        full = [i is None or isinstance(i, slice) and (i.start, i.stop, i.step) == (None, None, None) for i in index]
+        if all(full) and sum(i is None for i in index) == 1:
+            return index.index(None)
+    return None
+
+
+class HeadUnsqueeze:
+    def propagate(self, node: fx.Node, rw: Rewriter) -> bool:
+        d = _unsqueezed_dim(node)
+        carried = _per_head(node.args[0], rw) if d is not None else None
+        if carried is None or not isinstance(d, int):
+            return False
+        alt, perm = carried
+        d %= len(perm) + 1
+        at = perm.index(d - 1) + 1 if d else 0  # beside the dim it follows in the original
+        shifted = [p + (p >= d) for p in perm]
+        with rw.graph.inserting_before(node):
+            new = rw.graph.call_method("unsqueeze", (alt, at))
+        return _carry(node, new, tuple(shifted[:at] + [d] + shifted[at:]), rw)
+
+
+class HeadExpand:
+    def propagate(self, node: fx.Node, rw: Rewriter) -> bool:
+        if not (node.op == "call_method" and node.target == "expand") or node.kwargs:
+            return False
+        carried = _per_head(node.args[0], rw)
+        sizes = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
+        if carried is None or len(sizes) != len(carried[1]):
+            return False
+        alt, perm = carried
+        with rw.graph.inserting_before(node):
+            new = rw.graph.call_method("expand", (alt, [sizes[p] for p in perm]))
+        return _carry(node, new, perm, rw)
+
+
+def _groups(before: tuple[int, ...], after: tuple[int, ...]) -> list[tuple[list[int], list[int]]] | None:
+    """How a reshape from ``before`` to ``after`` splits and merges dims: ``(dims before, dims after)`` with equal
+    products, in order; None when the sizes do not pair up (or a dim is empty)."""
+    if 0 in before or 0 in after:
+        return None
+    groups: list[tuple[list[int], list[int]]] = []
+    i = j = 0
+    while i < len(before) and j < len(after):
+        gi, gj, pi, pj = [i], [j], before[i], after[j]
+        i, j = i + 1, j + 1
+        while pi != pj:
+            if pi < pj and i < len(before):
+                gi.append(i)
+                pi, i = pi * before[i], i + 1
+            elif pj < pi and j < len(after):
+                gj.append(j)
+                pj, j = pj * after[j], j + 1
+            else:
+                return None
+        groups.append((gi, gj))
+    if not groups:
+        return None
+    groups[-1][0].extend(range(i, len(before)))  # trailing unit dims
+    groups[-1][1].extend(range(j, len(after)))
+    return groups
+
+
+class HeadReshape:
+    def propagate(self, node: fx.Node, rw: Rewriter) -> bool:
+        if not (node.op == "call_method" and node.target in ("view", "reshape")) or node.kwargs:
+            return False
+        carried = _per_head(node.args[0], rw)
+        before, after = shape_of(node.args[0]), shape_of(node)
+        sizes = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
+        if carried is None or before is None or after is None or len(sizes) != len(after):
+            return False
+        groups = _groups(before, after)
+        alt, perm = carried
+        if groups is None:
+            return False
+        order = []  # the groups as the carried value holds them: each group's dims adjacent and in order there
+        for gi, gj in groups:
+            at = [perm.index(d) for d in gi]
+            if at != list(range(at[0], at[0] + len(at))):
+                return False
+            order.append((at[0], gj))
+        order.sort()
+        new_perm = tuple(d for _, gj in order for d in gj)
+        with rw.graph.inserting_before(node):
+            new = rw.graph.call_method("reshape", (alt, [sizes[d] for d in new_perm]))
+        return _carry(node, new, new_perm, rw)
+
+
+class ShapeRead:
+    def propagate(self, node: fx.Node, rw: Rewriter) -> bool:
+        if not (node.op == "call_function" and node.target is getattr and node.args[1:] == ("shape",)
+                or node.op == "call_method" and node.target == "size" and len(node.args) == 1) or node.kwargs:
+            return False  # fmt: skip
+        carried = _carried_with_dims(node.args[0], rw)
+        if carried is None:
+            return False
+        with rw.graph.inserting_before(node):
+            shape = rw.graph.call_function(_runtime.original_shape, (carried[0], carried[1].dims))
+        node.replace_all_uses_with(shape)
+        rw.graph.erase_node(node)
+        return True
