@@ -272,5 +272,5 @@ def _chosen_sites(full: dict[str, SurgeryResult], keep: dict[str, list[str]], be
         for s in res.sites:
             if s.rewritten and s.name not in kept:
                 s = dataclasses.replace(s, status="skipped", reason=f"auto: the original form is faster ({best})")
-            sites.append(dataclasses.replace(s, pattern=f"{direction}:{s.pattern}"))
+            sites.append(dataclasses.replace(s, direction=direction))
     return sites

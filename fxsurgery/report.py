@@ -49,6 +49,7 @@ class Site:
     before: str = ""
     after: str = ""
     input_shape: tuple[int, ...] | None = None  # the map the rewritten layer reads, e.g. (N, C, H, W)
+    direction: str = ""  # which pass considered it, where a result has both (``to="auto"``)
 
     def __post_init__(self) -> None:
         if self.status not in ("rewritten", "skipped"):
@@ -69,6 +70,7 @@ class Site:
             "before": self.before,
             "after": self.after,
             "input_shape": None if self.input_shape is None else list(self.input_shape),
+            "direction": self.direction,
         }
 
 

@@ -33,6 +33,10 @@ def test_auto_reports_and_follows_its_measurements(runtime):
     with torch.no_grad():
         torch.testing.assert_close(res.module.eval()(x), model(x), rtol=1e-4, atol=1e-5)
     assert "auto (" in res.summary()
+    # each site says which pass considered it; its pattern reads as in a one-direction result
+    assert {(s.direction, s.pattern) for s in res.sites} == {
+        ("linear_to_conv", "flatten->linear"), ("linear_to_conv", "chain-linear"), ("linear_to_conv", "pool->linear"),
+        ("conv_to_linear", "conv1x1"), ("conv_to_linear", "conv1x1-strided")}  # fmt: skip
 
 
 def test_auto_rejects_unknown_runtime():

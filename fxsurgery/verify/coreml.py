@@ -1,0 +1,36 @@
+"""Core ML's view of a graph (optional: ``pip install "fxsurgery[coreml]"``): coremltools converts the model, as a
+Core ML deployment would (on Linux it converts but cannot run), and :func:`op_census` counts the ops of the MIL
+program it makes: whether a rewrite survives that conversion (convs stay convs, no transpose comes back)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from collections import Counter
+from typing import Any
+
+import torch
+from torch import nn
+
+from fxsurgery.errors import InputError, SurgeryError, one_line
+
+__all__ = ["op_census"]
+
+
+def op_census(model: nn.Module, example_inputs: tuple[Any, ...]) -> dict[str, int]:
+    """The MIL ops (constants left out) of ``model`` converted by coremltools from ``torch.export`` (an ML
+    program, the format of current Apple devices), by op type."""
+    try:
+        import coremltools as ct
+    except ImportError as e:
+        raise InputError('the Core ML op census needs coremltools: pip install "fxsurgery[coreml]"') from e
+    try:
+        program = torch.export.export(model, tuple(example_inputs), strict=False).run_decompositions({})
+        with contextlib.redirect_stderr(io.StringIO()):  # its progress bars
+            logging.getLogger("coremltools").setLevel(logging.ERROR)
+            mil = ct.convert(program, convert_to="milinternal")
+    except Exception as e:
+        raise SurgeryError(f"coremltools cannot convert {type(model).__name__}: {one_line(e)}") from e
+    ops = Counter(op.op_type for f in mil.functions.values() for op in f.operations if op.op_type != "const")
+    return dict(sorted(ops.items()))
