@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Collection
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from fxsurgery.tracing.copies import working_copy
 from fxsurgery.weights import shares_storage
 
 __all__ = ["ParamLayout", "record_layout", "record_module_layouts", "merge_layouts", "layouts_of", "load_state_dict",
-           "original_state_dict", "save_rewritten", "save_layouts", "load_layouts"]
+           "original_state_dict", "save_rewritten", "save_layouts", "load_layouts", "ARTIFACTS"]
 
 META_KEY = "fxsurgery_layouts"
 
@@ -151,31 +152,40 @@ def load_state_dict(rewritten: nn.Module, state_dict: dict[str, torch.Tensor], s
     return rewritten.load_state_dict(converted, strict=strict)
 
 
-def save_rewritten(gm: nn.Module, inputs: tuple[torch.Tensor, ...], out_dir: str | os.PathLike) -> dict[str, str]:
-    """Save ``gm`` in forms a user can load back; returns {file: what it is}.
+#: What :func:`save_rewritten` can write (the CLI's ``--artifacts``; ``onnx`` is the cross-check's two files).
+ARTIFACTS = ("onnx", "pt2", "safetensors", "code")
 
-    * ``rewritten.safetensors``: its state dict (rewritten shapes) and ``original_format.safetensors``: the same
-      weights in the original model's format;
-    * ``rewritten_code.py``: the generated forward;
-    * ``rewritten.pt2``: a ``torch.export`` program with a dynamic batch where the model allows one (load with
-      ``torch.export.load``), when the model exports.
+
+def save_rewritten(gm: nn.Module, inputs: tuple[torch.Tensor, ...], out_dir: str | os.PathLike,
+                   artifacts: Collection[str] = ARTIFACTS) -> dict[str, str]:  # fmt: skip
+    """Save ``gm`` in forms a user can load back, those of ``artifacts``; returns {file: what it is}.
+
+    * ``safetensors``: ``rewritten.safetensors``, its state dict (rewritten shapes), ``original_format.safetensors``,
+      the same weights in the original model's format, and ``layouts.json`` (for ``fxsurgery convert``);
+    * ``code``: ``rewritten_code.py``, the generated forward;
+    * ``pt2``: ``rewritten.pt2``, a ``torch.export`` program with a dynamic batch where the model allows one (load
+      with ``torch.export.load``), when the model exports.
     """
     from safetensors.torch import save_file
 
     out = Path(out_dir)
     saved: dict[str, str] = {}
-    state = {k: v.detach().contiguous().clone() for k, v in gm.state_dict().items()}
-    save_file(state, str(out / "rewritten.safetensors"))
-    saved["rewritten.safetensors"] = "state dict of the rewritten model (safetensors)"
-    save_file(original_state_dict(gm), str(out / "original_format.safetensors"))
-    saved["original_format.safetensors"] = "the same weights in the original model's layout"
-    if layouts_of(gm):
-        save_layouts(gm, out / "layouts.json")
-        saved["layouts.json"] = "how each rewritten parameter views the original: fxsurgery convert --layouts"
-    graphs = [(name, m) for name, m in gm.named_modules() if isinstance(m, fx.GraphModule)]
-    code = "\n".join(f"# {name or 'root'}: {type(m).__name__}\n{m.code}" for name, m in graphs)
-    (out / "rewritten_code.py").write_text(code)
-    saved["rewritten_code.py"] = "generated forward of the rewritten GraphModule(s)"
+    if "safetensors" in artifacts:
+        state = {k: v.detach().contiguous().clone() for k, v in gm.state_dict().items()}
+        save_file(state, str(out / "rewritten.safetensors"))
+        saved["rewritten.safetensors"] = "state dict of the rewritten model (safetensors)"
+        save_file(original_state_dict(gm), str(out / "original_format.safetensors"))
+        saved["original_format.safetensors"] = "the same weights in the original model's layout"
+        if layouts_of(gm):
+            save_layouts(gm, out / "layouts.json")
+            saved["layouts.json"] = "how each rewritten parameter views the original: fxsurgery convert --layouts"
+    if "code" in artifacts:
+        graphs = [(name, m) for name, m in gm.named_modules() if isinstance(m, fx.GraphModule)]
+        code = "\n".join(f"# {name or 'root'}: {type(m).__name__}\n{m.code}" for name, m in graphs)
+        (out / "rewritten_code.py").write_text(code)
+        saved["rewritten_code.py"] = "generated forward of the rewritten GraphModule(s)"
+    if "pt2" not in artifacts:
+        return saved
     try:
         from fxsurgery.tracing.export import export_model  # (a dynamic batch, as the ONNX files have)
 

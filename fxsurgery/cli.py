@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
 
+from fxsurgery.checkpoint import ARTIFACTS
 from fxsurgery.cli_inputs import (
     DTYPES,
     UsageError,
@@ -95,7 +96,14 @@ def _build_parser() -> argparse.ArgumentParser:
                     help="target layer type, or auto: per site the faster form on --runtime")  # fmt: skip
     rw.add_argument("--runtime", choices=("onnxruntime", "torch"), default="onnxruntime",
                     help="with --to auto: where to measure")  # fmt: skip
-    rw.add_argument("--out", required=True, help="output directory (must not exist, or be empty)")
+    rw.add_argument("--out", help="output directory (must not exist, or be empty; required unless --dry-run)")
+    rw.add_argument("--artifacts", type=_artifacts, default=ARTIFACTS, metavar="LIST",
+                    help="files to write besides report.json, comma-separated: onnx (the two ONNX files; the "
+                         "cross-check runs either way), pt2, safetensors (the rewritten weights, the same in the "
+                         "original layout, layouts.json), code; all (default) or none")  # fmt: skip
+    rw.add_argument("--dry-run", action="store_true",
+                    help="only list the sites and what would happen to each (as fxsurgery list); nothing is "
+                         "validated or written")  # fmt: skip
     common(rw)
 
     ls = sub.add_parser("list", help="list the candidate sites and what would happen to each (no validation, no "
@@ -109,6 +117,17 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", help="output directory (default: a temporary one, removed afterwards)")
     common(demo)
     return parser
+
+
+def _artifacts(text: str) -> tuple[str, ...]:
+    names = {n.strip() for n in text.split(",") if n.strip()}
+    if names in ({"all"}, {"none"}):
+        return ARTIFACTS if names == {"all"} else ()
+    unknown = sorted(names - set(ARTIFACTS))
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown artifact {unknown[0] if unknown else text!r}: a comma-separated "
+                                         f"list of {', '.join(ARTIFACTS)}, or all, or none")  # fmt: skip
+    return tuple(a for a in ARTIFACTS if a in names)
 
 
 def _model_arguments(p: argparse.ArgumentParser) -> None:
@@ -251,12 +270,23 @@ def _model_and_inputs(args: argparse.Namespace, progress: _Progress) -> tuple[An
 def _rewrite(args: argparse.Namespace, progress: _Progress) -> int:
     from fxsurgery.report import moved
 
+    if args.dry_run:
+        if args.to == "auto":
+            return _fail("--dry-run lists the sites of one direction: use --to conv or --to linear")
+        return _list(args, progress)
+    if not args.out:
+        return _fail("--out is required (an output directory that does not exist, or is empty), or --dry-run")
     with staged_output(args.out) as tmp:
         model, positional, named = _model_and_inputs(args, progress)
         report = _run_pipeline(model, (*positional, named) if named else positional, args.to, tmp, args, progress)
-        report = moved(report, args.out)  # the staging folder becomes --out below
+        if "onnx" in args.artifacts:
+            report = moved(report, args.out)  # the staging folder becomes --out below
+        else:
+            for f in tmp.glob("*.onnx*"):
+                f.unlink()
+            report = moved(report, None, "(not kept: --artifacts without onnx)")
         names = [f"input_{i}" for i in range(len(positional))] + list(named)
-        data = _write_report(report, tmp, list(zip(names, (*positional, *named.values()))), progress)
+        data = _write_report(report, tmp, list(zip(names, (*positional, *named.values()))), progress, args.artifacts)
     print(json.dumps(data, indent=2) if args.json else report.summary())
     return EXIT_OK if report.passed else EXIT_MISMATCH
 
@@ -293,12 +323,13 @@ def _run_pipeline(model: Any, inputs: tuple, to: str, out_dir: Path, args: argpa
                      dynamic_batch=not args.static_batch, **({"rtol": args.rtol} if args.rtol else {}))  # fmt: skip
 
 
-def _write_report(report: Any, out_dir: Path, inputs: list[tuple[str, Any]], progress: _Progress) -> dict[str, Any]:
+def _write_report(report: Any, out_dir: Path, inputs: list[tuple[str, Any]], progress: _Progress,
+                  artifacts: Sequence[str] = ARTIFACTS) -> dict[str, Any]:  # fmt: skip
     from fxsurgery.checkpoint import save_rewritten
     from fxsurgery.report import report_file
 
     with progress.step("saving the rewritten model"):
-        saved = save_rewritten(report.surgery.module, tuple(t for _, t in inputs), out_dir)
+        saved = save_rewritten(report.surgery.module, tuple(t for _, t in inputs), out_dir, artifacts)
     data = report_file(report, saved=saved, command=" ".join(sys.argv), inputs=inputs)
     (out_dir / "report.json").write_text(json.dumps(data, indent=2))
     mode = 0o666 & ~_umask()

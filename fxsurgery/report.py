@@ -300,16 +300,17 @@ class CheckReport:
 SCHEMA_VERSION = 1
 
 
-def moved(report: CheckReport, folder: str | None) -> CheckReport:
-    """``report`` with its ONNX paths in ``folder`` (where the CLI's staging folder ends up), or marked as removed
-    when ``folder`` is None (``fxsurgery demo`` without ``--out``)."""
+def moved(report: CheckReport, folder: str | None,
+          gone: str = "(removed: pass --out DIR to keep the files)") -> CheckReport:  # fmt: skip
+    """``report`` with its ONNX paths in ``folder`` (where the CLI's staging folder ends up), or marked ``gone``
+    when ``folder`` is None (``fxsurgery demo`` without ``--out``, ``--artifacts`` without ``onnx``)."""
     import dataclasses
     from pathlib import Path
 
     if report.onnx is None:
         return report
     def where(path: str) -> str:
-        return str(Path(folder) / Path(path).name) if folder else "(removed: pass --out DIR to keep the files)"
+        return str(Path(folder) / Path(path).name) if folder else gone
 
     onnx = dataclasses.replace(report.onnx, original_path=where(report.onnx.original_path),
                                rewritten_path=where(report.onnx.rewritten_path))  # fmt: skip

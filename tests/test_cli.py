@@ -200,6 +200,39 @@ def test_list_shows_the_sites_without_exporting(models_file, tmp_path):
     assert data["direction"] == "linear_to_conv" and not list(tmp_path.iterdir())  # nothing written
 
 
+def test_artifacts_choose_the_files_and_the_cross_check_still_runs(models_file, tmp_path):
+    out = tmp_path / "out"
+    proc = run("rewrite", f"{models_file}:make", "--to", "conv", "--input-shape", "2,3,32,32", "--out", str(out),
+               "--artifacts", "safetensors", "--json", "--quiet")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    files = {p.name for p in out.iterdir()}
+    assert files == {"report.json", "rewritten.safetensors", "original_format.safetensors", "layouts.json"}
+    report = json.loads(proc.stdout)
+    assert report["onnx"]["passed"] is True and len(report["onnx"]["comparisons"]) > 0  # checked, not kept
+    assert report["onnx"]["original_path"] == "(not kept: --artifacts without onnx)"
+    assert set(report["saved"]) == files - {"report.json"}
+    modes = {(out / f).stat().st_mode & 0o777 for f in files}
+    assert len(modes) == 1  # one mode for every file
+
+
+def test_artifacts_none_writes_only_the_report_and_a_dry_run_writes_nothing(models_file, tmp_path):
+    out = tmp_path / "out"
+    proc = run("rewrite", f"{models_file}:make", "--to", "conv", "--input-shape", "2,3,32,32", "--out", str(out),
+               "--artifacts", "none", "--quiet")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert {p.name for p in out.iterdir()} == {"report.json"}
+    proc = run("rewrite", f"{models_file}:make", "--to", "conv", "--input-shape", "2,3,32,32", "--dry-run",
+               "--quiet", cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0 and "classifier.1" in proc.stdout and "rewritten" in proc.stdout, proc.stderr
+    assert {p.name for p in tmp_path.iterdir()} == {"out"}  # nothing new written
+    for bad, message in ((["--artifacts", "onnx,weights"], "unknown artifact 'weights'"),
+                         (["--dry-run", "--to", "auto"], "--dry-run lists the sites of one direction"),
+                         ([], "--out is required")):  # fmt: skip
+        argv = ["rewrite", f"{models_file}:make", "--input-shape", "2,3,32,32", *bad]
+        proc = run(*argv, *([] if "--to" in bad else ["--to", "conv"]), "--quiet")
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
 def test_model_kwargs_opset_rtol_and_a_static_batch(tmp_path):
     argv = ["rewrite", "torch.nn:Linear", "--model-kwargs", '{"in_features": 4, "out_features": 3}', "--to", "conv",
             "--input-shape", "2,4", "--out", str(tmp_path / "o"), "--quiet", "--json"]  # fmt: skip
