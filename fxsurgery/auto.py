@@ -10,9 +10,11 @@
    rewritten, on the input it receives in the model, and all its sites follow (blocks alike in type and shapes
    are measured once).
 3. The kept sites are applied (Linear -> conv first, then conv -> Linear on the other layers) and the whole model is
-   timed against the original, together with all-conv and all-linear; the fastest is returned if it measured at least
-   ``MARGIN`` (2%) faster than the original, else the original. The result is therefore never slower than the
-   original by more than the measurement noise, and within about 2% of the better of all-conv and all-linear.
+   timed against the original, together with all-conv and all-linear (where the sites kept are none, or all of one
+   direction, that model is the original, all-conv or all-linear: measured once); the fastest is returned if it
+   measured at least ``MARGIN`` (2%) faster than the original, else the original. The result is therefore never
+   slower than the original by more than the measurement noise, and within about 2% of the better of all-conv and
+   all-linear.
 
 The choice, per site and for the whole model, is in ``result.timings``; the final model is validated like any other.
 """
@@ -173,17 +175,24 @@ def auto_rewrite(model: nn.Module, inputs: tuple[torch.Tensor, ...], options: Op
         chooser = _Chooser(plain, Path(tmp), pairs, threads)
         for direction, res in full.items():
             chooser.direction(model, inputs, direction, res)
+        same = _same_as(full, chooser.keep)  # the sites kept are none, or all of one direction: no model to build
         candidates = {
-            "auto": _compose(model, inputs, full, chooser.keep, plain),
+            "auto": None if same else _compose(model, inputs, full, chooser.keep, plain),
             "all-conv": full["linear_to_conv"].module,
             "all-linear": full["conv_to_linear"].module,
         }
         base = chooser.runner(model, inputs[0])
-        whole: dict[str, dict[str, float]] = {}
+        whole: dict[str, dict[str, Any]] = {}
         for label, module in candidates.items():
+            if module is None:
+                continue
             r = interleaved(base, chooser.runner(module, inputs[0]), pairs)
             whole[label] = {"ratio": r.median, "low": r.low, "high": r.high, "original_ms": r.a_ms,
                             "candidate_ms": r.b_ms}  # fmt: skip
+        if same:  # measured once, under the other name
+            whole["auto"] = {**whole.get(same, {"ratio": 1.0, "low": 1.0, "high": 1.0}), "same_as": same}
+            candidates["auto"] = candidates[same] if same in candidates else working_copy(model)
+        whole = {k: whole[k] for k in candidates}  # auto first
     best = min(whole, key=lambda k: whole[k]["ratio"])
     if whole[best]["ratio"] > 1.0 - MARGIN:
         best = "original"
@@ -247,6 +256,20 @@ def _measure_block(
     except Exception:  # a block that does not trace alone: its sites are decided one by one
         log.info("auto: block %s cannot be rewritten alone", block, exc_info=True)
         return None
+
+
+def _same_as(full: dict[str, SurgeryResult], keep: dict[str, list[str]]) -> str | None:
+    """The candidate the per-site choice amounts to, when it is another one: ``original`` (nothing kept),
+    ``all-conv`` or ``all-linear`` (every site of one direction kept, none of the other)."""
+    kept = {d: set(keep[d]) for d in DIRECTIONS}
+    every = {d: {s.name for s in full[d].rewritten} for d in DIRECTIONS}
+    if not kept["linear_to_conv"] and not kept["conv_to_linear"]:
+        return "original"
+    if kept["linear_to_conv"] == every["linear_to_conv"] and not kept["conv_to_linear"]:
+        return "all-conv"
+    if kept["conv_to_linear"] == every["conv_to_linear"] and not kept["linear_to_conv"]:
+        return "all-linear"
+    return None
 
 
 def _compose(model: nn.Module, inputs: tuple[torch.Tensor, ...], full: dict[str, SurgeryResult],

@@ -92,3 +92,20 @@ def test_auto_decides_transformer_sites_per_block():
         assert all(c["chosen"] == ("rewritten" if c["ratio"] < 1.0 else "original") for c in mine)
     with torch.no_grad():
         torch.testing.assert_close(res.module.eval()(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_a_choice_that_amounts_to_another_candidate_is_that_candidate():
+    from torch import nn
+
+    from fxsurgery.auto import _same_as
+    from fxsurgery.report import Site, SurgeryResult
+
+    def result(direction, *names):
+        return SurgeryResult(nn.Identity(), [Site(n, "p", "rewritten") for n in names], None, direction)
+
+    full = {"linear_to_conv": result("linear_to_conv", "fc1", "fc2"), "conv_to_linear": result("conv_to_linear", "c")}
+    assert _same_as(full, {"linear_to_conv": [], "conv_to_linear": []}) == "original"
+    assert _same_as(full, {"linear_to_conv": ["fc2", "fc1"], "conv_to_linear": []}) == "all-conv"
+    assert _same_as(full, {"linear_to_conv": [], "conv_to_linear": ["c"]}) == "all-linear"
+    assert _same_as(full, {"linear_to_conv": ["fc1"], "conv_to_linear": []}) is None  # a mix: built and measured
+    assert _same_as(full, {"linear_to_conv": ["fc1", "fc2"], "conv_to_linear": ["c"]}) is None
