@@ -258,10 +258,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.hf:
         from benchmarks.hf_models import ZOO
 
-        names = args.models or list(ZOO)
+        every = list(ZOO)
+        names = args.models or every
         out = Path(args.out if args.out != str(HERE / "coverage") else HERE / "coverage-hf")
     else:
-        names = args.models or all_models()
+        every = all_models()
+        names = args.models or every
         out = Path(args.out)
     shown = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--resume"]
     command = "python -m benchmarks.coverage" + (" " + " ".join(shown)).rstrip()
@@ -293,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
             records.append(record)
             _progress(record)
             out.with_suffix(".json").write_text(json.dumps(records, indent=1, default=str))
-    order = {n: i for i, n in enumerate(names if args.hf else all_models())}
+    order = {n: i for i, n in enumerate(every)}
     rank = {"linear_to_conv": 0, TOKENS: 1, "conv_to_linear": 2}
     records.sort(key=lambda r: (order.get(r["model"], len(order)), rank.get(r["direction"], 3)))
     out.with_suffix(".md").write_text(markdown(records, command, hf=args.hf))

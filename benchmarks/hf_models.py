@@ -51,6 +51,10 @@ def _zoo(T: Any) -> dict[str, tuple[Callable[[], nn.Module], Callable[[], tuple[
         "llama": (lambda: T.LlamaForCausalLM(T.LlamaConfig(**_DECODER)), lambda: (_ids(),), r"layers\.\d+\."),
         "mistral": (lambda: T.MistralForCausalLM(T.MistralConfig(**_DECODER)), lambda: (_ids(),), r"layers\.\d+\."),
         "qwen2": (lambda: T.Qwen2ForCausalLM(T.Qwen2Config(**_DECODER)), lambda: (_ids(),), r"layers\.\d+\."),
+        "phi3": (lambda: T.Phi3ForCausalLM(T.Phi3Config(**_DECODER, pad_token_id=0, eos_token_id=0, bos_token_id=0)),
+                 lambda: (_ids(),), r"layers\.\d+\."),
+        "gemma": (lambda: T.GemmaForCausalLM(T.GemmaConfig(**_DECODER, head_dim=8)), lambda: (_ids(),),
+                  r"layers\.\d+\."),
         "vit": (lambda: T.ViTForImageClassification(T.ViTConfig(
             image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
             intermediate_size=64, num_labels=5)), _image, r"layers?\.\d+\."),
@@ -77,8 +81,8 @@ def zoo() -> dict[str, tuple[Callable[[], nn.Module], Callable[[], tuple[Any, ..
     return _zoo(transformers)
 
 
-ZOO = ("bert", "roberta", "distilbert", "gpt2", "llama", "mistral", "qwen2", "vit", "whisper-encoder", "segformer",
-       "resnet", "mobilenet_v2", "convnext")  # fmt: skip
+ZOO = ("bert", "roberta", "distilbert", "gpt2", "llama", "mistral", "qwen2", "phi3", "gemma", "vit", "whisper-encoder",
+       "segformer", "resnet", "mobilenet_v2", "convnext")  # fmt: skip
 
 
 def build(name: str) -> tuple[nn.Module, tuple[Any, ...], str]:

@@ -8,7 +8,7 @@ names dims runs on the carried value with its dims renamed:
   statistic, rotary embeddings): carried inputs are used as they are; the others are entered into the layout (a
   lower-rank one first padded with leading unit dims, as broadcasting reads it).
 * :class:`Reduce`: ``x.mean(-1, keepdim=True)`` (RMSNorm's mean square) reduces over the carried dim.
-* :class:`Cast`: ``x.to(torch.float32)`` (RMSNorm's upcast) casts the carried value; an alias
+* :class:`Cast`: ``x.to(torch.float32)``, ``x.type_as(y)`` (RMSNorm's casts) cast the carried value; an alias
   (``hidden[:, slice(None)]`` before the LM head) is the carried value.
 * :class:`Slice`: ``x[..., :D // 2]`` (rotate-half; ``aten.slice`` once exported) slices the carried dim.
 * :class:`ShapeRead`: ``b, h, s, d = k.shape`` (``repeat_kv``) of a carried value is read from the carried value.
@@ -44,8 +44,9 @@ _BINARY: set[Any] = {
 }  # fmt: skip
 _BINARY_METHODS = {"add", "sub", "mul", "div", "pow"}
 _CASTS: set[Any] = {aten.to.dtype, aten.to.device, aten.to.dtype_layout, aten._to_copy.default, aten.alias.default,
-                    aten.detach.default, aten.clone.default}  # fmt: skip
+                    aten.detach.default, aten.clone.default, aten.type_as.default}  # fmt: skip
 _CAST_METHODS = {"to", "float", "double", "half", "bfloat16", "type_as"}
+_TYPE_AS = ("type_as", aten.type_as.default)
 
 
 def _rank(layout: Layout) -> int:
@@ -130,8 +131,8 @@ def _is_cast(node: fx.Node) -> bool:
 def _same_shape_step(node: fx.Node, rw: Rewriter) -> fx.Node | None:
     """The input of a one-input op that keeps the shape (a cast, ``x ** 2``, an activation), else None."""
     inputs: list[Any] | None
-    if _is_cast(node):
-        inputs = [node.args[0]] if _no_nodes((node.args[1:], node.kwargs)) else None
+    if _is_cast(node):  # (``type_as`` reads only the dtype of its other input)
+        inputs = [node.args[0]] if node.target in _TYPE_AS or _no_nodes((node.args[1:], node.kwargs)) else None
     elif (node.op == "call_function" and node.target in (torch.pow, aten.pow.Tensor_Scalar)
           or node.op == "call_method" and node.target == "pow") and len(node.args) == 2:  # fmt: skip
         inputs = [node.args[0]] if is_number(node.args[1]) and not node.kwargs else None
@@ -208,10 +209,16 @@ class Cast:
         if not _is_cast(node):
             return False
         carried = _carried_with_dims(node.args[0] if node.args else None, rw)
-        if carried is None or not _no_nodes((node.args[1:], node.kwargs)) or shape_of(node) != shape_of(node.args[0]):
+        # ``x.type_as(other)`` reads only the dtype of ``other``: its counterpart, or itself, gives that
+        other = node.args[1] if node.target in _TYPE_AS and len(node.args) == 2 and not node.kwargs else None
+        rest = () if isinstance(other, fx.Node) else (node.args[1:], node.kwargs)
+        if carried is None or not _no_nodes(rest) or shape_of(node) != shape_of(node.args[0]):
             return False
+        mapped: dict[Any, fx.Node] = {node.args[0]: carried[0]}
+        if isinstance(other, fx.Node) and other in rw.alt:
+            mapped[other] = rw.alt[other][0]
         with rw.graph.inserting_before(node):
-            new = rw.graph.node_copy(node, lambda a: carried[0] if a is node.args[0] else a)
+            new = rw.graph.node_copy(node, lambda a: mapped.get(a, a))
         new.meta = {}
         rw.set_alt(node, new, carried[1])
         return True

@@ -14,7 +14,8 @@ always exact.
 * :class:`SameShape`: a ``view``/``reshape`` to its own shape is the carried value.
 * :class:`HeadCat`: a concatenation with a value carried per head (a KV cache's past and new keys) concatenates
   the carried values along the same dim, read through the layout.
-* :class:`SplitChannels`: GPT-2's fused q/k/v, ``x.split(C, dim=-1)`` of carried tokens, splits the channels.
+* :class:`SplitChannels`: GPT-2's fused q/k/v, ``x.split(C, dim=-1)`` of carried tokens (Phi-3's fused gate/up
+  MLP, ``x.chunk(2, dim=-1)``), splits the channels.
 * :class:`ChannelAttention`: SDPA whose queries (and keys and values, or these as SDPA reads them: a static KV cache)
   are carried as ``(B, H, D, S)``
   (:func:`~fxsurgery._runtime.attention_channels`): ``scores[b,h,s,t] = scale * sum_d q[b,h,d,s] k[b,h,d,t]``, the
@@ -171,14 +172,18 @@ class HeadCat:
         return True
 
 
+_SPLITS = (torch.split, torch.chunk, torch.ops.aten.split.Tensor, torch.ops.aten.split_with_sizes.default,
+           torch.ops.aten.chunk.default)  # fmt: skip
+
+
 def _split_args(node: fx.Node) -> tuple[fx.Node, list[int], int] | None:
-    """``(x, sizes, dim)`` of ``x.split(...)`` / ``torch.split`` / ``aten.split.Tensor``, the sizes of the parts
+    """``(x, sizes, dim)`` of ``x.split(...)`` / ``x.chunk(...)`` (``torch.``, ``aten.``), the sizes of the parts
     read from the propagated shapes (the split size may be a traced value)."""
-    if not (node.op == "call_method" and node.target == "split"
-            or node.op == "call_function" and node.target in (torch.split, torch.ops.aten.split.Tensor)):  # fmt: skip
+    if not (node.op == "call_method" and node.target in ("split", "chunk")
+            or node.op == "call_function" and node.target in _SPLITS):  # fmt: skip
         return None
-    args = dict(zip(("tensor", "split_size_or_sections", "dim"), node.args), **node.kwargs)
-    x, dim, parts = args.get("tensor", args.get("self")), args.get("dim", 0), node.meta.get("val")
+    x, parts = node.args[0] if node.args else None, node.meta.get("val")
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
     if not isinstance(x, fx.Node) or not isinstance(dim, int) or not isinstance(parts, (tuple, list)):
         return None
     try:
