@@ -115,7 +115,9 @@ class Broadcast:
                 elif len(shape) == rank:
                     mapped[t] = rw.enter(t, layout, node.name)
                 else:  # broadcasting pads a lower rank with leading unit dims: so does the conversion
-                    padded = rw.graph.call_method("reshape", (t, (1,) * (rank - len(shape)) + tuple(shape)))
+                    padded = t
+                    for _ in range(rank - len(shape)):
+                        padded = rw.graph.call_method("unsqueeze", (padded, 0))
                     mapped[t] = layout.enter(rw.graph, padded, node.name)
             new = rw.graph.node_copy(node, lambda a: mapped.get(a, a))
         new.meta = {}

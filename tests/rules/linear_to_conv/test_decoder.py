@@ -139,3 +139,23 @@ def test_keys_and_values_in_sdpa_layout_are_read_as_they_are():
     got = _runtime.attention_channels(q, k, v, None, False, None, "bhtd", "bhtd")
     expected = F.scaled_dot_product_attention(q.transpose(-1, -2), k, v)
     torch.testing.assert_close(got, expected.transpose(-1, -2), rtol=0, atol=1e-12)
+
+
+class TableFromInput(nn.Module):
+    """A product of the tokens with a lower-rank table computed from the input (its sequence length varies)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc2(self.fc1(x) * x[0].tanh())  # (B, S, C) * (S, C)
+
+
+def test_a_lower_rank_table_is_entered_without_fixing_its_sizes():
+    model = TableFromInput().eval().double()
+    res = run_surgery("linear_to_conv", model, torch.randn(2, 5, 8, dtype=torch.float64), rewritten=["fc1", "fc2"],
+                      token_layout=True, frontend="fx")  # fmt: skip
+    x = torch.randn(3, 7, 8, dtype=torch.float64)  # another batch and sequence length than the example's
+    with torch.no_grad():
+        torch.testing.assert_close(res.module(x), model(x), rtol=0, atol=1e-12)
