@@ -13,7 +13,7 @@ from torch import nn
 from fxsurgery.engine.nodes import hook_kinds
 from fxsurgery.tracing.shapes import shape_of
 
-__all__ = ["elementwise_tensor_inputs", "is_number", "UNARY_MODULES"]
+__all__ = ["elementwise_tensor_inputs", "is_number", "no_nodes", "UNARY_MODULES"]
 
 # Modules whose output at each position depends only on the input at that position (in eval mode and, for dropout,
 # in distribution in train mode). Dropout2d/3d drop whole channels and are deliberately absent.
@@ -44,7 +44,8 @@ def is_number(x: Any) -> bool:
     return isinstance(x, (int, float, bool)) and not isinstance(x, fx.Node)
 
 
-def _no_nodes(values: Any) -> bool:
+def no_nodes(values: Any) -> bool:
+    """Whether ``values`` (args, kwargs, nested) hold no graph node."""
     found: list[fx.Node] = []
     fx.map_arg(values, found.append)
     return not found
@@ -69,13 +70,13 @@ def elementwise_tensor_inputs(node: fx.Node, modules: dict[str, nn.Module]) -> l
     if node.op == "call_function" and node.target in _UNARY_FUNCTIONS or (
         node.op == "call_method" and node.target in _UNARY_METHODS
     ):
-        if node.args and isinstance(node.args[0], fx.Node) and _no_nodes((node.args[1:], node.kwargs)):
+        if node.args and isinstance(node.args[0], fx.Node) and no_nodes((node.args[1:], node.kwargs)):
             return [node.args[0]] if shape_of(node.args[0]) == out_shape else None
         return None
     if node.op == "call_function" and node.target in _BINARY_FUNCTIONS or (
         node.op == "call_method" and node.target in _BINARY_METHODS
     ):
-        if len(node.args) != 2 or not _no_nodes(node.kwargs):
+        if len(node.args) != 2 or not no_nodes(node.kwargs):
             return None
         tensors = []
         for a in node.args:

@@ -27,8 +27,9 @@ import torch
 import torch.fx as fx
 
 from fxsurgery import _runtime
-from fxsurgery.engine.elementwise import elementwise_tensor_inputs, is_number
+from fxsurgery.engine.elementwise import elementwise_tensor_inputs, is_number, no_nodes
 from fxsurgery.engine.layout import Layout
+from fxsurgery.engine.nodes import is_shape_read
 from fxsurgery.engine.rewriter import Rewriter
 from fxsurgery.rules.linear_to_conv.heads import heads_layout
 from fxsurgery.rules.linear_to_conv.layouts import TOKEN_LAYOUT
@@ -65,12 +66,6 @@ def _carried_with_dims(node: object, rw: Rewriter) -> tuple[fx.Node, Layout] | N
     if carried is None or carried[1].dims is None or len(shape_of(node) or ()) != _rank(carried[1]):
         return None
     return carried
-
-
-def _no_nodes(values: Any) -> bool:
-    found: list[fx.Node] = []
-    fx.map_arg(values, found.append)
-    return not found
 
 
 def _fixed_shape(shape: tuple[int, ...], layout: Layout) -> tuple[int, ...] | None:
@@ -134,7 +129,7 @@ def _same_shape_step(node: fx.Node, rw: Rewriter) -> fx.Node | None:
     """The input of a one-input op that keeps the shape (a cast, ``x ** 2``, an activation), else None."""
     inputs: list[Any] | None
     if _is_cast(node):  # (``type_as`` reads only the dtype of its other input)
-        inputs = [node.args[0]] if node.target in _TYPE_AS or _no_nodes((node.args[1:], node.kwargs)) else None
+        inputs = [node.args[0]] if node.target in _TYPE_AS or no_nodes((node.args[1:], node.kwargs)) else None
     elif (node.op == "call_function" and node.target in (torch.pow, aten.pow.Tensor_Scalar)
           or node.op == "call_method" and node.target == "pow") and len(node.args) == 2:  # fmt: skip
         inputs = [node.args[0]] if is_number(node.args[1]) and not node.kwargs else None
@@ -190,14 +185,16 @@ class Reduce:
             return False
         args = dict(zip(("input", "dim", "keepdim"), node.args), **node.kwargs)
         x, dim = args.get("input"), args.get("dim")
-        carried = _carried_with_dims(x, rw)
-        if carried is None and isinstance(x, fx.Node) and x not in rw.alt and dim in (-1, 2, [-1], [2]) and \
-                args.get("keepdim") is True and _feeds_site(node, rw):  # fmt: skip
-            carried = _start_region(x, rw)
         dims = [dim] if isinstance(dim, int) else list(dim) if isinstance(dim, (list, tuple)) else None
-        if carried is None or set(args) != {"input", "dim", "keepdim"} or args["keepdim"] is not True:
+        if set(args) != {"input", "dim", "keepdim"} or args["keepdim"] is not True:
             return False  # all dims, a dtype, or a reduction that drops a dim: left in its layout
         if not dims or not all(isinstance(d, int) for d in dims):
+            return False
+        carried = _carried_with_dims(x, rw)
+        if carried is None and isinstance(x, fx.Node) and x not in rw.alt and dim in (-1, 2, [-1], [2]) and \
+                _feeds_site(node, rw):  # fmt: skip
+            carried = _start_region(x, rw)
+        if carried is None:
             return False
         alt, layout = carried
         reduce = torch.mean if node.target in (torch.mean, "mean") else torch.sum
@@ -214,7 +211,7 @@ class Cast:
         # ``x.type_as(other)`` reads only the dtype of ``other``: its counterpart, or itself, gives that
         other = node.args[1] if node.target in _TYPE_AS and len(node.args) == 2 and not node.kwargs else None
         rest = () if isinstance(other, fx.Node) else (node.args[1:], node.kwargs)
-        if carried is None or not _no_nodes(rest) or shape_of(node) != shape_of(node.args[0]):
+        if carried is None or not no_nodes(rest) or shape_of(node) != shape_of(node.args[0]):
             return False
         mapped: dict[Any, fx.Node] = {node.args[0]: carried[0]}
         if isinstance(other, fx.Node) and other in rw.alt:
@@ -234,7 +231,7 @@ def _slices(index: Any, rank: int) -> list[slice] | None:
     if Ellipsis in index:
         at = index.index(Ellipsis)
         index = index[:at] + (slice(None),) * (rank - len(index) + 1) + index[at + 1:]
-    ok = all(isinstance(i, slice) and _no_nodes((i.start, i.stop, i.step)) for i in index)
+    ok = all(isinstance(i, slice) and no_nodes((i.start, i.stop, i.step)) for i in index)
     return [*index, *[slice(None)] * (rank - len(index))] if ok and len(index) <= rank else None
 
 
@@ -255,7 +252,7 @@ class Slice:
             return False
         carried = _carried_with_dims(node.args[0], rw)
         rest = list(node.args[1:])
-        if carried is None or not _no_nodes(rest):
+        if carried is None or not no_nodes(rest):
             return False
         alt, layout = carried
         dim = rest[0] if rest else 0
@@ -378,10 +375,7 @@ class HeadReshape:
 
 class ShapeRead:
     def propagate(self, node: fx.Node, rw: Rewriter) -> bool:
-        if not (node.op == "call_function" and node.target is getattr and node.args[1:] == ("shape",)
-                or node.op == "call_method" and node.target == "size" and len(node.args) == 1) or node.kwargs:
-            return False  # fmt: skip
-        carried = _carried_with_dims(node.args[0], rw)
+        carried = _carried_with_dims(node.args[0], rw) if is_shape_read(node) else None
         if carried is None:
             return False
         with rw.graph.inserting_before(node):

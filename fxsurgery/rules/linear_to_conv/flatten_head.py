@@ -22,7 +22,7 @@ import torch.fx as fx
 from fxsurgery.engine.elementwise import elementwise_tensor_inputs
 from fxsurgery.engine.emit import check_replayable, guard, replay
 from fxsurgery.engine.layout import Layout, permute_dims
-from fxsurgery.engine.nodes import as_linear, hook_kinds, is_reshape, static_shape
+from fxsurgery.engine.nodes import as_linear, hook_kinds, is_reshape, is_shape_read, static_shape
 from fxsurgery.engine.rewriter import Rewriter
 from fxsurgery.engine.rule import Skip
 from fxsurgery.rules.linear_to_conv._plan import ConvPlan, LinearRule, WeightMap, check_linear
@@ -60,11 +60,7 @@ def _reads_batch_size(node: fx.Node) -> bool:
     if node.op == "call_function" and node.target is torch.ops.aten.sym_size.int:
         return node.args[1:2] == (0,)
     if node.op == "call_function" and node.target is operator.getitem and node.args[1:2] == (0,):
-        holder = node.args[0]
-        return isinstance(holder, fx.Node) and (
-            holder.op == "call_function" and holder.target is getattr and holder.args[1:] == ("shape",)
-            or holder.op == "call_method" and holder.target == "size" and len(holder.args) == 1
-        )
+        return is_shape_read(node.args[0])
     return False
 
 
