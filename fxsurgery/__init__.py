@@ -8,6 +8,7 @@ onnxruntime.
 from __future__ import annotations
 
 from fxsurgery.api import check, conv_to_linear, linear_to_conv, rewrite
+from fxsurgery.benchmark import BenchReport, benchmark
 from fxsurgery.checkpoint import load_state_dict, original_state_dict
 from fxsurgery.convert import convert_checkpoint
 from fxsurgery.engine.rule import Match, Rule, RuleSet, Skip
@@ -23,6 +24,8 @@ __all__ = [
     "conv_to_linear",
     "rewrite",
     "check",
+    "benchmark",
+    "BenchReport",
     "Options",
     "validate",
     "cross_check",

@@ -24,6 +24,7 @@ from fxsurgery.report import CheckReport, SurgeryResult
 from fxsurgery.rules import DIRECTIONS
 from fxsurgery.surgery import run_pass
 from fxsurgery.tracing import keyword_call, normalize_inputs, prepare_model, split_keywords
+from fxsurgery.verify.census import census
 from fxsurgery.verify.cross_check import cross_check
 
 __all__ = ["linear_to_conv", "conv_to_linear", "rewrite", "check"]
@@ -37,7 +38,7 @@ def rewrite(model: nn.Module, example_inputs: Any, direction: str, *, options: O
     Linear), or ``"auto"``: per site the faster form, measured on ``runtime`` (see :mod:`fxsurgery.auto`).
 
     ``example_inputs`` is a tensor or a tuple of tensors, which may end with a dict of keyword inputs
-    (``(ids, {"attention_mask": mask})``; a dict alone is all keywords); shapes are propagated from them with fake
+    (``(ids, {"attention_mask": mask})``; a dict alone is all keywords); shapes are propagated from them with meta
     tensors. With keyword inputs, the rewritten module takes them in that order, positionally or by name.
     Returns a :class:`~fxsurgery.SurgeryResult` listing every candidate site, rewritten or skipped with its reason.
     """
@@ -132,7 +133,12 @@ def check(
         onnx_check = cross_check(model, result.module, inputs, out_dir, exporter=exporter, providers=providers,
                                  direction=result.direction, rewritten_sites=len(result.rewritten), opset=opset,
                                  dynamic_batch=dynamic_batch, rtol=rtol)  # fmt: skip
-    return CheckReport(result, onnx_check)
+    target = resolve(options, overrides).target
+    if target is None:
+        return CheckReport(result, onnx_check)
+    paths = (onnx_check.original_path, onnx_check.rewritten_path) if onnx_check is not None else None
+    return CheckReport(result, onnx_check, {"name": target, "census": census(target, model, result.module, inputs,
+                                                                              paths)})  # fmt: skip
 
 
 for _f in (rewrite, linear_to_conv, conv_to_linear, check):

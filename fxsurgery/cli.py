@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from fxsurgery.checkpoint import ARTIFACTS
+from fxsurgery.cli_bench import add_bench, run_bench
 from fxsurgery.cli_inputs import (
     DTYPES,
     UsageError,
@@ -30,6 +31,7 @@ from fxsurgery.cli_inputs import (
     parse_input,
 )
 from fxsurgery.cli_model import build_model, load_weights
+from fxsurgery.targets import TARGETS
 
 __all__ = ["main"]
 
@@ -94,7 +96,7 @@ def _build_parser() -> argparse.ArgumentParser:
     _model_arguments(rw)
     rw.add_argument("--to", choices=("conv", "linear", "auto"), required=True,
                     help="target layer type, or auto: per site the faster form on --runtime")  # fmt: skip
-    rw.add_argument("--runtime", choices=("onnxruntime", "torch"), default="onnxruntime",
+    rw.add_argument("--runtime", choices=("onnxruntime", "torch", "openvino"), default="onnxruntime",
                     help="with --to auto: where to measure")  # fmt: skip
     rw.add_argument("--out", help="output directory (must not exist, or be empty; required unless --dry-run)")
     rw.add_argument("--artifacts", type=_artifacts, default=ARTIFACTS, metavar="LIST",
@@ -113,6 +115,7 @@ def _build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--quiet", action="store_true", help="no progress messages on stderr")
     ls.add_argument("--json", action="store_true", help="print the sites as JSON")
     _add_convert(sub)
+    add_bench(sub, _model_arguments)
     demo = sub.add_parser("demo", help="run the whole pipeline on the built-in model, both directions")
     demo.add_argument("--out", help="output directory (default: a temporary one, removed afterwards)")
     common(demo)
@@ -149,9 +152,13 @@ def _model_arguments(p: argparse.ArgumentParser) -> None:
                    help="allow --weights files that need full unpickling (runs code from the file!)")  # fmt: skip
     p.add_argument("--leaf-module", action="append", default=[], help="qualified name fx must not trace into")
     p.add_argument("--exclude", action="append", default=[], help="site name to leave alone")
-    p.add_argument("--batch-layout", choices=("spatial", "batch"), default="spatial",
-                   help="linear_to_conv: carry the head as (1, C, 1, N) (one matrix product) or "
-                        "(N, C, 1, 1)")  # fmt: skip
+    p.add_argument("--target", choices=sorted(TARGETS), default=None,
+                   help="the deployment target: picks the layouts and leaves alone the patterns it runs badly (each "
+                        "choice in the report); rewrite adds the op census after its own conversion where its "
+                        "toolchain is installed")  # fmt: skip
+    p.add_argument("--batch-layout", choices=("spatial", "batch"), default="",
+                   help="linear_to_conv: carry the head as (1, C, 1, N) (one matrix product; the default) or "
+                        "(N, C, 1, 1) (the default for --target coreml)")  # fmt: skip
     p.add_argument("--token-layout", action="store_true",
                    help="linear_to_conv: carry transformer tokens (B, S, C) as (B, C, 1, S) and channels-last "
                         "maps as NCHW, so Linears in ViT/Swin/MLP-Mixer blocks and their attention become 1x1 "
@@ -189,6 +196,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _convert(args)
         if args.command == "list":
             return _list(args, progress)
+        if args.command == "bench":
+            model, positional, named = _model_and_inputs(args, progress)
+            return run_bench(args, model, (*positional, named) if named else positional, progress)
         return _rewrite(args, progress)
     except (UsageError, InputError, TraceError) as e:
         return _fail(str(e))
@@ -298,7 +308,7 @@ def _list(args: argparse.Namespace, progress: _Progress) -> int:
     with progress.step(f"tracing and matching the rules towards {args.to} (no validation, no export)"):
         res = rewrite(model, (*positional, named) if named else positional, args.to, validate=False,
                       leaf_modules=tuple(args.leaf_module), exclude=tuple(args.exclude), frontend=args.frontend,
-                      batch_layout=args.batch_layout, token_layout=args.token_layout)  # fmt: skip
+                      batch_layout=args.batch_layout, token_layout=args.token_layout, target=args.target)  # fmt: skip
     data = res.to_dict()
     print(json.dumps({k: data[k] for k in ("direction", "frontend", "sites", "notes")}, indent=2) if args.json
           else res.summary())  # fmt: skip
@@ -316,7 +326,7 @@ def _run_pipeline(model: Any, inputs: tuple, to: str, out_dir: Path, args: argpa
         return check(model, inputs, to, out_dir, exporter=args.exporter,
                      providers=args.provider or ("CPUExecutionProvider",), precision=args.precision,
                      leaf_modules=tuple(getattr(args, "leaf_module", ())), exclude=tuple(getattr(args, "exclude", ())),
-                     batch_layout=getattr(args, "batch_layout", "spatial"),
+                     batch_layout=getattr(args, "batch_layout", ""), target=getattr(args, "target", None),
                      token_layout=getattr(args, "token_layout", False),
                      runtime=getattr(args, "runtime", "onnxruntime"),
                      frontend=getattr(args, "frontend", "auto"), opset=args.opset,

@@ -7,6 +7,7 @@ import importlib
 import importlib.util
 import json
 import os
+import pkgutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -35,19 +36,30 @@ def load_factory(spec: str) -> Callable[[], Any]:
             raise UsageError(f"cannot import {where}: {type(e).__name__}: {e}") from e
         finally:
             sys.path.pop(0)
+        obj = module
+        for part in name.split("."):
+            if not hasattr(obj, part):
+                raise UsageError(f"{where} has no attribute {name!r}")
+            obj = getattr(obj, part)
     else:
-        try:
-            module = importlib.import_module(where)
-        except (Exception, SystemExit) as e:
-            raise UsageError(f"cannot import module {where!r}: {type(e).__name__}: {e}") from e
-    obj = module
-    for part in name.split("."):
-        if not hasattr(obj, part):
-            raise UsageError(f"{where} has no attribute {name!r}")
-        obj = getattr(obj, part)
+        obj = _resolve(spec, where, name)
     if not callable(obj):
         raise UsageError(f"{spec} is not callable: expected a function or class returning an nn.Module")
     return obj
+
+
+def _resolve(spec: str, where: str, name: str) -> Any:
+    """``package.module:callable`` as the standard library reads it (``pkgutil.resolve_name``, as entry points)."""
+    try:
+        importlib.import_module(where)
+    except (Exception, SystemExit) as e:
+        raise UsageError(f"cannot import module {where!r}: {type(e).__name__}: {e}") from e
+    try:
+        return pkgutil.resolve_name(spec)
+    except AttributeError as e:
+        raise UsageError(f"{where} has no attribute {name!r}") from e
+    except (Exception, SystemExit) as e:
+        raise UsageError(f"cannot resolve {spec!r}: {type(e).__name__}: {e}") from e
 
 
 def build_model(spec: str, kwargs_json: str = "{}") -> Any:

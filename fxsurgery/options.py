@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from torch import nn
 
 from fxsurgery.errors import InputError
+from fxsurgery.targets import TARGETS, check_target
 
 if TYPE_CHECKING:
     from fxsurgery.engine.rule import RuleSet
@@ -24,7 +25,7 @@ __all__ = ["Options", "Precision", "LeafSpec", "resolve", "OPTIONS_DOC", "BATCH_
 Precision = Literal["native", "float64"]
 LeafSpec = Sequence["type[nn.Module] | str"]
 BATCH_LAYOUTS = ("spatial", "batch")
-RUNTIMES = ("onnxruntime", "torch")
+RUNTIMES = ("onnxruntime", "torch", "openvino")
 FRONTENDS = ("auto", "fx", "export")
 
 
@@ -37,7 +38,8 @@ class Options:
     leaf_modules: tuple[type[nn.Module] | str, ...] = ()
     exclude: tuple[str, ...] = ()
     # rules (Linear -> conv)
-    batch_layout: str = "spatial"
+    target: str | None = None
+    batch_layout: str = ""  # "": the target's, else "spatial"
     token_layout: bool = False
     rules: RuleSet | None = field(default=None, compare=False)
     # validation
@@ -61,6 +63,10 @@ class Options:
                 raise InputError(f"leaf_modules entries must be module types or qualified names, got {leaf!r}")
         if self.frontend not in FRONTENDS:
             raise InputError(f"frontend must be one of {FRONTENDS}, got {self.frontend!r}")
+        check_target(self.target)
+        if not self.batch_layout:
+            object.__setattr__(self, "batch_layout", (TARGETS[self.target].batch_layout if self.target else None)
+                               or "spatial")  # fmt: skip
         if self.batch_layout not in BATCH_LAYOUTS:
             raise InputError(f"batch_layout must be one of {sorted(BATCH_LAYOUTS)}, got {self.batch_layout!r}")
         if not isinstance(self.token_layout, bool):
@@ -91,14 +97,20 @@ Options (keywords, or one ``options=fxsurgery.Options(...)``):
 * ``rtol=None``: override the per-dtype tolerance (``fxsurgery.RTOL``), relative to the output's magnitude.
 * ``num_random=2``: fresh random inputs validated besides the example inputs (and another batch size).
 * ``seed=0``: seed of those random inputs.
-* ``batch_layout="spatial"`` (Linear -> conv): carry a rewritten head as ``(1, C, 1, N)``, the batch side by side
-  on the width axis, so each conv is one matrix product; ``"batch"`` keeps ``(N, C, 1, 1)`` (N small products).
+* ``target=None``: the deployment target, ``"onnxruntime"``, ``"openvino"``, ``"coreml"`` or
+  ``"executorch-xnnpack"``: picks ``batch_layout`` (``"batch"`` for Core ML) and leaves alone the patterns the
+  target runs badly (``conv1x1-strided`` for XNNPACK), each choice in the result's notes; ``check`` adds the op
+  census after the target's own conversion where its toolchain is installed (:mod:`fxsurgery.targets`).
+* ``batch_layout`` (Linear -> conv; the target's, else ``"spatial"``): carry a rewritten head as ``(1, C, 1, N)``,
+  the batch side by side on the width axis, so each conv is one matrix product; ``"batch"`` keeps ``(N, C, 1, 1)``
+  (N small products).
 * ``token_layout=False`` (Linear -> conv, opt-in): also carry transformer activations in conv layouts, tokens
   ``(B, S, C)`` as ``(B, C, 1, S)`` (ViT, MLP-Mixer, ``nn.MultiheadAttention`` self-attention) and channels-last
   ``(N, H, W, C)`` maps as NCHW (Swin), from the LayerNorm that starts a block, so every Linear in the block
   becomes a 1x1 conv.
 * ``rules=None``: a :class:`~fxsurgery.RuleSet` to use instead of the direction's own.
-* ``runtime="onnxruntime"`` (``to="auto"`` only): where to measure, ``"onnxruntime"`` or ``"torch"``.
+* ``runtime="onnxruntime"`` (``to="auto"`` only): where to measure, ``"onnxruntime"``, ``"torch"`` or
+  ``"openvino"`` (its CPU plugin in float32; ``pip install "fxsurgery[openvino]"``).
 """
 
 
@@ -113,4 +125,6 @@ def resolve(options: Options | None, overrides: Mapping[str, Any]) -> Options:
             near = difflib.get_close_matches(key, known, n=1)
             hint = f"; did you mean {near[0]!r}?" if near else f"; options are {', '.join(known)}"
             raise InputError(f"unknown option {key!r}{hint}")
+    if "target" in overrides and "batch_layout" not in overrides:
+        overrides = {**overrides, "batch_layout": ""}  # the target's own, not the one already resolved
     return replace(options or Options(), **overrides)

@@ -70,7 +70,7 @@ class _Emitter:
 
     def op(self, name: str, *args: Any) -> fx.Node:
         if self.edge:
-            from executorch.exir.dialects._ops import ops as exir_ops  # type: ignore[import-not-found]  # Edge only
+            from executorch.exir.dialects._ops import ops as exir_ops  # Edge only
 
             target = getattr(exir_ops.edge.aten, name).default
         else:

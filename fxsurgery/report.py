@@ -268,6 +268,7 @@ class CheckReport:
 
     surgery: SurgeryResult
     onnx: OnnxCheck | None
+    target: dict[str, Any] | None = None  # {"name", "census"}: fxsurgery.targets.census after the target's conversion
 
     @property
     def passed(self) -> bool:
@@ -279,6 +280,8 @@ class CheckReport:
     def summary(self) -> str:
         parts = [self.surgery.summary()]
         parts.append(self.onnx.summary() if self.onnx is not None else "ONNX cross-check: not run")
+        if self.target is not None:
+            parts.append(_census_summary(self.target))
         parts.append(f"overall: {'PASSED' if self.passed else 'FAILED'}")
         return "\n\n".join(parts)
 
@@ -293,7 +296,18 @@ class CheckReport:
             "validation": d["validation"],
             "timings": d["timings"],
             "onnx": None if self.onnx is None else self.onnx.to_dict(),
+            "target": self.target,
         }
+
+
+def _census_summary(target: dict[str, Any]) -> str:
+    census = target["census"]
+    head = f"target {target['name']}: op census after {census['toolchain']}'s conversion"
+    if "skipped" in census:
+        return f"{head}: not taken ({census['skipped']})"
+    ops = sorted(set(census["original"]) | set(census["rewritten"]))
+    rows = [(op, census["original"].get(op, 0), census["rewritten"].get(op, 0)) for op in ops]
+    return f"{head}\n{format_table(('op', 'original', 'rewritten'), rows)}"
 
 
 #: The version of ``report.json``'s layout; raised when a key changes meaning or goes away.

@@ -27,6 +27,7 @@ from fxsurgery.options import LeafSpec, Options
 from fxsurgery.reference import CAPTURED_NOTE, check_mode_for_validation, validation_reference
 from fxsurgery.report import Site, SurgeryResult
 from fxsurgery.rules import rule_set
+from fxsurgery.targets import target_notes, target_skips
 from fxsurgery.tracing import (
     batch_is_dynamic,
     capture_submodule_inputs,
@@ -64,6 +65,7 @@ class _Job:
     tied: Mapping[str, str] = field(default_factory=dict)  # parameter -> the module outside that shares it
     frontend: str = "fx"  # "fx" or "export"
     program: Any = None  # the ExportedProgram the caller gave instead of a model
+    skip: Mapping[str, str] = field(default_factory=dict)  # pattern -> why a deployment target leaves it alone
 
     def below(self, name: str, source: nn.Module) -> _Job:
         """The job for submodule ``name`` of ``source``: its names relative to it, and the parameters it shares
@@ -79,7 +81,7 @@ class _Job:
         for names in owners.values():
             inside, outside = [n for n in names if n.startswith(prefix)], [n for n in names if not n.startswith(prefix)]
             tied.update({n.removeprefix(prefix): outside[0].rsplit(".", 1)[0] for n in inside if outside})
-        return _Job(self.rules, leaves, exclude, self.depth + 1, tied, self.frontend, self.program)
+        return _Job(self.rules, leaves, exclude, self.depth + 1, tied, self.frontend, self.program, self.skip)
 
 
 def run_pass(model: nn.Module, inputs: tuple[torch.Tensor, ...], direction: str, options: Options,
@@ -93,10 +95,11 @@ def run_pass(model: nn.Module, inputs: tuple[torch.Tensor, ...], direction: str,
     module_names = [n for n, _ in model.named_modules() if n]
     check_names("leaf_modules entry", [x for x in options.leaf_modules if isinstance(x, str)], module_names)
     log.info("tracing %s", type(model).__name__)
-    job = _Job(rules, options.leaf_modules, options.exclude, program=program)
+    job = _Job(rules, options.leaf_modules, options.exclude, program=program, skip=target_skips(options.target))
     job, gm, sites, notes = _front_end(model, inputs, job, options.frontend)
     captured = gm.meta.pop("captured", None) if isinstance(gm, fx.GraphModule) else None  # the export, unrewritten
     check_names("exclude entry", options.exclude, [*module_names, *(s.name for s in sites)])
+    notes = [*target_notes(options.target, options.batch_layout, direction), *notes]
     result = SurgeryResult(gm, sites, None, direction, (*wrappers, *notes), frontend=job.frontend)
     if not options.validate:
         return result
@@ -127,9 +130,11 @@ def run_pass(model: nn.Module, inputs: tuple[torch.Tensor, ...], direction: str,
     return result
 
 
-def _apply(traced: fx.GraphModule, inputs: tuple[torch.Tensor, ...], job: _Job) -> tuple[fx.GraphModule, list[Site]]:
-    """The rule set over a working copy of ``traced`` (parameters shared, graph its own)."""
-    gm = working_copy(traced)
+def _apply(traced: fx.GraphModule, inputs: tuple[torch.Tensor, ...], job: _Job,
+           keep: bool = True) -> tuple[fx.GraphModule, list[Site]]:  # fmt: skip
+    """The rule set over a working copy of ``traced`` (parameters shared, graph its own), or over ``traced`` itself
+    where the caller does not ``keep`` it (a trace of a copy, used once)."""
+    gm = working_copy(traced) if keep else traced
     gm.training = traced.training  # the root's flag only: every submodule keeps its own
     try:
         propagate_shapes(gm, inputs)
@@ -137,7 +142,7 @@ def _apply(traced: fx.GraphModule, inputs: tuple[torch.Tensor, ...], job: _Job) 
         check_devices(gm, inputs)  # the likeliest cause, said plainly
         raise
     try:
-        rw = Rewriter(gm, job.rules, job.exclude, job.tied)
+        rw = Rewriter(gm, job.rules, job.exclude, job.tied, job.skip)
         sites = rw.run()
     except SurgeryError:
         raise
@@ -245,7 +250,7 @@ def _rewrite_structure(model: nn.Module, inputs: tuple[torch.Tensor, ...], job: 
             if where or not list(model.children()):
                 raise
             return _descend_root(model, inputs, job, e)
-    gm, sites = _apply(traced, inputs, job)
+    gm, sites = _apply(traced, inputs, job, keep=False)  # traced from a working copy, used only here
     if auto:
         _rewrite_children(gm, model, auto, inputs, job, sites, notes)
     return gm, sites, notes

@@ -7,6 +7,7 @@ created with thread spinning off and pinned intra-op threads, so an idle session
 
 from __future__ import annotations
 
+import logging
 import math
 import statistics
 import time
@@ -18,11 +19,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from fxsurgery.errors import InputError
 from fxsurgery.tracing.copies import eval_copy
 from fxsurgery.verify.onnx_export import export_onnx
 from fxsurgery.verify.ort import session
 
-__all__ = ["Ratio", "interleaved", "ort_session", "runner"]
+__all__ = ["Ratio", "interleaved", "ort_session", "runner", "RUNTIMES"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -41,11 +45,15 @@ class Ratio:
 
 
 def interleaved(a: Callable[[], Any], b: Callable[[], Any], pairs: int, warmup: int = 2,
-                min_sample_s: float = 0.02) -> Ratio:
+                min_sample_s: float = 0.02, settle: float | None = None) -> Ratio:
     """Time ``a`` and ``b`` alternately and return the ratio b/a per pair, summarised.
 
     A call shorter than ``min_sample_s`` is repeated within each sample (the same count on both sides), so that a
     millisecond-long call is not lost in timer and scheduler noise; times are per call.
+
+    With ``settle``, the caller only asks on which side of ``settle`` the median ratio lies: timing stops once more
+    than half of the ``pairs`` ratios lie on one side, as the median of all ``pairs`` would lie there too (the
+    answer is the same as with every pair timed; the median and spread are those of the pairs timed).
     """
     for _ in range(warmup):
         a()
@@ -66,8 +74,15 @@ def interleaved(a: Callable[[], Any], b: Callable[[], Any], pairs: int, warmup: 
         ta.append(times[a])
         tb.append(times[b])
         ratios.append(times[b] / times[a])
+        if settle is not None and _settled(ratios, settle, pairs):
+            break
     return Ratio(statistics.median(ratios), min(ratios), max(ratios), statistics.median(ta) * 1e3,
                  statistics.median(tb) * 1e3, len(ratios))  # fmt: skip
+
+
+def _settled(ratios: list[float], threshold: float, pairs: int) -> bool:
+    majority = max(pairs, 1) // 2 + 1
+    return (sum(r < threshold for r in ratios) >= majority or sum(r >= threshold for r in ratios) >= majority)
 
 
 def ort_session(path: str | Path, threads: int, providers: tuple[str, ...] = ("CPUExecutionProvider",)) -> Any:
@@ -75,20 +90,51 @@ def ort_session(path: str | Path, threads: int, providers: tuple[str, ...] = ("C
     return session(path, threads=threads, providers=providers)
 
 
-def runner(module: nn.Module, x: torch.Tensor, runtime: str, workdir: Path, threads: int) -> Callable[[], Any]:
-    """A zero-argument callable that runs ``module`` on ``x`` once on ``runtime`` (``"torch"``: eager, no grad;
-    ``"onnxruntime"``: exported into ``workdir`` and run in an :func:`ort_session`). It runs an eval-mode copy with
-    parameters, buffers and input of its own: ``module`` and ``x`` are left as they are."""
+RUNTIMES = ("onnxruntime", "torch", "openvino")
+
+
+def runner(module: nn.Module, x: torch.Tensor | tuple[torch.Tensor, ...], runtime: str, workdir: Path, threads: int,
+           exporter: str = "dynamo") -> Callable[[], Any]:  # fmt: skip
+    """A zero-argument callable that runs ``module`` on ``x`` (a tensor or a tuple of them) once on ``runtime``:
+    ``"torch"``: eager, no grad; ``"onnxruntime"``: exported into ``workdir`` with ``exporter`` and run in an
+    :func:`ort_session` (a model the TorchScript exporter cannot export is exported with dynamo); ``"openvino"``:
+    converted by ``openvino.convert_model`` and compiled for its CPU plugin in float32 (it would pick bfloat16 on
+    some CPUs) with ``threads`` threads. It runs an eval-mode copy with parameters, buffers and inputs of its own:
+    ``module`` and ``x`` are left as they are."""
     module = eval_copy(module, "native")  # its own parameters and buffers: a forward that writes stays local
-    x = x.clone()  # and its own input: the caller's tensor never changes
+    inputs = tuple(t.clone() for t in (x if isinstance(x, tuple) else (x,)))  # the caller's tensors never change
     if runtime == "torch":
         def run_torch() -> Any:
             with torch.no_grad():
-                return module(x)
+                return module(*inputs)
 
         return run_torch
+    if runtime == "openvino":
+        return _openvino(module, inputs, threads)
     path = workdir / f"m{len(list(workdir.iterdir()))}.onnx"
-    export_onnx(module, (x,), path, dynamic_batch=False)
+    try:
+        export_onnx(module, inputs, path, exporter=exporter, dynamic_batch=False)
+    except Exception:
+        if exporter == "dynamo":
+            raise
+        log.info("the %s exporter failed on %s: exported with dynamo", exporter, type(module).__name__, exc_info=True)
+        export_onnx(module, inputs, path, dynamic_batch=False)
     session = ort_session(path, threads)
-    feed = {session.get_inputs()[0].name: x.numpy()}
+    feed = {i.name: t.numpy() for i, t in zip(session.get_inputs(), inputs)}
     return lambda: session.run(None, feed)
+
+
+def _openvino(module: nn.Module, inputs: tuple[torch.Tensor, ...], threads: int) -> Callable[[], Any]:
+    try:
+        import openvino as ov
+    except ImportError as e:
+        raise InputError('timing on OpenVINO needs it: pip install "fxsurgery[openvino]"') from e
+    import warnings
+
+    with warnings.catch_warnings():  # it traces with torch.jit, which warns that it is deprecated
+        warnings.simplefilter("ignore")
+        model = ov.convert_model(module, example_input=inputs if len(inputs) > 1 else inputs[0])
+    compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32",
+                                                      "INFERENCE_NUM_THREADS": threads})  # fmt: skip
+    request, feed = compiled.create_infer_request(), [t.numpy() for t in inputs]
+    return lambda: request.infer(feed)

@@ -109,3 +109,61 @@ def test_a_choice_that_amounts_to_another_candidate_is_that_candidate():
     assert _same_as(full, {"linear_to_conv": [], "conv_to_linear": ["c"]}) == "all-linear"
     assert _same_as(full, {"linear_to_conv": ["fc1"], "conv_to_linear": []}) is None  # a mix: built and measured
     assert _same_as(full, {"linear_to_conv": ["fc1", "fc2"], "conv_to_linear": ["c"]}) is None
+
+
+def test_settled_timing_gives_the_answer_every_pair_would(monkeypatch):
+    """``interleaved(..., settle=1.0)`` may stop early; on which side of 1 its median lies must not change. A fake
+    clock runs each call for a set time: a always 1.0, b the ratio of its pair."""
+    import random
+
+    from fxsurgery import timing
+
+    rng = random.Random(0)
+    for _ in range(300):
+        ratios = [rng.choice([0.6, 0.9, 1.0, 1.1, 1.4]) for _ in range(5)]
+        results = {}
+        for settle in (None, 1.0):
+            clock = [0.0]
+            costs = iter([1.0] * 3 + ratios)  # b: two warm-up calls and the calibration call, then one per pair
+
+            def a(clock=clock):
+                clock[0] += 1.0
+
+            def b(clock=clock, costs=costs):
+                clock[0] += next(costs)
+
+            monkeypatch.setattr(timing.time, "perf_counter", lambda clock=clock: clock[0])
+            results[settle] = timing.interleaved(a, b, 5, min_sample_s=0.0, settle=settle)
+        full, settled = results[None], results[1.0]
+        assert full.pairs == 5 and 3 <= settled.pairs <= 5
+        assert (settled.median < 1.0) == (full.median < 1.0), ratios
+        if sum(r < 1.0 for r in ratios[:3]) in (0, 3):
+            assert settled.pairs == 3  # three pairs on one side decide the median of five
+
+
+def test_a_model_the_torchscript_exporter_refuses_is_timed_from_a_dynamo_export(monkeypatch, tmp_path):
+    from fxsurgery import timing
+
+    calls = []
+    export = timing.export_onnx
+
+    def picky(module, inputs, path, *, exporter="dynamo", **kw):
+        calls.append(exporter)
+        if exporter == "torchscript":
+            raise RuntimeError("unsupported by the TorchScript exporter")
+        export(module, inputs, path, exporter=exporter, **kw)
+
+    monkeypatch.setattr(timing, "export_onnx", picky)
+    model, x = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1)).eval(), torch.randn(2, 3, 5, 5)
+    run = timing.runner(model, x, "onnxruntime", tmp_path, 1, exporter="torchscript")
+    assert calls == ["torchscript", "dynamo"]
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(run()[0]), model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_auto_measures_on_openvino():
+    pytest.importorskip("openvino", reason='OpenVINO is optional: pip install "fxsurgery[openvino]"')
+    model, x = demo_model(), torch.randn(4, 3, 32, 32)
+    res = fxsurgery.rewrite(model, x, "auto", runtime="openvino")
+    assert res.timings["runtime"] == "openvino" and res.validation.passed
+    assert all(c["chosen"] == ("rewritten" if c["ratio"] < 1.0 else "original") for c in res.timings["sites"])

@@ -22,7 +22,9 @@ def test_harness_smoke_run(tmp_path):
     }
     assert all(r["ratio"]["pairs"] == 1 and r["ratio"]["median"] > 0 for r in data["latency"])
     assert {r["runtime"] for r in data["auto"]} == {"torch eager", "onnxruntime"}
-    assert all(set(r["ratios"]) == {"auto", "all-conv", "all-linear"} for r in data["auto"])
+    assert all(set(r["ratios"]) == {"auto", "all-conv", "all-linear"} | (
+        {"torchscript-export"} if r["runtime"] == "onnxruntime" else set()) for r in data["auto"])
+    assert [r["convs"] for r in data["rewrite_scale"]] == [8, 16]
     assert all(r["chosen"] in ("original", "auto", "all-conv", "all-linear") for r in data["auto"])
     md = out.with_suffix(".md").read_text()
     assert "| case |" in md and "| model |" in md

@@ -330,3 +330,17 @@ def test_example_scripts_run(script, tmp_path):
                           text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert (tmp_path / "rewritten.onnx").is_file()
+
+
+def test_model_specs_resolve_as_entry_points_do():
+    """``package.module:callable`` (also a dotted attribute path after the colon) resolves as
+    ``pkgutil.resolve_name`` reads entry points; a missing attribute is one usage error."""
+    import collections
+
+    from fxsurgery.cli_inputs import UsageError
+    from fxsurgery.cli_model import load_factory
+
+    assert load_factory("torch.nn:Sequential") is torch.nn.Sequential
+    assert load_factory("collections:OrderedDict.fromkeys") == collections.OrderedDict.fromkeys
+    with pytest.raises(UsageError, match="has no attribute 'OrderedDict.nope'"):
+        load_factory("collections:OrderedDict.nope")

@@ -33,14 +33,16 @@ class Rewriter:
     """State of one pass over one GraphModule: the layouts carried so far, the sites, the modules to install."""
 
     def __init__(self, gm: fx.GraphModule, rules: RuleSet, exclude: Sequence[str] = (),
-                 tied: Mapping[str, str] | None = None) -> None:  # fmt: skip
+                 tied: Mapping[str, str] | None = None, skip: Mapping[str, str] | None = None) -> None:  # fmt: skip
         """``tied`` names parameters of ``gm`` shared with modules outside it (an untraceable parent's other
-        children), by the owner outside: their layers are left alone like any other tied weight."""
+        children), by the owner outside: their layers are left alone like any other tied weight. ``skip`` maps
+        the patterns to leave alone (a deployment target's) to the reason their sites report."""
         self.gm = gm
         self.graph = gm.graph
         self.rules = rules
         self.modules: dict[str, nn.Module] = dict(gm.named_modules())
         self.exclude = set(exclude)
+        self.skip = dict(skip or {})
         self.alt: dict[fx.Node, tuple[fx.Node, Layout]] = {}
         self.sites: list[Site] = []
         self.new_modules: dict[str, nn.Module] = {}
@@ -130,7 +132,7 @@ class Rewriter:
             if name in self._seen_modules:
                 return  # one Site per module; a module called twice was skipped at its first call
             self._seen_modules.add(name)
-        reason = self._common_skip(node, name)
+        reason = self._common_skip(node, name) or self.skip.get(rule.pattern)
         if reason is None:
             try:
                 match = rule.match(node, self)

@@ -6,7 +6,7 @@
   submodule that failed.
 * :mod:`~fxsurgery.tracing.copies`: :func:`working_copy` (structure copied, parameters viewing the original storage,
   buffers cloned) and :func:`eval_copy`.
-* :mod:`~fxsurgery.tracing.shapes`: :func:`propagate_shapes` (``node.meta["val"]`` from fake tensors: no real
+* :mod:`~fxsurgery.tracing.shapes`: :func:`propagate_shapes` (``node.meta["val"]`` from meta or fake tensors: no real
   activations) and :func:`shape_of`.
 * :mod:`~fxsurgery.tracing.capture`: :func:`capture_submodule_inputs`.
 * :mod:`~fxsurgery.tracing.export`: the ``torch.export`` front end, :func:`export_model` and

@@ -7,15 +7,18 @@ import collections
 import contextlib
 import io
 import os
+import sys
 import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["EXPORTERS", "export_onnx", "op_histogram", "batch_is_dynamic", "io_names", "rename_outputs"]
+__all__ = ["EXPORTERS", "export_onnx", "torchlib_registry_once", "op_histogram", "batch_is_dynamic", "io_names",
+           "rename_outputs"]
 
 EXPORTERS = ("dynamo", "torchscript")
 # Beyond this many parameter bytes a single protobuf (2 GiB limit) cannot hold the model: write external data.
@@ -52,10 +55,52 @@ def export_onnx(
         warnings.simplefilter("ignore")
         if exporter == "dynamo":
             dyn = tuple({0: torch.export.Dim("batch")} if t.dim() else None for t in inputs) if dynamic_batch else None
-            torch.onnx.export(module, inputs, str(path), dynamo=True, dynamic_shapes=dyn, external_data=big, **kwargs)
+            with torchlib_registry_once():
+                torch.onnx.export(module, inputs, str(path), dynamo=True, dynamic_shapes=dyn, external_data=big,
+                                  **kwargs)  # fmt: skip
         else:
             axes = {n: {0: "batch"} for n, t in zip(names, inputs) if t.dim()} if dynamic_batch else None
             _export_torchscript(module, inputs, path, axes, kwargs)
+
+
+_REGISTRIES: dict[tuple[int, bool], Any] = {}
+
+
+@contextlib.contextmanager
+def torchlib_registry_once() -> Iterator[None]:
+    """Build the dynamo exporter's op registry once per process and opset, not on every export.
+
+    ``torch.onnx.export`` rebuilds onnxscript's whole torchlib registry each time (about 2,000 ops, each read with
+    ``inspect``): 0.6-1.2 s of every export, more than the export of a small model itself. The registry depends only
+    on the opset and on which op namespaces are loaded (torchvision's ops once torchvision is imported), so it is
+    cached on those; each export gets its own shallow copy, as a custom translation table adds to it. This patches
+    a private torch API for the duration of the export: where it is not there, exports run as they are.
+    """
+    try:
+        from torch.onnx._internal.exporter import _registration
+    except ImportError:  # pragma: no cover - another torch layout: no caching
+        yield
+        return
+    cls = _registration.ONNXRegistry
+    build = cls.__dict__.get("from_torchlib")
+    if not isinstance(build, classmethod):  # pragma: no cover
+        yield
+        return
+
+    def cached(klass: type, opset_version: int = _registration._constants.TORCHLIB_OPSET) -> Any:
+        key = (opset_version, "torchvision" in sys.modules)
+        if key not in _REGISTRIES:
+            _REGISTRIES[key] = build.__func__(klass, opset_version)
+        registry = klass()
+        registry._opset_version = opset_version
+        registry.functions = {k: list(v) for k, v in _REGISTRIES[key].functions.items()}
+        return registry
+
+    setattr(cls, "from_torchlib", classmethod(cached))  # noqa: B010 - a class attribute, restored below
+    try:
+        yield
+    finally:
+        setattr(cls, "from_torchlib", build)  # noqa: B010
 
 
 def _export_torchscript(module: nn.Module, inputs: tuple[torch.Tensor, ...], path: Path, axes: Any,

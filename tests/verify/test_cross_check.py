@@ -214,3 +214,25 @@ def test_a_model_that_does_not_export_to_onnx_is_one_clear_error(tmp_path):
                             exporter=exporter)  # fmt: skip
     report = fxsurgery.check(NoOnnx().eval(), torch.randn(2, 3, 4, 4), "linear", tmp_path / "none", onnx=False)
     assert report.passed and report.onnx is None and report.surgery.rewritten
+
+
+def test_the_exporter_registry_is_built_once_and_exports_stay_the_same(tmp_path):
+    """``torchlib_registry_once`` patches a private torch API (``ONNXRegistry.from_torchlib``): this pins it. Two
+    exports build the registry once; the class is restored after each; the model exported under the cache runs in
+    onnxruntime and matches torch (checked against the model, not against another export)."""
+    from torch.onnx._internal.exporter import _registration
+
+    from fxsurgery.verify import onnx_export
+
+    builder = _registration.ONNXRegistry.__dict__["from_torchlib"]
+    assert isinstance(builder, classmethod)  # the private API the cache wraps is still there
+    onnx_export._REGISTRIES.clear()
+    model, x = Chain().eval(), torch.randn(2, 3, 4, 4)
+    for name in ("a.onnx", "b.onnx"):
+        onnx_export.export_onnx(model, (x,), tmp_path / name)
+        assert _registration.ONNXRegistry.__dict__["from_torchlib"] is builder
+    assert len(onnx_export._REGISTRIES) == 1
+    assert op_histogram(tmp_path / "a.onnx") == op_histogram(tmp_path / "b.onnx")
+    out = ort.InferenceSession(str(tmp_path / "b.onnx")).run(None, {"input_0": x.numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(out, model(x).numpy(), rtol=1e-5, atol=1e-6)

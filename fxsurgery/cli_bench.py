@@ -1,0 +1,58 @@
+"""``fxsurgery bench``: :func:`fxsurgery.benchmark` from the shell, rewritten/original per runtime and batch, with
+the noise floor; ``--json`` for machines, ``--chart FILE`` for the ratio chart."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from typing import Any
+
+from fxsurgery.cli_inputs import UsageError
+from fxsurgery.timing import RUNTIMES
+
+__all__ = ["add_bench", "run_bench"]
+
+
+def _list_of(kind: Callable[[str], Any], name: str) -> Callable[[str], list[Any]]:
+    def parse(text: str) -> list[Any]:
+        try:
+            return [kind(v.strip()) for v in text.split(",") if v.strip()]
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"{name} must be a comma-separated list: {e}") from e
+
+    return parse
+
+
+def add_bench(sub: Any, model_arguments: Callable[[argparse.ArgumentParser], None]) -> None:
+    b = sub.add_parser("bench", help="time the rewritten model against the original, per runtime and batch size")
+    model_arguments(b)
+    b.add_argument("--to", choices=("conv", "linear", "auto"), required=True, help="target layer type")
+    b.add_argument("--runtime", type=_list_of(str, "--runtime"), default=["onnxruntime", "torch"],
+                   metavar="LIST", help=f"comma-separated, of {', '.join(RUNTIMES)} (default onnxruntime,torch)")
+    b.add_argument("--batch", type=_list_of(int, "--batch"), default=None, metavar="LIST",
+                   help="comma-separated batch sizes (default: the example input's)")  # fmt: skip
+    b.add_argument("--pairs", type=int, default=7, help="interleaved pairs per ratio (default 7)")
+    b.add_argument("--threads", type=int, default=2, help="threads of torch and of each session (default 2)")
+    b.add_argument("--no-validate", action="store_true", help="time without validating the rewrite first")
+    b.add_argument("--chart", metavar="FILE", help="write the ratio chart (.png or .svg; needs matplotlib)")
+    b.add_argument("--quiet", action="store_true", help="no progress messages on stderr")
+    b.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def run_bench(args: argparse.Namespace, model: Any, inputs: tuple, progress: Any) -> int:
+    from fxsurgery.benchmark import benchmark, ratio_chart
+
+    unknown = sorted(set(args.runtime) - set(RUNTIMES))
+    if unknown:
+        raise UsageError(f"unknown runtime {unknown[0]!r}: --runtime takes some of {', '.join(RUNTIMES)}")
+    with progress.step(f"rewriting towards {args.to} and timing on {', '.join(args.runtime)}"):
+        report = benchmark(model, inputs, args.to, runtimes=args.runtime, batches=args.batch, pairs=args.pairs,
+                           threads=args.threads, validate=not args.no_validate, frontend=args.frontend,
+                           leaf_modules=tuple(args.leaf_module), exclude=tuple(args.exclude), target=args.target,
+                           batch_layout=args.batch_layout, token_layout=args.token_layout)  # fmt: skip
+    if args.chart:
+        ratio_chart([(f"{r.runtime} b{r.batch}", r.ratio, r.noise) for r in report.rows], args.chart,
+                    title=f"{report.model} {report.direction}: rewritten / original")  # fmt: skip
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.summary())
+    return 0

@@ -1,0 +1,77 @@
+"""Deployment targets: ``target=`` (CLI ``--target``) picks the layouts and leaves alone the patterns a toolchain runs
+badly, each choice stated in the result's notes with its reason; :func:`fxsurgery.verify.census.census` counts
+the ops after the target's own conversion, where its toolchain is installed.
+
+* ``onnxruntime``: the defaults (they were measured on it: ``benchmarks/results.md``).
+* ``openvino``: the defaults: at batch 1 neither layout is faster on its CPU plugin (ResNet-18, VGG-11: 0.97-1.01,
+  noise 1.00-1.01; ``python -m benchmarks.openvino_layouts``).
+* ``coreml``: ``batch_layout="batch"``: at batch 1 the spatial ``(1, C, 1, N)`` layout adds 2 transposes and 2
+  reshapes around a head in Core ML; ``(N, C, 1, 1)`` adds 1 reshape.
+* ``executorch-xnnpack``: ``conv1x1-strided`` sites left as convs: XNNPACK does not delegate the
+  ``x[:, :, ::s, ::s]`` slice they become (ResNet-18 conv -> Linear splits into 4 delegates and 6 ``slice_copy``;
+  the original: 1 delegate).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from fxsurgery.errors import InputError
+
+__all__ = ["Target", "TARGETS", "check_target", "target_notes", "target_skips"]
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a target changes: the batch layout of rewritten heads (None: the default), and patterns left alone,
+    with the reason each is."""
+
+    name: str
+    toolchain: str  # the Python package that converts for it (its census needs it)
+    extra: str  # pip install "fxsurgery[extra]"
+    batch_layout: str | None = None
+    layout_reason: str = ""
+    skip: Mapping[str, str] = field(default_factory=dict)
+
+
+TARGETS: dict[str, Target] = {
+    "onnxruntime": Target("onnxruntime", "onnxruntime", "", layout_reason="the defaults were measured on it"),
+    "openvino": Target("openvino", "openvino", "openvino",
+                       layout_reason="at batch 1 neither layout measured faster on its CPU plugin"),  # fmt: skip
+    "coreml": Target("coreml", "coremltools", "coreml", batch_layout="batch",
+                     layout_reason="at batch 1 Core ML runs the spatial (1, C, 1, N) layout with 2 transposes and 2 "
+                                   "reshapes around a head; (N, C, 1, 1) needs 1 reshape"),  # fmt: skip
+    "executorch-xnnpack": Target("executorch-xnnpack", "executorch", "executorch", skip={
+        "conv1x1-strided": "target executorch-xnnpack: XNNPACK does not delegate the strided slice "
+                           "x[:, :, ::s, ::s] this rewrite starts with (the graph would split into several "
+                           "delegates with slice_copy between them): kept as a conv"}),  # fmt: skip
+}
+
+
+def check_target(name: str | None) -> None:
+    if name is not None and name not in TARGETS:
+        raise InputError(f"target must be one of {sorted(TARGETS)} (or None), got {name!r}")
+
+
+def target_skips(name: str | None) -> Mapping[str, str]:
+    """Pattern -> reason, for the patterns the target leaves alone."""
+    return TARGETS[name].skip if name else {}
+
+
+def target_notes(name: str | None, batch_layout: str, direction: str) -> list[str]:
+    """The target's choices for one pass, each with its reason."""
+    if not name:
+        return []
+    t = TARGETS[name]
+    notes = []
+    if direction == "linear_to_conv":
+        picked = t.batch_layout or "spatial"
+        if batch_layout == picked:
+            notes.append(f"target {name}: batch_layout={picked!r} ({t.layout_reason})")
+        else:
+            notes.append(f"target {name}: batch_layout={batch_layout!r} as given (the target picks {picked!r}: "
+                         f"{t.layout_reason})")  # fmt: skip
+    for pattern, reason in t.skip.items():
+        notes.append(f"{reason.split(':')[0]}: {pattern} sites are left alone")
+    return notes
