@@ -30,8 +30,8 @@ from fxsurgery.verify.cross_check import cross_check
 __all__ = ["linear_to_conv", "conv_to_linear", "rewrite", "check"]
 
 
-def rewrite(model: nn.Module, example_inputs: Any, direction: str, *, options: Options | None = None,
-            **overrides: Any) -> SurgeryResult:  # fmt: skip
+def rewrite(model: nn.Module | torch.export.ExportedProgram, example_inputs: Any, direction: str, *,
+            options: Options | None = None, **overrides: Any) -> SurgeryResult:  # fmt: skip
     """Run one direction over ``model``: ``"linear_to_conv"`` / ``"conv"`` (Linear layers on flattened or pooled
     maps, their chains and, with ``token_layout=True``, transformer blocks, as Conv2d) or ``"conv_to_linear"`` /
     ``"linear"`` (pointwise, strided pointwise, full-extent, Conv1d k=1 and ConvTranspose 1x1 convolutions as
@@ -60,14 +60,19 @@ def _rewrite_program(program: torch.export.ExportedProgram, example_inputs: Any,
         raise InputError("an ExportedProgram is rewritten through the export front end, in one direction: pass "
                          "frontend='auto' or 'export' and to='conv' or 'linear'")  # fmt: skip
     if example_inputs is None:
-        if program.example_inputs is None:
-            raise InputError("this ExportedProgram holds no example inputs: pass example_inputs")
-        args, kwargs = program.example_inputs
-        example_inputs = (*args, kwargs) if kwargs else tuple(args)
+        example_inputs = _program_inputs(program)
     model = module_of_program(program)
     inputs = _flat_inputs(example_inputs)[0]
     result = run_pass(model, inputs, direction, dataclasses.replace(opts, frontend="export"), program=program)
     return dataclasses.replace(result, program=export_rewritten(result.module, inputs))
+
+
+def _program_inputs(program: torch.export.ExportedProgram) -> Any:
+    """The example inputs an ExportedProgram holds, as ``example_inputs`` (keywords in a trailing dict)."""
+    if program.example_inputs is None:
+        raise InputError("this ExportedProgram holds no example inputs: pass example_inputs")
+    args, kwargs = program.example_inputs
+    return (*args, kwargs) if kwargs else tuple(args)
 
 
 def _with_keywords(model: nn.Module, example_inputs: Any) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
@@ -102,7 +107,7 @@ def conv_to_linear(model: nn.Module, example_inputs: Any, *, options: Options | 
 
 
 def check(
-    model: nn.Module,
+    model: nn.Module | torch.export.ExportedProgram,
     example_inputs: Any,
     to: str = "conv",
     out_dir: str | os.PathLike = "fxsurgery-out",
@@ -113,18 +118,28 @@ def check(
     options: Options | None = None,
     opset: int | None = None,
     dynamic_batch: bool = True,
+    runtimes: Sequence[str] = (),
     **overrides: Any,
 ) -> CheckReport:
     """Rewrite ``model`` towards ``to`` (``"conv"``, ``"linear"`` or ``"auto"``), validate, export both versions
     to ONNX in ``out_dir`` and cross-check them in onnxruntime (``providers``; ``exporter="dynamo"`` or
     ``"torchscript"``; ``opset``; ``dynamic_batch=False`` exports a static batch; ``onnx=False`` skips the
-    cross-check, which compares with the validation's ``rtol`` when one is given).
+    cross-check, which compares with the validation's ``rtol`` when one is given; ``runtimes``: also OpenVINO
+    and/or ExecuTorch-XNNPACK, ``("openvino", "executorch")``, with their extras installed).
 
     A validation mismatch does not stop the export: the report carries both results and ``passed`` is False.
+    ``model`` may be an ExportedProgram (``example_inputs=None``: its own); the cross-check then compares against
+    ``program.module()``.
     """
-    model, inputs = _with_keywords(model, example_inputs)
-    try:
-        result = rewrite(model, inputs, to, options=options, **overrides)
+    program = model if isinstance(model, torch.export.ExportedProgram) else None
+    if program is not None:
+        example_inputs = _program_inputs(program) if example_inputs is None else example_inputs
+    module = program.module() if program is not None else model
+    assert isinstance(module, nn.Module)
+    model, inputs = _with_keywords(module, example_inputs)
+    try:  # a program is rewritten as a program (its own graph, through the export front end)
+        result = (rewrite(program, example_inputs, to, options=options, **overrides) if program is not None
+                  else rewrite(model, inputs, to, options=options, **overrides))  # fmt: skip
     except ValidationError as e:
         result = e.result
     onnx_check = None
@@ -132,7 +147,7 @@ def check(
         rtol = overrides.get("rtol", options.rtol if options is not None else None)
         onnx_check = cross_check(model, result.module, inputs, out_dir, exporter=exporter, providers=providers,
                                  direction=result.direction, rewritten_sites=len(result.rewritten), opset=opset,
-                                 dynamic_batch=dynamic_batch, rtol=rtol)  # fmt: skip
+                                 dynamic_batch=dynamic_batch, rtol=rtol, runtimes=runtimes)  # fmt: skip
     target = resolve(options, overrides).target
     if target is None:
         return CheckReport(result, onnx_check)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from fxsurgery.checkpoint import ARTIFACTS
-from fxsurgery.cli_bench import add_bench, run_bench
+from fxsurgery.cli_bench import add_bench, add_report, artifacts_list, run_bench, run_report, runtimes_list
 from fxsurgery.cli_inputs import (
     DTYPES,
     UsageError,
@@ -30,7 +30,8 @@ from fxsurgery.cli_inputs import (
     example_inputs,
     parse_input,
 )
-from fxsurgery.cli_model import build_model, load_weights
+from fxsurgery.cli_model import build_model, load_program, load_weights
+from fxsurgery.report_html import write_html
 from fxsurgery.targets import TARGETS
 
 __all__ = ["main"]
@@ -99,10 +100,12 @@ def _build_parser() -> argparse.ArgumentParser:
     rw.add_argument("--runtime", choices=("onnxruntime", "torch", "openvino"), default="onnxruntime",
                     help="with --to auto: where to measure")  # fmt: skip
     rw.add_argument("--out", help="output directory (must not exist, or be empty; required unless --dry-run)")
-    rw.add_argument("--artifacts", type=_artifacts, default=ARTIFACTS, metavar="LIST",
+    rw.add_argument("--artifacts", type=artifacts_list, default=ARTIFACTS, metavar="LIST",
                     help="files to write besides report.json, comma-separated: onnx (the two ONNX files; the "
                          "cross-check runs either way), pt2, safetensors (the rewritten weights, the same in the "
                          "original layout, layouts.json), code; all (default) or none")  # fmt: skip
+    rw.add_argument("--cross-check-runtimes", type=runtimes_list, default=(), metavar="LIST",
+                    help="also cross-check on these runtimes, comma-separated: openvino, executorch (their extras)")
     rw.add_argument("--dry-run", action="store_true",
                     help="only list the sites and what would happen to each (as fxsurgery list); nothing is "
                          "validated or written")  # fmt: skip
@@ -116,26 +119,17 @@ def _build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--json", action="store_true", help="print the sites as JSON")
     _add_convert(sub)
     add_bench(sub, _model_arguments)
+    add_report(sub)
     demo = sub.add_parser("demo", help="run the whole pipeline on the built-in model, both directions")
     demo.add_argument("--out", help="output directory (default: a temporary one, removed afterwards)")
     common(demo)
     return parser
 
 
-def _artifacts(text: str) -> tuple[str, ...]:
-    names = {n.strip() for n in text.split(",") if n.strip()}
-    if names in ({"all"}, {"none"}):
-        return ARTIFACTS if names == {"all"} else ()
-    unknown = sorted(names - set(ARTIFACTS))
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown artifact {unknown[0] if unknown else text!r}: a comma-separated "
-                                         f"list of {', '.join(ARTIFACTS)}, or all, or none")  # fmt: skip
-    return tuple(a for a in ARTIFACTS if a in names)
-
-
 def _model_arguments(p: argparse.ArgumentParser) -> None:
     """The model, its example inputs and the rewrite options, shared by ``rewrite`` and ``list``."""
-    p.add_argument("model", help="package.module:callable or path/to/file.py:callable returning an nn.Module")
+    p.add_argument("model", help="package.module:callable or path/to/file.py:callable returning an nn.Module, or a "
+                                 ".pt2 file (torch.export.save)")  # fmt: skip
     p.add_argument("--model-kwargs", default="{}", metavar="JSON",
                    help='keyword arguments for the callable, e.g. \'{"model_name": "resnet18"}\'')  # fmt: skip
     p.add_argument("--input-shape", action="append", default=[], metavar="N,C,H,W[:DTYPE]",
@@ -196,6 +190,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _convert(args)
         if args.command == "list":
             return _list(args, progress)
+        if args.command == "report":
+            return run_report(args)
         if args.command == "bench":
             model, positional, named = _model_and_inputs(args, progress)
             return run_bench(args, model, (*positional, named) if named else positional, progress)
@@ -261,6 +257,11 @@ def _model_and_inputs(args: argparse.Namespace, progress: _Progress) -> tuple[An
 
     specs = [parse_input(s, "--input-shape", args.dtype) for s in args.input_shape]
     specs += [parse_input(s, "--input", args.dtype) for s in args.input]
+    if args.model.endswith(".pt2"):
+        program, positional, named = load_program(args.model, bool(specs), {
+            "--weights": bool(args.weights), "--model-kwargs": args.model_kwargs != "{}",
+            "--dtype": args.dtype != "float32"})  # fmt: skip
+        return (program, *_split(specs)) if specs else (program, positional, named)
     if not specs:
         raise UsageError("no example input: give --input-shape N,C,H,W (and/or --input NAME=SHAPE[:DTYPE])")
     dtype = getattr(torch, args.dtype)
@@ -270,11 +271,16 @@ def _model_and_inputs(args: argparse.Namespace, progress: _Progress) -> tuple[An
         if args.weights:
             load_weights(model, args.weights, args.unsafe_pickle)
         model = model.to(dtype).eval()
-    inputs = example_inputs(specs)
-    positional = tuple(t for (name, _, _), t in zip(specs, inputs) if name is None)
-    named = {name: t for (name, _, _), t in zip(specs, inputs) if name is not None}
+    positional, named = _split(specs)
     check_input_dims(model, positional)
     return model, positional, named
+
+
+def _split(specs: list[tuple[str | None, tuple[int, ...], str]]) -> tuple[tuple, dict[str, Any]]:
+    """Example inputs made from ``specs``: the positional ones, and the keyword ones by name."""
+    inputs = example_inputs(specs)
+    return (tuple(t for (name, _, _), t in zip(specs, inputs) if name is None),
+            {name: t for (name, _, _), t in zip(specs, inputs) if name is not None})  # fmt: skip
 
 
 def _rewrite(args: argparse.Namespace, progress: _Progress) -> int:
@@ -330,7 +336,8 @@ def _run_pipeline(model: Any, inputs: tuple, to: str, out_dir: Path, args: argpa
                      token_layout=getattr(args, "token_layout", False),
                      runtime=getattr(args, "runtime", "onnxruntime"),
                      frontend=getattr(args, "frontend", "auto"), opset=args.opset,
-                     dynamic_batch=not args.static_batch, **({"rtol": args.rtol} if args.rtol else {}))  # fmt: skip
+                     dynamic_batch=not args.static_batch, runtimes=getattr(args, "cross_check_runtimes", ()),
+                     **({"rtol": args.rtol} if args.rtol else {}))  # fmt: skip
 
 
 def _write_report(report: Any, out_dir: Path, inputs: list[tuple[str, Any]], progress: _Progress,
@@ -340,8 +347,10 @@ def _write_report(report: Any, out_dir: Path, inputs: list[tuple[str, Any]], pro
 
     with progress.step("saving the rewritten model"):
         saved = save_rewritten(report.surgery.module, tuple(t for _, t in inputs), out_dir, artifacts)
+    saved["report.html"] = "this report drawn (sites, error histograms, op census): fxsurgery report DIR rebuilds it"
     data = report_file(report, saved=saved, command=" ".join(sys.argv), inputs=inputs)
     (out_dir / "report.json").write_text(json.dumps(data, indent=2))
+    write_html(data, out_dir / "report.html")
     mode = 0o666 & ~_umask()
     for f in out_dir.iterdir():  # one mode for every file (safetensors writes its files private)
         f.chmod(mode)

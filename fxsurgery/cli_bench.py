@@ -1,17 +1,20 @@
-"""``fxsurgery bench``: :func:`fxsurgery.benchmark` from the shell, rewritten/original per runtime and batch, with
-the noise floor; ``--json`` for machines, ``--chart FILE`` for the ratio chart."""
+"""``fxsurgery bench`` (:func:`fxsurgery.benchmark` from the shell: rewritten/original per runtime and batch, with
+the noise floor; ``--json`` for machines, ``--chart FILE`` for the ratio chart), ``fxsurgery report DIR``
+(``report.html`` rebuilt from ``report.json``), and the list-valued arguments of ``rewrite``."""
 
 from __future__ import annotations
 
 import argparse
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+from fxsurgery.checkpoint import ARTIFACTS
 from fxsurgery.cli_inputs import UsageError
 from fxsurgery.timing import RUNTIMES
 
-__all__ = ["add_bench", "run_bench"]
+__all__ = ["add_bench", "run_bench", "add_report", "run_report", "artifacts_list", "runtimes_list"]
 
 
 def _list_of(kind: Callable[[str], Any], name: str) -> Callable[[str], list[Any]]:
@@ -22,6 +25,28 @@ def _list_of(kind: Callable[[str], Any], name: str) -> Callable[[str], list[Any]
             raise argparse.ArgumentTypeError(f"{name} must be a comma-separated list: {e}") from e
 
     return parse
+
+
+def artifacts_list(text: str) -> tuple[str, ...]:
+    names = {n.strip() for n in text.split(",") if n.strip()}
+    if names in ({"all"}, {"none"}):
+        return ARTIFACTS if names == {"all"} else ()
+    unknown = sorted(names - set(ARTIFACTS))
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown artifact {unknown[0] if unknown else text!r}: a comma-separated "
+                                         f"list of {', '.join(ARTIFACTS)}, or all, or none")  # fmt: skip
+    return tuple(a for a in ARTIFACTS if a in names)
+
+
+def runtimes_list(text: str) -> tuple[str, ...]:
+    from fxsurgery.verify.runners import RUNNERS
+
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in RUNNERS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown runtime {unknown[0] if unknown else text!r}: a comma-separated "
+                                         f"list of {', '.join(RUNNERS)}")  # fmt: skip
+    return names
 
 
 def add_bench(sub: Any, model_arguments: Callable[[argparse.ArgumentParser], None]) -> None:
@@ -55,4 +80,25 @@ def run_bench(args: argparse.Namespace, model: Any, inputs: tuple, progress: Any
         ratio_chart([(f"{r.runtime} b{r.batch}", r.ratio, r.noise) for r in report.rows], args.chart,
                     title=f"{report.model} {report.direction}: rewritten / original")  # fmt: skip
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.summary())
+    return 0
+
+
+def add_report(sub: Any) -> None:
+    r = sub.add_parser("report", help="rebuild DIR/report.html from DIR/report.json")
+    r.add_argument("dir", metavar="DIR", help="a folder written by fxsurgery rewrite --out")
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from fxsurgery.report_html import write_html
+
+    source = Path(args.dir) / "report.json"
+    if not source.is_file():
+        raise UsageError(f"{source} not found: DIR must be a folder written by fxsurgery rewrite --out")
+    try:
+        data = json.loads(source.read_text())
+    except ValueError as e:
+        raise UsageError(f"{source} is not JSON: {e}") from e
+    if not isinstance(data, dict) or "sites" not in data:
+        raise UsageError(f"{source} is not a fxsurgery report (no sites)")
+    print(write_html(data, Path(args.dir) / "report.html"))
     return 0

@@ -1,5 +1,5 @@
 """How the command line gets the user's model: a factory (``package.module:callable`` or ``file.py:callable``) called
-with ``--model-kwargs``, and optional ``--weights``."""
+with ``--model-kwargs``, and optional ``--weights``; or a ``.pt2`` file (an ExportedProgram, ``torch.export.save``)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typing import Any
 
 from fxsurgery.cli_inputs import UsageError
 
-__all__ = ["load_factory", "build_model", "load_weights"]
+__all__ = ["load_factory", "build_model", "load_weights", "load_program"]
 
 
 def load_factory(spec: str) -> Callable[[], Any]:
@@ -114,3 +114,25 @@ def load_weights(model: Any, path: str, allow_pickle: bool) -> None:
                  for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes))
                  if keys]  # fmt: skip
         raise UsageError(f"weights file {path} does not match the model: {'; '.join(parts) or e}") from e
+
+
+def load_program(path: str, given: bool, args_used: dict[str, bool]) -> tuple[Any, tuple, dict[str, Any]]:
+    """The ExportedProgram in ``path`` and its example inputs (positional, keyword) when no input was ``given``
+    (else empty: the caller's are used). The options that only apply to a model factory are refused."""
+    import torch
+
+    for flag, used in args_used.items():
+        if used:
+            raise UsageError(f"{flag} applies to a model factory, not to a .pt2 file (its weights and dtype are in it)")
+    if not Path(path).is_file():
+        raise UsageError(f"model file not found: {path}")
+    try:
+        program = torch.export.load(path)
+    except Exception as e:
+        raise UsageError(f"cannot read {path} as a torch.export program: {type(e).__name__}: {e}") from e
+    if given:
+        return program, (), {}
+    if program.example_inputs is None:
+        raise UsageError(f"{path} holds no example inputs: give --input-shape (and/or --input NAME=SHAPE[:DTYPE])")
+    args, kwargs = program.example_inputs
+    return program, tuple(args), dict(kwargs)

@@ -14,7 +14,10 @@ from typing import Any, Literal
 from torch import nn
 
 __all__ = ["Site", "SurgeryResult", "Validation", "Comparison", "OnnxCheck", "CheckReport", "format_table",
-           "json_float", "SCHEMA_VERSION", "moved", "report_file"]  # fmt: skip
+           "json_float", "SCHEMA_VERSION", "HISTOGRAM_BINS", "moved", "report_file"]  # fmt: skip
+
+#: The bins of validation's error histograms, per element: |got - ref| / output scale, by decade (0: equal).
+HISTOGRAM_BINS = ("0", "<1e-16", *(f"1e{e}..1e{e + 1}" for e in range(-16, 0)), ">=1")
 
 Status = Literal["rewritten", "skipped"]
 
@@ -89,6 +92,8 @@ class Validation:
     worst: str = ""
     failure: str = ""
     notes: tuple[str, ...] = field(default=())
+    #: per output, element counts of |rewritten - original| / output scale per bin of ``HISTOGRAM_BINS``
+    error_histograms: dict[str, list[int]] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
         return self.passed
@@ -119,6 +124,7 @@ class Validation:
             "worst": self.worst,
             "failure": self.failure,
             "notes": list(self.notes),
+            "error_histograms": {"bins": list(HISTOGRAM_BINS), "outputs": self.error_histograms},
         }
 
 

@@ -206,7 +206,8 @@ def test_artifacts_choose_the_files_and_the_cross_check_still_runs(models_file, 
                "--artifacts", "safetensors", "--json", "--quiet")  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     files = {p.name for p in out.iterdir()}
-    assert files == {"report.json", "rewritten.safetensors", "original_format.safetensors", "layouts.json"}
+    assert files == {"report.json", "report.html", "rewritten.safetensors", "original_format.safetensors",
+                     "layouts.json"}
     report = json.loads(proc.stdout)
     assert report["onnx"]["passed"] is True and len(report["onnx"]["comparisons"]) > 0  # checked, not kept
     assert report["onnx"]["original_path"] == "(not kept: --artifacts without onnx)"
@@ -220,7 +221,7 @@ def test_artifacts_none_writes_only_the_report_and_a_dry_run_writes_nothing(mode
     proc = run("rewrite", f"{models_file}:make", "--to", "conv", "--input-shape", "2,3,32,32", "--out", str(out),
                "--artifacts", "none", "--quiet")  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    assert {p.name for p in out.iterdir()} == {"report.json"}
+    assert {p.name for p in out.iterdir()} == {"report.json", "report.html"}
     proc = run("rewrite", f"{models_file}:make", "--to", "conv", "--input-shape", "2,3,32,32", "--dry-run",
                "--quiet", cwd=tmp_path)  # fmt: skip
     assert proc.returncode == 0 and "classifier.1" in proc.stdout and "rewritten" in proc.stdout, proc.stderr
@@ -344,3 +345,40 @@ def test_model_specs_resolve_as_entry_points_do():
     assert load_factory("collections:OrderedDict.fromkeys") == collections.OrderedDict.fromkeys
     with pytest.raises(UsageError, match="has no attribute 'OrderedDict.nope'"):
         load_factory("collections:OrderedDict.nope")
+
+
+def _saved_program(path, batch=2):
+    from fxsurgery.models import demo_model
+
+    model, x = demo_model().eval(), torch.randn(batch, 3, 32, 32)
+    program = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    torch.export.save(program, path)
+    return model
+
+
+def test_a_pt2_file_is_a_model_with_its_own_example_inputs(tmp_path):
+    """``fxsurgery rewrite model.pt2``: the ExportedProgram is rewritten through the export front end, validated
+    against the program, cross-checked; the rewritten program runs and matches the original model."""
+    model = _saved_program(tmp_path / "demo.pt2")
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "fxsurgery", "rewrite", str(tmp_path / "demo.pt2"), "--to", "conv",
+                           "--out", str(out), "--quiet", "--json"], capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["passed"] and data["frontend"] == "export" and data["inputs"][0]["shape"] == [2, 3, 32, 32]
+    assert {s["name"] for s in data["sites"] if s["status"] == "rewritten"} == {"classifier.1", "classifier.4", "aux"}
+    x = torch.randn(5, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.export.load(out / "rewritten.pt2").module()(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_a_pt2_file_takes_other_inputs_and_refuses_factory_options(tmp_path):
+    _saved_program(tmp_path / "demo.pt2")
+    base = [sys.executable, "-m", "fxsurgery", "list", str(tmp_path / "demo.pt2"), "--to", "linear", "--quiet"]
+    proc = subprocess.run([*base, "--input-shape", "4,3,32,32", "--json"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert sum(s["status"] == "rewritten" for s in json.loads(proc.stdout)["sites"]) >= 3
+    proc = subprocess.run([*base, "--weights", str(tmp_path / "w.safetensors")], capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "--weights applies to a model factory, not to a .pt2 file" in proc.stderr

@@ -275,3 +275,15 @@ def test_in_place_ops_are_raised_and_rewritten_as_fx_rewrites_them(direction):
                                                                          for s in by_fx.sites]  # fmt: skip
     gm = raise_program(export_model(working_copy(m), (x,)), working_copy(m))
     assert not any(isinstance(n.target, torch._ops.OpOverload) for n in gm.graph.nodes), gm.graph
+
+
+def test_check_takes_an_exported_program_and_its_example_inputs(tmp_path):
+    from fxsurgery.models import demo_model
+
+    model, x = demo_model().eval(), torch.randn(2, 3, 32, 32)
+    program = torch.export.export(model, (x,))
+    report = fxsurgery.check(program, None, "linear", tmp_path)
+    assert report.passed and report.onnx.passed and report.surgery.frontend == "export"
+    assert len(report.surgery.rewritten) >= 3
+    with torch.no_grad():
+        torch.testing.assert_close(report.surgery.module(x), model(x), rtol=1e-4, atol=1e-5)

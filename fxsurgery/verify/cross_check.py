@@ -25,6 +25,7 @@ from fxsurgery.errors import InputError, SurgeryError, one_line
 from fxsurgery.report import Comparison, OnnxCheck
 from fxsurgery.tracing.copies import eval_copy
 from fxsurgery.tracing.inputs import normalize_inputs
+from fxsurgery.verify import runners
 from fxsurgery.verify.onnx_export import (
     EXPORTERS,
     batch_is_dynamic,
@@ -126,6 +127,24 @@ def _tensor_leaves(out: Any) -> list[torch.Tensor]:
     return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
 
 
+def _run_more(models: dict[str, nn.Module], batches: list[tuple], runtimes: Sequence[str], found: _Findings,
+              outputs: list[dict[str, list[Any]]]) -> None:  # fmt: skip
+    """The optional runtimes' outputs (:mod:`~fxsurgery.verify.runners`): where one cannot run the original, that is
+    its limit (skipped); where it runs the original and not the rewritten model, a failure."""
+    for rt in runtimes:
+        label = runners.RUNNERS[rt][2]
+        for name in NAMES:
+            for batch_inputs, got in zip(batches, outputs):
+                try:
+                    got[f"{label} {name}"] = runners.run(rt, models[name], batch_inputs)
+                except Exception as e:
+                    message = f"{label} cannot run the {name} model at batch {_batch(batch_inputs)}: {one_line(e)}"
+                    if name == "rewritten" and f"{label} original" in got:
+                        found.failures.append(message)
+                    else:
+                        found.skipped.append(message)
+
+
 def _run(models: dict[str, nn.Module], paths: dict[str, Path], batches: list[tuple], providers: Sequence[str],
          found: _Findings) -> list[dict[str, list[Any]]]:  # fmt: skip
     """Outputs per batch, by runner: torch first, then one onnxruntime session at a time (a large model's sessions
@@ -152,8 +171,10 @@ def _run(models: dict[str, nn.Module], paths: dict[str, Path], batches: list[tup
 def _compare(batches: list[tuple], outputs: list[dict[str, list[Any]]],
              rtol: float | None) -> tuple[list[Comparison], float]:  # fmt: skip
     """Every comparison, and the largest tolerance applied (it follows each output's dtype)."""
-    pairs = [("torch original", label) for label in outputs[0] if label != "torch original"]
-    pairs += [(f"ORT original [opt {lv}]", f"ORT rewritten [opt {lv}]") for lv in OPT_LEVELS]
+    labels = sorted(dict.fromkeys(label for got in outputs for label in got), key=_group)  # stable: as first seen
+    pairs = [("torch original", label) for label in labels if label != "torch original"]
+    pairs += [(label, label.replace("original", "rewritten")) for label in labels
+              if "original" in label and label != "torch original"]  # each runtime: rewritten against original
     comparisons, tol = [], 0.0
     for batch_inputs, got in zip(batches, outputs):
         for ref, cand in pairs:
@@ -164,6 +185,11 @@ def _compare(batches: list[tuple], outputs: list[dict[str, list[Any]]],
                 comparisons.append(Comparison(ref, cand, _batch(batch_inputs), e.max_abs, e.max_rel, not e.failure,
                                               e.failure))  # fmt: skip
     return comparisons, tol
+
+
+def _group(label: str) -> int:
+    """torch, then onnxruntime, then the optional runtimes."""
+    return 0 if label.startswith("torch") else 1 if label.startswith("ORT") else 2
 
 
 def _visibility(counts: dict[str, dict[str, int]], direction: str | None,
@@ -196,15 +222,19 @@ def cross_check(
     direction: str | None = None,
     rewritten_sites: int | None = None,
     seed: int = 0,
+    runtimes: Sequence[str] = (),
 ) -> OnnxCheck:
     """Export both models to ``out_dir`` (``original.onnx``, ``rewritten.onnx``), check them with
-    ``onnx.checker.check_model(full_check=True)``, and compare torch and onnxruntime outputs four ways.
+    ``onnx.checker.check_model(full_check=True)``, and compare torch and onnxruntime outputs four ways; with
+    ``runtimes`` (``"openvino"``, ``"executorch"``) also each of those runtimes' outputs of both models, against
+    torch original and rewritten against original (:mod:`~fxsurgery.verify.runners`).
 
     ``direction`` and ``rewritten_sites`` (taken from a :class:`~fxsurgery.SurgeryResult` by :func:`fxsurgery.check`)
     enable the check that the rewrite is visible in the exported op histogram.
     """
     inputs = normalize_inputs(example_inputs)
     _check_arguments(exporter, providers)
+    runners.check_runtimes(runtimes)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {name: out / f"{name}.onnx" for name in NAMES}
@@ -222,7 +252,9 @@ def cross_check(
         found.failures.append(f"the rewrite is not visible in the exported graph: {detail}")
     # the second batch is small: onnxruntime runs are a visible part of the cost
     batches = [inputs] + ([random_inputs(inputs, gen, batch=_batch(inputs) + 1)] if dynamic else [])
-    comparisons, tol = _compare(batches, _run(models, paths, batches, providers, found), rtol)
+    outputs = _run(models, paths, batches, providers, found)
+    _run_more(models, batches, runtimes, found, outputs)
+    comparisons, tol = _compare(batches, outputs, rtol)
     found.failures += [f"{c.candidate} vs {c.reference} at batch {c.batch}: {c.failure}" for c in comparisons
                        if not c.passed]  # fmt: skip
     if not dynamic_batch:

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
+
+from fxsurgery.report import HISTOGRAM_BINS
 
 __all__ = ["RTOL", "SCALE_FLOOR", "STRUCTURE", "Errors", "tolerance", "compare_tensor", "compare_outputs",
            "compare_leaves"]  # fmt: skip
@@ -53,6 +55,9 @@ class Errors:
     rtol: float = 0.0
     worst: str = ""
     failure: str = ""
+    # per output (its name without the input's label), element counts per bin of HISTOGRAM_BINS
+    histograms: dict[str, list[int]] = field(default_factory=dict)
+    prefix: str = ""  # the input's label, left out of the histograms' output names
 
     def fail(self, where: str, message: str) -> None:
         if not self.failure:
@@ -81,6 +86,7 @@ def compare_tensor(a: torch.Tensor, b: torch.Tensor, where: str, errors: Errors,
     finite = a64[torch.isfinite(a64)].abs()
     scale = max(float(finite.max()) if finite.numel() else 0.0, SCALE_FLOOR)
     max_rel = max_abs / scale
+    _count(errors, where, diff[torch.isfinite(diff)] / scale)
     if max_rel > errors.max_rel or math.isnan(max_rel):
         errors.max_rel = max_rel
         if not errors.failure:  # until something fails, "worst" is the output with the largest error
@@ -90,6 +96,17 @@ def compare_tensor(a: torch.Tensor, b: torch.Tensor, where: str, errors: Errors,
         errors.failure = f"{where}: {what} exceeds {tol:.3g} x output scale {scale:.3g}"
         errors.worst = where
     errors.max_abs = max(errors.max_abs, max_abs) if not math.isnan(max_abs) else math.inf
+
+
+def _count(errors: Errors, where: str, rel: torch.Tensor) -> None:
+    """Add the elements' relative errors ``rel`` to the histogram of output ``where``."""
+    name = where.removeprefix(errors.prefix).strip() or "output"
+    counts = errors.histograms.setdefault(name, [0] * len(HISTOGRAM_BINS))
+    zero = rel == 0
+    decade = torch.floor(torch.log10(rel[~zero].clamp_min(1e-300))).clamp(-17, 0).long() + 18  # -17 -> 1 ... 0 -> 18
+    counts[0] += int(zero.sum())
+    for b, n in zip(*torch.unique(decade, return_counts=True)):
+        counts[min(int(b), len(HISTOGRAM_BINS) - 1)] += int(n)
 
 
 #: How deep objects are compared attribute by attribute (a cache holds layers that hold tensors).

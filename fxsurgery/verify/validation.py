@@ -175,6 +175,7 @@ def validate(
         except Exception as e:
             errors.fail(label, f"the rewritten model fails where the original runs: {type(e).__name__}: {e}")
             break
+        errors.prefix = label  # the histograms pool every input's elements per output
         compare_outputs(ref, got, rtol=rtol, label=f"{label} output", errors=errors)
         refs.append(ref)
     note = _independence_note(refs) if refs and not errors.failure else None
@@ -184,4 +185,5 @@ def validate(
     return Validation(passed=not errors.failure, max_abs_error=errors.max_abs, max_rel_error=errors.max_rel,
                       rtol=errors.rtol if errors.rtol else (rtol or 0.0), scale_floor=SCALE_FLOOR,
                       num_inputs=len(batches), batch_sizes=tuple(sorted(batch_sizes)), precision=precision,
-                      worst=errors.worst, failure=errors.failure, notes=tuple(notes))  # fmt: skip
+                      worst=errors.worst, failure=errors.failure, notes=tuple(notes),
+                      error_histograms=errors.histograms)  # fmt: skip

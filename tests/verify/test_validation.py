@@ -10,9 +10,11 @@ from torch import nn
 
 import fxsurgery
 from fxsurgery.models import demo_model
+from fxsurgery.report import HISTOGRAM_BINS
 from fxsurgery.rules import linear_to_conv
 from fxsurgery.rules.linear_to_conv.flatten_head import FlattenHead
 from fxsurgery.verify import policy
+from fxsurgery.verify.validation import validate
 
 
 def _wrong_mapping(weight, feature_shape, flatten_order=None):
@@ -85,3 +87,29 @@ def test_random_padding_masks_stay_padding_masks():
         assert new_ids.min() >= 0 and new_ids.max() <= 7
     many = torch.cat([random_inputs((ids,), torch.Generator().manual_seed(s), batch=8)[0] for s in range(10)])
     assert len(many.unique()) == 8  # other integers stay uniform over their range
+
+
+class _Scaled(nn.Module):
+    def __init__(self, factor):
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x):
+        return x * self.factor
+
+
+def test_error_histograms_count_every_element_by_decade_of_its_error():
+    """|got - ref| / output scale per element, pooled over the validation inputs: x against x * (1 + 1e-9) puts every
+    element at or below 1e-9 (the largest |x| exactly there), none above; x against 2x puts the largest at 1."""
+    x = torch.randn(2, 3, 4, dtype=torch.float64)
+    bins = list(HISTOGRAM_BINS)
+    near = validate(_Scaled(1.0), _Scaled(1.0 + 1e-9), (x,), num_random=1)
+    counts = near.error_histograms["output"]
+    elements = sum(counts)
+    assert elements >= 2 * x.numel()  # the example and a random input, and another batch size
+    assert counts[bins.index("1e-10..1e-9")] + counts[bins.index("1e-9..1e-8")] >= 1
+    assert sum(counts[bins.index("1e-8..1e-7"):]) == 0
+    far = validate(_Scaled(1.0), _Scaled(2.0), (x,), num_random=1)
+    assert not far.passed and far.error_histograms["output"][bins.index(">=1")] >= 1
+    assert sum(far.error_histograms["output"]) == elements  # the same inputs, every element counted once
+    assert validate(_Scaled(1.0), _Scaled(1.0), (x,), num_random=1).error_histograms["output"][0] == elements

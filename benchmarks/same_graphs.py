@@ -1,0 +1,77 @@
+"""Whether a change to shape propagation changed any rewrite: every torchvision classification model (with
+``--hf``: the HuggingFace zoo of ``benchmarks/hf_models.py``, also with the token layout), both directions,
+rewritten (``validate=False``) with the meta-device shape propagation and again with fake tensors only (the
+propagation before it); the generated code and every site's outcome must be the same.
+
+Run: ``python -m benchmarks.same_graphs [--frontend fx|export] [--hf]``; writes ``/tmp/same_graphs_<frontend>.json``.
+Last run (after the meta-device propagation): see the note at the top of ``benchmarks/coverage.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+import warnings
+from typing import Any
+
+import torch
+
+import fxsurgery
+from fxsurgery.tracing import shapes
+
+
+def _fake_only(gm: Any, inputs: Any) -> None:
+    raise TypeError("meta propagation off: fake tensors")
+
+
+def _models(hf: bool) -> list[tuple[str, Any, Any]]:
+    if hf:
+        from benchmarks.hf_models import ZOO, build
+
+        return [(name, lambda n=name: build(n)[:2], None) for name in ZOO]
+    import torchvision
+
+    out = []
+    for name in torchvision.models.list_models(module=torchvision.models):
+        size = 299 if name == "inception_v3" else 224
+        out.append((name, lambda n=name: torchvision.models.get_model(n, weights=None), (1, 3, size, size)))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.same_graphs")
+    parser.add_argument("--frontend", default="fx", choices=("fx", "export", "auto"))
+    parser.add_argument("--hf", action="store_true")
+    args = parser.parse_args()
+    warnings.simplefilter("ignore")
+    meta = shapes._meta_prop
+    rows = []
+    for name, make, shape in _models(args.hf):
+        torch.manual_seed(0)
+        built = make()
+        model, x = (built, torch.randn(shape)) if shape else built  # the HF zoo builds (model, inputs)
+        for direction in ("linear_to_conv", "conv_to_linear", *(("linear_to_conv+tokens",) if args.hf else ())):
+            start, seen = time.perf_counter(), []
+            for prop in (meta, _fake_only):
+                shapes._meta_prop = prop  # type: ignore[assignment]
+                res = fxsurgery.rewrite(model.eval(), x, direction.removesuffix("+tokens"), validate=False,
+                                        frontend=args.frontend, token_layout=direction.endswith("+tokens"))
+                seen.append((getattr(res.module, "code", repr(res.module)),
+                             [(s.name, s.status, s.reason) for s in res.sites]))  # fmt: skip
+            shapes._meta_prop = meta
+            rows.append({"model": name, "direction": direction, "same": seen[0] == seen[1],
+                         "rewritten": sum(s[1] == "rewritten" for s in seen[0][1])})  # fmt: skip
+            print(name, direction, "same" if rows[-1]["same"] else "DIFFERENT", rows[-1]["rewritten"],
+                  f"{time.perf_counter() - start:.1f}s", flush=True)  # fmt: skip
+        del model
+        gc.collect()
+    tag = f"{args.frontend}{'_hf' if args.hf else ''}"
+    with open(f"/tmp/same_graphs_{tag}.json", "w") as f:
+        json.dump(rows, f)
+    print(f"the same: {sum(r['same'] for r in rows)}/{len(rows)}")
+
+
+if __name__ == "__main__":
+    main()

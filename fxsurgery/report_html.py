@@ -1,0 +1,212 @@
+"""``report.html``: ``report.json`` drawn for people, one self-contained file (inline CSS and SVG, no network).
+
+Per site the before/after drawing (the layer as it was, and what replaced it with the layout it runs in), the error
+histogram of every output (validation, element by element, by decade of the error relative to the output scale),
+the ONNX op census of both graphs and the runtime comparisons, the target's census, and with ``to="auto"`` the
+ratio chart of the whole-model candidates. Built from ``report.json`` alone, so ``fxsurgery report DIR`` rebuilds it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from html import escape
+from pathlib import Path
+from typing import Any
+
+__all__ = ["render", "write_html"]
+
+_CSS = """
+body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
+h1{font-size:1.5em}h2{font-size:1.2em;margin-top:2em;border-bottom:1px solid #ccc}
+table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ddd;padding:3px 8px;text-align:left;
+vertical-align:top}th{background:#f4f4f4}.pass{color:#17803d;font-weight:600}.fail{color:#b3261e;font-weight:600}
+.changed{background:#fff6d6}code{font-size:12px}svg text{font:11px monospace}.skip{color:#666}
+"""
+_CHAR = 6.7  # px per character of the 11px monospace font
+_RENDER_CHECK = """
+const drawings = document.querySelectorAll("svg.site-drawing");
+let rendered = 0;
+for (const svg of drawings) {
+  const box = svg.getBBox();
+  if (box.width > 0 && box.height > 0 && svg.querySelectorAll("rect").length >= 2) {
+    svg.dataset.rendered = "yes"; rendered += 1;
+  }
+}
+document.body.dataset.sites = String(drawings.length);
+document.body.dataset.sitesRendered = String(rendered);
+"""
+
+
+def write_html(data: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Write :func:`render` of ``data`` (a ``report.json``) to ``path``."""
+    out = Path(path)
+    out.write_text(render(data), encoding="utf-8")
+    return out
+
+
+def render(data: dict[str, Any]) -> str:
+    """The HTML page of one ``report.json``."""
+    verdict = '<span class="pass">PASSED</span>' if data.get("passed") else '<span class="fail">FAILED</span>'
+    parts = [f"<h1>fxsurgery report: {escape(str(data.get('direction', '')))} {verdict}</h1>", _header(data),
+             _sites(data.get("sites", [])), _validation(data.get("validation")), _onnx(data.get("onnx")),
+             _target(data.get("target")), _timings(data.get("timings")), _notes(data.get("notes", []))]  # fmt: skip
+    return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>fxsurgery report</title>"
+            f"<style>{_CSS}</style></head><body>{''.join(parts)}<script>{_RENDER_CHECK}</script></body></html>")
+
+
+def _table(header: tuple[str, ...], rows: list[tuple[Any, ...]], changed: list[bool] | None = None) -> str:
+    head = "".join(f"<th>{escape(str(h))}</th>" for h in header)
+    body = []
+    for i, row in enumerate(rows):
+        cls = ' class="changed"' if changed and changed[i] else ""
+        body.append(f"<tr{cls}>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>")
+    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
+
+
+def _header(data: dict[str, Any]) -> str:
+    inputs = ", ".join(f"{escape(i['name'])} {'x'.join(map(str, i['shape']))} {escape(i['dtype'])}"
+                       for i in data.get("inputs", []))  # fmt: skip
+    versions = ", ".join(f"{escape(k)} {escape(str(v))}" for k, v in (data.get("versions") or {}).items() if v)
+    rows = [("command", f"<code>{escape(str(data.get('command', '')))}</code>"), ("front end",
+            escape(str(data.get("frontend", "")))), ("inputs", inputs), ("versions", versions),
+            ("files", ", ".join(escape(name) for name in (data.get("saved") or {})))]  # fmt: skip
+    return _table(("", ""), rows)
+
+
+def _sites(sites: list[dict[str, Any]]) -> str:
+    rows = []
+    for s in sites:
+        status = ('<span class="pass">rewritten</span>' if s["status"] == "rewritten"
+                  else f'<span class="skip">skipped: {escape(s.get("reason", ""))}</span>')  # fmt: skip
+        rows.append((f"<code>{escape(s['name'])}</code>", escape(s["pattern"]), status, _drawing(s)))
+    n = sum(s["status"] == "rewritten" for s in sites)
+    return (f"<h2>Sites ({n} rewritten of {len(sites)})</h2>" +
+            _table(("site", "pattern", "outcome", "before / after"), rows))  # fmt: skip
+
+
+def _drawing(site: dict[str, Any]) -> str:
+    """Two lanes of boxes: the input map, then the layer before, and (rewritten sites) what replaced it."""
+    shape = site.get("input_shape")
+    source = "x".join(map(str, shape)) if shape else "input"
+    lanes = [("before", [source, site.get("before") or site["pattern"]])]
+    if site["status"] == "rewritten":
+        lanes.append(("after", [source, site.get("after") or "rewritten"]))
+    else:
+        lanes.append(("after", [source, "left as it is"]))
+    width = int(60 + max(sum(len(t) * _CHAR + 40 for t in boxes) for _, boxes in lanes))
+    items = []
+    for row, (label, boxes) in enumerate(lanes):
+        y, x = 8 + row * 34, 56.0
+        items.append(f'<text x="2" y="{y + 15}">{label}</text>')
+        for k, text in enumerate(boxes):
+            w = len(text) * _CHAR + 12
+            fill = "#e8f0fe" if k == 0 else "#e6f4ea" if label == "after" and site["status"] == "rewritten" \
+                else "#f1f3f4"  # fmt: skip
+            items.append(f'<rect x="{x:.0f}" y="{y}" width="{w:.0f}" height="22" rx="4" fill="{fill}" '
+                         f'stroke="#888"/><text x="{x + 6:.0f}" y="{y + 15}">{escape(text)}</text>')  # fmt: skip
+            if k + 1 < len(boxes):
+                items.append(f'<path d="M{x + w:.0f} {y + 11} h22" stroke="#555" marker-end="url(#arrow)"/>')
+            x += w + 28
+    marker = ('<defs><marker id="arrow" markerWidth="8" markerHeight="8" refX="6" refY="3" orient="auto">'
+              '<path d="M0,0 L6,3 L0,6 z" fill="#555"/></marker></defs>')  # fmt: skip
+    size = f'width="{width}" height="{12 + 34 * len(lanes)}"'
+    return (f'<svg class="site-drawing" data-site="{escape(site["name"])}" {size} xmlns="http://www.w3.org/2000/svg">'
+            f'{marker}{"".join(items)}</svg>')  # fmt: skip
+
+
+def _validation(v: dict[str, Any] | None) -> str:
+    if not v:
+        return "<h2>Validation</h2><p>not run</p>"
+    verdict = '<span class="pass">passed</span>' if v["passed"] else '<span class="fail">failed</span>'
+    text = (f"<h2>Validation: {verdict}</h2><p>{v['num_inputs']} inputs, batch sizes "
+            f"{', '.join(map(str, v['batch_sizes']))}, {escape(v['precision'])}; max error relative to the output "
+            f"scale {_num(v['max_rel_error'])} (tolerance {_num(v['rtol'])}); worst: {escape(v.get('worst', ''))}"
+            f"{'; ' + escape(v['failure']) if v.get('failure') else ''}</p>")  # fmt: skip
+    hist = v.get("error_histograms") or {}
+    for name, counts in (hist.get("outputs") or {}).items():
+        text += f"<p>{escape(name)}: elements by |rewritten - original| / output scale</p>"
+        text += _histogram(hist["bins"], counts, v["rtol"])
+    return text
+
+
+def _histogram(bins: list[str], counts: list[int], rtol: float) -> str:
+    """Bars on a log scale of counts, one per decade; the tolerance's decade marked."""
+    top = max(math.log10(c + 1) for c in counts) or 1.0
+    bars = []
+    for i, (b, c) in enumerate(zip(bins, counts)):
+        h = 90 * math.log10(c + 1) / top
+        x = 10 + i * 52
+        bars.append(f'<rect x="{x}" y="{100 - h:.1f}" width="40" height="{h:.1f}" fill="#5b8def"/>'
+                    f'<text x="{x}" y="{96 - h:.1f}">{c}</text>'
+                    f'<text x="{x + 30}" y="112" transform="rotate(-40 {x + 30} 112)" text-anchor="end">'
+                    f'{escape(b)}</text>')  # fmt: skip
+    if rtol > 0:
+        decade = math.floor(math.log10(rtol))
+        label = f"1e{decade}..1e{decade + 1}"
+        if label in bins:
+            x = 10 + bins.index(label) * 52 + 20
+            bars.append(f'<path d="M{x} 4 V102" stroke="#b3261e" stroke-dasharray="3"/>'
+                        f'<text x="{x + 3}" y="12" fill="#b3261e">tolerance</text>')  # fmt: skip
+    return f'<svg class="histogram" width="{20 + 52 * len(bins)}" height="170">{"".join(bars)}</svg>'
+
+
+def _census_table(original: dict[str, int], rewritten: dict[str, int]) -> str:
+    ops = sorted(set(original) | set(rewritten))
+    rows = [(escape(op), original.get(op, 0), rewritten.get(op, 0)) for op in ops]
+    return _table(("op", "original", "rewritten"), rows, [original.get(op, 0) != rewritten.get(op, 0) for op in ops])
+
+
+def _onnx(o: dict[str, Any] | None) -> str:
+    if not o:
+        return "<h2>ONNX cross-check</h2><p>not run</p>"
+    verdict = '<span class="pass">passed</span>' if o["passed"] else '<span class="fail">failed</span>'
+    rows = [(escape(c["candidate"]), escape(c["reference"]), c["batch"], _num(c["max_abs_error"]),
+             _num(c["max_rel_error"]), "ok" if c["passed"] else f'<span class="fail">{escape(c["failure"])}</span>')
+            for c in o.get("comparisons", [])]  # fmt: skip
+    extra = "".join(f"<p>skipped: {escape(s)}</p>" for s in o.get("skipped", []))
+    return (f"<h2>ONNX cross-check ({escape(o['exporter'])} exporter): {verdict}</h2>"
+            f"<p>{escape(o.get('rewrite_detail', ''))}</p><h3>Op census</h3>"
+            + _census_table(o["op_counts"]["original"], o["op_counts"]["rewritten"])
+            + "<h3>Runtime comparisons</h3>"
+            + _table(("candidate", "reference", "batch", "max abs", "max rel", "result"), rows) + extra)  # fmt: skip
+
+
+def _target(t: dict[str, Any] | None) -> str:
+    if not t:
+        return ""
+    census = t["census"]
+    head = f"<h2>Target {escape(t['name'])}: op census after {escape(census['toolchain'])}'s conversion</h2>"
+    if "skipped" in census:
+        return head + f"<p>not taken: {escape(census['skipped'])}</p>"
+    return head + _census_table(census["original"], census["rewritten"])
+
+
+def _timings(t: dict[str, Any] | None) -> str:
+    if not t:
+        return ""
+    whole = t.get("whole_model", {})
+    rows = [(escape(c["site"]), escape(c.get("direction", "")), escape(c["chosen"]),
+             _num(c["ratio"]) if "ratio" in c else escape(c.get("why", "")))
+            for c in t.get("sites", [])]  # fmt: skip
+    bars = []
+    top = max([1.2, *(v.get("high", v["ratio"]) for v in whole.values())])
+    for i, (label, v) in enumerate(whole.items()):
+        y, w = 10 + i * 26, 300 * v["ratio"] / top
+        bars.append(f'<text x="4" y="{y + 13}">{escape(label)}</text><rect x="90" y="{y}" width="{w:.0f}" '
+                    f'height="18" fill="#5b8def"/><text x="{96 + w:.0f}" y="{y + 13}">{v["ratio"]:.2f}</text>')
+    one = 90 + 300 / top
+    chart = (f'<svg class="ratio-chart" width="460" height="{20 + 26 * len(whole)}">{"".join(bars)}'
+             f'<path d="M{one:.0f} 4 V{14 + 26 * len(whole)}" stroke="#b3261e"/></svg>')  # fmt: skip
+    return (f"<h2>to=\"auto\" on {escape(str(t.get('runtime')))}: chose {escape(str(t.get('chosen')))}</h2>"
+            "<p>whole model, candidate / original (red: 1.0; below is faster)</p>" + chart +
+            _table(("site", "direction", "chosen", "ratio"), rows))  # fmt: skip
+
+
+def _notes(notes: list[str]) -> str:
+    return "" if not notes else "<h2>Notes</h2><ul>" + "".join(f"<li>{escape(n)}</li>" for n in notes) + "</ul>"
+
+
+def _num(x: Any) -> str:
+    return escape(f"{x:.3g}" if isinstance(x, (int, float)) else json.dumps(x))

@@ -1,0 +1,77 @@
+"""``report.html``: written beside ``report.json`` by ``fxsurgery rewrite``, rebuilt by ``fxsurgery report DIR``,
+self-contained, and rendered in a real headless browser (Chromium from the system packages: ``apt-get install -y
+chromium``; ``.ci/run`` installs it), where every site's drawing must have drawn boxes."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fxsurgery.report_html import render
+
+ROOT = Path(__file__).resolve().parents[1]
+BROWSER = next((b for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory):
+    out = tmp_path_factory.mktemp("html") / "out"
+    proc = subprocess.run([sys.executable, "-m", "fxsurgery", "rewrite", "fxsurgery.models:demo_model", "--to", "auto",
+                           "--input-shape", "2,3,32,32", "--target", "onnxruntime", "--artifacts", "none", "--out",
+                           str(out), "--quiet"], capture_output=True, text=True, cwd=ROOT, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+def _dom(path: Path) -> str:
+    proc = subprocess.run([BROWSER, "--headless=new", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000",
+                           "--dump-dom", path.resolve().as_uri()], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+@pytest.mark.skipif(BROWSER is None, reason="Chromium is not installed (apt-get install -y chromium)")
+def test_every_site_drawing_renders_in_headless_chromium(out):
+    data = json.loads((out / "report.json").read_text())
+    dom = _dom(out / "report.html")
+    n = len(data["sites"])
+    assert n == 6 and f'data-sites="{n}"' in dom and f'data-sites-rendered="{n}"' in dom
+    drawings = re.findall(r'<svg class="site-drawing" data-site="([^"]+)"[^>]*data-rendered="yes"', dom)
+    assert sorted(drawings) == sorted(s["name"] for s in data["sites"])
+    assert dom.count('class="histogram"') == len(data["validation"]["error_histograms"]["outputs"]) == 1
+
+
+def test_the_page_is_self_contained_and_rebuilt_from_report_json(out):
+    page = (out / "report.html").read_text()
+    assert not re.search(r'(src|href)="(https?:)?//', page) and "<link" not in page
+    data = json.loads((out / "report.json").read_text())
+    assert "report.html" in data["saved"]
+    for s in data["sites"]:
+        assert f'data-site="{s["name"]}"' in page
+    (out / "report.html").unlink()
+    proc = subprocess.run([sys.executable, "-m", "fxsurgery", "report", str(out)], capture_output=True, text=True,
+                          cwd=ROOT, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "report.html").read_text() == page
+
+
+def test_text_from_the_model_is_escaped_and_a_failure_is_shown():
+    site = {"name": "<script>alert(1)</script>", "pattern": "conv1x1", "status": "skipped", "reason": "a & b"}
+    validation = {"passed": False, "max_abs_error": 1.0, "max_rel_error": 0.5, "rtol": 1e-4, "num_inputs": 2,
+                  "batch_sizes": [2], "precision": "native", "worst": "output", "failure": "output: too far",
+                  "error_histograms": {"bins": ["0", ">=1"], "outputs": {"output": [3, 1]}}}  # fmt: skip
+    page = render({"passed": False, "direction": "conv_to_linear", "sites": [site], "validation": validation})
+    assert "<script>alert" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page and "a &amp; b" in page
+    assert "FAILED" in page and "output: too far" in page
+
+
+def test_report_refuses_a_folder_without_a_report(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "fxsurgery", "report", str(tmp_path)], capture_output=True,
+                          text=True, cwd=ROOT, timeout=600)  # fmt: skip
+    assert proc.returncode == 2 and "report.json not found" in proc.stderr and "Traceback" not in proc.stderr
