@@ -3,7 +3,7 @@
 rewritten (``validate=False``) with the meta-device shape propagation and again with fake tensors only (the
 propagation before it); the generated code and every site's outcome must be the same.
 
-Run: ``python -m benchmarks.same_graphs [--frontend fx|export] [--hf]``; writes ``/tmp/same_graphs_<frontend>.json``.
+Run: ``python -m benchmarks.same_graphs [--frontend fx|export] [--hf] [--tokens]``; writes ``/tmp/same_graphs_<frontend>.json``.
 Last run (after the meta-device propagation): see the note at the top of ``benchmarks/coverage.md``.
 """
 
@@ -44,15 +44,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.same_graphs")
     parser.add_argument("--frontend", default="fx", choices=("fx", "export", "auto"))
     parser.add_argument("--hf", action="store_true")
+    parser.add_argument("--tokens", action="store_true",
+                        help="only the token-layout rows of benchmarks/coverage.json (linear_to_conv, token_layout=True)")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     meta = shapes._meta_prop
     rows = []
-    for name, make, shape in _models(args.hf):
+    models = _models(args.hf)
+    if args.tokens:
+        with open("benchmarks/coverage.json") as f:
+            records = json.load(f)
+        rows_run = records["records"] if isinstance(records, dict) else records
+        token_rows = {r["model"] for r in rows_run if r["direction"].endswith("+tokens")}
+        models = [m for m in models if m[0] in token_rows]
+    for name, make, shape in models:
         torch.manual_seed(0)
         built = make()
         model, x = (built, torch.randn(shape)) if shape else built  # the HF zoo builds (model, inputs)
-        for direction in ("linear_to_conv", "conv_to_linear", *(("linear_to_conv+tokens",) if args.hf else ())):
+        plain = () if args.tokens else ("linear_to_conv", "conv_to_linear")
+        for direction in (*plain, *(("linear_to_conv+tokens",) if args.hf or args.tokens else ())):
             start, seen = time.perf_counter(), []
             for prop in (meta, _fake_only):
                 shapes._meta_prop = prop  # type: ignore[assignment]
@@ -67,7 +77,7 @@ def main() -> None:
                   f"{time.perf_counter() - start:.1f}s", flush=True)  # fmt: skip
         del model
         gc.collect()
-    tag = f"{args.frontend}{'_hf' if args.hf else ''}"
+    tag = f"{args.frontend}{'_hf' if args.hf else ''}{'_tokens' if args.tokens else ''}"
     with open(f"/tmp/same_graphs_{tag}.json", "w") as f:
         json.dump(rows, f)
     print(f"the same: {sum(r['same'] for r in rows)}/{len(rows)}")
