@@ -125,6 +125,6 @@ def resolve(options: Options | None, overrides: Mapping[str, Any]) -> Options:
             near = difflib.get_close_matches(key, known, n=1)
             hint = f"; did you mean {near[0]!r}?" if near else f"; options are {', '.join(known)}"
             raise InputError(f"unknown option {key!r}{hint}")
-    if "target" in overrides and "batch_layout" not in overrides:
+    if overrides.get("target") is not None and "batch_layout" not in overrides:
         overrides = {**overrides, "batch_layout": ""}  # the target's own, not the one already resolved
     return replace(options or Options(), **overrides)

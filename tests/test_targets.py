@@ -137,3 +137,12 @@ def test_the_openvino_census_shows_the_linears_became_convolutions():
     assert "skipped" not in out, out
     assert out["original"]["FullyConnected"] == 3 and "FullyConnected" not in out["rewritten"]
     assert out["rewritten"]["Convolution"] == out["original"]["Convolution"] + 3
+
+
+def test_the_target_picks_the_layout_only_where_none_was_given():
+    from fxsurgery.options import Options, resolve
+
+    assert resolve(Options(batch_layout="batch"), {"target": None}).batch_layout == "batch"
+    assert resolve(None, {"target": "coreml"}).batch_layout == "batch"
+    assert resolve(None, {"target": "coreml", "batch_layout": "spatial"}).batch_layout == "spatial"
+    assert Options(target="executorch-xnnpack").batch_layout == "spatial" == Options().batch_layout
