@@ -26,6 +26,7 @@ from fxsurgery.report import Comparison, OnnxCheck
 from fxsurgery.tracing.copies import eval_copy
 from fxsurgery.tracing.inputs import normalize_inputs
 from fxsurgery.verify import runners
+from fxsurgery.verify.localize import first_divergence
 from fxsurgery.verify.onnx_export import (
     EXPORTERS,
     batch_is_dynamic,
@@ -35,7 +36,7 @@ from fxsurgery.verify.onnx_export import (
     rename_outputs,
 )
 from fxsurgery.verify.ort import OPT_LEVELS, run_session, session
-from fxsurgery.verify.policy import compare_leaves
+from fxsurgery.verify.policy import SCALE_FLOOR, compare_leaves
 from fxsurgery.verify.validation import random_inputs, run_no_grad
 
 __all__ = ["cross_check"]
@@ -257,12 +258,32 @@ def cross_check(
     comparisons, tol = _compare(batches, outputs, rtol)
     found.failures += [f"{c.candidate} vs {c.reference} at batch {c.batch}: {c.failure}" for c in comparisons
                        if not c.passed]  # fmt: skip
+    _localize(comparisons, models, paths, batches, exporter, tol, found)
     if not dynamic_batch:
         found.skipped.append("second batch size: the batch axis was exported static on request")
     return OnnxCheck(passed=not found.failures, exporter=exporter, original_path=str(paths["original"]),
                      rewritten_path=str(paths["rewritten"]), op_counts=counts, comparisons=tuple(comparisons),
                      rtol=tol or (rtol or 0.0), rewrite_visible=visible, rewrite_detail=detail, dynamic_batch=dynamic,
                      skipped=tuple(found.skipped), failures=tuple(found.failures))  # fmt: skip
+
+
+def _localize(comparisons: list[Comparison], models: dict[str, nn.Module], paths: dict[str, Path],
+              batches: list[tuple], exporter: str, tol: float, found: _Findings) -> None:  # fmt: skip
+    """For each ONNX file onnxruntime ran wrong (against torch), the first intermediate value that departs by more
+    than the bound its outputs failed (``tol`` x the output scale)."""
+    for name in NAMES:
+        failed = [c for c in comparisons if not c.passed and c.candidate.startswith(f"ORT {name}")
+                  and c.reference.startswith("torch")]  # fmt: skip
+        if not failed:
+            continue
+        if exporter != "dynamo":
+            found.failures.append(f"{name}.onnx: localizing the difference needs the dynamo exporter")
+            continue
+        batch = next(b for b in batches if _batch(b) == failed[0].batch)
+        reference = _tensor_leaves(run_no_grad(models["original"], batch))
+        scale = max([float(t.detach().abs().max()) for t in reference if t.is_floating_point() and t.numel()] + [0.0])
+        bound = tol * max(scale, SCALE_FLOOR)
+        found.failures.append(f"{name}.onnx: " + first_divergence(models[name], batch, paths[name], bound))
 
 
 def _check_arguments(exporter: str, providers: Sequence[str]) -> None:

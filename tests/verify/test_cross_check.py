@@ -236,3 +236,39 @@ def test_the_exporter_registry_is_built_once_and_exports_stay_the_same(tmp_path)
     out = ort.InferenceSession(str(tmp_path / "b.onnx")).run(None, {"input_0": x.numpy()})[0]
     with torch.no_grad():
         np.testing.assert_allclose(out, model(x).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_a_wrong_onnx_file_is_localized_to_its_first_diverging_value(tmp_path, monkeypatch):
+    """The rewritten file's first Linear/conv weight is scaled after export (as an exporter bug would): onnxruntime
+    then differs from torch, and the cross-check names the first intermediate value over the bound: the output of
+    the node that reads the tampered weight (found in the file itself), not a value before it."""
+    import onnx
+    from onnx import numpy_helper
+
+    import importlib
+
+    from fxsurgery.models import demo_model
+
+    cc = importlib.import_module("fxsurgery.verify.cross_check")  # the module (the package exports the function)
+    export = cc.export_onnx
+    tampered = {}
+
+    def export_then_tamper(module, inputs, path, **kw):
+        export(module, inputs, path, **kw)
+        if path.name != "rewritten.onnx":
+            return
+        model = onnx.load(str(path))
+        init = next(i for i in model.graph.initializer if i.name.startswith("classifier.1"))
+        init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * 1.5, init.name))
+        reader = next(n for n in model.graph.node if init.name in n.input)
+        tampered["value"] = reader.output[0]
+        onnx.save(model, str(path))
+
+    monkeypatch.setattr(cc, "export_onnx", export_then_tamper)
+    model = demo_model().eval()
+    res = fxsurgery.linear_to_conv(model, torch.randn(2, 3, 32, 32))
+    check = cc.cross_check(model, res.module, (torch.randn(2, 3, 32, 32),), tmp_path)
+    assert not check.passed
+    where = [f for f in check.failures if f.startswith("rewritten.onnx: the first value over the bound is")]
+    assert len(where) == 1 and f"is {tampered['value']!r} (max abs error" in where[0], check.failures
+    assert not any(f.startswith("original.onnx:") for f in check.failures)
