@@ -24,9 +24,9 @@ from torch import nn
 
 from fxsurgery.api import _with_keywords, rewrite
 from fxsurgery.errors import InputError
-from fxsurgery.options import Options, resolve
+from fxsurgery.options import RUNTIMES, Options, resolve
 from fxsurgery.report import format_table
-from fxsurgery.timing import RUNTIMES, Ratio, interleaved, runner
+from fxsurgery.timing import Ratio, interleaved, runner
 from fxsurgery.verify.validation import random_inputs
 
 __all__ = ["benchmark", "BenchRow", "BenchReport", "ratio_chart"]

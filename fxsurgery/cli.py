@@ -31,6 +31,7 @@ from fxsurgery.cli_inputs import (
     parse_input,
 )
 from fxsurgery.cli_model import build_model, load_program, load_weights
+from fxsurgery.options import RUNTIMES
 from fxsurgery.report_html import write_html
 from fxsurgery.targets import TARGETS
 
@@ -97,7 +98,7 @@ def _build_parser() -> argparse.ArgumentParser:
     _model_arguments(rw)
     rw.add_argument("--to", choices=("conv", "linear", "auto"), required=True,
                     help="target layer type, or auto: per site the faster form on --runtime")  # fmt: skip
-    rw.add_argument("--runtime", choices=("onnxruntime", "torch", "openvino"), default="onnxruntime",
+    rw.add_argument("--runtime", choices=RUNTIMES, default="onnxruntime",
                     help="with --to auto: where to measure")  # fmt: skip
     rw.add_argument("--out", help="output directory (must not exist, or be empty; required unless --dry-run)")
     rw.add_argument("--artifacts", type=artifacts_list, default=ARTIFACTS, metavar="LIST",

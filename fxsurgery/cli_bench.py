@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from fxsurgery.checkpoint import ARTIFACTS
 from fxsurgery.cli_inputs import UsageError
-from fxsurgery.timing import RUNTIMES
+from fxsurgery.options import RUNTIMES
+from fxsurgery.verify.runners import RUNNERS
 
 __all__ = ["add_bench", "run_bench", "add_report", "run_report", "artifacts_list", "runtimes_list"]
 
@@ -38,22 +39,28 @@ def artifacts_list(text: str) -> tuple[str, ...]:
     return tuple(a for a in ARTIFACTS if a in names)
 
 
-def runtimes_list(text: str) -> tuple[str, ...]:
-    from fxsurgery.verify.runners import RUNNERS
+def _names(allowed: Sequence[str], what: str) -> Callable[[str], tuple[str, ...]]:
+    """An argument type: a comma-separated list of some of ``allowed``."""
+    def parse(text: str) -> tuple[str, ...]:
+        names = tuple(n.strip() for n in text.split(",") if n.strip())
+        unknown = [n for n in names if n not in allowed]
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(f"unknown {what} {unknown[0] if unknown else text!r}: a comma-separated "
+                                             f"list of {', '.join(allowed)}")  # fmt: skip
+        return names
 
-    names = tuple(n.strip() for n in text.split(",") if n.strip())
-    unknown = [n for n in names if n not in RUNNERS]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown runtime {unknown[0] if unknown else text!r}: a comma-separated "
-                                         f"list of {', '.join(RUNNERS)}")  # fmt: skip
-    return names
+    return parse
+
+
+#: ``rewrite --cross-check-runtimes``
+runtimes_list = _names(tuple(RUNNERS), "runtime")
 
 
 def add_bench(sub: Any, model_arguments: Callable[[argparse.ArgumentParser], None]) -> None:
     b = sub.add_parser("bench", help="time the rewritten model against the original, per runtime and batch size")
     model_arguments(b)
     b.add_argument("--to", choices=("conv", "linear", "auto"), required=True, help="target layer type")
-    b.add_argument("--runtime", type=_list_of(str, "--runtime"), default=["onnxruntime", "torch"],
+    b.add_argument("--runtime", type=_names(RUNTIMES, "runtime"), default=("onnxruntime", "torch"),
                    metavar="LIST", help=f"comma-separated, of {', '.join(RUNTIMES)} (default onnxruntime,torch)")
     b.add_argument("--batch", type=_list_of(int, "--batch"), default=None, metavar="LIST",
                    help="comma-separated batch sizes (default: the example input's)")  # fmt: skip
@@ -68,9 +75,6 @@ def add_bench(sub: Any, model_arguments: Callable[[argparse.ArgumentParser], Non
 def run_bench(args: argparse.Namespace, model: Any, inputs: tuple, progress: Any) -> int:
     from fxsurgery.benchmark import benchmark, ratio_chart
 
-    unknown = sorted(set(args.runtime) - set(RUNTIMES))
-    if unknown:
-        raise UsageError(f"unknown runtime {unknown[0]!r}: --runtime takes some of {', '.join(RUNTIMES)}")
     with progress.step(f"rewriting towards {args.to} and timing on {', '.join(args.runtime)}"):
         report = benchmark(model, inputs, args.to, runtimes=args.runtime, batches=args.batch, pairs=args.pairs,
                            threads=args.threads, validate=not args.no_validate, frontend=args.frontend,

@@ -72,6 +72,6 @@ def target_notes(name: str | None, batch_layout: str, direction: str) -> list[st
         else:
             notes.append(f"target {name}: batch_layout={batch_layout!r} as given (the target picks {picked!r}: "
                          f"{t.layout_reason})")  # fmt: skip
-    for pattern, reason in t.skip.items():
-        notes.append(f"{reason.split(':')[0]}: {pattern} sites are left alone")
+    for pattern in t.skip:
+        notes.append(f"target {name}: {pattern} sites are left alone")
     return notes

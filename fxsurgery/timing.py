@@ -7,6 +7,7 @@ created with thread spinning off and pinned intra-op threads, so an idle session
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 import statistics
@@ -23,8 +24,9 @@ from fxsurgery.errors import InputError
 from fxsurgery.tracing.copies import eval_copy
 from fxsurgery.verify.onnx_export import export_onnx
 from fxsurgery.verify.ort import session
+from fxsurgery.verify.runners import openvino_compiled
 
-__all__ = ["Ratio", "interleaved", "ort_session", "runner", "RUNTIMES"]
+__all__ = ["Ratio", "interleaved", "ort_session", "runner"]
 
 log = logging.getLogger(__name__)
 
@@ -90,9 +92,6 @@ def ort_session(path: str | Path, threads: int, providers: tuple[str, ...] = ("C
     return session(path, threads=threads, providers=providers)
 
 
-RUNTIMES = ("onnxruntime", "torch", "openvino")
-
-
 def runner(module: nn.Module, x: torch.Tensor | tuple[torch.Tensor, ...], runtime: str, workdir: Path, threads: int,
            exporter: str = "dynamo") -> Callable[[], Any]:  # fmt: skip
     """A zero-argument callable that runs ``module`` on ``x`` (a tensor or a tuple of them) once on ``runtime``:
@@ -125,16 +124,7 @@ def runner(module: nn.Module, x: torch.Tensor | tuple[torch.Tensor, ...], runtim
 
 
 def _openvino(module: nn.Module, inputs: tuple[torch.Tensor, ...], threads: int) -> Callable[[], Any]:
-    try:
-        import openvino as ov
-    except ImportError as e:
-        raise InputError('timing on OpenVINO needs it: pip install "fxsurgery[openvino]"') from e
-    import warnings
-
-    with warnings.catch_warnings():  # it traces with torch.jit, which warns that it is deprecated
-        warnings.simplefilter("ignore")
-        model = ov.convert_model(module, example_input=inputs if len(inputs) > 1 else inputs[0])
-    compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32",
-                                                      "INFERENCE_NUM_THREADS": threads})  # fmt: skip
-    request, feed = compiled.create_infer_request(), [t.numpy() for t in inputs]
+    if importlib.util.find_spec("openvino") is None:
+        raise InputError('timing on OpenVINO needs it: pip install "fxsurgery[openvino]"')
+    request, feed = openvino_compiled(module, inputs, threads).create_infer_request(), [t.numpy() for t in inputs]
     return lambda: request.infer(feed)

@@ -11,7 +11,13 @@ from torch import nn
 from fxsurgery.errors import InputError, one_line
 from fxsurgery.options import Precision
 
-__all__ = ["working_copy", "eval_copy"]
+__all__ = ["working_copy", "eval_copy", "tensor_attributes"]
+
+
+def tensor_attributes(module: nn.Module) -> list[tuple[nn.Module, str, torch.Tensor]]:
+    """``(owner, name, tensor)`` for every tensor held as a plain attribute (not a parameter or buffer) in
+    ``module`` and its submodules."""
+    return [(m, k, v) for m in module.modules() for k, v in vars(m).items() if isinstance(v, torch.Tensor)]
 
 
 def working_copy(module: nn.Module, clone_params: bool = False) -> Any:
@@ -25,10 +31,9 @@ def working_copy(module: nn.Module, clone_params: bool = False) -> Any:
         id(p): nn.Parameter(p.detach().clone() if clone_params else p.detach(), requires_grad=p.requires_grad)
         for p in module.parameters()
     }
-    for m in module.modules():  # computed tensors kept as attributes (old-style weight_norm) cannot be deep-copied
-        for v in vars(m).values():
-            if isinstance(v, torch.Tensor) and not v.is_leaf:
-                memo[id(v)] = v.detach()
+    for _, _, v in tensor_attributes(module):  # computed ones (old-style weight_norm) cannot be deep-copied
+        if not v.is_leaf:
+            memo[id(v)] = v.detach()
     try:
         return copy.deepcopy(module, memo)
     except Exception as e:

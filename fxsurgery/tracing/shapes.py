@@ -13,6 +13,7 @@ import torch.fx as fx
 from torch import nn
 
 from fxsurgery.errors import TraceError, one_line
+from fxsurgery.tracing.copies import tensor_attributes
 
 __all__ = ["propagate_shapes", "shape_of"]
 
@@ -26,7 +27,7 @@ def _frozen_buffers(module: nn.Module) -> Iterator[None]:
     saved = [(b, b.detach().clone()) for b in module.buffers() if b.device.type != "meta"]
     # Tensors held as plain attributes (old-style weight_norm recomputes ``weight`` in a pre-hook) would be left as
     # fake tensors: put the real ones back.
-    attrs = [(m, k, v) for m in module.modules() for k, v in vars(m).items() if isinstance(v, torch.Tensor)]
+    attrs = tensor_attributes(module)
     try:
         yield
     finally:
@@ -116,7 +117,7 @@ def _meta_module(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
 def _meta_prop(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> None:
     """Run ``gm``'s graph with meta parameters, buffers and inputs, meta the default device (tensors made in
     forward)."""
-    attrs = [v for m in gm.modules() for v in vars(m).values() if isinstance(v, torch.Tensor)]  # kept as attributes
+    attrs = [v for _, _, v in tensor_attributes(gm)]
     tensors = (*gm.parameters(), *gm.buffers(), *attrs, *(t for t in inputs if isinstance(t, torch.Tensor)))
     if len({t.device for t in tensors}) > 1:  # would run on meta, not where the model runs: fake tensors tell
         raise TypeError("the model's tensors and the inputs are on several devices")

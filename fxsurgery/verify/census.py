@@ -6,18 +6,17 @@ from __future__ import annotations
 
 import importlib.util
 import tempfile
-import warnings
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from fxsurgery.errors import one_line
 from fxsurgery.targets import TARGETS
 from fxsurgery.tracing.copies import eval_copy
+from fxsurgery.verify.runners import openvino_compiled, xnnpack_lowered
 
 __all__ = ["census"]
 
@@ -66,23 +65,14 @@ def _coreml(module: nn.Module, inputs: tuple[Any, ...], path: str | None) -> dic
 
 def _openvino(module: nn.Module, inputs: tuple[Any, ...], path: str | None) -> dict[str, int]:
     """The layer types of OpenVINO's CPU execution graph (``f32`` inference precision)."""
-    import openvino as ov
-
-    with warnings.catch_warnings():  # it traces with torch.jit, which warns that it is deprecated
-        warnings.simplefilter("ignore")
-        model = ov.convert_model(module, example_input=inputs if len(inputs) > 1 else inputs[0])
-    compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    compiled = openvino_compiled(module, tuple(inputs))
     ops = Counter(op.get_rt_info()["layerType"].astype(str) for op in compiled.get_runtime_model().get_ops())
     return dict(sorted((k, v) for k, v in ops.items() if k not in ("Input", "Output", "Const")))
 
 
 def _executorch(module: nn.Module, inputs: tuple[Any, ...], path: str | None) -> dict[str, int]:
     """XNNPACK delegates and the ops left outside them, after ``to_edge_transform_and_lower``."""
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-    from executorch.exir import to_edge_transform_and_lower
-
-    program = torch.export.export(module, tuple(inputs), strict=False)
-    edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
+    edge = xnnpack_lowered(module, tuple(inputs))
     ops: Counter[str] = Counter()
     for node in edge.exported_program().graph.nodes:
         if node.op != "call_function":

@@ -15,7 +15,7 @@ from torch import nn
 
 from fxsurgery.errors import InputError
 
-__all__ = ["RUNNERS", "check_runtimes", "run"]
+__all__ = ["RUNNERS", "check_runtimes", "run", "openvino_compiled", "xnnpack_lowered"]
 
 #: runtime -> (the package it needs, the extra that installs it, the label of its outputs)
 RUNNERS: dict[str, tuple[str, str, str]] = {
@@ -40,23 +40,38 @@ def run(runtime: str, module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> li
     return runner(module, tuple(t.clone() for t in inputs))
 
 
-def _openvino(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> list[Any]:
+def openvino_compiled(module: nn.Module, inputs: tuple[torch.Tensor, ...], threads: int | None = None) -> Any:
+    """``module`` converted by ``openvino.convert_model`` and compiled for the CPU plugin in float32 (with
+    ``threads`` inference threads, or OpenVINO's default)."""
     import openvino as ov
 
     with warnings.catch_warnings():  # it traces with torch.jit, which warns that it is deprecated
         warnings.simplefilter("ignore")
         model = ov.convert_model(module, example_input=inputs if len(inputs) > 1 else inputs[0])
-    compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "f32"}
+    if threads is not None:
+        config["INFERENCE_NUM_THREADS"] = threads
+    return ov.Core().compile_model(model, "CPU", config)
+
+
+def xnnpack_lowered(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Any:
+    """``module`` exported and lowered to ExecuTorch's XNNPACK delegate (``to_edge_transform_and_lower``)."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    program = torch.export.export(module, inputs, strict=False)
+    return to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
+
+
+def _openvino(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> list[Any]:
+    compiled = openvino_compiled(module, inputs)
     result = compiled([t.numpy() for t in inputs])
     return [result[out] for out in compiled.outputs]
 
 
 def _executorch(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> list[Any]:
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-    from executorch.exir import to_edge_transform_and_lower
     from executorch.runtime import Runtime
 
-    program = torch.export.export(module, inputs, strict=False)
-    lowered = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()]).to_executorch()
+    lowered = xnnpack_lowered(module, inputs).to_executorch()
     method = Runtime.get().load_program(lowered.buffer).load_method("forward")
     return list(method.execute(list(inputs)))
