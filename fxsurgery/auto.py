@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fxsurgery.engine import subgraph
 from fxsurgery.errors import InputError, ValidationError
 from fxsurgery.options import Options
 from fxsurgery.report import Site, SurgeryResult
@@ -308,6 +309,7 @@ def _chosen_sites(full: dict[str, SurgeryResult], keep: dict[str, list[str]], be
         }[best]
         for s in res.sites:
             if s.rewritten and s.name not in kept:
-                s = dataclasses.replace(s, status="skipped", reason=f"auto: the original form is faster ({best})")
+                s = dataclasses.replace(s, status="skipped", reason=f"auto: the original form is faster ({best})",
+                                        subgraph=subgraph.left_alone(s.subgraph))  # fmt: skip
             sites.append(dataclasses.replace(s, direction=direction))
     return sites

@@ -8,6 +8,7 @@ when they passed.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -53,6 +54,8 @@ class Site:
     after: str = ""
     input_shape: tuple[int, ...] | None = None  # the map the rewritten layer reads, e.g. (N, C, H, W)
     direction: str = ""  # which pass considered it, where a result has both (``to="auto"``)
+    # the site's neighbourhood before and after the pass (:mod:`fxsurgery.engine.subgraph`), for the drawings
+    subgraph: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.status not in ("rewritten", "skipped"):
@@ -74,6 +77,7 @@ class Site:
             "after": self.after,
             "input_shape": None if self.input_shape is None else list(self.input_shape),
             "direction": self.direction,
+            "subgraph": self.subgraph,
         }
 
 

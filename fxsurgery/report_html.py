@@ -82,11 +82,74 @@ def _sites(sites: list[dict[str, Any]]) -> str:
                   else f'<span class="skip">skipped: {escape(s.get("reason", ""))}</span>')  # fmt: skip
         rows.append((f"<code>{escape(s['name'])}</code>", escape(s["pattern"]), status, _drawing(s)))
     n = sum(s["status"] == "rewritten" for s in sites)
-    return (f"<h2>Sites ({n} rewritten of {len(sites)})</h2>" +
+    return (f"<h2>Sites ({n} rewritten of {len(sites)})</h2>" + _LEGEND +
             _table(("site", "pattern", "outcome", "before / after"), rows))  # fmt: skip
 
 
+_FILL = {"removed": "#fce8e6", "new": "#e6f4ea", "kept": "#f1f3f4"}
+_MARKER = ('<defs><marker id="arrow" markerWidth="8" markerHeight="8" refX="6" refY="3" orient="auto">'
+           '<path d="M0,0 L6,3 L0,6 z" fill="#555"/></marker></defs>')  # fmt: skip
+_LEGEND = ('<p>Drawings: the site (blue frame) and its neighbourhood in the graph, before the pass and after it; '
+           f'<span style="background:{_FILL["removed"]}">removed by the pass</span>, '
+           f'<span style="background:{_FILL["new"]}">added by the pass</span>, '
+           f'<span style="background:{_FILL["kept"]}">unchanged</span>; parameters are not drawn.</p>')
+
+
 def _drawing(site: dict[str, Any]) -> str:
+    """The site's subgraph before and after the pass, side by side (older reports: its two descriptions)."""
+    pictures = site.get("subgraph")
+    if not pictures:
+        return _described(site)
+    before = _panel(pictures["before"], "before", 0.0)
+    if pictures.get("after"):
+        after = _panel(pictures["after"], "after", before[0] + 36)
+    else:
+        after = _panel({"nodes": [{"id": "-", "label": "left as it is", "role": "kept", "site": False}],
+                        "edges": []}, "after", before[0] + 36)  # fmt: skip
+    width, height = after[0], max(before[1], after[1])
+    return (f'<svg class="site-drawing" data-site="{escape(site["name"])}" width="{width:.0f}" height="{height:.0f}" '
+            f'xmlns="http://www.w3.org/2000/svg">{_MARKER}{before[2]}{after[2]}</svg>'
+            f'<div class="skip">{escape(site.get("before") or "")}{" &rarr; " if site.get("after") else ""}'
+            f'{escape(site.get("after") or "")}</div>')  # fmt: skip
+
+
+def _layers(picture: dict[str, Any]) -> list[list[dict[str, Any]]]:
+    """The nodes in rows, each below everything it reads (longest path from the picture's sources)."""
+    depth = {n["id"]: 0 for n in picture["nodes"]}
+    for _ in range(len(depth)):
+        for a, b in picture["edges"]:
+            depth[b] = max(depth[b], depth[a] + 1)
+    rows: list[list[dict[str, Any]]] = [[] for _ in range(max(depth.values(), default=0) + 1)]
+    for n in picture["nodes"]:
+        rows[depth[n["id"]]].append(n)
+    return rows
+
+
+def _panel(picture: dict[str, Any], title: str, x0: float) -> tuple[float, float, str]:
+    """One picture as boxes in rows with arrows, from ``x0``: (right edge, height, SVG items)."""
+    items, centre = [f'<text x="{x0:.0f}" y="12" font-weight="bold">{title}</text>'], {}
+    right, y = x0 + 60, 22
+    for row in _layers(picture):
+        x, tallest = x0, 0
+        for n in row:
+            text = [n["label"]] + ([n["shape"]] if n.get("shape") else [])
+            w, h = max(len(t) for t in text) * _CHAR + 12, 8 + 14 * len(text)
+            frame = 'stroke="#1a73e8" stroke-width="2"' if n.get("site") else 'stroke="#888"'
+            items.append(f'<rect x="{x:.0f}" y="{y}" width="{w:.0f}" height="{h}" rx="4" fill="{_FILL[n["role"]]}" '
+                         f'{frame}><title>{escape(n["id"])}</title></rect>')  # fmt: skip
+            items += [f'<text x="{x + 6:.0f}" y="{y + 15 + 14 * k}" fill="{"#666" if k else "#222"}">{escape(t)}</text>'
+                      for k, t in enumerate(text)]  # fmt: skip
+            centre[n["id"]] = (x + w / 2, y, y + h)
+            x, tallest = x + w + 14, max(tallest, h)
+        right, y = max(right, x), y + tallest + 22
+    for a, b in picture["edges"]:
+        (xa, _, ya), (xb, yb, _) = centre[a], centre[b]
+        items.append(f'<path d="M{xa:.0f} {ya} L{xb:.0f} {yb - 2}" stroke="#555" fill="none" '
+                     'marker-end="url(#arrow)"/>')  # fmt: skip
+    return right, y, "".join(items)
+
+
+def _described(site: dict[str, Any]) -> str:
     """Two lanes of boxes: the input map, then the layer before, and (rewritten sites) what replaced it."""
     shape = site.get("input_shape")
     source = "x".join(map(str, shape)) if shape else "input"
@@ -109,11 +172,9 @@ def _drawing(site: dict[str, Any]) -> str:
             if k + 1 < len(boxes):
                 items.append(f'<path d="M{x + w:.0f} {y + 11} h22" stroke="#555" marker-end="url(#arrow)"/>')
             x += w + 28
-    marker = ('<defs><marker id="arrow" markerWidth="8" markerHeight="8" refX="6" refY="3" orient="auto">'
-              '<path d="M0,0 L6,3 L0,6 z" fill="#555"/></marker></defs>')  # fmt: skip
     size = f'width="{width}" height="{12 + 34 * len(lanes)}"'
     return (f'<svg class="site-drawing" data-site="{escape(site["name"])}" {size} xmlns="http://www.w3.org/2000/svg">'
-            f'{marker}{"".join(items)}</svg>')  # fmt: skip
+            f'{_MARKER}{"".join(items)}</svg>')  # fmt: skip
 
 
 def _validation(v: dict[str, Any] | None) -> str:

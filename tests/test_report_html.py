@@ -4,6 +4,7 @@ chromium``; ``.ci/run`` installs it), where every site's drawing must have drawn
 
 from __future__ import annotations
 
+import html
 import json
 import re
 import shutil
@@ -19,10 +20,11 @@ ROOT = Path(__file__).resolve().parents[1]
 BROWSER = next((b for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
 
 
-@pytest.fixture(scope="module")
-def out(tmp_path_factory):
+@pytest.fixture(scope="module", params=["auto", "linear"])  # auto: the timings chart; linear: after-pictures
+def out(tmp_path_factory, request):
     out = tmp_path_factory.mktemp("html") / "out"
-    proc = subprocess.run([sys.executable, "-m", "fxsurgery", "rewrite", "fxsurgery.models:demo_model", "--to", "auto",
+    proc = subprocess.run([sys.executable, "-m", "fxsurgery", "rewrite", "fxsurgery.models:demo_model", "--to",
+                           request.param,
                            "--input-shape", "2,3,32,32", "--target", "onnxruntime", "--artifacts", "none", "--out",
                            str(out), "--quiet"], capture_output=True, text=True, cwd=ROOT, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
@@ -41,10 +43,17 @@ def test_every_site_drawing_renders_in_headless_chromium(out):
     data = json.loads((out / "report.json").read_text())
     dom = _dom(out / "report.html")
     n = len(data["sites"])
-    assert n == 6 and f'data-sites="{n}"' in dom and f'data-sites-rendered="{n}"' in dom
+    assert n == {"auto": 6, "conv_to_linear": 3}[data["direction"]]
+    assert f'data-sites="{n}"' in dom and f'data-sites-rendered="{n}"' in dom
     drawings = re.findall(r'<svg class="site-drawing" data-site="([^"]+)"[^>]*data-rendered="yes"', dom)
     assert sorted(drawings) == sorted(s["name"] for s in data["sites"])
     assert dom.count('class="histogram"') == len(data["validation"]["error_histograms"]["outputs"]) == 1
+    for site in data["sites"]:  # each drawing is the site's subgraph from report.json: every node drawn, in a box
+        svg = re.search(rf'<svg class="site-drawing" data-site="{re.escape(site["name"])}".*?</svg>', dom).group(0)
+        nodes = site["subgraph"]["before"]["nodes"] + (site["subgraph"]["after"] or {"nodes": []})["nodes"]
+        assert len(nodes) >= 2 and svg.count("<rect") == len(nodes) + (site["subgraph"]["after"] is None)
+        for node in nodes:
+            assert f">{html.escape(node['label'])}</text>" in svg
 
 
 def test_the_page_is_self_contained_and_rebuilt_from_report_json(out):

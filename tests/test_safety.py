@@ -98,7 +98,8 @@ def test_summary_and_to_dict_are_json():
     assert "classifier.1" in text and "PASSED" in text
     data = json.loads(json.dumps(res.to_dict()))
     assert data["passed"] is True and len(data["sites"]) == len(res.sites)
-    assert set(data["sites"][0]) == {"name", "pattern", "status", "reason", "before", "after", "input_shape", "direction"}
+    assert set(data["sites"][0]) == {"name", "pattern", "status", "reason", "before", "after", "input_shape", "direction",
+                                    "subgraph"}
 
 
 # ---- clear errors -----------------------------------------------------------------------------------------------

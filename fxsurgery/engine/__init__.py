@@ -7,6 +7,7 @@
 * :mod:`~fxsurgery.engine.elementwise`: the table of elementwise ops.
 * :mod:`~fxsurgery.engine.propagate`: propagators every rule set can use.
 * :mod:`~fxsurgery.engine.cleanup`: the steps that end a pass.
+* :mod:`~fxsurgery.engine.subgraph`: each site's neighbourhood before and after the pass, for the report.
 """
 
 from __future__ import annotations

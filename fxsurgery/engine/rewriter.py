@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 import torch.fx as fx
 from torch import nn
 
-from fxsurgery.engine import cleanup
+from fxsurgery.engine import cleanup, subgraph
 from fxsurgery.engine.layout import Layout, composes_to_identity, permute_dims
 from fxsurgery.engine.nodes import NoShape, first_input, reader_name
 from fxsurgery.engine.rule import Rule, RuleSet, Skip
@@ -45,6 +45,7 @@ class Rewriter:
         self.skip = dict(skip or {})
         self.alt: dict[fx.Node, tuple[fx.Node, Layout]] = {}
         self.sites: list[Site] = []
+        self._pictures: list[tuple[int, int, subgraph.Before]] = []  # per rule call: first site, count, neighbourhood
         self.new_modules: dict[str, nn.Module] = {}
         self.exits: dict[fx.Node, fx.Node] = {}
         self._enters: dict[tuple[fx.Node, str], fx.Node] = {}
@@ -125,6 +126,8 @@ class Rewriter:
                 if propagator.propagate(node, self):
                     break
         cleanup.finish(self)
+        self.sites = subgraph.attach(self.sites, self._pictures, self.alt, self.original_nodes,
+                                     dict(self.gm.named_modules()))  # fmt: skip
         return self.sites
 
     def _site(self, node: fx.Node, rule: Rule, name: str) -> None:
@@ -133,19 +136,23 @@ class Rewriter:
                 return  # one Site per module; a module called twice was skipped at its first call
             self._seen_modules.add(name)
         reason = self._common_skip(node, name) or self.skip.get(rule.pattern)
+        before = subgraph.Before.record(node, self.modules)
         if reason is None:
             try:
                 match = rule.match(node, self)
                 if isinstance(match, Skip):
                     raise match
                 done = rule.apply(match, self)
-                self.sites.extend(done if isinstance(done, tuple) else (done,))
+                sites = done if isinstance(done, tuple) else (done,)
+                self._pictures.append((len(self.sites), len(sites), before))
+                self.sites.extend(sites)
                 return
             except (Skip, NoShape) as s:
                 reason = str(s)
             except Exception as e:  # a rule bug must not become a wrong model: leave the site as it is, say why
                 log.warning("rule %s failed on %s", type(rule).__name__, name, exc_info=True)
                 reason = f"internal error while matching ({type(e).__name__}: {e}); please report it"
+        self._pictures.append((len(self.sites), 1, before))
         self.sites.append(Site(name, rule.pattern, "skipped", reason))
 
     def _common_skip(self, node: fx.Node, name: str) -> str | None:

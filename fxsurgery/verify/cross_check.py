@@ -26,7 +26,7 @@ from fxsurgery.report import Comparison, OnnxCheck
 from fxsurgery.tracing.copies import eval_copy
 from fxsurgery.tracing.inputs import normalize_inputs
 from fxsurgery.verify import runners
-from fxsurgery.verify.localize import first_divergence
+from fxsurgery.verify.localize import first_divergence, first_failing_node
 from fxsurgery.verify.onnx_export import (
     EXPORTERS,
     batch_is_dynamic,
@@ -141,9 +141,15 @@ def _run_more(models: dict[str, nn.Module], batches: list[tuple], runtimes: Sequ
                 except Exception as e:
                     message = f"{label} cannot run the {name} model at batch {_batch(batch_inputs)}: {one_line(e)}"
                     if name == "rewritten" and f"{label} original" in got:
-                        found.failures.append(message)
+                        found.failures.append(f"{message}; {_runtime_localized(rt, models[name], batch_inputs)}")
                     else:
                         found.skipped.append(message)
+
+
+def _runtime_localized(rt: str, module: nn.Module, inputs: tuple, rtol: float | None = None) -> str:
+    """Where an optional runtime first goes wrong on ``module`` (:func:`~fxsurgery.verify.localize.
+    first_failing_node`)."""
+    return first_failing_node(lambda m, x: runners.run(rt, m, x), module, inputs, rtol=rtol)
 
 
 def _run(models: dict[str, nn.Module], paths: dict[str, Path], batches: list[tuple], providers: Sequence[str],
@@ -259,6 +265,7 @@ def cross_check(
     found.failures += [f"{c.candidate} vs {c.reference} at batch {c.batch}: {c.failure}" for c in comparisons
                        if not c.passed]  # fmt: skip
     _localize(comparisons, models, paths, batches, outputs, exporter, tol, found)
+    _localize_runtimes(comparisons, models["rewritten"], batches, runtimes, rtol, found)
     if not dynamic_batch:
         found.skipped.append("second batch size: the batch axis was exported static on request")
     return OnnxCheck(passed=not found.failures, exporter=exporter, original_path=str(paths["original"]),
@@ -285,6 +292,17 @@ def _localize(comparisons: list[Comparison], models: dict[str, nn.Module], paths
         scale = max([float(t.detach().abs().max()) for t in reference if t.is_floating_point() and t.numel()] + [0.0])
         bound = tol * max(scale, SCALE_FLOOR)
         found.failures.append(f"{name}.onnx: " + first_divergence(models[name], batch, paths[name], bound))
+
+
+def _localize_runtimes(comparisons: list[Comparison], rewritten: nn.Module, batches: list[tuple],
+                       runtimes: Sequence[str], rtol: float | None, found: _Findings) -> None:  # fmt: skip
+    """For each optional runtime that runs the rewritten model wrong, the first node it computes wrong."""
+    for rt in runtimes:
+        label = runners.RUNNERS[rt][2]
+        wrong = [c for c in comparisons if not c.passed and c.candidate == f"{label} rewritten"]
+        if wrong:
+            batch = next(b for b in batches if _batch(b) == wrong[0].batch)
+            found.failures.append(f"{label} rewritten: {_runtime_localized(rt, rewritten, batch, rtol)}")
 
 
 def _check_arguments(exporter: str, providers: Sequence[str]) -> None:

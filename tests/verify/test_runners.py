@@ -3,7 +3,9 @@ with torch, both directions; a wrong rewritten model fails there too. Each test 
 
 from __future__ import annotations
 
+import copy
 import importlib.util
+import math
 
 import pytest
 import torch
@@ -11,7 +13,7 @@ from torch import nn
 
 import fxsurgery
 from fxsurgery.models import demo_model
-from fxsurgery.verify import runners
+from fxsurgery.verify import localize, runners
 from fxsurgery.verify.cross_check import cross_check
 
 LABELS = {"openvino": "OpenVINO", "executorch": "ExecuTorch-XNNPACK"}
@@ -74,3 +76,79 @@ def test_the_cli_refuses_an_unknown_cross_check_runtime_in_one_line(tmp_path):
                            "openvino,tvm"], capture_output=True, text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "unknown runtime 'tvm'" in proc.stderr and proc.stderr.strip().count("\n") == 0
+
+
+class _Skewed(torch.fx.Interpreter):
+    """A fake runtime that computes the call of one module (``bad``) 1.5 times too large, and the rest right."""
+
+    bad = ""
+
+    def call_module(self, target, args, kwargs):
+        out = super().call_module(target, args, kwargs)
+        return out * 1.5 if target == self.bad else out
+
+
+def _skewed_runtime(bad: str, log: list):
+    def run(module, inputs):
+        log.append(module)
+        interpreter = _Skewed(module)
+        interpreter.bad = bad
+        out = interpreter.run(*inputs)
+        return list(out) if isinstance(out, tuple) else [out]
+
+    return run
+
+
+@pytest.mark.parametrize(("to", "bad"), [("linear", "features.pointwise2"), ("conv", "aux"), ("conv", "classifier.4")])
+def test_the_node_a_runtime_computes_wrong_is_found_by_bisection(to, bad):
+    """The demo model has a side branch (aux) beside the main one: values after the wrong node in graph order are
+    not all wrong, and the answer must still be the wrong node itself, not a later one."""
+    model, x = demo_model().eval(), torch.randn(2, 3, 32, 32)
+    res = fxsurgery.linear_to_conv(model, x) if to == "conv" else fxsurgery.conv_to_linear(model, x)
+    wrong_node = next(n for n in res.module.graph.nodes if n.op == "call_module" and n.target == bad)
+    log: list = []
+    where = localize.first_failing_node(_skewed_runtime(bad, log), res.module, (x,))
+    assert where.startswith(f"the first node it computes wrong is {wrong_node.name!r} ({bad}: "), where
+    nodes = sum(n.op not in ("placeholder", "output") for n in res.module.graph.nodes)
+    assert 2 <= len(log) <= math.ceil(math.log2(nodes)) + 1  # bisection, not one conversion per value
+    assert localize.first_failing_node(_skewed_runtime("nothing", []), res.module, (x,)).startswith(
+        "could not localize it: the graph's last values agree")
+
+
+def test_a_node_the_runtime_cannot_run_is_named():
+    model, x = demo_model().eval(), torch.randn(2, 3, 32, 32)
+    res = fxsurgery.conv_to_linear(model, x)
+
+    def refuses_linear(module, inputs):
+        if any(isinstance(m, nn.Linear) for m in module.modules()):
+            raise RuntimeError("no kernel for Linear")
+        return list(module(*inputs))
+
+    where = localize.first_failing_node(refuses_linear, res.module, (x,))
+    first_linear = next(n for n in res.module.graph.nodes
+                        if n.op == "call_module" and isinstance(res.module.get_submodule(n.target), nn.Linear))
+    assert f"is {first_linear.name!r}" in where and "cannot run it: RuntimeError: no kernel for Linear" in where
+
+
+@pytest.mark.parametrize("runtime", [pytest.param("openvino", marks=_needs("openvino")),
+                                     pytest.param("executorch", marks=_needs("executorch"))])  # fmt: skip
+def test_a_runtime_that_runs_one_layer_wrong_is_localized_to_it(runtime, tmp_path, monkeypatch):
+    """The real runtime, given models whose ``down`` layer has its weight scaled (as a converter bug would): the
+    cross-check fails and names the rewritten graph's ``down`` node, the cut graphs converting on the runtime."""
+    model, x = demo_model().eval(), torch.randn(2, 3, 32, 32)
+    res = fxsurgery.conv_to_linear(model, x)
+    real = getattr(runners, f"_{runtime}")
+
+    def wrong_down(module, inputs):
+        module = copy.deepcopy(module)
+        for name, sub in module.named_modules():
+            if name == "down":
+                sub.weight.data *= 1.5
+        return real(module, inputs)
+
+    monkeypatch.setattr(runners, f"_{runtime}", wrong_down)
+    check = cross_check(model, res.module, (x,), tmp_path, runtimes=(runtime,))
+    down = next(n.name for n in res.module.graph.nodes if n.op == "call_module" and n.target == "down")
+    where = [f for f in check.failures if f.startswith(f"{LABELS[runtime]} rewritten: the first node")]
+    assert not check.passed and len(where) == 1, check.failures
+    assert f"computes wrong is {down!r} (down: Linear 32->64" in where[0], where
