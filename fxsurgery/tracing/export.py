@@ -63,49 +63,41 @@ _METHODS: dict[Any, str] = {
 _ASSERTIONS = {aten._assert_tensor_metadata.default}
 
 
-def _batch_of_one(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> bool:
-    tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor) and t.dim()]
+def _batch_of_one(args: tuple[Any, ...]) -> bool:
+    tensors = [t for t in args if isinstance(t, torch.Tensor) and t.dim()]
     return bool(tensors) and all(t.shape[0] == 1 for t in tensors)
 
 
-def _twice(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+def _twice(args: tuple[Any, ...]) -> tuple[Any, ...]:
     """Each tensor input repeated along its batch: ``torch.export`` specialises a dim of size 1, so a batch of one
     is exported as a batch of two to keep it dynamic."""
-    twice: Callable[[Any], Any] = lambda t: torch.cat([t, t]) if isinstance(t, torch.Tensor) and t.dim() else t
-    return tuple(twice(a) for a in args), {k: twice(v) for k, v in kwargs.items()}
+    return tuple(torch.cat([a, a]) if isinstance(a, torch.Tensor) and a.dim() else a for a in args)
 
 
-def export_model(model: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any] | None = None,
-                 dynamic_shapes: Any = None) -> torch.export.ExportedProgram:  # fmt: skip
-    """``torch.export.export(model, args, kwargs, strict=False)`` with a dynamic batch (dim 0 of every tensor input,
+def export_model(model: nn.Module, args: tuple[Any, ...], dynamic_shapes: Any = None) -> torch.export.ExportedProgram:
+    """``torch.export.export(model, args, strict=False)`` with a dynamic batch (dim 0 of every tensor input,
     ``Dim.AUTO``: kept static where the model fixes it) unless ``dynamic_shapes`` says otherwise. A model that
     cannot run at another batch than the given one of 1 (it holds state of that batch: a static KV cache) is
-    exported at that batch."""
+    exported at that batch. Keyword inputs reach it as positional ones (:mod:`fxsurgery.tracing.inputs`)."""
     _register_hf_caches()
-    kw = dict(kwargs or {})
     if dynamic_shapes is not None:
-        return _export(model, args, kw, dynamic_shapes)
-    if not _batch_of_one(args, kw):
-        return _export(model, args, kw, _auto_batch(args, kw))
+        return _export(model, args, dynamic_shapes)
+    if not _batch_of_one(args):
+        return _export(model, args, _auto_batch(args))
     try:
-        return _export(model, *_twice(args, kw), _auto_batch(args, kw))
+        return _export(model, _twice(args), _auto_batch(args))
     except TraceError:
-        return _export(model, args, kw, None)
+        return _export(model, args, None)
 
 
-def _auto_batch(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
-    auto: Callable[[Any], Any] = lambda t: {0: torch.export.Dim.AUTO} if isinstance(t, torch.Tensor) and t.dim() \
-        else None  # fmt: skip
-    if kwargs:
-        return tuple(auto(a) for a in args), {k: auto(v) for k, v in kwargs.items()}
-    return tuple(auto(a) for a in args)
+def _auto_batch(args: tuple[Any, ...]) -> tuple[Any, ...]:
+    return tuple({0: torch.export.Dim.AUTO} if isinstance(a, torch.Tensor) and a.dim() else None for a in args)
 
 
-def _export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
-            dynamic_shapes: Any) -> torch.export.ExportedProgram:  # fmt: skip
+def _export(model: nn.Module, args: tuple[Any, ...], dynamic_shapes: Any) -> torch.export.ExportedProgram:
     try:
         with _quiet_torch():
-            return torch.export.export(model, args, kwargs or None, dynamic_shapes=dynamic_shapes, strict=False)
+            return torch.export.export(model, args, dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as e:
         raise TraceError(f"torch.export cannot capture {type(model).__name__}: {one_line(e)}", cause=one_line(e)) from e
 
