@@ -103,9 +103,10 @@ def _drawing(site: dict[str, Any]) -> str:
     before = _panel(pictures["before"], "before", 0.0)
     if pictures.get("after"):
         after = _panel(pictures["after"], "after", before[0] + 36)
-    else:
-        after = _panel({"nodes": [{"id": "-", "label": "left as it is", "role": "kept", "site": False}],
-                        "edges": []}, "after", before[0] + 36)  # fmt: skip
+    else:  # a skipped site, or a rewritten one whose counterpart the cleanup removed
+        text = "left as it is" if site["status"] != "rewritten" else "rewritten (not drawn)"
+        after = _panel({"nodes": [{"id": "-", "label": text, "role": "kept", "site": False}], "edges": []}, "after",
+                       before[0] + 36)  # fmt: skip
     width, height = after[0], max(before[1], after[1])
     return (f'<svg class="site-drawing" data-site="{escape(site["name"])}" width="{width:.0f}" height="{height:.0f}" '
             f'xmlns="http://www.w3.org/2000/svg">{_MARKER}{before[2]}{after[2]}</svg>'
