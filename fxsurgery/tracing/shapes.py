@@ -117,12 +117,12 @@ def _meta_module(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
 def _meta_prop(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> None:
     """Run ``gm``'s graph with meta parameters, buffers and inputs, meta the default device (tensors made in
     forward)."""
-    attrs = [v for _, _, v in tensor_attributes(gm)]
-    tensors = (*gm.parameters(), *gm.buffers(), *attrs, *(t for t in inputs if isinstance(t, torch.Tensor)))
-    if len({t.device for t in tensors}) > 1:  # would run on meta, not where the model runs: fake tensors tell
+    held = (*gm.parameters(), *gm.buffers(), *(v for _, _, v in tensor_attributes(gm)))
+    # on several devices it would run on meta, not where the model runs: fake tensors tell
+    if len({t.device for t in (*held, *(t for t in inputs if isinstance(t, torch.Tensor)))}) > 1:
         raise TypeError("the model's tensors and the inputs are on several devices")
     memo: dict[int, Any] = {}
-    for t in (*gm.parameters(), *gm.buffers(), *attrs):
+    for t in held:
         meta = torch.empty_like(t, device="meta")
         memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
     meta_inputs = [t.to("meta") if isinstance(t, torch.Tensor) else t for t in inputs]

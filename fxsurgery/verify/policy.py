@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -55,8 +55,9 @@ class Errors:
     rtol: float = 0.0
     worst: str = ""
     failure: str = ""
-    # per output (its name without the input's label), element counts per bin of HISTOGRAM_BINS
-    histograms: dict[str, list[int]] = field(default_factory=dict)
+    # per output (its name without the input's label), element counts per bin of HISTOGRAM_BINS; None: not counted
+    # (only validation reports them)
+    histograms: dict[str, list[int]] | None = None
     prefix: str = ""  # the input's label, left out of the histograms' output names
 
     def fail(self, where: str, message: str) -> None:
@@ -99,7 +100,9 @@ def compare_tensor(a: torch.Tensor, b: torch.Tensor, where: str, errors: Errors,
 
 
 def _count(errors: Errors, where: str, rel: torch.Tensor) -> None:
-    """Add the elements' relative errors ``rel`` to the histogram of output ``where``."""
+    """Add the elements' relative errors ``rel`` to the histogram of output ``where`` (where they are counted)."""
+    if errors.histograms is None:
+        return
     name = where.removeprefix(errors.prefix).strip() or "output"
     counts = errors.histograms.setdefault(name, [0] * len(HISTOGRAM_BINS))
     zero = rel == 0

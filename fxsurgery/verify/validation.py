@@ -158,7 +158,8 @@ def validate(
     rew = eval_copy(rewritten, precision)
     notes: list[str] = []
     batches, batch_sizes = _batches(orig, example_inputs, num_random, precision, seed, notes)
-    errors = Errors()
+    histograms: dict[str, list[int]] = {}
+    errors = Errors(histograms=histograms)
     refs = []
     for k, inputs in enumerate(batches):
         label = "example input" if k == 0 else f"input #{k}"
@@ -186,4 +187,4 @@ def validate(
                       rtol=errors.rtol if errors.rtol else (rtol or 0.0), scale_floor=SCALE_FLOOR,
                       num_inputs=len(batches), batch_sizes=tuple(sorted(batch_sizes)), precision=precision,
                       worst=errors.worst, failure=errors.failure, notes=tuple(notes),
-                      error_histograms=errors.histograms)  # fmt: skip
+                      error_histograms=histograms)  # fmt: skip
