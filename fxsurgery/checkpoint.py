@@ -118,7 +118,7 @@ def load_layouts(path: str | os.PathLike) -> dict[str, ParamLayout]:
         data = json.loads(Path(path).read_text())
         return {k: ParamLayout(_tuples(v["original"]), _tuples(v["rewritten"]), int(v["numel"]))
                 for k, v in data["layouts"].items()}  # fmt: skip
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
         raise InputError(f"{path} is not a layouts file written by fxsurgery ({type(e).__name__}: {e})") from e
 
 

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
 
+from fxsurgery._staging import file_mode, staged_folder
 from fxsurgery.checkpoint import ARTIFACTS
 from fxsurgery.cli_bench import add_bench, add_report, artifacts_list, run_bench, run_report, runtimes_list
 from fxsurgery.cli_inputs import (
@@ -68,13 +69,6 @@ def _version() -> str:
         return version("fxsurgery")
     except PackageNotFoundError:  # run from a source tree that is not installed
         return "unknown (not installed)"
-
-
-def _umask() -> int:
-    """The process's umask (read by setting it, so put back at once; read where files are written, not at import)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -129,8 +123,11 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def _model_arguments(p: argparse.ArgumentParser) -> None:
     """The model, its example inputs and the rewrite options, shared by ``rewrite`` and ``list``."""
-    p.add_argument("model", help="package.module:callable or path/to/file.py:callable returning an nn.Module, or a "
-                                 ".pt2 file (torch.export.save)")  # fmt: skip
+    p.add_argument("model", help="package.module:callable or path/to/file.py:callable returning an nn.Module "
+                                 "(MODEL imports that module and calls that callable with --model-kwargs: it runs "
+                                 "their code, as python -c would; give only code you trust), or a .pt2 file "
+                                 "(torch.export.save; loaded without unpickling anything but tensors unless "
+                                 "--unsafe-pickle)")  # fmt: skip
     p.add_argument("--model-kwargs", default="{}", metavar="JSON",
                    help='keyword arguments for the callable, e.g. \'{"model_name": "resnet18"}\'')  # fmt: skip
     p.add_argument("--input-shape", action="append", default=[], metavar="N,C,H,W[:DTYPE]",
@@ -144,7 +141,8 @@ def _model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the model and its inputs")
     p.add_argument("--weights", help="safetensors file, or a state dict saved with torch.save")
     p.add_argument("--unsafe-pickle", action="store_true",
-                   help="allow --weights files that need full unpickling (runs code from the file!)")  # fmt: skip
+                   help="allow --weights files and .pt2 models that need full unpickling (runs code from the file!); "
+                        "without it only tensors are unpickled and a file that needs more is refused")  # fmt: skip
     p.add_argument("--leaf-module", action="append", default=[], help="qualified name fx must not trace into")
     p.add_argument("--exclude", action="append", default=[], help="site name to leave alone")
     p.add_argument("--target", choices=sorted(TARGETS), default=None,
@@ -205,6 +203,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(f"the model's code exited (SystemExit: {e.code}) before the rewrite finished")
     except KeyboardInterrupt:
         return _fail("interrupted", 130)
+    except Exception as e:  # not foreseen: still one line, never a traceback, unless asked for one
+        if os.environ.get("FXSURGERY_TRACEBACK"):
+            raise
+        from fxsurgery.errors import one_line
+
+        return _fail(f"{one_line(e)} (an error fxsurgery did not foresee; FXSURGERY_TRACEBACK=1 prints where it "
+                     "happened: please report it)")  # fmt: skip
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -228,30 +233,6 @@ def _fail(message: str, code: int = EXIT_USAGE) -> int:
 # -- rewrite -------------------------------------------------------------------------------------------------------
 
 
-@contextmanager
-def staged_output(out: str) -> Iterator[Path]:
-    """A temporary folder beside ``out`` that becomes ``out`` only if the block completes."""
-    target = Path(out)
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise UsageError(f"output directory {out} exists and is not empty; choose another --out or remove it")
-    parent = target.parent if str(target.parent) else Path(".")
-    if not parent.is_dir():
-        raise UsageError(f"cannot write to {out}: parent directory {parent} does not exist")
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=parent))
-    except OSError as e:
-        raise UsageError(f"cannot write to {out}: {e.strerror or e}") from e
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the result is an ordinary folder
-    if target.exists():
-        target.rmdir()
-    os.replace(tmp, target)
-
-
 def _model_and_inputs(args: argparse.Namespace, progress: _Progress) -> tuple[Any, tuple, dict[str, Any]]:
     """The user's model (built, weights loaded, in ``--dtype``, eval mode) and its positional and keyword inputs."""
     import torch
@@ -261,7 +242,7 @@ def _model_and_inputs(args: argparse.Namespace, progress: _Progress) -> tuple[An
     if args.model.endswith(".pt2"):
         program, positional, named = load_program(args.model, bool(specs), {
             "--weights": bool(args.weights), "--model-kwargs": args.model_kwargs != "{}",
-            "--dtype": args.dtype != "float32"})  # fmt: skip
+            "--dtype": args.dtype != "float32"}, args.unsafe_pickle)  # fmt: skip
         return (program, *_split(specs)) if specs else (program, positional, named)
     if not specs:
         raise UsageError("no example input: give --input-shape N,C,H,W (and/or --input NAME=SHAPE[:DTYPE])")
@@ -293,7 +274,7 @@ def _rewrite(args: argparse.Namespace, progress: _Progress) -> int:
         return _list(args, progress)
     if not args.out:
         return _fail("--out is required (an output directory that does not exist, or is empty), or --dry-run")
-    with staged_output(args.out) as tmp:
+    with staged_folder(args.out, "output directory", "choose another --out") as tmp:
         model, positional, named = _model_and_inputs(args, progress)
         report = _run_pipeline(model, (*positional, named) if named else positional, args.to, tmp, args, progress)
         if "onnx" in args.artifacts:
@@ -352,7 +333,7 @@ def _write_report(report: Any, out_dir: Path, inputs: list[tuple[str, Any]], pro
     data = report_file(report, saved=saved, command=" ".join(sys.argv), inputs=inputs)
     (out_dir / "report.json").write_text(json.dumps(data, indent=2))
     write_html(data, out_dir / "report.html")
-    mode = 0o666 & ~_umask()
+    mode = file_mode()
     for f in out_dir.iterdir():  # one mode for every file (safetensors writes its files private)
         f.chmod(mode)
     return data

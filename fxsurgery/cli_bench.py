@@ -75,6 +75,9 @@ def add_bench(sub: Any, model_arguments: Callable[[argparse.ArgumentParser], Non
 def run_bench(args: argparse.Namespace, model: Any, inputs: tuple, progress: Any) -> int:
     from fxsurgery.benchmark import benchmark, ratio_chart
 
+    chart = Path(args.chart) if args.chart else None
+    if chart is not None and (chart.suffix.lower() not in (".png", ".svg") or not chart.parent.is_dir()):
+        raise UsageError(f"--chart {args.chart}: give a .png or .svg file in a folder that exists")  # before the work
     with progress.step(f"rewriting towards {args.to} and timing on {', '.join(args.runtime)}"):
         report = benchmark(model, inputs, args.to, runtimes=args.runtime, batches=args.batch, pairs=args.pairs,
                            threads=args.threads, validate=not args.no_validate, frontend=args.frontend,
@@ -93,7 +96,7 @@ def add_report(sub: Any) -> None:
 
 
 def run_report(args: argparse.Namespace) -> int:
-    from fxsurgery.report_html import write_html
+    from fxsurgery.report_html import MalformedReport, write_html
 
     source = Path(args.dir) / "report.json"
     if not source.is_file():
@@ -104,5 +107,8 @@ def run_report(args: argparse.Namespace) -> int:
         raise UsageError(f"{source} is not JSON: {e}") from e
     if not isinstance(data, dict) or "sites" not in data:
         raise UsageError(f"{source} is not a fxsurgery report (no sites)")
-    print(write_html(data, Path(args.dir) / "report.html"))
+    try:
+        print(write_html(data, Path(args.dir) / "report.html"))
+    except MalformedReport as e:
+        raise UsageError(f"{source}: {e}") from e
     return 0

@@ -9,7 +9,8 @@ import json
 import os
 import pkgutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -116,9 +117,15 @@ def load_weights(model: Any, path: str, allow_pickle: bool) -> None:
         raise UsageError(f"weights file {path} does not match the model: {'; '.join(parts) or e}") from e
 
 
-def load_program(path: str, given: bool, args_used: dict[str, bool]) -> tuple[Any, tuple, dict[str, Any]]:
+def load_program(path: str, given: bool, args_used: dict[str, bool],
+                 allow_pickle: bool = False) -> tuple[Any, tuple, dict[str, Any]]:  # fmt: skip
     """The ExportedProgram in ``path`` and its example inputs (positional, keyword) when no input was ``given``
-    (else empty: the caller's are used). The options that only apply to a model factory are refused."""
+    (else empty: the caller's are used). The options that only apply to a model factory are refused.
+
+    ``torch.export.load`` unpickles what it cannot read as tensors (sample inputs, weights and constants stored as
+    pickles, custom objects), and unpickling runs whatever code the file names. Unless ``allow_pickle``
+    (``--unsafe-pickle``), a file that holds pickled objects is refused before anything is loaded, and every
+    ``torch.load`` inside is held to ``weights_only=True`` (tensors and containers only)."""
     import torch
 
     for flag, used in args_used.items():
@@ -127,12 +134,59 @@ def load_program(path: str, given: bool, args_used: dict[str, bool]) -> tuple[An
     if not Path(path).is_file():
         raise UsageError(f"model file not found: {path}")
     try:
-        program = torch.export.load(path)
+        if allow_pickle:
+            program = torch.export.load(path)
+        else:
+            _refuse_pickled_objects(path)
+            with _weights_only():
+                program = torch.export.load(path)
+    except UsageError:
+        raise
     except Exception as e:
-        raise UsageError(f"cannot read {path} as a torch.export program: {type(e).__name__}: {e}") from e
+        hint = "" if allow_pickle else (" (only tensors are unpickled by default: a file that needs more runs code "
+                                        "from the file when loaded; pass --unsafe-pickle only if you trust it)")
+        raise UsageError(f"cannot read {path} as a torch.export program: {type(e).__name__}: "
+                         f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}{hint}") from e  # fmt: skip
     if given:
         return program, (), {}
     if program.example_inputs is None:
         raise UsageError(f"{path} holds no example inputs: give --input-shape (and/or --input NAME=SHAPE[:DTYPE])")
     args, kwargs = program.example_inputs
     return program, tuple(args), dict(kwargs)
+
+
+def _refuse_pickled_objects(path: str) -> None:
+    """Refuse a ``.pt2`` whose constants are pickled Python or TorchScript objects: loading them unpickles."""
+    import zipfile
+
+    from torch.export.pt2_archive.constants import CUSTOM_OBJ_FILENAME_PREFIX, OPAQUE_OBJ_FILENAME_PREFIX
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError) as e:
+        raise UsageError(f"cannot read {path} as a torch.export program: {type(e).__name__}: {e}") from e
+    objects = [n for n in names if "/constants/" in n and n.rsplit("/", 1)[-1].startswith(
+        (CUSTOM_OBJ_FILENAME_PREFIX, OPAQUE_OBJ_FILENAME_PREFIX))]  # fmt: skip
+    if objects:
+        raise UsageError(f"{path} holds pickled objects ({objects[0]}{', ...' if len(objects) > 1 else ''}); loading "
+                         "them runs code from the file: pass --unsafe-pickle only if you trust it")  # fmt: skip
+
+
+@contextmanager
+def _weights_only() -> Iterator[None]:
+    """Every ``torch.load`` in the block loads tensors and containers only, whatever ``weights_only`` its caller
+    passes (``torch.export.load`` passes False for its sample inputs and pickled weights): torch's own switch,
+    ``TORCH_FORCE_WEIGHTS_ONLY_LOAD``, set for the block and put back after it."""
+    keys = ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")
+    saved = {k: os.environ.get(k) for k in keys}
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    os.environ.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -28,6 +28,7 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.node import map_aggregate
 
+from fxsurgery._staging import staged_folder
 from fxsurgery.checkpoint import ParamLayout, layouts_of, load_layouts
 from fxsurgery.errors import InputError
 
@@ -35,6 +36,7 @@ __all__ = ["convert_checkpoint", "materialize"]
 
 INDEX = "model.safetensors.index.json"
 _CHUNK = 64 << 20
+_MAX_HEADER = 100 << 20  # the safetensors library refuses headers over 100 MB too
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
            "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}  # fmt: skip
@@ -63,30 +65,27 @@ def convert_checkpoint(
         raise InputError(f"to must be 'rewritten' or 'original', got {to!r}")
     layouts = load_layouts(result) if isinstance(result, (str, os.PathLike)) else layouts_of(_module(result))
     files, index = _sources(Path(src))
-    out = Path(dst)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise InputError(f"{out} exists and is not an empty folder; give a new folder for the converted checkpoint")
-    out.mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = {"files": [], "tensors": 0, "converted": 0, "moved_bytes": 0, "total_bytes": 0}
     seen: set[str] = set()
-    for file in files:
-        done = _convert_file(file, out / file.name, layouts, to == "rewritten")
-        summary["files"].append(file.name)
-        for key in ("tensors", "converted", "moved_bytes", "total_bytes"):
-            summary[key] += done[key]
-        seen |= done["names"]
-    missing = sorted(set(layouts) - seen)
-    if missing:
-        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-        raise InputError(f"the checkpoint lacks {len(missing)} rewritten parameter(s) of the model: {shown}")
-    if index is not None:
-        data = json.loads(index.read_text())
-        data.setdefault("metadata", {})["total_size"] = summary["total_bytes"]
-        (out / INDEX).write_text(json.dumps(data, indent=2))
-    if Path(src).is_dir():
-        for other in sorted(Path(src).iterdir()):
-            if other.is_file() and other.suffix != ".safetensors" and other.name != INDEX:
-                shutil.copy2(other, out / other.name)
+    with staged_folder(dst, "the destination", "give a new folder for the converted checkpoint") as out:
+        for file in files:
+            done = _convert_file(file, out / file.name, layouts, to == "rewritten")
+            summary["files"].append(file.name)
+            for key in ("tensors", "converted", "moved_bytes", "total_bytes"):
+                summary[key] += done[key]
+            seen |= done["names"]
+        missing = sorted(set(layouts) - seen)
+        if missing:
+            shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+            raise InputError(f"the checkpoint lacks {len(missing)} rewritten parameter(s) of the model: {shown}")
+        if index is not None:
+            data = _index(index)
+            data.setdefault("metadata", {})["total_size"] = summary["total_bytes"]
+            (out / INDEX).write_text(json.dumps(data, indent=2))
+        if Path(src).is_dir():
+            for other in sorted(Path(src).iterdir()):
+                if other.is_file() and other.suffix != ".safetensors" and other.name != INDEX:
+                    shutil.copy2(other, out / other.name)
     return summary
 
 
@@ -136,21 +135,70 @@ def _sources(src: Path) -> tuple[list[Path], Path | None]:
     if not src.is_dir():
         raise InputError(f"checkpoint not found: {src}")
     if (src / INDEX).is_file():
-        weight_map = json.loads((src / INDEX).read_text()).get("weight_map", {})
-        return [src / name for name in dict.fromkeys(weight_map.values())], src / INDEX
+        weight_map = _index(src / INDEX).get("weight_map", {})
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise InputError(f"{src / INDEX}: 'weight_map' is not an object of tensor name -> shard file name")
+        shards = [src / name for name in dict.fromkeys(weight_map.values())]
+        absent = [p.name for p in shards if not p.is_file()]
+        if absent:
+            raise InputError(f"{src / INDEX} names shard(s) that are not in {src}: {', '.join(absent[:3])}"
+                             f"{' ...' if len(absent) > 3 else ''}")  # fmt: skip
+        return shards, src / INDEX
     files = sorted(src.glob("*.safetensors"))
     if not files:
         raise InputError(f"{src} holds no .safetensors file (nor {INDEX})")
     return files, None
 
 
+def _index(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise InputError(f"{path} is not a JSON index ({e})") from e
+    if not isinstance(data, dict):
+        raise InputError(f"{path} is not a JSON object")
+    return data
+
+
 def _read_header(f: BinaryIO, path: Path) -> tuple[dict[str, Any], int]:
-    size = int.from_bytes(f.read(8), "little")
+    """The header of a safetensors file, every entry checked against the file's size (a cut-off download, a header
+    that points past the end): an :class:`~fxsurgery.InputError` naming the tensor and the shard, never a hang."""
+    file_size = os.fstat(f.fileno()).st_size
+    raw = f.read(8)
+    size = int.from_bytes(raw, "little")
+    if len(raw) < 8 or size > file_size - 8 or size > _MAX_HEADER:
+        raise InputError(f"{path} is not a safetensors file: its header length ({size if len(raw) == 8 else '?'} "
+                         f"bytes) does not fit in the file ({file_size} bytes); is it cut off?")  # fmt: skip
     try:
         header = json.loads(f.read(size))
-    except ValueError as e:
+    except (ValueError, UnicodeDecodeError) as e:
         raise InputError(f"{path} is not a safetensors file (unreadable header: {e})") from e
+    if not isinstance(header, dict):
+        raise InputError(f"{path} is not a safetensors file (its header is not a JSON object)")
+    data = file_size - 8 - size
+    for name, entry in header.items():
+        if name != "__metadata__":
+            _check_entry(path, name, entry, data)
     return header, 8 + size
+
+
+def _check_entry(path: Path, name: str, entry: Any, data: int) -> None:
+    """One header entry: a known dtype, a shape, and a byte range inside the file's ``data`` bytes that holds
+    exactly that shape."""
+    where = f"{path.name}: tensor {name}"
+    ok = isinstance(entry, dict) and isinstance(entry.get("dtype"), str) and isinstance(entry.get("shape"), list)
+    offsets = entry.get("data_offsets") if ok else None
+    if not (ok and isinstance(offsets, list) and len(offsets) == 2 and all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in [*offsets, *entry["shape"]])):
+        raise InputError(f"{where} has a malformed header entry ({str(entry)[:120]})")  # fmt: skip
+    begin, end = offsets
+    if not begin <= end <= data:
+        raise InputError(f"{where}: bytes {begin}..{end} lie past the end of the file's {data} data bytes; the shard "
+                         "is cut off or corrupt (download it again)")  # fmt: skip
+    item = _DTYPES[entry["dtype"]].itemsize if entry["dtype"] in _DTYPES else None
+    if item is not None and end - begin != math.prod(entry["shape"]) * item:
+        raise InputError(f"{where}: {end - begin} bytes for shape {tuple(entry['shape'])} of {entry['dtype']} "
+                         f"({math.prod(entry['shape']) * item} expected); the shard is corrupt")  # fmt: skip
 
 
 def _convert_file(src: Path, dst: Path, layouts: Mapping[str, ParamLayout], forward: bool) -> dict[str, Any]:
@@ -213,6 +261,9 @@ def _converted(f: BinaryIO, begin: int, end: int, entry: Mapping[str, Any], layo
                forward: bool) -> torch.Tensor:  # fmt: skip
     f.seek(begin)
     raw = bytearray(f.read(end - begin))
+    if len(raw) != end - begin:
+        raise InputError(f"{Path(f.name).name}: {end - begin} bytes expected at offset {begin}, {len(raw)} read: the "
+                         "file changed or is cut off")  # fmt: skip
     t = torch.frombuffer(raw, dtype=_DTYPES[entry["dtype"]]).reshape(entry["shape"]) if raw else torch.empty(0)
     return (layout.to_rewritten(t) if forward else layout.to_original(t)).contiguous()
 
@@ -245,6 +296,9 @@ def _copy_bytes(f: BinaryIO, out: BinaryIO, begin: int, end: int) -> None:
         out.seek(start + done)
         while done < end - begin:
             chunk = f.read(min(end - begin - done, _CHUNK))
+            if not chunk:  # the end of the file before the end of the tensor: never loop on nothing
+                raise InputError(f"{Path(f.name).name}: the file ends at byte {begin + done}, inside a tensor that "
+                                 f"ends at byte {end}; it is cut off (download it again)") from None  # fmt: skip
             out.write(chunk)
             done += len(chunk)
     out.seek(start + done)

@@ -15,7 +15,7 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-__all__ = ["render", "write_html"]
+__all__ = ["render", "write_html", "MalformedReport"]
 
 _CSS = """
 body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
@@ -46,32 +46,51 @@ def write_html(data: dict[str, Any], path: str | os.PathLike) -> Path:
     return out
 
 
+class MalformedReport(ValueError):
+    """A ``report.json`` that is not what fxsurgery writes (a field of the wrong type, a missing key)."""
+
+
 def render(data: dict[str, Any]) -> str:
-    """The HTML page of one ``report.json``."""
+    """The HTML page of one ``report.json``. Every value drawn from it is escaped (a crafted report draws text, never
+    markup); a report whose fields are not of the types fxsurgery writes is a :class:`MalformedReport`."""
+    try:
+        return _render(data)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        raise MalformedReport(f"not a report fxsurgery wrote ({type(e).__name__}: {str(e)[:200]})") from e
+
+
+def _e(value: Any) -> str:
+    """Any value from the report, as text in the page."""
+    return escape(str(value))
+
+
+def _render(data: dict[str, Any]) -> str:
     verdict = '<span class="pass">PASSED</span>' if data.get("passed") else '<span class="fail">FAILED</span>'
-    parts = [f"<h1>fxsurgery report: {escape(str(data.get('direction', '')))} {verdict}</h1>", _header(data),
+    parts = [f"<h1>fxsurgery report: {_e(data.get('direction', ''))} {verdict}</h1>", _header(data),
              _sites(data.get("sites", [])), _validation(data.get("validation")), _onnx(data.get("onnx")),
              _target(data.get("target")), _timings(data.get("timings")), _notes(data.get("notes", []))]  # fmt: skip
     return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>fxsurgery report</title>"
             f"<style>{_CSS}</style></head><body>{''.join(parts)}<script>{_RENDER_CHECK}</script></body></html>")
 
 
+class _Html(str):
+    """Markup this module built (its data already escaped): a table cell that is drawn as it is."""
+
+
 def _table(header: tuple[str, ...], rows: list[tuple[Any, ...]], changed: list[bool] | None = None) -> str:
-    head = "".join(f"<th>{escape(str(h))}</th>" for h in header)
+    head = "".join(f"<th>{_e(h)}</th>" for h in header)
     body = []
     for i, row in enumerate(rows):
         cls = ' class="changed"' if changed and changed[i] else ""
-        body.append(f"<tr{cls}>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>")
+        body.append(f"<tr{cls}>" + "".join(f"<td>{c if isinstance(c, _Html) else _e(c)}</td>" for c in row) + "</tr>")
     return f"<table><tr>{head}</tr>{''.join(body)}</table>"
 
 
 def _header(data: dict[str, Any]) -> str:
-    inputs = ", ".join(f"{escape(i['name'])} {'x'.join(map(str, i['shape']))} {escape(i['dtype'])}"
-                       for i in data.get("inputs", []))  # fmt: skip
-    versions = ", ".join(f"{escape(k)} {escape(str(v))}" for k, v in (data.get("versions") or {}).items() if v)
-    rows = [("command", f"<code>{escape(str(data.get('command', '')))}</code>"), ("front end",
-            escape(str(data.get("frontend", "")))), ("inputs", inputs), ("versions", versions),
-            ("files", ", ".join(escape(name) for name in (data.get("saved") or {})))]  # fmt: skip
+    inputs = ", ".join(f"{i['name']} {'x'.join(map(str, i['shape']))} {i['dtype']}" for i in data.get("inputs", []))
+    versions = ", ".join(f"{k} {v}" for k, v in (data.get("versions") or {}).items() if v)
+    rows = [("command", _Html(f"<code>{_e(data.get('command', ''))}</code>")), ("front end", data.get("frontend", "")),
+            ("inputs", inputs), ("versions", versions), ("files", ", ".join(map(str, data.get("saved") or {})))]
     return _table(("", ""), rows)
 
 
@@ -79,8 +98,8 @@ def _sites(sites: list[dict[str, Any]]) -> str:
     rows = []
     for s in sites:
         status = ('<span class="pass">rewritten</span>' if s["status"] == "rewritten"
-                  else f'<span class="skip">skipped: {escape(s.get("reason", ""))}</span>')  # fmt: skip
-        rows.append((f"<code>{escape(s['name'])}</code>", escape(s["pattern"]), status, _drawing(s)))
+                  else f'<span class="skip">skipped: {_e(s.get("reason", ""))}</span>')  # fmt: skip
+        rows.append((_Html(f"<code>{_e(s['name'])}</code>"), s["pattern"], _Html(status), _Html(_drawing(s))))
     n = sum(s["status"] == "rewritten" for s in sites)
     return (f"<h2>Sites ({n} rewritten of {len(sites)})</h2>" + _LEGEND +
             _table(("site", "pattern", "outcome", "before / after"), rows))  # fmt: skip
@@ -108,10 +127,10 @@ def _drawing(site: dict[str, Any]) -> str:
         after = _panel({"nodes": [{"id": "-", "label": text, "role": "kept", "site": False}], "edges": []}, "after",
                        before[0] + 36)  # fmt: skip
     width, height = after[0], max(before[1], after[1])
-    return (f'<svg class="site-drawing" data-site="{escape(site["name"])}" width="{width:.0f}" height="{height:.0f}" '
+    return (f'<svg class="site-drawing" data-site="{_e(site["name"])}" width="{width:.0f}" height="{height:.0f}" '
             f'xmlns="http://www.w3.org/2000/svg">{_MARKER}{before[2]}{after[2]}</svg>'
-            f'<div class="skip">{escape(site.get("before") or "")}{" &rarr; " if site.get("after") else ""}'
-            f'{escape(site.get("after") or "")}</div>')  # fmt: skip
+            f'<div class="skip">{_e(site.get("before") or "")}{" &rarr; " if site.get("after") else ""}'
+            f'{_e(site.get("after") or "")}</div>')  # fmt: skip
 
 
 def _layers(picture: dict[str, Any]) -> list[list[dict[str, Any]]]:
@@ -137,8 +156,8 @@ def _panel(picture: dict[str, Any], title: str, x0: float) -> tuple[float, float
             w, h = max(len(t) for t in text) * _CHAR + 12, 8 + 14 * len(text)
             frame = 'stroke="#1a73e8" stroke-width="2"' if n.get("site") else 'stroke="#888"'
             items.append(f'<rect x="{x:.0f}" y="{y}" width="{w:.0f}" height="{h}" rx="4" fill="{_FILL[n["role"]]}" '
-                         f'{frame}><title>{escape(n["id"])}</title></rect>')  # fmt: skip
-            items += [f'<text x="{x + 6:.0f}" y="{y + 15 + 14 * k}" fill="{"#666" if k else "#222"}">{escape(t)}</text>'
+                         f'{frame}><title>{_e(n["id"])}</title></rect>')  # fmt: skip
+            items += [f'<text x="{x + 6:.0f}" y="{y + 15 + 14 * k}" fill="{"#666" if k else "#222"}">{_e(t)}</text>'
                       for k, t in enumerate(text)]  # fmt: skip
             centre[n["id"]] = (x + w / 2, y, y + h)
             x, tallest = x + w + 14, max(tallest, h)
@@ -169,12 +188,12 @@ def _described(site: dict[str, Any]) -> str:
             fill = "#e8f0fe" if k == 0 else "#e6f4ea" if label == "after" and site["status"] == "rewritten" \
                 else "#f1f3f4"  # fmt: skip
             items.append(f'<rect x="{x:.0f}" y="{y}" width="{w:.0f}" height="22" rx="4" fill="{fill}" '
-                         f'stroke="#888"/><text x="{x + 6:.0f}" y="{y + 15}">{escape(text)}</text>')  # fmt: skip
+                         f'stroke="#888"/><text x="{x + 6:.0f}" y="{y + 15}">{_e(text)}</text>')  # fmt: skip
             if k + 1 < len(boxes):
                 items.append(f'<path d="M{x + w:.0f} {y + 11} h22" stroke="#555" marker-end="url(#arrow)"/>')
             x += w + 28
     size = f'width="{width}" height="{12 + 34 * len(lanes)}"'
-    return (f'<svg class="site-drawing" data-site="{escape(site["name"])}" {size} xmlns="http://www.w3.org/2000/svg">'
+    return (f'<svg class="site-drawing" data-site="{_e(site["name"])}" {size} xmlns="http://www.w3.org/2000/svg">'
             f'{_MARKER}{"".join(items)}</svg>')  # fmt: skip
 
 
@@ -182,13 +201,13 @@ def _validation(v: dict[str, Any] | None) -> str:
     if not v:
         return "<h2>Validation</h2><p>not run</p>"
     verdict = '<span class="pass">passed</span>' if v["passed"] else '<span class="fail">failed</span>'
-    text = (f"<h2>Validation: {verdict}</h2><p>{v['num_inputs']} inputs, batch sizes "
-            f"{', '.join(map(str, v['batch_sizes']))}, {escape(v['precision'])}; max error relative to the output "
-            f"scale {_num(v['max_rel_error'])} (tolerance {_num(v['rtol'])}); worst: {escape(v.get('worst', ''))}"
-            f"{'; ' + escape(v['failure']) if v.get('failure') else ''}</p>")  # fmt: skip
+    text = (f"<h2>Validation: {verdict}</h2><p>{_e(v['num_inputs'])} inputs, batch sizes "
+            f"{_e(', '.join(map(str, v['batch_sizes'])))}, {_e(v['precision'])}; max error relative to the output "
+            f"scale {_num(v['max_rel_error'])} (tolerance {_num(v['rtol'])}); worst: {_e(v.get('worst', ''))}"
+            f"{'; ' + _e(v['failure']) if v.get('failure') else ''}</p>")  # fmt: skip
     hist = v.get("error_histograms") or {}
     for name, counts in (hist.get("outputs") or {}).items():
-        text += f"<p>{escape(name)}: elements by |rewritten - original| / output scale</p>"
+        text += f"<p>{_e(name)}: elements by |rewritten - original| / output scale</p>"
         text += _histogram(hist["bins"], counts, v["rtol"])
     return text
 
@@ -201,9 +220,9 @@ def _histogram(bins: list[str], counts: list[int], rtol: float) -> str:
         h = 90 * math.log10(c + 1) / top
         x = 10 + i * 52
         bars.append(f'<rect x="{x}" y="{100 - h:.1f}" width="40" height="{h:.1f}" fill="#5b8def"/>'
-                    f'<text x="{x}" y="{96 - h:.1f}">{c}</text>'
+                    f'<text x="{x}" y="{96 - h:.1f}">{_e(c)}</text>'
                     f'<text x="{x + 30}" y="112" transform="rotate(-40 {x + 30} 112)" text-anchor="end">'
-                    f'{escape(b)}</text>')  # fmt: skip
+                    f'{_e(b)}</text>')  # fmt: skip
     if rtol > 0:
         decade = math.floor(math.log10(rtol))
         label = f"1e{decade}..1e{decade + 1}"
@@ -216,7 +235,7 @@ def _histogram(bins: list[str], counts: list[int], rtol: float) -> str:
 
 def _census_table(original: dict[str, int], rewritten: dict[str, int]) -> str:
     ops = sorted(set(original) | set(rewritten))
-    rows = [(escape(op), original.get(op, 0), rewritten.get(op, 0)) for op in ops]
+    rows = [(op, original.get(op, 0), rewritten.get(op, 0)) for op in ops]
     return _table(("op", "original", "rewritten"), rows, [original.get(op, 0) != rewritten.get(op, 0) for op in ops])
 
 
@@ -224,12 +243,12 @@ def _onnx(o: dict[str, Any] | None) -> str:
     if not o:
         return "<h2>ONNX cross-check</h2><p>not run</p>"
     verdict = '<span class="pass">passed</span>' if o["passed"] else '<span class="fail">failed</span>'
-    rows = [(escape(c["candidate"]), escape(c["reference"]), c["batch"], _num(c["max_abs_error"]),
-             _num(c["max_rel_error"]), "ok" if c["passed"] else f'<span class="fail">{escape(c["failure"])}</span>')
+    rows = [(c["candidate"], c["reference"], c["batch"], _num(c["max_abs_error"]), _num(c["max_rel_error"]),
+             "ok" if c["passed"] else _Html(f'<span class="fail">{_e(c["failure"])}</span>'))
             for c in o.get("comparisons", [])]  # fmt: skip
-    extra = "".join(f"<p>skipped: {escape(s)}</p>" for s in o.get("skipped", []))
-    return (f"<h2>ONNX cross-check ({escape(o['exporter'])} exporter): {verdict}</h2>"
-            f"<p>{escape(o.get('rewrite_detail', ''))}</p><h3>Op census</h3>"
+    extra = "".join(f"<p>skipped: {_e(s)}</p>" for s in o.get("skipped", []))
+    return (f"<h2>ONNX cross-check ({_e(o['exporter'])} exporter): {verdict}</h2>"
+            f"<p>{_e(o.get('rewrite_detail', ''))}</p><h3>Op census</h3>"
             + _census_table(o["op_counts"]["original"], o["op_counts"]["rewritten"])
             + "<h3>Runtime comparisons</h3>"
             + _table(("candidate", "reference", "batch", "max abs", "max rel", "result"), rows) + extra)  # fmt: skip
@@ -239,9 +258,9 @@ def _target(t: dict[str, Any] | None) -> str:
     if not t:
         return ""
     census = t["census"]
-    head = f"<h2>Target {escape(t['name'])}: op census after {escape(census['toolchain'])}'s conversion</h2>"
+    head = f"<h2>Target {_e(t['name'])}: op census after {_e(census['toolchain'])}'s conversion</h2>"
     if "skipped" in census:
-        return head + f"<p>not taken: {escape(census['skipped'])}</p>"
+        return head + f"<p>not taken: {_e(census['skipped'])}</p>"
     return head + _census_table(census["original"], census["rewritten"])
 
 
@@ -249,26 +268,25 @@ def _timings(t: dict[str, Any] | None) -> str:
     if not t:
         return ""
     whole = t.get("whole_model", {})
-    rows = [(escape(c["site"]), escape(c.get("direction", "")), escape(c["chosen"]),
-             _num(c["ratio"]) if "ratio" in c else escape(c.get("why", "")))
+    rows = [(c["site"], c.get("direction", ""), c["chosen"], _num(c["ratio"]) if "ratio" in c else c.get("why", ""))
             for c in t.get("sites", [])]  # fmt: skip
     bars = []
     top = max([1.2, *(v.get("high", v["ratio"]) for v in whole.values())])
     for i, (label, v) in enumerate(whole.items()):
         y, w = 10 + i * 26, 300 * v["ratio"] / top
-        bars.append(f'<text x="4" y="{y + 13}">{escape(label)}</text><rect x="90" y="{y}" width="{w:.0f}" '
+        bars.append(f'<text x="4" y="{y + 13}">{_e(label)}</text><rect x="90" y="{y}" width="{w:.0f}" '
                     f'height="18" fill="#5b8def"/><text x="{96 + w:.0f}" y="{y + 13}">{v["ratio"]:.2f}</text>')
     one = 90 + 300 / top
     chart = (f'<svg class="ratio-chart" width="460" height="{20 + 26 * len(whole)}">{"".join(bars)}'
              f'<path d="M{one:.0f} 4 V{14 + 26 * len(whole)}" stroke="#b3261e"/></svg>')  # fmt: skip
-    return (f"<h2>to=\"auto\" on {escape(str(t.get('runtime')))}: chose {escape(str(t.get('chosen')))}</h2>"
+    return (f"<h2>to=\"auto\" on {_e(t.get('runtime'))}: chose {_e(t.get('chosen'))}</h2>"
             "<p>whole model, candidate / original (red: 1.0; below is faster)</p>" + chart +
             _table(("site", "direction", "chosen", "ratio"), rows))  # fmt: skip
 
 
 def _notes(notes: list[str]) -> str:
-    return "" if not notes else "<h2>Notes</h2><ul>" + "".join(f"<li>{escape(n)}</li>" for n in notes) + "</ul>"
+    return "" if not notes else "<h2>Notes</h2><ul>" + "".join(f"<li>{_e(n)}</li>" for n in notes) + "</ul>"
 
 
-def _num(x: Any) -> str:
-    return escape(f"{x:.3g}" if isinstance(x, (int, float)) else json.dumps(x))
+def _num(x: Any) -> _Html:
+    return _Html(_e(f"{x:.3g}" if isinstance(x, (int, float)) else json.dumps(x)))

@@ -113,7 +113,7 @@ def test_rewrite_success_writes_everything(models_file, tmp_path):
     assert converted.keys() == expected.keys() and all(torch.equal(converted[k], expected[k]) for k in expected)
     proc = run("convert", str(tmp_path / "original.safetensors"), str(tmp_path / "conv"), "--layouts",
                str(out / "layouts.json"))  # fmt: skip
-    assert proc.returncode != 0 and "not an empty folder" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode != 0 and "exists and is not empty" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_keyword_inputs_and_integer_ids(models_file, tmp_path):

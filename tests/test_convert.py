@@ -94,7 +94,7 @@ def test_bad_checkpoints_are_refused_with_the_reason(llama, tmp_path):
     fxsurgery.convert_checkpoint(res, src, tmp_path / "conv")
     with pytest.raises(InputError, match=r"has shape \(\d+, 32, 1, 1\), the original model's is \(\d+, 32\)"):
         fxsurgery.convert_checkpoint(res, tmp_path / "conv", tmp_path / "again")  # already converted
-    with pytest.raises(InputError, match="not an empty folder"):
+    with pytest.raises(InputError, match="exists and is not empty"):
         fxsurgery.convert_checkpoint(res, src, tmp_path / "conv")
     with pytest.raises(InputError, match="not found"):
         fxsurgery.convert_checkpoint(res, tmp_path / "nowhere", tmp_path / "x")
@@ -114,3 +114,112 @@ def test_without_copy_file_range_the_bytes_are_the_same(llama, tmp_path, monkeyp
     fxsurgery.convert_checkpoint(res, src, tmp_path / "slow")
     for f in sorted((tmp_path / "fast").iterdir()):
         assert f.read_bytes() == (tmp_path / "slow" / f.name).read_bytes(), f.name
+
+
+def _copy_checkpoint(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst, sorted(dst.glob("*.safetensors"))
+
+
+def _nothing_written(dst):
+    """No destination, and no staging folder beside it."""
+    return not dst.exists() and not any(p.name.startswith(f".{dst.name}.partial") for p in dst.parent.iterdir())
+
+
+def _no_hang(seconds=60):
+    import signal
+
+    def fail(*_):
+        raise AssertionError(f"convert_checkpoint did not return within {seconds} s")
+
+    signal.signal(signal.SIGALRM, fail)
+    signal.alarm(seconds)
+
+
+@pytest.mark.parametrize("fast_copy", [True, False], ids=["copy_file_range", "python-chunks"])
+def test_a_truncated_shard_is_an_error_naming_it_and_nothing_is_written(llama, tmp_path, monkeypatch, fast_copy):
+    _, src, res = llama
+    if not fast_copy:
+        monkeypatch.delattr("os.copy_file_range", raising=False)
+    folder, shards = _copy_checkpoint(src, tmp_path / "cut")
+    last = shards[-1]
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # a download cut off half way
+    _no_hang()
+    try:
+        with pytest.raises(InputError, match=rf"{last.name}: tensor .* past the end of the file"):
+            fxsurgery.convert_checkpoint(res, folder, tmp_path / "out")
+    finally:
+        import signal
+
+        signal.alarm(0)
+    assert _nothing_written(tmp_path / "out")
+
+
+def _header_with(path, change):
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    change(header)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + n :])
+
+
+def _offset_past_the_end(header):
+    name = next(k for k in header if k != "__metadata__")
+    header[name]["data_offsets"] = [10**12, 10**12 + 4]
+
+
+@pytest.mark.parametrize("damage, match", [
+    (lambda p: p.write_bytes((10**15).to_bytes(8, "little") + p.read_bytes()[8:]), "header length"),
+    (lambda p: p.write_bytes(b"\x00\x01garbage" * 100), "not a safetensors file"),
+    (lambda p: _header_with(p, _offset_past_the_end), "past the end"),
+    (lambda p: _header_with(p, lambda h: h[next(k for k in h if k != "__metadata__")].update(shape="x")),
+     "malformed header entry"),
+    (lambda p: p.unlink(), "names shard"),
+], ids=["absurd-header-size", "garbage", "offset-past-the-end", "malformed-entry", "missing-shard"])  # fmt: skip
+def test_a_damaged_checkpoint_is_one_input_error_and_nothing_is_written(llama, tmp_path, damage, match):
+    _, src, res = llama
+    folder, shards = _copy_checkpoint(src, tmp_path / "bad")
+    damage(shards[len(shards) // 2])
+    _no_hang()
+    try:
+        with pytest.raises(InputError, match=match):
+            fxsurgery.convert_checkpoint(res, folder, tmp_path / "out")
+    finally:
+        import signal
+
+        signal.alarm(0)
+    assert _nothing_written(tmp_path / "out")
+
+
+def test_a_checkpoint_already_converted_or_a_bad_index_leaves_nothing(llama, tmp_path):
+    _, src, res = llama
+    fxsurgery.convert_checkpoint(res, src, tmp_path / "conv")
+    with pytest.raises(InputError, match="is this checkpoint in the original format"):
+        fxsurgery.convert_checkpoint(res, tmp_path / "conv", tmp_path / "again")
+    assert _nothing_written(tmp_path / "again")  # the first shards are not left behind
+    folder, _ = _copy_checkpoint(src, tmp_path / "index")
+    (folder / "model.safetensors.index.json").write_text("{not json")
+    with pytest.raises(InputError, match="not a JSON index"):
+        fxsurgery.convert_checkpoint(res, folder, tmp_path / "out")
+    with pytest.raises(InputError, match="parent directory .* does not exist"):
+        fxsurgery.convert_checkpoint(res, src, tmp_path / "no" / "such" / "place")
+    assert _nothing_written(tmp_path / "out")
+
+
+def test_the_cli_reports_a_missing_shard_in_one_line(llama, tmp_path):
+    import subprocess
+    import sys
+
+    _, src, res = llama
+    save_layouts(res, tmp_path / "layouts.json")
+    folder, shards = _copy_checkpoint(src, tmp_path / "bad")
+    shards[0].unlink()
+    proc = subprocess.run([sys.executable, "-m", "fxsurgery", "convert", str(folder), str(tmp_path / "out"),
+                           "--layouts", str(tmp_path / "layouts.json")], capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and shards[0].name in proc.stderr
+    assert _nothing_written(tmp_path / "out")

@@ -84,3 +84,61 @@ def test_report_refuses_a_folder_without_a_report(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "fxsurgery", "report", str(tmp_path)], capture_output=True,
                           text=True, cwd=ROOT, timeout=600)  # fmt: skip
     assert proc.returncode == 2 and "report.json not found" in proc.stderr and "Traceback" not in proc.stderr
+
+
+_PAYLOAD = '<script>alert(1)</script><img src=x onerror="alert(2)">'
+
+
+def _leaves(value, path=()):
+    """Every place in a JSON value a crafted report could put markup: each leaf, and each key of an object."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield (*path, ("key", k))
+            yield from _leaves(v, (*path, k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from _leaves(v, (*path, i))
+    else:
+        yield path
+
+
+def _crafted(data, path):
+    data = json.loads(json.dumps(data))
+    holder = data
+    for step in path[:-1]:
+        holder = holder[step]
+    last = path[-1]
+    if isinstance(last, tuple):  # a key renamed to the payload
+        holder[_PAYLOAD] = holder.pop(last[1])
+    else:
+        holder[last] = _PAYLOAD
+    return data
+
+
+def test_every_value_of_a_crafted_report_json_is_drawn_as_text(out):
+    """Each field of a real report.json in turn (values and keys: validation, inputs, ONNX comparisons, op counts,
+    timings, subgraphs, ...) replaced by markup: the page draws it as text, or refuses the report as malformed."""
+    from fxsurgery.report_html import MalformedReport
+
+    data = json.loads((out / "report.json").read_text())
+    places = list(_leaves(data))
+    drawn = 0
+    for path in places:
+        try:
+            page = render(_crafted(data, path))
+        except MalformedReport:
+            continue
+        drawn += 1
+        assert page.count("<script>") == 1 and "<img" not in page and 'onerror="alert' not in page, path
+    assert len(places) > 100 and drawn > len(places) // 2  # most fields are drawn (the rest refused, not crashed)
+
+
+def test_a_malformed_report_json_is_one_line_and_exit_2(out, tmp_path):
+    data = json.loads((out / "report.json").read_text())
+    data["validation"]["batch_sizes"] = 7  # not a list
+    (tmp_path / "report.json").write_text(json.dumps(data))
+    proc = subprocess.run([sys.executable, "-m", "fxsurgery", "report", str(tmp_path)], capture_output=True,
+                          text=True, cwd=ROOT, timeout=600)  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "not a report fxsurgery wrote" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "report.html").exists()
