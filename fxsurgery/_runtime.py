@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 __all__ = ["check_spatial_size", "check_mode", "original_shape", "layer_norm_channels", "window_attention_nchw",
            "shift_mask", "output_builder", "batch_to_width", "maps_side_by_side", "batch_from_width",
-           "attention_channels", "check_exported_size"]  # fmt: skip
+           "attention_channels", "check_exported_size", "OutsideExportedRange"]  # fmt: skip
 
 
 def check_spatial_size(
@@ -40,16 +40,31 @@ def check_spatial_size(
                        f"{'x'.join(map(str, got))}; {reason}")  # fmt: skip
 
 
-def check_exported_size(x: torch.Tensor, name: str, sizes: tuple[tuple[int, int], ...]) -> None:
+class OutsideExportedRange(RuntimeError):
+    """An input size outside those torch.export traced the model for (a static size, or the range of a dynamic
+    one): the graph computes for those sizes only."""
+
+
+def check_exported_size(x: torch.Tensor, name: str, sizes: tuple[tuple[int, int], ...],
+                        ranges: tuple[tuple[int, int, int | None], ...] = ()) -> None:  # fmt: skip
     """Raise, naming the input, if ``x`` differs from the exported size on a dim torch.export kept static
     (``(dim, size)`` pairs): the graph computes for that size only (a HuggingFace model exported at sequence length 8
-    has ``arange(8)`` in its graph)."""
+    has ``arange(8)`` in its graph); or lies outside the range of a dynamic dim (``(dim, low, high)``, high None for
+    no bound): the model's forward takes another path there (``y.softmax(-1) if y.shape[0] == 1 else y``)."""
     for dim, size in sizes:
         if x.dim() <= dim or x.shape[dim] != size:
-            raise RuntimeError(f"fxsurgery: input {name!r} has shape {tuple(x.shape)}, but this graph was exported "
-                               f"with size {size} on dim {dim}, which torch.export kept static (the batch, where the "
-                               "model allows it, stays dynamic): call it with that size, or rewrite again with example "
-                               "inputs of the size you will run")  # fmt: skip
+            raise OutsideExportedRange(
+                f"fxsurgery: input {name!r} has shape {tuple(x.shape)}, but this graph was exported with size {size} "
+                f"on dim {dim}, which torch.export kept static (the batch, where the model allows it, stays dynamic): "
+                "call it with that size, or rewrite again with example inputs of the size you will run")  # fmt: skip
+    for dim, low, high in ranges:
+        if x.dim() > dim and not (low <= x.shape[dim] and (high is None or x.shape[dim] <= high)):
+            span = f"{low} to {high}" if high is not None else f"{low} or more"
+            raise OutsideExportedRange(
+                f"fxsurgery: input {name!r} has size {x.shape[dim]} on dim {dim}, but torch.export traced this graph "
+                f"for sizes {span} there, and computes for those only (the model asserts them, or its forward takes "
+                "another path outside them): call the original for that size, or rewrite again with example inputs of "
+                "that size")  # fmt: skip
 
 
 def batch_to_width(x: torch.Tensor, channels: int) -> torch.Tensor:

@@ -23,7 +23,7 @@ from fxsurgery.programs import export_rewritten, module_of_program
 from fxsurgery.report import CheckReport, SurgeryResult
 from fxsurgery.rules import DIRECTIONS
 from fxsurgery.surgery import run_pass
-from fxsurgery.tracing import keyword_call, normalize_inputs, prepare_model, split_keywords
+from fxsurgery.tracing import keyword_call, normalize_inputs, prepare_model, refuse_meta, split_keywords
 from fxsurgery.verify.census import census
 from fxsurgery.verify.cross_check import cross_check
 
@@ -62,9 +62,10 @@ def _rewrite_program(program: torch.export.ExportedProgram, example_inputs: Any,
     if example_inputs is None:
         example_inputs = _program_inputs(program)
     model = module_of_program(program)
-    inputs = _flat_inputs(example_inputs)[0]
+    inputs, _, keywords = _flat_inputs(example_inputs)
     result = run_pass(model, inputs, direction, dataclasses.replace(opts, frontend="export"), program=program)
-    return dataclasses.replace(result, program=export_rewritten(result.module, inputs))
+    out, notes = export_rewritten(result.module, program, inputs, keywords)
+    return dataclasses.replace(result, program=out, notes=(*result.notes, *notes))
 
 
 def _program_inputs(program: torch.export.ExportedProgram) -> Any:
@@ -135,7 +136,10 @@ def check(
     if program is not None:
         example_inputs = _program_inputs(program) if example_inputs is None else example_inputs
     module = program.module() if program is not None else model
-    assert isinstance(module, nn.Module)
+    if not isinstance(module, nn.Module):
+        raise InputError(f"expected a torch.nn.Module or a torch.export.ExportedProgram, got {type(module).__name__}")
+    if onnx:
+        refuse_meta(module, example_inputs, "check (the ONNX export and the onnxruntime cross-check)")
     model, inputs = _with_keywords(module, example_inputs)
     try:  # a program is rewritten as a program (its own graph, through the export front end)
         result = (rewrite(program, example_inputs, to, options=options, **overrides) if program is not None

@@ -27,6 +27,7 @@ from fxsurgery.errors import InputError
 from fxsurgery.options import RUNTIMES, Options, resolve
 from fxsurgery.report import format_table
 from fxsurgery.timing import Ratio, interleaved, runner
+from fxsurgery.tracing import refuse_meta
 from fxsurgery.verify.validation import random_inputs
 
 __all__ = ["benchmark", "BenchRow", "BenchReport", "ratio_chart"]
@@ -78,6 +79,7 @@ def benchmark(model: nn.Module, example_inputs: Any, to: str = "conv", *, runtim
         raise InputError(f"runtimes must be some of {RUNTIMES}, got {list(runtimes)!r}")
     if pairs < 1 or threads < 1 or any(b < 1 for b in batches or ()):
         raise InputError("pairs, threads and batch sizes must be at least 1")
+    refuse_meta(model if isinstance(model, nn.Module) else None, example_inputs, "a benchmark")
     opts = resolve(options, overrides)
     result = rewrite(model, example_inputs, to, options=opts)
     base, inputs = _with_keywords(model, example_inputs)

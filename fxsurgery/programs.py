@@ -9,7 +9,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from fxsurgery.errors import InputError
+from fxsurgery.errors import InputError, one_line
 from fxsurgery.tracing import export_model, working_copy
 
 __all__ = ["module_of_program", "export_rewritten"]
@@ -78,6 +78,50 @@ def _rebuild(node: fx.Node, holder: nn.Module) -> nn.Module:
     return layer
 
 
-def export_rewritten(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> torch.export.ExportedProgram:
-    """The rewritten model as an ExportedProgram, with the dynamic batch of the front end's own export."""
-    return export_model(working_copy(module).eval(), inputs)
+def export_rewritten(module: nn.Module, program: torch.export.ExportedProgram, inputs: tuple[torch.Tensor, ...],
+                     keywords: tuple[str, ...] = ()) -> tuple[torch.export.ExportedProgram, list[str]]:  # fmt: skip
+    """The rewritten model as an ExportedProgram that is a drop-in for ``program``: the same call (the last
+    ``keywords`` inputs by name) and every dim dynamic that ``program`` has dynamic. Returns it and notes: a dim the
+    rewritten graph cannot keep dynamic is exported static, and said."""
+    n = len(inputs) - len(keywords)
+    args, kwargs = inputs[:n], dict(zip(keywords, inputs[n:]))
+    dims = _dynamic_dims(program, len(inputs))
+    names = _parameter_names(module, len(inputs))
+    if dims is None or names is None:  # an input structure this cannot map: the dynamic batch, as the front end's
+        return export_model(working_copy(module).eval(), inputs), []
+    spec = {name: dict.fromkeys(ds, torch.export.Dim.DYNAMIC) or None for name, ds in zip(names, dims)}
+    try:
+        return _export(module, args, kwargs, spec), []
+    except Exception as e:
+        spec = {name: dict.fromkeys(ds, torch.export.Dim.AUTO) or None for name, ds in zip(names, dims)}
+        out = _export(module, args, kwargs, spec)
+        kept = _dynamic_dims(out, len(inputs)) or []
+        lost = [f"{name} dim {d}" for name, ds, ks in zip(names, dims, kept) for d in ds if d not in ks]
+        return out, [f"the rewritten program keeps static what the given program had dynamic ({', '.join(lost)}): "
+                     f"the rewritten graph fixes those sizes ({one_line(e)[:160]})"] if lost else []  # fmt: skip
+
+
+def _export(module: nn.Module, args: tuple, kwargs: dict[str, Any], spec: dict[str, Any]) -> Any:
+    return torch.export.export(working_copy(module).eval(), args, kwargs=kwargs or None, dynamic_shapes=spec,
+                               strict=False)  # fmt: skip
+
+
+def _dynamic_dims(program: torch.export.ExportedProgram, n: int) -> list[list[int]] | None:
+    """Per user input of ``program``, the dims it has dynamic (None where its inputs are not ``n`` tensors)."""
+    users = set(program.graph_signature.user_inputs)
+    vals = [node.meta.get("val") for node in program.graph.nodes if node.op == "placeholder" and node.name in users]
+    if len(vals) != n or not all(isinstance(v, torch.Tensor) for v in vals):
+        return None
+    return [[d for d, size in enumerate(v.shape) if isinstance(size, torch.SymInt)] for v in vals]
+
+
+def _parameter_names(module: nn.Module, n: int) -> list[str] | None:
+    """The names of the first ``n`` parameters of ``module.forward``, which a dynamic-shapes spec is keyed by."""
+    import inspect
+
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    named = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return named[:n] if len(named) >= n else None

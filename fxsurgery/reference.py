@@ -13,9 +13,11 @@ from fxsurgery import _runtime
 from fxsurgery.errors import InputError, ValidationError
 from fxsurgery.options import Options
 from fxsurgery.report import SurgeryResult
-from fxsurgery.verify.validation import validate
+from fxsurgery.tracing import lowest_batch, working_copy
+from fxsurgery.verify.policy import compare_outputs
+from fxsurgery.verify.validation import kept_state, random_inputs, run_no_grad, validate
 
-__all__ = ["validation_reference", "check_mode_for_validation", "CAPTURED_NOTE"]
+__all__ = ["validation_reference", "check_mode_for_validation", "CAPTURED_NOTE", "batch_one_admitted"]
 
 CAPTURED_NOTE = ("float64 proof against the graph torch.export captured (its dtype casts are the export's, so the "
                   "model itself would differ in float64 wherever it casts to its own dtype); that graph matches the "
@@ -49,3 +51,26 @@ def check_mode_for_validation(model: nn.Module, gm: nn.Module) -> None:
                          "self.training: the rewritten graph holds the training-mode branch, which validation (on "
                          "eval-mode copies) cannot run; call model.eval() before the rewrite, or pass "
                          "validate=False")  # fmt: skip
+
+
+def batch_one_admitted(model: nn.Module, program: torch.export.ExportedProgram,
+                       inputs: tuple[torch.Tensor, ...]) -> bool:  # fmt: skip
+    """Whether the graph torch.export traced at a batch of 2 or more also stands for batch 1 (and 0).
+
+    torch.export gives a dynamic batch the range [2, inf) and records no guard for a forward that branches on the
+    batch being 1 (``y.softmax(-1) if y.shape[0] == 1 else y``), so its program runs batch 1 through the other
+    branch. Where the program's range starts at 2, the model and the program run once on a batch-1 input like the
+    example (copies: nothing of the user's moves) and must agree under the tolerance policy; a model that cannot be
+    run here (meta device, training mode) keeps torch.export's own behaviour."""
+    if lowest_batch(program) != 2 or model.training or not inputs or not inputs[0].dim():
+        return True
+    if any(t.is_meta for t in [*model.parameters(), *model.buffers(), *inputs]):
+        return True
+    one = random_inputs(inputs, torch.Generator().manual_seed(0), batch=1)
+    exported = program.module()
+    try:
+        with kept_state(exported):
+            ref, got = run_no_grad(working_copy(model).eval(), one), run_no_grad(exported, one)
+    except Exception:
+        return False  # the model or its graph cannot run batch 1: refused, with the guard's clear error
+    return not compare_outputs(ref, got).failure

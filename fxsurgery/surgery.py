@@ -22,9 +22,9 @@ from fxsurgery.checkpoint import merge_layouts, record_module_layouts
 from fxsurgery.engine.nodes import CONV_TYPES
 from fxsurgery.engine.rewriter import Rewriter
 from fxsurgery.engine.rule import RuleSet
-from fxsurgery.errors import InputError, SurgeryError, TraceError, ValidationError
+from fxsurgery.errors import SurgeryError, TraceError, ValidationError
 from fxsurgery.options import LeafSpec, Options
-from fxsurgery.reference import CAPTURED_NOTE, check_mode_for_validation, validation_reference
+from fxsurgery.reference import CAPTURED_NOTE, batch_one_admitted, check_mode_for_validation, validation_reference
 from fxsurgery.report import Site, SurgeryResult
 from fxsurgery.rules import rule_set
 from fxsurgery.targets import target_notes, target_skips
@@ -39,6 +39,7 @@ from fxsurgery.tracing import (
     prepare_model,
     propagate_shapes,
     raise_program,
+    refuse_meta,
     trace,
     unwrap,
     working_copy,
@@ -90,8 +91,8 @@ def run_pass(model: nn.Module, inputs: tuple[torch.Tensor, ...], direction: str,
     rules = rule_set(direction, options)
     wrappers = unwrap(model)[1] if isinstance(model, nn.Module) else []
     model = prepare_model(model)
-    if options.validate and any(p.device.type == "meta" for p in model.parameters()):
-        raise InputError("the model's parameters are on the meta device and hold no values; pass validate=False")
+    if options.validate:
+        refuse_meta(model, inputs, "validation")
     module_names = [n for n, _ in model.named_modules() if n]
     check_names("leaf_modules entry", [x for x in options.leaf_modules if isinstance(x, str)], module_names)
     log.info("tracing %s", type(model).__name__)
@@ -209,8 +210,11 @@ def _rewrite_exported(model: nn.Module, inputs: tuple[torch.Tensor, ...],
                          "would run them twice; use frontend='fx', which keeps hooked modules as calls",
                          cause="forward hooks")  # fmt: skip
     program = job.program or export_model(working_copy(model), inputs)
+    batch_one = job.program is not None or batch_one_admitted(model, program, inputs)
+    if not batch_one and inputs[0].shape[0] == 1:  # traced at 2 for a batch-1 example, and wrong at 1: export at 1
+        program = export_model(working_copy(model), inputs, tuple(None for _ in inputs))
     try:
-        traced = raise_program(program, working_copy(model))
+        traced = raise_program(program, working_copy(model), batch_one)
     except SurgeryError:
         raise
     except Exception as e:
@@ -221,6 +225,11 @@ def _rewrite_exported(model: nn.Module, inputs: tuple[torch.Tensor, ...],
     gm.meta["captured"] = traced
     notes = [] if batch_is_dynamic(program) else ["torch.export fixed the batch size of the example inputs: the "
                                                   "rewritten graph runs at that batch only"]  # fmt: skip
+    if not batch_one and batch_is_dynamic(program):
+        notes.append(f"torch.export traced {type(model).__name__} for batch sizes of 2 and more, and at batch 1 "
+                     "the model computes something else (its forward branches on the batch size): the rewritten "
+                     "graph refuses batches 0 and 1 with a clear error; rewrite with a batch-1 example for "
+                     "batch 1")  # fmt: skip
     return gm, sites, notes
 
 

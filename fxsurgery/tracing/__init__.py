@@ -17,13 +17,14 @@ from __future__ import annotations
 
 from fxsurgery.tracing.capture import capture_submodule_inputs
 from fxsurgery.tracing.copies import eval_copy, working_copy
-from fxsurgery.tracing.export import batch_is_dynamic, export_model, inert_hook, raise_program
+from fxsurgery.tracing.export import batch_is_dynamic, export_model, inert_hook, lowest_batch, raise_program
 from fxsurgery.tracing.inputs import (
     check_devices,
     check_names,
     keyword_call,
     normalize_inputs,
     prepare_model,
+    refuse_meta,
     split_keywords,
     unwrap,
 )
@@ -32,4 +33,5 @@ from fxsurgery.tracing.trace import trace
 
 __all__ = ["capture_submodule_inputs", "keyword_call", "split_keywords", "eval_copy", "working_copy",
            "normalize_inputs", "prepare_model", "unwrap", "check_devices", "check_names", "propagate_shapes",
-           "shape_of", "trace", "export_model", "raise_program", "batch_is_dynamic", "inert_hook"]  # fmt: skip
+           "shape_of", "trace", "refuse_meta", "export_model", "raise_program", "batch_is_dynamic", "inert_hook",
+           "lowest_batch"]  # fmt: skip

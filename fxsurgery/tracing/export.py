@@ -16,6 +16,7 @@ import contextlib
 import copy
 import io
 import logging
+import math
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, cast
@@ -31,7 +32,7 @@ from fxsurgery.tracing.layers import is_transposed_linear
 from fxsurgery.tracing.modes import TRAINING, mode_reads
 from fxsurgery.tracing.trace import guard_mode, keep_unused
 
-__all__ = ["export_model", "raise_program", "batch_is_dynamic", "inert_hook"]
+__all__ = ["export_model", "raise_program", "batch_is_dynamic", "inert_hook", "lowest_batch"]
 
 aten = torch.ops.aten
 
@@ -203,9 +204,10 @@ def _conv_matches(node: fx.Node, mod: Any, modules: Mapping[str, nn.Module]) -> 
         not node.kwargs  # fmt: skip
 
 
-def raise_program(ep: torch.export.ExportedProgram, root: nn.Module) -> fx.GraphModule:
+def raise_program(ep: torch.export.ExportedProgram, root: nn.Module, batch_one: bool = True) -> fx.GraphModule:
     """The exported graph at the torch level, as a GraphModule over ``root`` (a copy of the exported model: layers
-    the graph calls again are its own modules)."""
+    the graph calls again are its own modules), checking its inputs against the program's static sizes and ranges
+    (``batch_one``: whether a range from 2, torch.export's own 0/1 specialisation, admits 0 and 1)."""
     gm = ep.module()
     graph = gm.graph
     modules = dict(root.named_modules())
@@ -222,8 +224,8 @@ def raise_program(ep: torch.export.ExportedProgram, root: nn.Module) -> fx.Graph
             graph.erase_node(node)  # the export's input guards and dtype assertions (validation runs in float64)
         elif node.op == "call_function":
             _raise_node(graph, node, modules, root)
-    graph.eliminate_dead_code()  # what a raised layer no longer needs (a Conv1D's addmm and views)
-    _guard_static_sizes(graph)
+    graph.eliminate_dead_code(is_impure_node=_kept)  # what a raised layer no longer needs (a Conv1D's addmm)
+    _guard_sizes(graph, ep.range_constraints, batch_one)
     for node in graph.nodes:  # constants the export lifted out of the code (``lifted_tensor_0``): kept
         target = str(node.target)
         if node.op == "get_attr" and not _has_attr(root, target):
@@ -244,9 +246,22 @@ def raise_program(ep: torch.export.ExportedProgram, root: nn.Module) -> fx.Graph
     return raised
 
 
-def _guard_static_sizes(graph: fx.Graph) -> None:
+def _kept(node: fx.Node) -> bool:
+    """Nodes dead-code removal must keep though nothing reads them: fx's impure ones, and every in-place op (a buffer
+    update such as ``running.mul_(0.9).add_(...)`` or BatchNorm's ``num_batches_tracked.add_(1)``, raised to
+    ``call_method`` ``mul_``/``add_``, which fx would drop)."""
+    if node.is_impure():
+        return True
+    target = node.target
+    name = target if isinstance(target, str) else getattr(target, "__name__", "")
+    return node.op in ("call_method", "call_function") and name.split(".")[0].endswith("_")
+
+
+def _guard_sizes(graph: fx.Graph, ranges: Mapping[Any, Any], batch_one: bool) -> None:
     """In place of the export's own input guards (removed: they also pin dtypes, which the float64 proof changes),
-    a check of every input dim the export kept static, with a message that says so."""
+    a check of every input dim the export kept static, and of the range of every dynamic one, with a message that
+    says so. A range starting at 2 is torch.export's own 0/1 specialisation: sizes 0 and 1 are admitted where
+    ``batch_one`` (the caller found the graph right at size 1, or the program came as it is), else refused."""
     inputs = [n for n in graph.nodes if n.op == "placeholder"]
     if not inputs:
         return
@@ -255,8 +270,39 @@ def _guard_static_sizes(graph: fx.Graph) -> None:
             val = node.meta.get("val")
             if isinstance(val, torch.Tensor):
                 static = tuple((i, int(d)) for i, d in enumerate(val.shape) if not isinstance(d, torch.SymInt))
-                if static:
-                    graph.call_function(_runtime.check_exported_size, (node, node.name, static))
+                bounds = tuple(b for i, d in enumerate(val.shape) if isinstance(d, torch.SymInt)
+                               for b in [_bounds(i, d, ranges, batch_one)] if b is not None)  # fmt: skip
+                if static or bounds:  # (the ranges only where there are some: the call reads as it did before)
+                    args = (node, node.name, static, bounds) if bounds else (node, node.name, static)
+                    graph.call_function(_runtime.check_exported_size, args)
+
+
+def _bounds(dim: int, size: Any, ranges: Mapping[Any, Any], batch_one: bool) -> tuple | None:
+    """``(dim, low, high)`` to check for a dynamic dim, or None where its range admits every size."""
+    vr = ranges.get(size.node.expr)
+    if vr is None:
+        return None
+    low, high = _int(vr.lower, 0) or 0, _int(vr.upper, None)
+    low = 0 if low == 2 and batch_one else low
+    return (dim, low, high) if low > 0 or high is not None else None
+
+
+def _int(bound: Any, infinite: int | None) -> int | None:
+    """A bound of a value range as an int, ``infinite`` for torch's ``int_oo``."""
+    value = float(bound)
+    return infinite if math.isinf(value) else int(value)
+
+
+def lowest_batch(ep: torch.export.ExportedProgram) -> int:
+    """The smallest size the program's range admits on its first input's batch dim (0 where it is static)."""
+    for node in ep.graph.nodes:
+        if node.op == "placeholder" and node.name in ep.graph_signature.user_inputs:
+            val = node.meta.get("val")
+            if isinstance(val, torch.Tensor) and val.dim() and isinstance(val.shape[0], torch.SymInt):
+                vr = ep.range_constraints.get(val.shape[0].node.expr)
+                return (_int(vr.lower, 0) or 0) if vr is not None else 0
+            return 0
+    return 0
 
 
 def _get_attr(obj: Any, target: str) -> Any:

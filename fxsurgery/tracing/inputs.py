@@ -10,12 +10,13 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree
 from torch import nn
 
 from fxsurgery.errors import InputError, TraceError
 
 __all__ = ["normalize_inputs", "split_keywords", "keyword_call", "prepare_model", "unwrap", "check_devices",
-           "check_names"]  # fmt: skip
+           "refuse_meta", "check_names"]  # fmt: skip
 
 
 def normalize_inputs(example_inputs: Any) -> tuple[torch.Tensor, ...]:
@@ -141,6 +142,18 @@ def check_devices(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
         where = "torch.empty(shape, device='meta')" if device == "meta" else f"x.to('{device}')"
         raise InputError(f"the example inputs are on {', '.join(wrong)} but the model's parameters are on {device}: "
                          f"pass inputs on the model's device ({where})")  # fmt: skip
+
+
+def refuse_meta(model: nn.Module | None, inputs: Any, what: str) -> None:
+    """``what`` (a benchmark, an ONNX cross-check, validation) computes real values, which a model or inputs on the
+    meta device do not hold: an :class:`InputError` saying what can be done on meta instead."""
+    tensors = [*(model.parameters() if model is not None else ()), *(model.buffers() if model is not None else ()),
+               *(t for t in pytree.tree_leaves(inputs) if isinstance(t, torch.Tensor))]  # fmt: skip
+    if any(t.device.type == "meta" for t in tensors):
+        raise InputError(f"{what} runs the models on real values, and the model or its inputs are on the meta device "
+                         "(shapes only, no values): on meta, rewrite with validate=False and convert the full "
+                         "checkpoint with fxsurgery.convert_checkpoint; load real weights (load_state_dict(..., "
+                         "assign=True), fxsurgery.materialize) for this")  # fmt: skip
 
 
 def check_names(kind: str, names: Any, known: Any) -> None:

@@ -22,7 +22,8 @@ from fxsurgery.tracing.modes import GRAD_MODE, TRAINING, mode_reads
 __all__ = ["trace", "keep_unused", "guard_mode"]
 
 # Functions the rewritten graphs call; re-tracing a rewritten model must keep them as single nodes.
-_AUTOWRAP = tuple(getattr(_runtime, name) for name in _runtime.__all__ if name != "output_builder")
+_AUTOWRAP = tuple(f for name in _runtime.__all__ if name != "output_builder"
+                  and not isinstance(f := getattr(_runtime, name), type))  # fmt: skip
 
 
 def _encoder_layer_forward(layer: nn.TransformerEncoderLayer, src: Any, src_mask: Any = None,
@@ -164,6 +165,7 @@ def trace(model: nn.Module, leaf_modules: LeafSpec = (), n_inputs: int | None = 
         return model
     tracer = _Tracer(leaf_modules)
     concrete = _concrete_args(model, n_inputs)
+    before = _state_versions(model)
     try:
         if not isinstance(model, fx.GraphModule):
             tracer._check_modes(model, "")
@@ -179,6 +181,7 @@ def trace(model: nn.Module, leaf_modules: LeafSpec = (), n_inputs: int | None = 
             cause = f"cannot trace {type(model).__name__}.forward: {one_line(e)}"
             msg = f"{cause}; move the untraceable code into a submodule and pass it in leaf_modules"
         raise TraceError(msg, module=where or "", cause=cause) from e
+    _refuse_trace_time_writes(model, before)
     if tracer.training_reads:
         guard_mode(graph, model.training, tracer.training_reads)
     if tracer.output_type is not None:
@@ -186,6 +189,29 @@ def trace(model: nn.Module, leaf_modules: LeafSpec = (), n_inputs: int | None = 
     gm = fx.GraphModule(tracer.root, graph, model.__class__.__name__)
     keep_unused(gm, tracer.root)
     return gm
+
+
+def _state_versions(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """Identity and version counter of every buffer and parameter: what an in-place write or a reassignment moves."""
+    return {name: (id(t), t._version) for name, t in [*model.named_buffers(), *model.named_parameters()]}
+
+
+def _refuse_trace_time_writes(model: nn.Module, before: dict[str, tuple[int, int]]) -> None:
+    """``symbolic_trace`` runs the forward once with proxies for the inputs: a write to a buffer that does not involve
+    an input (``self.steps += 1``, ``self.running.mul_(0.9)``) runs then, on the traced copy, and is recorded
+    nowhere, so the graph would never update that state. Refuse, naming the buffer and its owner (the caller keeps
+    that module's code as it is)."""
+    after = _state_versions(model)
+    changed = [name for name in {**before, **after} if before.get(name) != after.get(name)]
+    if not changed:
+        return
+    name = changed[0]
+    owner = name.rpartition(".")[0]
+    where = f"{owner} ({type(model.get_submodule(owner)).__name__})" if owner else type(model).__name__
+    cause = (f"it writes to {name!r} where torch.fx cannot record it (fx runs that write once, while tracing, so a "
+             "traced graph would never update it)")  # fmt: skip
+    raise TraceError(f"the forward of {where}: {cause}; its code is kept as it is, or use frontend='export', which "
+                     "records state updates", module=owner, cause=cause)  # fmt: skip
 
 
 def _rebuild_output(graph: fx.Graph, cls: type) -> None:

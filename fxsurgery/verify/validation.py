@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch import nn
 
+from fxsurgery._runtime import OutsideExportedRange
 from fxsurgery.errors import InputError, one_line
 from fxsurgery.options import Precision
 from fxsurgery.report import Validation
@@ -23,7 +27,7 @@ from fxsurgery.verify.policy import SCALE_FLOOR, Errors, compare_outputs
 
 log = logging.getLogger(__name__)
 
-__all__ = ["validate", "random_inputs", "run_no_grad"]
+__all__ = ["validate", "random_inputs", "run_no_grad", "kept_state"]
 
 _CONSTANT_NOTE = ("the original's outputs do not depend on the input ({which} the same on every validation input, "
                   "e.g. a zero-initialised head such as torchvision's ViT before training, or a Linear with zero "
@@ -124,20 +128,144 @@ def _independence_note(refs: list[Any]) -> str | None:
 
 
 def _batches(orig: nn.Module, example: Sequence[torch.Tensor], num_random: int, precision: Precision, seed: int,
-             notes: list[str]) -> tuple[list[tuple], set[int]]:  # fmt: skip
-    """The example inputs, ``num_random`` fresh ones, and one at another batch size when the original takes it."""
+             notes: list[str]) -> tuple[list[tuple], tuple | None]:  # fmt: skip
+    """The example inputs, ``num_random`` fresh ones and, when the original takes another batch size, one at the next
+    size and one at batch 1, the edge of what a graph traced at a larger batch may admit (the probe runs the original
+    once, and its state is put back: both sides then start from the same state). Last, the input at batch 2 to run
+    instead where the rewritten graph refuses batch 1 (torch.export traced it for batch sizes from 2)."""
     gen = torch.Generator().manual_seed(seed)
     batches = [_cast(example, precision)] + [_cast(random_inputs(example, gen), precision) for _ in range(num_random)]
     if not example[0].dim():
-        return batches, set()
+        return batches, None
     n = int(example[0].shape[0])
     other = _cast(random_inputs(example, gen, batch=n + 1 if n > 1 else 2), precision)
+    with kept_state(orig):
+        try:
+            run_no_grad(orig, other)
+        except Exception as e:
+            notes.append(f"batch axis is not free (the original rejects batch {other[0].shape[0]}: {e})"[:300])
+            return batches, None
+    batches.append(other)
+    if n > 1:
+        batches.append(_cast(random_inputs(example, gen, batch=1), precision))
+    two = _cast(random_inputs(example, gen, batch=2), precision) if n > 2 else None
+    return batches, two
+
+
+@contextmanager
+def kept_state(module: nn.Module) -> Iterator[None]:
+    """Run ``module`` in the block and put its buffers back as they were (a probe must not advance a counter or a
+    running statistic that the comparison then reads)."""
+    saved = {name: b.detach().clone() for name, b in module.named_buffers()}
     try:
-        run_no_grad(orig, other)
-    except Exception as e:
-        notes.append(f"batch axis is not free (the original rejects batch {other[0].shape[0]}: {e})"[:300])
-        return batches, {n}
-    return batches + [other], {n, int(other[0].shape[0])}
+        yield
+    finally:
+        with torch.no_grad():
+            for name, b in module.named_buffers():
+                if name in saved and b.shape == saved[name].shape:
+                    b.copy_(saved[name])
+
+
+def _comparable_state(orig: nn.Module, rew: nn.Module) -> tuple[list[str], list[str]]:
+    """The buffers both models hold under one name, shape and dtype: what a forward leaves behind and the comparison
+    reads (a running statistic, a step counter, a cache). First those the rewritten module can update (a graph reads
+    them, or a module with a forward of its own holds them), then those it cannot: torch.export captured a copy of
+    its own of a tensor the forward writes through another reference (a static KV cache's tensors, lifted as
+    constants), and the buffer itself is never read."""
+    theirs = dict(rew.named_buffers())
+    common = [name for name, b in orig.named_buffers() if name in theirs and theirs[name].shape == b.shape
+              and theirs[name].dtype == b.dtype]  # fmt: skip
+    live = _reachable_buffers(rew)
+    return [n for n in common if n in live], [n for n in common if n not in live]
+
+
+def _reachable_buffers(module: nn.Module) -> set[str]:
+    """Buffers a graph of ``module`` reads (``get_attr``) or a module with its own forward holds."""
+    names: set[str] = set()
+    for prefix, sub in module.named_modules():
+        dot = f"{prefix}." if prefix else ""
+        if isinstance(sub, fx.GraphModule):
+            names |= {f"{dot}{n.target}" for n in sub.graph.nodes if n.op == "get_attr"}
+        else:
+            names |= {f"{dot}{name}" for name, _ in sub.named_buffers(recurse=False)}
+    return names
+
+
+def _unfollowed(orig: nn.Module, names: list[str], before: dict[str, torch.Tensor]) -> str | None:
+    """A note on the buffers of ``names`` the original's forwards changed, which the rewritten graph never reads."""
+    buffers = dict(orig.named_buffers())
+    moved = [n for n in names if n in before and n in buffers and not torch.equal(buffers[n], before[n])]
+    if not moved:
+        return None
+    shown = ", ".join(moved[:3]) + (f" and {len(moved) - 3} more" if len(moved) > 3 else "")
+    return (f"the original's forward changes {shown}, which the graph holds no reference to (torch.export captured "
+            "the tensors the forward writes as constants of its own, a static KV cache's for one): the rewritten "
+            "module updates those copies, and its buffers of these names stay as they were")  # fmt: skip
+
+
+def _run(model: nn.Module, inputs: Sequence[torch.Tensor], state: list[str]) -> tuple[Any, dict[str, Any]]:
+    """The outputs of ``model`` on clones of ``inputs``, and what the forward left behind: the buffers named in
+    ``state`` and the input clones (a forward that writes to its input)."""
+    clones = [t.clone() for t in inputs]
+    with torch.no_grad():
+        out = model(*clones)
+    buffers = dict(model.named_buffers())
+    after = {f"buffer {name}": buffers[name].detach().clone() for name in state if name in buffers}
+    after.update({f"input {i}": t for i, t in enumerate(clones)})
+    return out, after
+
+
+@dataclass
+class _Comparison:
+    """Both sides of one validation and what it found: the outputs compared into ``errors``, what each forward left
+    behind (buffers, inputs written to) into ``state_errors``."""
+
+    orig: nn.Module
+    rew: nn.Module
+    state: list[str]
+    rtol: float | None
+    precision: Precision
+    errors: Errors
+    state_errors: Errors = field(default_factory=Errors)
+    notes: list[str] = field(default_factory=list)
+    refs: list[Any] = field(default_factory=list)
+
+    def run(self, k: int, inputs: tuple) -> str:
+        """One validation input through both sides: "ok", "skipped" (the original fails on it), "refused" (outside
+        the sizes the rewritten graph admits, as torch.export traced it) or "stop" (the rewritten model fails)."""
+        label = "example input" if k == 0 else f"input #{k}"
+        try:
+            ref, ref_state = _run(self.orig, inputs, self.state)
+        except Exception as e:
+            if k == 0:
+                where = " in float64 (use precision='native')" if self.precision == "float64" else ""
+                raise InputError(f"the original model fails on the example inputs{where}: {one_line(e)}") from e
+            self.notes.append(f"{label} skipped: the original model fails on it: {type(e).__name__}: {e}"[:300])
+            return "skipped"
+        try:
+            got, got_state = _run(self.rew, inputs, self.state)
+        except OutsideExportedRange:
+            self.notes.append(f"{label} (batch {inputs[0].shape[0]}) is outside the sizes torch.export traced the "
+                              "model for: the rewritten graph refuses it, with a clear error")  # fmt: skip
+            return "refused"
+        except Exception as e:
+            self.errors.fail(label, f"the rewritten model fails where the original runs: {type(e).__name__}: {e}")
+            return "stop"
+        self.errors.prefix = label  # the histograms pool every input's elements per output
+        compare_outputs(ref, got, rtol=self.rtol, label=f"{label} output", errors=self.errors)
+        for name, value in ref_state.items():
+            compare_outputs(value, got_state[name], rtol=self.rtol, label=f"{label}: {name} after the forward",
+                            errors=self.state_errors)  # fmt: skip
+        self.refs.append(ref)
+        return "ok"
+
+    def result(self) -> Errors:
+        """The outputs' errors, failing with the state's first failure where the outputs passed."""
+        errors, state = self.errors, self.state_errors
+        if state.failure and not errors.failure:
+            errors.fail(state.worst, state.failure[len(state.worst) + 2 :])
+        errors.max_abs, errors.max_rel = max(errors.max_abs, state.max_abs), max(errors.max_rel, state.max_rel)
+        return errors
 
 
 def validate(
@@ -152,33 +280,32 @@ def validate(
     original_copy: nn.Module | None = None,
 ) -> Validation:
     """Run ``original`` and ``rewritten`` (as eval-mode copies, without grad) on the example inputs, ``num_random``
-    fresh inputs and, where the batch axis is free, another batch size; compare under the tolerance policy.
+    fresh inputs and, where the batch axis is free, another batch size; compare under the tolerance policy the
+    outputs and the state each forward leaves behind (buffers of the same name, shape and dtype in both, and inputs
+    a forward writes to). Both sides run the same inputs in the same order from the same state.
     ``original_copy`` is an eval copy of ``original`` made before (it is reused, not copied again)."""
     orig = original_copy if original_copy is not None else eval_copy(original, precision)
     rew = eval_copy(rewritten, precision)
-    notes: list[str] = []
-    batches, batch_sizes = _batches(orig, example_inputs, num_random, precision, seed, notes)
     histograms: dict[str, list[int]] = {}
-    errors = Errors(histograms=histograms)
-    refs = []
-    for k, inputs in enumerate(batches):
-        label = "example input" if k == 0 else f"input #{k}"
-        try:
-            ref = run_no_grad(orig, inputs)
-        except Exception as e:
-            if k == 0:
-                where = " in float64 (use precision='native')" if precision == "float64" else ""
-                raise InputError(f"the original model fails on the example inputs{where}: {one_line(e)}") from e
-            notes.append(f"{label} skipped: the original model fails on it: {type(e).__name__}: {e}"[:300])
-            continue
-        try:
-            got = run_no_grad(rew, inputs)
-        except Exception as e:
-            errors.fail(label, f"the rewritten model fails where the original runs: {type(e).__name__}: {e}")
-            break
-        errors.prefix = label  # the histograms pool every input's elements per output
-        compare_outputs(ref, got, rtol=rtol, label=f"{label} output", errors=errors)
-        refs.append(ref)
+    live, loose = _comparable_state(orig, rew)
+    before = {name: b.detach().clone() for name, b in orig.named_buffers() if name in loose}
+    with kept_state(orig):  # a copy reused by the caller starts the next comparison where this one started
+        notes: list[str] = []
+        batches, two = _batches(orig, example_inputs, num_random, precision, seed, notes)
+        run = _Comparison(orig, rew, live, rtol, precision, Errors(histograms=histograms), notes=notes)
+        batch_sizes: set[int] = set()  # those compared
+        for k, inputs in enumerate(batches):
+            outcome = run.run(k, inputs)
+            if outcome == "refused" and two is not None:  # the lowest batch the graph admits, 2: the edge instead
+                inputs, outcome = two, run.run(len(batches), two)
+            if outcome in ("ok", "stop") and inputs[0].dim():
+                batch_sizes.add(int(inputs[0].shape[0]))
+            if outcome == "stop":
+                break
+        unfollowed = _unfollowed(orig, loose, before)
+        if unfollowed:
+            notes.append(unfollowed)
+    errors, refs = run.result(), run.refs
     note = _independence_note(refs) if refs and not errors.failure else None
     if note:
         notes.append(note)
