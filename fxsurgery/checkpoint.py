@@ -157,14 +157,15 @@ ARTIFACTS = ("onnx", "pt2", "safetensors", "code")
 
 
 def save_rewritten(gm: nn.Module, inputs: tuple[torch.Tensor, ...], out_dir: str | os.PathLike,
-                   artifacts: Collection[str] = ARTIFACTS) -> dict[str, str]:  # fmt: skip
+                   artifacts: Collection[str] = ARTIFACTS, program: Any = None) -> dict[str, str]:  # fmt: skip
     """Save ``gm`` in forms a user can load back, those of ``artifacts``; returns {file: what it is}.
 
     * ``safetensors``: ``rewritten.safetensors``, its state dict (rewritten shapes), ``original_format.safetensors``,
       the same weights in the original model's format, and ``layouts.json`` (for ``fxsurgery convert``);
     * ``code``: ``rewritten_code.py``, the generated forward;
     * ``pt2``: ``rewritten.pt2``, a ``torch.export`` program with a dynamic batch where the model allows one (load
-      with ``torch.export.load``), when the model exports.
+      with ``torch.export.load``), when the model exports; ``program`` where the rewrite already made one (an
+      ExportedProgram rewritten: the same call and dynamic dims as the program given).
     """
     from safetensors.torch import save_file
 
@@ -189,7 +190,7 @@ def save_rewritten(gm: nn.Module, inputs: tuple[torch.Tensor, ...], out_dir: str
     try:
         from fxsurgery.tracing.export import export_model  # (a dynamic batch, as the ONNX files have)
 
-        program = export_model(working_copy(gm).eval(), inputs)
+        program = program if program is not None else export_model(working_copy(gm).eval(), inputs)
         torch.export.save(program, str(out / "rewritten.pt2"))
         saved["rewritten.pt2"] = "torch.export program: torch.export.load(path).module()"
     except Exception as e:  # an exportable fx graph is not guaranteed; the other files still hold everything

@@ -328,7 +328,8 @@ def _write_report(report: Any, out_dir: Path, inputs: list[tuple[str, Any]], pro
     from fxsurgery.report import report_file
 
     with progress.step("saving the rewritten model"):
-        saved = save_rewritten(report.surgery.module, tuple(t for _, t in inputs), out_dir, artifacts)
+        saved = save_rewritten(report.surgery.module, tuple(t for _, t in inputs), out_dir, artifacts,
+                               report.surgery.program)  # fmt: skip
     saved["report.html"] = "this report drawn (sites, error histograms, op census): fxsurgery report DIR rebuilds it"
     data = report_file(report, saved=saved, command=" ".join(sys.argv), inputs=inputs)
     (out_dir / "report.json").write_text(json.dumps(data, indent=2))

@@ -94,7 +94,11 @@ def export_rewritten(module: nn.Module, program: torch.export.ExportedProgram, i
         return _export(module, args, kwargs, spec), []
     except Exception as e:
         spec = {name: dict.fromkeys(ds, torch.export.Dim.AUTO) or None for name, ds in zip(names, dims)}
-        out = _export(module, args, kwargs, spec)
+        try:
+            out = _export(module, args, kwargs, spec)
+        except Exception:  # as the front end exports: a dynamic batch, positional inputs (its error is a TraceError)
+            return export_model(working_copy(module).eval(), inputs), [f"the rewritten program takes its inputs "
+                                                                      f"positionally ({one_line(e)[:160]})"]
         kept = _dynamic_dims(out, len(inputs)) or []
         lost = [f"{name} dim {d}" for name, ds, ks in zip(names, dims, kept) for d in ds if d not in ks]
         return out, [f"the rewritten program keeps static what the given program had dynamic ({', '.join(lost)}): "

@@ -470,3 +470,16 @@ def test_a_range_the_model_asserts_is_a_range_the_rewritten_graph_checks():
         res.module(torch.randn(9, 5, 16))
     x = torch.randn(8, 5, 16)
     torch.testing.assert_close(res.module(x), model(x))
+
+
+def test_the_cli_saves_the_program_out_with_the_dynamic_dims_of_the_pt2_in(tmp_path):
+    from torch.export import Dim
+
+    model = Tokens().eval()
+    ep = torch.export.export(model, (torch.randn(2, 6, 16),), dynamic_shapes=({0: Dim.AUTO, 1: Dim("seq")},))
+    torch.export.save(ep, str(tmp_path / "tokens.pt2"))
+    proc = cli("rewrite", str(tmp_path / "tokens.pt2"), "--to", "conv", "--token-layout", "--out",
+               str(tmp_path / "out"), "--quiet", "--artifacts", "pt2")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    x = torch.randn(3, 9, 16)
+    torch.testing.assert_close(torch.export.load(str(tmp_path / "out" / "rewritten.pt2")).module()(x), model(x))
