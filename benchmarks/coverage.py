@@ -152,7 +152,8 @@ _HF_INTRO = (
     "access) and called as users call them (text models with an `attention_mask` that pads one sequence). Three rows "
     "per model: Linear -> conv, the same with `token_layout=True` (`{tokens}`), and conv -> Linear, each "
     "`fxsurgery.check` with `frontend=\"auto\"` (the front end column says which ran): rewrite, validation "
-    "(example inputs, one random input, batch 2) and the ONNX cross-check (dynamo exporter, onnxruntime)."
+    "(example inputs, one random input, batch 2 and batch 1, outputs and the state each forward leaves behind) and "
+    "the ONNX cross-check (dynamo exporter, onnxruntime)."
 )
 
 

@@ -153,12 +153,12 @@ def _batches(orig: nn.Module, example: Sequence[torch.Tensor], num_random: int, 
 
 
 @contextmanager
-def kept_state(module: nn.Module) -> Iterator[None]:
+def kept_state(module: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
     """Run ``module`` in the block and put its buffers back as they were (a probe must not advance a counter or a
-    running statistic that the comparison then reads)."""
+    running statistic that the comparison then reads); the block gets the buffers as they were, by name."""
     saved = {name: b.detach().clone() for name, b in module.named_buffers()}
     try:
-        yield
+        yield saved
     finally:
         with torch.no_grad():
             for name, b in module.named_buffers():
@@ -244,7 +244,10 @@ class _Comparison:
             return "skipped"
         try:
             got, got_state = _run(self.rew, inputs, self.state)
-        except OutsideExportedRange:
+        except OutsideExportedRange as e:
+            if k == 0:  # the example itself: the graph was traced on it, so this refusal is a failure
+                self.errors.fail(label, f"the rewritten model refuses the example inputs: {one_line(e)}")
+                return "stop"
             self.notes.append(f"{label} (batch {inputs[0].shape[0]}) is outside the sizes torch.export traced the "
                               "model for: the rewritten graph refuses it, with a clear error")  # fmt: skip
             return "refused"
@@ -288,8 +291,7 @@ def validate(
     rew = eval_copy(rewritten, precision)
     histograms: dict[str, list[int]] = {}
     live, loose = _comparable_state(orig, rew)
-    before = {name: b.detach().clone() for name, b in orig.named_buffers() if name in loose}
-    with kept_state(orig):  # a copy reused by the caller starts the next comparison where this one started
+    with kept_state(orig) as before:  # a copy reused by the caller starts the next comparison where this one started
         notes: list[str] = []
         batches, two = _batches(orig, example_inputs, num_random, precision, seed, notes)
         run = _Comparison(orig, rew, live, rtol, precision, Errors(histograms=histograms), notes=notes)
