@@ -13,7 +13,7 @@ from fxsurgery import _runtime
 from fxsurgery.errors import InputError, ValidationError
 from fxsurgery.options import Options
 from fxsurgery.report import SurgeryResult
-from fxsurgery.tracing import lowest_batch, working_copy
+from fxsurgery.tracing import lowest_batch, on_meta, working_copy
 from fxsurgery.verify.policy import compare_outputs
 from fxsurgery.verify.validation import kept_state, random_inputs, run_no_grad, validate
 
@@ -62,9 +62,7 @@ def batch_one_admitted(model: nn.Module, program: torch.export.ExportedProgram,
     branch. Where the program's range starts at 2, the model and the program run once on a batch-1 input like the
     example (copies: nothing of the user's moves) and must agree under the tolerance policy; a model that cannot be
     run here (meta device, training mode) keeps torch.export's own behaviour."""
-    if lowest_batch(program) != 2 or model.training or not inputs or not inputs[0].dim():
-        return True
-    if any(t.is_meta for t in [*model.parameters(), *model.buffers(), *inputs]):
+    if lowest_batch(program) != 2 or model.training or not inputs or not inputs[0].dim() or on_meta(model, inputs):
         return True
     one = random_inputs(inputs, torch.Generator().manual_seed(0), batch=1)
     exported = program.module()

@@ -23,6 +23,7 @@ from fxsurgery.tracing.inputs import (
     check_names,
     keyword_call,
     normalize_inputs,
+    on_meta,
     prepare_model,
     refuse_meta,
     split_keywords,
@@ -33,5 +34,5 @@ from fxsurgery.tracing.trace import trace
 
 __all__ = ["capture_submodule_inputs", "keyword_call", "split_keywords", "eval_copy", "working_copy",
            "normalize_inputs", "prepare_model", "unwrap", "check_devices", "check_names", "propagate_shapes",
-           "shape_of", "trace", "refuse_meta", "export_model", "raise_program", "batch_is_dynamic", "inert_hook",
-           "lowest_batch"]  # fmt: skip
+           "shape_of", "trace", "on_meta", "refuse_meta", "export_model", "raise_program", "batch_is_dynamic",
+           "inert_hook", "lowest_batch"]  # fmt: skip

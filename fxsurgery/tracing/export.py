@@ -137,13 +137,18 @@ def inert_hook(hook: Any) -> bool:
     return getattr(hook, "__module__", "") == "transformers.utils.output_capturing"
 
 
-def batch_is_dynamic(ep: torch.export.ExportedProgram) -> bool:
-    """Whether the program's first user input has a symbolic batch."""
+def _first_batch(ep: torch.export.ExportedProgram) -> Any:
+    """Dim 0 of the program's first user input (an int, or a SymInt where it is dynamic); None where it has none."""
     for node in ep.graph.nodes:
         if node.op == "placeholder" and node.name in ep.graph_signature.user_inputs:
             val = node.meta.get("val")
-            return isinstance(val, torch.Tensor) and val.dim() > 0 and not isinstance(val.shape[0], int)
-    return False
+            return val.shape[0] if isinstance(val, torch.Tensor) and val.dim() > 0 else None
+    return None
+
+
+def batch_is_dynamic(ep: torch.export.ExportedProgram) -> bool:
+    """Whether the program's first user input has a symbolic batch."""
+    return isinstance(_first_batch(ep), torch.SymInt)
 
 
 def _owner(node: Any, modules: Mapping[str, nn.Module]) -> tuple[str, str] | None:
@@ -279,30 +284,24 @@ def _guard_sizes(graph: fx.Graph, ranges: Mapping[Any, Any], batch_one: bool) ->
 
 def _bounds(dim: int, size: Any, ranges: Mapping[Any, Any], batch_one: bool) -> tuple | None:
     """``(dim, low, high)`` to check for a dynamic dim, or None where its range admits every size."""
-    vr = ranges.get(size.node.expr)
-    if vr is None:
-        return None
-    low, high = _int(vr.lower, 0) or 0, _int(vr.upper, None)
+    low, high = _range_of(size, ranges)
     low = 0 if low == 2 and batch_one else low
     return (dim, low, high) if low > 0 or high is not None else None
 
 
-def _int(bound: Any, infinite: int | None) -> int | None:
-    """A bound of a value range as an int, ``infinite`` for torch's ``int_oo``."""
-    value = float(bound)
-    return infinite if math.isinf(value) else int(value)
+def _range_of(size: Any, ranges: Mapping[Any, Any]) -> tuple[int, int | None]:
+    """``(low, high)`` of a SymInt's value range in ``ranges`` (high None: no bound; (0, None) where it has none)."""
+    vr = ranges.get(size.node.expr)
+    if vr is None:
+        return 0, None
+    low, high = float(vr.lower), float(vr.upper)  # torch's int_oo is an infinite float
+    return (0 if math.isinf(low) else int(low)), (None if math.isinf(high) else int(high))
 
 
 def lowest_batch(ep: torch.export.ExportedProgram) -> int:
     """The smallest size the program's range admits on its first input's batch dim (0 where it is static)."""
-    for node in ep.graph.nodes:
-        if node.op == "placeholder" and node.name in ep.graph_signature.user_inputs:
-            val = node.meta.get("val")
-            if isinstance(val, torch.Tensor) and val.dim() and isinstance(val.shape[0], torch.SymInt):
-                vr = ep.range_constraints.get(val.shape[0].node.expr)
-                return (_int(vr.lower, 0) or 0) if vr is not None else 0
-            return 0
-    return 0
+    batch = _first_batch(ep)
+    return _range_of(batch, ep.range_constraints)[0] if isinstance(batch, torch.SymInt) else 0
 
 
 def _get_attr(obj: Any, target: str) -> Any:

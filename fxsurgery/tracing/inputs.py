@@ -16,7 +16,7 @@ from torch import nn
 from fxsurgery.errors import InputError, TraceError
 
 __all__ = ["normalize_inputs", "split_keywords", "keyword_call", "prepare_model", "unwrap", "check_devices",
-           "refuse_meta", "check_names"]  # fmt: skip
+           "on_meta", "refuse_meta", "check_names"]  # fmt: skip
 
 
 def normalize_inputs(example_inputs: Any) -> tuple[torch.Tensor, ...]:
@@ -144,12 +144,17 @@ def check_devices(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
                          f"pass inputs on the model's device ({where})")  # fmt: skip
 
 
+def on_meta(model: nn.Module | None, inputs: Any) -> bool:
+    """Whether a parameter or buffer of ``model``, or a tensor of ``inputs``, is on the meta device (no values)."""
+    tensors = [*(model.parameters() if model is not None else ()), *(model.buffers() if model is not None else ()),
+               *(t for t in pytree.tree_leaves(inputs) if isinstance(t, torch.Tensor))]  # fmt: skip
+    return any(t.device.type == "meta" for t in tensors)
+
+
 def refuse_meta(model: nn.Module | None, inputs: Any, what: str) -> None:
     """``what`` (a benchmark, an ONNX cross-check, validation) computes real values, which a model or inputs on the
     meta device do not hold: an :class:`InputError` saying what can be done on meta instead."""
-    tensors = [*(model.parameters() if model is not None else ()), *(model.buffers() if model is not None else ()),
-               *(t for t in pytree.tree_leaves(inputs) if isinstance(t, torch.Tensor))]  # fmt: skip
-    if any(t.device.type == "meta" for t in tensors):
+    if on_meta(model, inputs):
         raise InputError(f"{what} runs the models on real values, and the model or its inputs are on the meta device "
                          "(shapes only, no values): on meta, rewrite with validate=False and convert the full "
                          "checkpoint with fxsurgery.convert_checkpoint; load real weights (load_state_dict(..., "
