@@ -35,9 +35,9 @@ from torch import nn
 
 import fxsurgery
 from benchmarks import llm
-from fxsurgery.verify.onnx_export import export_onnx
-from fxsurgery.auto import TIMING_EXPORTER
-from fxsurgery.timing import Ratio, interleaved, runner
+from fxsurgery.artifacts.onnx_export import export_onnx
+from fxsurgery.plan.auto import TIMING_EXPORTER
+from fxsurgery.runtimes.timing import Ratio, interleaved, runner
 
 HERE = Path(__file__).resolve().parent
 SUITES = ("cost", "memory", "check", "latency", "kernels", "auto", "meta", "convert")
@@ -504,8 +504,8 @@ def write_outputs(results: dict[str, Any], out: Path, command: str) -> None:
 
 
 def chart(rows: list[dict[str, Any]], path: Path) -> None:
-    """The latency rows as ratios (rewritten/original, noise floor as a band): :func:`fxsurgery.benchmark.ratio_chart`."""
-    from fxsurgery.benchmark import ratio_chart
+    """The latency rows as ratios (rewritten/original, noise floor as a band): :func:`fxsurgery.runtimes.bench.ratio_chart`."""
+    from fxsurgery.runtimes.bench import ratio_chart
 
     ratio_chart([(f"{r['case']}, {r['direction'].replace('_', ' ')}, b{r['batch']}, {r['runtime']}", r["ratio"],
                   r["noise"]) for r in rows], path, title="fxsurgery: rewritten / original latency")  # fmt: skip

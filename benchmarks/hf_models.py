@@ -96,7 +96,7 @@ def block_linears(model: nn.Module, pattern: str) -> set[str]:
     """The Linear layers (GPT-2's Conv1D, a Linear with a transposed weight, included) inside the blocks."""
     import re
 
-    from fxsurgery.tracing.layers import is_transposed_linear
+    from fxsurgery.capture.layers import is_transposed_linear
 
     return {n for n, m in model.named_modules()
             if (isinstance(m, nn.Linear) or is_transposed_linear(m)) and re.search(pattern, n)}  # fmt: skip

@@ -158,7 +158,7 @@ def _layouts(config: dict[str, Any], path: Path) -> int:
     import transformers
 
     import fxsurgery
-    from fxsurgery.checkpoint import save_layouts
+    from fxsurgery.artifacts.checkpoint import save_layouts
 
     with torch.device("meta"):
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config)).eval()

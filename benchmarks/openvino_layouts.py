@@ -1,4 +1,4 @@
-"""Which batch layout suits OpenVINO (``fxsurgery.targets``): Linear -> conv with ``batch_layout="spatial"`` and
+"""Which batch layout suits OpenVINO (``fxsurgery.plan.targets``): Linear -> conv with ``batch_layout="spatial"`` and
 ``"batch"``, each timed against the original on OpenVINO's CPU plugin (f32, 2 threads) at batch 1, interleaved
 pairs, with the original against itself as the noise floor; and the op census of each (OpenVINO's execution graph).
 
@@ -15,8 +15,8 @@ import warnings
 import torch
 
 import fxsurgery
-from fxsurgery.timing import interleaved
-from fxsurgery.verify.census import census
+from fxsurgery.runtimes.census import census
+from fxsurgery.runtimes.timing import interleaved
 
 
 def main(pairs: int = 7) -> None:

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 import fxsurgery
-from fxsurgery.tracing import shapes
+from fxsurgery.capture import shapes
 
 
 def _fake_only(gm: Any, inputs: Any) -> None:

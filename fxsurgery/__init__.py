@@ -8,13 +8,13 @@ onnxruntime.
 from __future__ import annotations
 
 from fxsurgery.api import check, conv_to_linear, linear_to_conv, rewrite
-from fxsurgery.benchmark import BenchReport, benchmark
-from fxsurgery.checkpoint import load_state_dict, original_state_dict
-from fxsurgery.convert import convert_checkpoint
+from fxsurgery.artifacts.checkpoint import load_state_dict, original_state_dict
+from fxsurgery.artifacts.convert import convert_checkpoint
 from fxsurgery.engine.rule import Match, Rule, RuleSet, Skip
 from fxsurgery.errors import InputError, SurgeryError, TraceError, ValidationError
 from fxsurgery.options import Options
 from fxsurgery.report import CheckReport, Comparison, OnnxCheck, Site, SurgeryResult, Validation
+from fxsurgery.runtimes.bench import BenchReport, benchmark
 from fxsurgery.verify.cross_check import cross_check
 from fxsurgery.verify.policy import RTOL
 from fxsurgery.verify.validation import validate

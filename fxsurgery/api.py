@@ -1,8 +1,8 @@
 """The public entry points: :func:`linear_to_conv`, :func:`conv_to_linear`, :func:`rewrite` and :func:`check`.
 
 Each takes the model, example inputs and the options (keywords, or one :class:`~fxsurgery.Options`), resolved in
-:mod:`fxsurgery.options`. ``to="auto"`` (:mod:`fxsurgery.auto`) sits above the plain passes
-(:mod:`fxsurgery.surgery`); nothing below this module imports it.
+:mod:`fxsurgery.options`. ``to="auto"`` (:mod:`fxsurgery.plan.auto`) sits above the plain passes
+(:mod:`fxsurgery.pipeline`); nothing below this module imports it.
 """
 
 from __future__ import annotations
@@ -16,15 +16,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from fxsurgery.auto import auto_rewrite
+from fxsurgery.capture import keyword_call, normalize_inputs, prepare_model, refuse_meta, split_keywords
+from fxsurgery.capture.programs import export_rewritten, module_of_program
 from fxsurgery.errors import InputError, ValidationError
 from fxsurgery.options import OPTIONS_DOC, Options, resolve
-from fxsurgery.programs import export_rewritten, module_of_program
+from fxsurgery.pipeline import run_pass
+from fxsurgery.plan.auto import auto_rewrite
 from fxsurgery.report import CheckReport, SurgeryResult
 from fxsurgery.rules import DIRECTIONS
-from fxsurgery.surgery import run_pass
-from fxsurgery.tracing import keyword_call, normalize_inputs, prepare_model, refuse_meta, split_keywords
-from fxsurgery.verify.census import census
+from fxsurgery.runtimes.census import census
 from fxsurgery.verify.cross_check import cross_check
 
 __all__ = ["linear_to_conv", "conv_to_linear", "rewrite", "check"]
@@ -35,7 +35,7 @@ def rewrite(model: nn.Module | torch.export.ExportedProgram, example_inputs: Any
     """Run one direction over ``model``: ``"linear_to_conv"`` / ``"conv"`` (Linear layers on flattened or pooled
     maps, their chains and, with ``token_layout=True``, transformer blocks, as Conv2d) or ``"conv_to_linear"`` /
     ``"linear"`` (pointwise, strided pointwise, full-extent, Conv1d k=1 and ConvTranspose 1x1 convolutions as
-    Linear), or ``"auto"``: per site the faster form, measured on ``runtime`` (see :mod:`fxsurgery.auto`).
+    Linear), or ``"auto"``: per site the faster form, measured on ``runtime`` (see :mod:`fxsurgery.plan.auto`).
 
     ``example_inputs`` is a tensor or a tuple of tensors, which may end with a dict of keyword inputs
     (``(ids, {"attention_mask": mask})``; a dict alone is all keywords); shapes are propagated from them with meta

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from torch import nn
 
 from fxsurgery.errors import InputError
-from fxsurgery.targets import TARGETS, check_target
+from fxsurgery.plan.targets import TARGETS, check_target
 
 if TYPE_CHECKING:
     from fxsurgery.engine.rule import RuleSet
@@ -100,7 +100,7 @@ Options (keywords, or one ``options=fxsurgery.Options(...)``):
 * ``target=None``: the deployment target, ``"onnxruntime"``, ``"openvino"``, ``"coreml"`` or
   ``"executorch-xnnpack"``: picks ``batch_layout`` (``"batch"`` for Core ML) and leaves alone the patterns the
   target runs badly (``conv1x1-strided`` for XNNPACK), each choice in the result's notes; ``check`` adds the op
-  census after the target's own conversion where its toolchain is installed (:mod:`fxsurgery.targets`).
+  census after the target's own conversion where its toolchain is installed (:mod:`fxsurgery.plan.targets`).
 * ``batch_layout`` (Linear -> conv; the target's, else ``"spatial"``): carry a rewritten head as ``(1, C, 1, N)``,
   the batch side by side on the width axis, so each conv is one matrix product; ``"batch"`` keeps ``(N, C, 1, 1)``
   (N small products).

@@ -278,7 +278,7 @@ class CheckReport:
 
     surgery: SurgeryResult
     onnx: OnnxCheck | None
-    target: dict[str, Any] | None = None  # {"name", "census"}: fxsurgery.targets.census after the target's conversion
+    target: dict[str, Any] | None = None  # {"name", "census"}: the target's census
 
     @property
     def passed(self) -> bool:

@@ -97,4 +97,18 @@ def test_module_size_and_function_length(name):
 def test_public_modules_declare_all(name):
     tree = ast.parse(MODULES[name].read_text())
     names = {t.id for n in tree.body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)}
+    names |= {n.target.id for n in tree.body if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)}
     assert "__all__" in names or name.endswith("__main__"), f"{name} has no __all__"
+
+
+#: The package root holds the public face only; the work lives in one folder per stage (capture, rules, plan, engine,
+#: verify, artifacts, runtimes) and the command line in cli/.
+MAX_ROOT_MODULES = 8
+STAGES = {"capture", "rules", "plan", "engine", "verify", "artifacts", "runtimes", "cli"}
+
+
+def test_the_package_root_holds_the_public_face_and_one_folder_per_stage():
+    root = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem not in ("__init__", "__main__"))
+    assert len(root) <= MAX_ROOT_MODULES, f"{len(root)} modules at the package root: {root}"
+    folders = {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").exists()}
+    assert folders == STAGES, f"folders {sorted(folders)}, stages {sorted(STAGES)}"

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import fxsurgery
-from fxsurgery.auto import MARGIN
 from fxsurgery.models import demo_model
+from fxsurgery.plan.auto import MARGIN
 
 
 @pytest.mark.parametrize("runtime", ["torch", "onnxruntime"])
@@ -97,7 +97,7 @@ def test_auto_decides_transformer_sites_per_block():
 def test_a_choice_that_amounts_to_another_candidate_is_that_candidate():
     from torch import nn
 
-    from fxsurgery.auto import _same_as
+    from fxsurgery.plan.auto import _same_as
     from fxsurgery.report import Site, SurgeryResult
 
     def result(direction, *names):
@@ -116,7 +116,7 @@ def test_settled_timing_gives_the_answer_every_pair_would(monkeypatch):
     clock runs each call for a set time: a always 1.0, b the ratio of its pair."""
     import random
 
-    from fxsurgery import timing
+    from fxsurgery.runtimes import timing
 
     rng = random.Random(0)
     for _ in range(300):
@@ -142,7 +142,7 @@ def test_settled_timing_gives_the_answer_every_pair_would(monkeypatch):
 
 
 def test_a_model_the_torchscript_exporter_refuses_is_timed_from_a_dynamo_export(monkeypatch, tmp_path):
-    from fxsurgery import timing
+    from fxsurgery.runtimes import timing
 
     calls = []
     export = timing.export_onnx

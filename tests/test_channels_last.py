@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import fxsurgery
-from fxsurgery.verify.onnx_export import op_histogram
+from fxsurgery.artifacts.onnx_export import op_histogram
 from tests.conftest import layout_ops, run_surgery
 
 
@@ -84,7 +84,7 @@ class PointwiseBNBlock(nn.Module):
 
 
 def test_batchnorm_between_pointwise_convs_stays_channels_last():
-    from fxsurgery.layers import ChannelsLastBatchNorm2d
+    from fxsurgery.engine.layers import ChannelsLastBatchNorm2d
 
     model = nn.Sequential(PointwiseBNBlock(), PointwiseBNBlock()).eval()
     res = run_surgery("conv_to_linear", model, torch.randn(2, 8, 5, 5), rewritten=["0.c1", "0.c2", "1.c1", "1.c2"])

@@ -8,8 +8,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import fxsurgery
+from fxsurgery.engine.weights import conv_to_linear_weight, conv_transpose_to_linear_weight, linear_to_conv_weight
 from fxsurgery.models import NetworkInNetwork, NiNClassifier
-from fxsurgery.weights import conv_to_linear_weight, conv_transpose_to_linear_weight, linear_to_conv_weight
 
 
 class NHWCHead(nn.Module):

@@ -339,8 +339,8 @@ def test_model_specs_resolve_as_entry_points_do():
     ``pkgutil.resolve_name`` reads entry points; a missing attribute is one usage error."""
     import collections
 
-    from fxsurgery.cli_inputs import UsageError
-    from fxsurgery.cli_model import load_factory
+    from fxsurgery.cli.inputs import UsageError
+    from fxsurgery.cli.model import load_factory
 
     assert load_factory("torch.nn:Sequential") is torch.nn.Sequential
     assert load_factory("collections:OrderedDict.fromkeys") == collections.OrderedDict.fromkeys

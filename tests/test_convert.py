@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 import fxsurgery
-from fxsurgery.checkpoint import load_layouts, save_layouts
-from fxsurgery.convert import materialize
+from fxsurgery.artifacts.checkpoint import load_layouts, save_layouts
+from fxsurgery.artifacts.convert import materialize
 from fxsurgery.errors import InputError
 
 T = pytest.importorskip("transformers")

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxsurgery
-from fxsurgery.tracing import export_model, raise_program, working_copy
+from fxsurgery.capture import export_model, raise_program, working_copy
 from tests.conftest import run_surgery
 
 

@@ -1,4 +1,4 @@
-"""fxsurgery.passes: the rewrites as PassBase objects on exported graphs (ATen here; ExecuTorch Edge where
+"""fxsurgery.engine.passes: the rewrites as PassBase objects on exported graphs (ATen here; ExecuTorch Edge where
 ExecuTorch is installed), checked against the original model in float64."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from fxsurgery.passes import ConvToLinearPass, LinearToConvPass, transform
+from fxsurgery.engine.passes import ConvToLinearPass, LinearToConvPass, transform
 
 
 class Net(nn.Module):
@@ -80,7 +80,7 @@ def test_excluded_sites_stay():
 
 
 def test_a_failure_inside_a_rewrite_leaves_that_op_as_it_was(monkeypatch):
-    import fxsurgery.passes as passes
+    import fxsurgery.engine.passes as passes
 
     def broken(self, name, *args):
         raise RuntimeError("boom")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from fxsurgery.report_html import render
+from fxsurgery.artifacts.report_html import render
 
 ROOT = Path(__file__).resolve().parents[1]
 BROWSER = next((b for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
@@ -118,7 +118,7 @@ def _crafted(data, path):
 def test_every_value_of_a_crafted_report_json_is_drawn_as_text(out):
     """Each field of a real report.json in turn (values and keys: validation, inputs, ONNX comparisons, op counts,
     timings, subgraphs, ...) replaced by markup: the page draws it as text, or refuses the report as malformed."""
-    from fxsurgery.report_html import MalformedReport
+    from fxsurgery.artifacts.report_html import MalformedReport
 
     data = json.loads((out / "report.json").read_text())
     places = list(_leaves(data))

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 import fxsurgery
+from fxsurgery.engine.weights import shares_storage
 from fxsurgery.models import NetworkInNetwork, demo_model
-from fxsurgery.weights import shares_storage
 from tests.conftest import assert_unchanged, run_surgery, snapshot
 
 

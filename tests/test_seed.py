@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 import fxsurgery
+from fxsurgery.engine.weights import conv_to_linear_weight, linear_to_conv_weight
 from fxsurgery.models import NetworkInNetwork
-from fxsurgery.weights import conv_to_linear_weight, linear_to_conv_weight
 from tests import reference
 from tests.conftest import run_surgery
 

@@ -1,4 +1,4 @@
-"""Shape propagation (``fxsurgery.tracing.propagate_shapes``): on the meta device first, fake tensors and then one
+"""Shape propagation (``fxsurgery.capture.propagate_shapes``): on the meta device first, fake tensors and then one
 real run where the meta run fails. The shapes are checked against a real run of the model (torch's ShapeProp)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 import fxsurgery
-from fxsurgery.tracing import propagate_shapes
+from fxsurgery.capture import propagate_shapes
 
 
 class Net(nn.Module):

@@ -82,7 +82,7 @@ def test_check_reports_the_onnxruntime_census_after_its_optimizations(tmp_path):
 def test_a_missing_toolchain_is_said_not_raised(monkeypatch, tmp_path):
     import importlib.util
 
-    from fxsurgery.verify import census
+    from fxsurgery.runtimes import census
 
     real = importlib.util.find_spec
     monkeypatch.setattr(census.importlib.util, "find_spec", lambda n, *a: None if n == "coremltools" else real(n, *a))
@@ -103,7 +103,7 @@ def test_the_cli_target_is_in_report_json(tmp_path):
 
 def test_the_coreml_census_shows_the_batch_layout_adds_no_transpose():
     pytest.importorskip("coremltools", reason='Core ML is optional: pip install "fxsurgery[coreml]"')
-    from fxsurgery.verify.census import census
+    from fxsurgery.runtimes.census import census
 
     model, x = demo_model(), torch.randn(1, 3, 32, 32)
     spatial = fxsurgery.linear_to_conv(model, x, validate=False).module
@@ -116,7 +116,7 @@ def test_the_coreml_census_shows_the_batch_layout_adds_no_transpose():
 
 def test_the_xnnpack_census_has_no_slice_outside_the_delegates_where_the_target_leaves_strided_convs():
     pytest.importorskip("executorch", reason="ExecuTorch is optional: pip install fxsurgery[executorch]")
-    from fxsurgery.verify.census import census
+    from fxsurgery.runtimes.census import census
 
     model, x = Strided().eval(), torch.randn(2, 4, 8, 8)
     plain = fxsurgery.conv_to_linear(model, x, validate=False).module
@@ -129,7 +129,7 @@ def test_the_xnnpack_census_has_no_slice_outside_the_delegates_where_the_target_
 
 def test_the_openvino_census_shows_the_linears_became_convolutions():
     pytest.importorskip("openvino", reason='OpenVINO is optional: pip install "fxsurgery[openvino]"')
-    from fxsurgery.verify.census import census
+    from fxsurgery.runtimes.census import census
 
     model, x = demo_model(), torch.randn(2, 3, 32, 32)
     res = fxsurgery.linear_to_conv(model, x, target="openvino")

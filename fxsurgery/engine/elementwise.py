@@ -10,8 +10,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from fxsurgery.capture.shapes import shape_of
 from fxsurgery.engine.nodes import hook_kinds
-from fxsurgery.tracing.shapes import shape_of
 
 __all__ = ["elementwise_tensor_inputs", "is_number", "no_nodes", "UNARY_MODULES"]
 

@@ -17,8 +17,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from fxsurgery.tracing.layers import is_transposed_linear
-from fxsurgery.tracing.shapes import shape_of
+from fxsurgery.capture.layers import is_transposed_linear
+from fxsurgery.capture.shapes import shape_of
 
 __all__ = ["LinearOp", "ConvOp", "as_linear", "as_conv", "as_layer_norm", "spatial_mean_source", "is_reshape",
            "first_input", "reader_name", "bind", "is_torchvision", "static_shape", "NoShape", "hook_kinds",

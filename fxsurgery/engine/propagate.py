@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING
 
 import torch.fx as fx
 
+from fxsurgery.capture.shapes import shape_of
 from fxsurgery.engine.elementwise import elementwise_tensor_inputs
-from fxsurgery.tracing.shapes import shape_of
 
 if TYPE_CHECKING:
     from fxsurgery.engine.rewriter import Rewriter

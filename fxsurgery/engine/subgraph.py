@@ -5,8 +5,8 @@ two steps back, its users one step on; parameters left out), with their labels a
 the recorded nodes the pass removed are marked ``removed``, the others ``kept``; and the *after* picture is read off
 the rewritten graph around the site's counterpart (up to three steps back and two on, through the nodes the pass
 added only, with the original nodes where they join it). Both are plain data, ``{"nodes": [{"id", "label",
-"shape", "role", "site"}], "edges": [[from, to]]}``, drawn by :mod:`fxsurgery.report_html`; a picture holds at most
-:data:`MAX_NODES` nodes, nearest first.
+"shape", "role", "site"}], "edges": [[from, to]]}``, drawn by :mod:`fxsurgery.artifacts.report_html`; a picture
+holds at most :data:`MAX_NODES` nodes, nearest first.
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@
 
 from __future__ import annotations
 
+from fxsurgery.artifacts.onnx_export import export_onnx, op_histogram
 from fxsurgery.verify.cross_check import cross_check
-from fxsurgery.verify.onnx_export import export_onnx, op_histogram
 from fxsurgery.verify.policy import RTOL, SCALE_FLOOR, compare_outputs
 from fxsurgery.verify.validation import random_inputs, validate
 

@@ -21,13 +21,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
-from fxsurgery.errors import InputError, SurgeryError, one_line
-from fxsurgery.report import Comparison, OnnxCheck
-from fxsurgery.tracing.copies import eval_copy
-from fxsurgery.tracing.inputs import normalize_inputs
-from fxsurgery.verify import runners
-from fxsurgery.verify.localize import first_divergence, first_failing_node
-from fxsurgery.verify.onnx_export import (
+from fxsurgery.artifacts.onnx_export import (
     EXPORTERS,
     batch_is_dynamic,
     export_onnx,
@@ -35,7 +29,13 @@ from fxsurgery.verify.onnx_export import (
     op_histogram,
     rename_outputs,
 )
-from fxsurgery.verify.ort import OPT_LEVELS, run_session, session
+from fxsurgery.capture.copies import eval_copy
+from fxsurgery.capture.inputs import normalize_inputs
+from fxsurgery.errors import InputError, SurgeryError, one_line
+from fxsurgery.report import Comparison, OnnxCheck
+from fxsurgery.runtimes import runners
+from fxsurgery.runtimes.ort import OPT_LEVELS, run_session, session
+from fxsurgery.verify.localize import first_divergence, first_failing_node
 from fxsurgery.verify.policy import SCALE_FLOOR, compare_leaves
 from fxsurgery.verify.validation import random_inputs, run_no_grad
 
@@ -130,7 +130,7 @@ def _tensor_leaves(out: Any) -> list[torch.Tensor]:
 
 def _run_more(models: dict[str, nn.Module], batches: list[tuple], runtimes: Sequence[str], found: _Findings,
               outputs: list[dict[str, list[Any]]]) -> None:  # fmt: skip
-    """The optional runtimes' outputs (:mod:`~fxsurgery.verify.runners`): where one cannot run the original, that is
+    """The optional runtimes' outputs (:mod:`~fxsurgery.runtimes.runners`): where one cannot run the original, that is
     its limit (skipped); where it runs the original and not the rewritten model, a failure."""
     for rt in runtimes:
         label = runners.RUNNERS[rt][2]
@@ -234,7 +234,7 @@ def cross_check(
     """Export both models to ``out_dir`` (``original.onnx``, ``rewritten.onnx``), check them with
     ``onnx.checker.check_model(full_check=True)``, and compare torch and onnxruntime outputs four ways; with
     ``runtimes`` (``"openvino"``, ``"executorch"``) also each of those runtimes' outputs of both models, against
-    torch original and rewritten against original (:mod:`~fxsurgery.verify.runners`).
+    torch original and rewritten against original (:mod:`~fxsurgery.runtimes.runners`).
 
     ``direction`` and ``rewritten_sites`` (taken from a :class:`~fxsurgery.SurgeryResult` by :func:`fxsurgery.check`)
     enable the check that the rewrite is visible in the exported op histogram.

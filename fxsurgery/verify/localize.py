@@ -25,9 +25,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from fxsurgery.artifacts.onnx_export import torchlib_registry_once
 from fxsurgery.engine.subgraph import label
 from fxsurgery.errors import one_line
-from fxsurgery.verify.onnx_export import torchlib_registry_once
 from fxsurgery.verify.policy import compare_leaves
 
 __all__ = ["first_divergence", "first_failing_node", "cut_after"]

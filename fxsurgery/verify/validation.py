@@ -19,10 +19,10 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from fxsurgery._runtime import OutsideExportedRange
+from fxsurgery.capture.copies import eval_copy
 from fxsurgery.errors import InputError, one_line
 from fxsurgery.options import Precision
 from fxsurgery.report import Validation
-from fxsurgery.tracing.copies import eval_copy
 from fxsurgery.verify.policy import SCALE_FLOOR, Errors, compare_outputs
 
 log = logging.getLogger(__name__)

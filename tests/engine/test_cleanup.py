@@ -7,11 +7,11 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from fxsurgery.capture import propagate_shapes
 from fxsurgery.engine import cleanup
 from fxsurgery.engine.rewriter import Rewriter
 from fxsurgery.engine.rule import RuleSet
 from fxsurgery.rules.linear_to_conv.layouts import NCHW_LAYOUT, TOKEN_LAYOUT
-from fxsurgery.tracing import propagate_shapes
 
 
 def _rewriter(module, *inputs):

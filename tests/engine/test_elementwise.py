@@ -11,8 +11,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from fxsurgery.capture import propagate_shapes
 from fxsurgery.engine.elementwise import UNARY_MODULES, elementwise_tensor_inputs
-from fxsurgery.tracing import propagate_shapes
 
 _ARGS = {nn.Threshold: (0.1, -1.0)}
 

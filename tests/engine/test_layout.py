@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.fx as fx
 
+from fxsurgery.capture import propagate_shapes
 from fxsurgery.engine.layout import composes_to_identity, permutation_layout, permute_dims
 from fxsurgery.rules.conv_to_linear.layouts import CHANNELS_LAST, FLAT_LAYOUT
 from fxsurgery.rules.linear_to_conv.layouts import NCHW_LAYOUT, POINT_LAYOUT, SPATIAL_LAYOUT, TOKEN_LAYOUT
-from fxsurgery.tracing import propagate_shapes
 
 # (layout, original shape, the shape it is carried as)
 CASES = {

@@ -7,11 +7,11 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from fxsurgery.capture import propagate_shapes, trace
 from fxsurgery.engine.rewriter import CONSTANT_INPUT, Rewriter
 from fxsurgery.engine.rule import Match, RuleSet, Skip
 from fxsurgery.report import Site
 from fxsurgery.rules.linear_to_conv.layouts import TOKEN_LAYOUT
-from fxsurgery.tracing import propagate_shapes, trace
 
 
 class Negate(nn.Module):

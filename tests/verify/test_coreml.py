@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import fxsurgery
-from fxsurgery.verify.coreml import op_census
+from fxsurgery.runtimes.coreml import op_census
 from tests.rules.linear_to_conv.test_decoder import LlamaBlock
 
 pytest.importorskip("coremltools", reason='Core ML is optional: pip install "fxsurgery[coreml]"')

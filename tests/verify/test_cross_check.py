@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxsurgery
-from fxsurgery.verify.onnx_export import op_histogram
+from fxsurgery.artifacts.onnx_export import op_histogram
 
 
 class Flat(nn.Module):
@@ -140,7 +140,7 @@ def test_the_run_time_guards_add_no_onnx_op(tmp_path):
     import copy
 
     from fxsurgery import _runtime
-    from fxsurgery.verify.onnx_export import export_onnx
+    from fxsurgery.artifacts.onnx_export import export_onnx
 
     class Branch(nn.Module):
         def __init__(self):
@@ -175,7 +175,7 @@ def test_the_run_time_guards_add_no_onnx_op(tmp_path):
 def test_the_empty_batch_path_adds_no_onnx_op(tmp_path):
     """The spatial layout's empty-batch branch (a batch of 0 stays on the batch axis) is resolved when exporting:
     the rewritten head exports to the same ops as the same head written by hand with the batch on the width axis."""
-    from fxsurgery.verify.onnx_export import export_onnx
+    from fxsurgery.artifacts.onnx_export import export_onnx
 
     model = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.Flatten(), nn.Linear(64, 7), nn.ReLU(),
                           nn.Linear(7, 5)).eval()  # fmt: skip
@@ -222,7 +222,7 @@ def test_the_exporter_registry_is_built_once_and_exports_stay_the_same(tmp_path)
     onnxruntime and matches torch (checked against the model, not against another export)."""
     from torch.onnx._internal.exporter import _registration
 
-    from fxsurgery.verify import onnx_export
+    from fxsurgery.artifacts import onnx_export
 
     builder = _registration.ONNXRegistry.__dict__["from_torchlib"]
     assert isinstance(builder, classmethod)  # the private API the cache wraps is still there
@@ -242,10 +242,10 @@ def test_a_wrong_onnx_file_is_localized_to_its_first_diverging_value(tmp_path, m
     """The rewritten file's first Linear/conv weight is scaled after export (as an exporter bug would): onnxruntime
     then differs from torch, and the cross-check names the first intermediate value over the bound: the output of
     the node that reads the tampered weight (found in the file itself), not a value before it."""
+    import importlib
+
     import onnx
     from onnx import numpy_helper
-
-    import importlib
 
     from fxsurgery.models import demo_model
 

@@ -13,7 +13,8 @@ from torch import nn
 
 import fxsurgery
 from fxsurgery.models import demo_model
-from fxsurgery.verify import localize, runners
+from fxsurgery.runtimes import runners
+from fxsurgery.verify import localize
 from fxsurgery.verify.cross_check import cross_check
 
 LABELS = {"openvino": "OpenVINO", "executorch": "ExecuTorch-XNNPACK"}

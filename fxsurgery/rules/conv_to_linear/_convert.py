@@ -23,9 +23,9 @@ from fxsurgery.engine.emit import guard
 from fxsurgery.engine.nodes import CONV_TYPES, ConvOp, as_conv, static_shape
 from fxsurgery.engine.rewriter import Rewriter
 from fxsurgery.engine.rule import Match, Skip, module_skip_reason
+from fxsurgery.engine.weights import conv_to_linear_weight, conv_transpose_to_linear_weight
 from fxsurgery.report import Site
 from fxsurgery.rules.conv_to_linear.layouts import CHANNELS_LAST, FLAT_LAYOUT
-from fxsurgery.weights import conv_to_linear_weight, conv_transpose_to_linear_weight
 
 __all__ = ["ConvMatch", "PointwiseRule", "candidate", "check_conv", "pointwise_to_linear", "full_extent_to_linear",
            "linear_from_conv"]  # fmt: skip

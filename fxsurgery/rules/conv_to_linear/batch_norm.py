@@ -1,5 +1,5 @@
 """A ``BatchNorm2d`` on a map carried channels-last, whose output reaches another pointwise conv (through elementwise
-ops, residual adds, BatchNorms), stays channels-last (:class:`~fxsurgery.layers.ChannelsLastBatchNorm2d`: in eval
+ops, residual adds, BatchNorms), stays channels-last (:class:`~fxsurgery.engine.layers.ChannelsLastBatchNorm2d`: in eval
 mode a per-channel affine ``x * s + t`` on the last dim, ``s = weight / sqrt(var + eps)``, ``t = bias - mean * s``),
 so the pointwise convs around it share one conversion instead of converting back and forth."""
 
@@ -8,9 +8,9 @@ from __future__ import annotations
 import torch.fx as fx
 from torch import nn
 
+from fxsurgery.engine.layers import ChannelsLastBatchNorm2d
 from fxsurgery.engine.rewriter import Rewriter
 from fxsurgery.engine.rule import feeds_candidate, module_skip_reason
-from fxsurgery.layers import ChannelsLastBatchNorm2d
 from fxsurgery.rules.conv_to_linear.layouts import CHANNELS_LAST
 
 __all__ = ["ChannelsLastBatchNorm"]

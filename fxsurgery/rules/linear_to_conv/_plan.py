@@ -3,7 +3,7 @@
 A rule's ``match`` returns a :class:`ConvPlan`: the map the conv reads (``feature = (C, H, W)``, flattened in
 ``order``), the layout of its output, and a ``source`` that builds the conv's input in the graph. ``apply`` is
 :func:`emit_conv` for every Linear pattern. The maths: ``Linear(C*H*W -> O)`` on ``flatten(Y)`` is
-``Conv2d(C, O, (H, W))`` on ``Y`` with kernel ``W.view(O, C, H, W)`` (:func:`~fxsurgery.weights.
+``Conv2d(C, O, (H, W))`` on ``Y`` with kernel ``W.view(O, C, H, W)`` (:func:`~fxsurgery.engine.weights.
 linear_to_conv_weight`), evaluated at its single output position; on a value carried with its features on dim 1
 (``(N, K, 1, 1)``, ``(B, C, 1, S)``, NCHW) it is a 1x1 conv.
 """
@@ -18,14 +18,14 @@ from typing import Any
 import torch.fx as fx
 import torch.nn.functional as F
 
+from fxsurgery.engine.layers import conv_viewing_linear
 from fxsurgery.engine.layout import Layout
 from fxsurgery.engine.nodes import EXACT_LINEAR, LinearOp, as_linear, static_shape
 from fxsurgery.engine.rewriter import Rewriter
 from fxsurgery.engine.rule import Match, Skip, module_skip_reason, weight_skip_reason
-from fxsurgery.layers import conv_viewing_linear
+from fxsurgery.engine.weights import linear_to_conv_weight
 from fxsurgery.report import Site
 from fxsurgery.rules.linear_to_conv.layouts import CONV_LAYOUTS, NCHW_LAYOUT, TOKEN_LAYOUT
-from fxsurgery.weights import linear_to_conv_weight
 
 __all__ = ["ConvPlan", "LinearRule", "linear_input", "linear_name", "check_linear", "carried_plan", "region_plan",
            "emit_conv"]  # fmt: skip

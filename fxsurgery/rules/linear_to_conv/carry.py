@@ -14,12 +14,12 @@ import operator
 import torch.fx as fx
 from torch import nn
 
+from fxsurgery.capture.shapes import shape_of
 from fxsurgery.engine.layout import permute_dims
 from fxsurgery.engine.nodes import is_torchvision
 from fxsurgery.engine.rewriter import Rewriter
 from fxsurgery.engine.rule import feeds_candidate
 from fxsurgery.rules.linear_to_conv.layouts import NCHW_LAYOUT, TOKEN_LAYOUT
-from fxsurgery.tracing.shapes import shape_of
 
 __all__ = ["PermuteSeed", "SelectToken", "StochasticDepth"]
 

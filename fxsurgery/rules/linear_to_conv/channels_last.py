@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch.fx as fx
 
+from fxsurgery.capture.shapes import shape_of
 from fxsurgery.engine.layout import permute_dims
 from fxsurgery.engine.rewriter import Rewriter
 from fxsurgery.engine.rule import Skip
@@ -22,7 +23,6 @@ from fxsurgery.rules.linear_to_conv._plan import (
 )
 from fxsurgery.rules.linear_to_conv.flatten_head import FlattenHead
 from fxsurgery.rules.linear_to_conv.layouts import NCHW_LAYOUT
-from fxsurgery.tracing.shapes import shape_of
 
 __all__ = ["ChannelsLastLinear", "PATTERN"]
 

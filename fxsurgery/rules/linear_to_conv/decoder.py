@@ -27,13 +27,13 @@ import torch
 import torch.fx as fx
 
 from fxsurgery import _runtime
+from fxsurgery.capture.shapes import shape_of
 from fxsurgery.engine.elementwise import elementwise_tensor_inputs, is_number, no_nodes
 from fxsurgery.engine.layout import Layout
 from fxsurgery.engine.nodes import is_shape_read
 from fxsurgery.engine.rewriter import Rewriter
 from fxsurgery.rules.linear_to_conv.heads import heads_layout
 from fxsurgery.rules.linear_to_conv.layouts import TOKEN_LAYOUT
-from fxsurgery.tracing.shapes import shape_of
 
 __all__ = ["Broadcast", "Reduce", "Cast", "Slice", "HeadUnsqueeze", "HeadExpand", "HeadReshape", "ShapeRead"]
 

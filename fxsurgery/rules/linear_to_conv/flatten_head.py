@@ -25,9 +25,9 @@ from fxsurgery.engine.layout import Layout, permute_dims
 from fxsurgery.engine.nodes import as_linear, hook_kinds, is_reshape, is_shape_read, static_shape
 from fxsurgery.engine.rewriter import Rewriter
 from fxsurgery.engine.rule import Skip
+from fxsurgery.engine.weights import linear_to_conv_weight
 from fxsurgery.rules.linear_to_conv._plan import ConvPlan, LinearRule, WeightMap, check_linear
 from fxsurgery.rules.linear_to_conv.layouts import SPATIAL_LAYOUT, from_map
-from fxsurgery.weights import linear_to_conv_weight
 
 __all__ = ["FlattenHead", "PATTERN", "flatten_source"]
 

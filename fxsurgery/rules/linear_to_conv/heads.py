@@ -38,10 +38,10 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from fxsurgery import _runtime
+from fxsurgery.capture.shapes import shape_of
 from fxsurgery.engine.layout import Layout, permutation_layout, permute_dims
 from fxsurgery.engine.rewriter import Rewriter
 from fxsurgery.rules.linear_to_conv.layouts import TOKEN_LAYOUT
-from fxsurgery.tracing.shapes import shape_of
 
 __all__ = ["HeadSplit", "HeadPermute", "SameShape", "HeadCat", "SplitChannels", "ChannelAttention", "ChannelMatmul",
            "HeadMerge", "heads_layout"]  # fmt: skip

@@ -6,9 +6,9 @@ import torch
 import torch.fx as fx
 
 from fxsurgery import _runtime
+from fxsurgery.capture.shapes import shape_of
 from fxsurgery.engine.layout import Layout, permutation_layout
 from fxsurgery.engine.nodes import static_shape
-from fxsurgery.tracing.shapes import shape_of
 
 __all__ = ["POINT_LAYOUT", "SPATIAL_LAYOUT", "BATCH_LAYOUTS", "NCHW_LAYOUT", "TOKEN_LAYOUT", "CONV_LAYOUTS",
            "region_layout", "from_map"]  # fmt: skip

@@ -15,9 +15,9 @@ from fxsurgery.engine.layout import Layout
 from fxsurgery.engine.nodes import as_linear, spatial_mean_source, static_shape
 from fxsurgery.engine.rewriter import Rewriter
 from fxsurgery.engine.rule import Skip
+from fxsurgery.engine.weights import linear_to_conv_weight
 from fxsurgery.rules.linear_to_conv._plan import ConvPlan, LinearRule, WeightMap, check_linear
 from fxsurgery.rules.linear_to_conv.layouts import SPATIAL_LAYOUT, from_map
-from fxsurgery.weights import linear_to_conv_weight
 
 __all__ = ["PoolHead", "PATTERN", "mean_source"]
 

@@ -1,5 +1,5 @@
 """``self-attention`` (``token_layout=True``): ``nn.MultiheadAttention(x, x, x)`` on ``(B, S, C)`` tokens becomes
-:class:`~fxsurgery.layers.ConvSelfAttention` on ``(B, C, 1, S)``.
+:class:`~fxsurgery.engine.layers.ConvSelfAttention` on ``(B, C, 1, S)``.
 
 q/k/v is one 1x1 conv with kernel ``in_proj_weight.view(3C, C, 1, 1)``; attention runs per head on
 ``(B, heads, head_dim, S)`` without transposing the activations; ``out_proj`` is a 1x1 conv with kernel
@@ -15,10 +15,10 @@ from dataclasses import dataclass
 import torch.fx as fx
 from torch import nn
 
+from fxsurgery.engine.layers import ConvSelfAttention
 from fxsurgery.engine.nodes import static_shape
 from fxsurgery.engine.rewriter import Rewriter
 from fxsurgery.engine.rule import Match, Skip, module_skip_reason
-from fxsurgery.layers import ConvSelfAttention
 from fxsurgery.report import Site
 from fxsurgery.rules.linear_to_conv.layouts import TOKEN_LAYOUT
 from fxsurgery.rules.linear_to_conv.token_linear import PATTERN as TOKEN_PATTERN

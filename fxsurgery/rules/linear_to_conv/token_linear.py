@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch.fx as fx
 
+from fxsurgery.capture.shapes import shape_of
 from fxsurgery.engine.rewriter import Rewriter
 from fxsurgery.rules.linear_to_conv._plan import (
     ConvPlan,
@@ -16,7 +17,6 @@ from fxsurgery.rules.linear_to_conv._plan import (
     region_plan,
 )
 from fxsurgery.rules.linear_to_conv.layouts import TOKEN_LAYOUT
-from fxsurgery.tracing.shapes import shape_of
 
 __all__ = ["TokenLinear", "PATTERN"]
 

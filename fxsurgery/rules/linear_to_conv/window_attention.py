@@ -13,10 +13,10 @@ import torch.fx as fx
 from torch import nn
 
 from fxsurgery import _runtime
+from fxsurgery.engine.layers import conv_viewing_linear
 from fxsurgery.engine.nodes import EXACT_LINEAR, bind, is_torchvision, static_shape
 from fxsurgery.engine.rewriter import Rewriter
 from fxsurgery.engine.rule import Match, Skip
-from fxsurgery.layers import conv_viewing_linear
 from fxsurgery.report import Site
 from fxsurgery.rules.linear_to_conv.layouts import NCHW_LAYOUT
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from fxsurgery.layers import ConvSelfAttention
+from fxsurgery.engine.layers import ConvSelfAttention
 from tests import reference
 from tests.conftest import run_surgery
 

@@ -1,5 +1,5 @@
 """Deployment targets: ``target=`` (CLI ``--target``) picks the layouts and leaves alone the patterns a toolchain runs
-badly, each choice stated in the result's notes with its reason; :func:`fxsurgery.verify.census.census` counts
+badly, each choice stated in the result's notes with its reason; :func:`fxsurgery.runtimes.census.census` counts
 the ops after the target's own conversion, where its toolchain is installed.
 
 * ``onnxruntime``: the defaults (they were measured on it: ``benchmarks/results.md``).

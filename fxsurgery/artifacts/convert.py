@@ -2,10 +2,11 @@
 ``model.safetensors.index.json``) rewritten into the other model's format tensor by tensor, never holding more than
 one tensor and its converted copy.
 
-A rewritten parameter keeps its name and is a view of the original's storage (:mod:`fxsurgery.checkpoint` records
-each view as a :class:`~fxsurgery.checkpoint.ParamLayout`), so converting a checkpoint is, per tensor, replaying that
-view. Where the two views lay out the same bytes (``W.view(O, C, 1, 1)`` of a contiguous ``W``), the bytes are copied
-as they are, in chunks; only a tensor whose bytes move (GPT-2's transposed ``Conv1D`` weight) is loaded and converted.
+A rewritten parameter keeps its name and is a view of the original's storage (:mod:`fxsurgery.artifacts.checkpoint`
+records each view as a :class:`~fxsurgery.artifacts.checkpoint.ParamLayout`), so converting a checkpoint is, per tensor,
+replaying that view. Where the two views lay out the same bytes (``W.view(O, C, 1, 1)`` of a contiguous ``W``), the
+bytes are copied as they are, in chunks; only a tensor whose bytes move (GPT-2's transposed ``Conv1D`` weight) is loaded
+and converted.
 
 The safetensors files are read and written here rather than with ``safetensors.torch.load_file``/``save_file``,
 which hold a whole shard: the format is an 8-byte little-endian header length, a JSON header (dtype, shape and byte
@@ -28,8 +29,8 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.node import map_aggregate
 
-from fxsurgery._staging import staged_folder
-from fxsurgery.checkpoint import ParamLayout, layouts_of, load_layouts
+from fxsurgery.artifacts._staging import staged_folder
+from fxsurgery.artifacts.checkpoint import ParamLayout, layouts_of, load_layouts
 from fxsurgery.errors import InputError
 
 __all__ = ["convert_checkpoint", "materialize"]

@@ -10,10 +10,10 @@ import torch.fx as fx
 from torch import nn
 
 from fxsurgery import _runtime
+from fxsurgery.capture import lowest_batch, on_meta, working_copy
 from fxsurgery.errors import InputError, ValidationError
 from fxsurgery.options import Options
 from fxsurgery.report import SurgeryResult
-from fxsurgery.tracing import lowest_batch, on_meta, working_copy
 from fxsurgery.verify.policy import compare_outputs
 from fxsurgery.verify.validation import kept_state, random_inputs, run_no_grad, validate
 

@@ -9,8 +9,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from fxsurgery.capture import export_model, working_copy
 from fxsurgery.errors import InputError, one_line
-from fxsurgery.tracing import export_model, working_copy
 
 __all__ = ["module_of_program", "export_rewritten"]
 

@@ -27,10 +27,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxsurgery import _runtime
+from fxsurgery.capture.layers import is_transposed_linear
+from fxsurgery.capture.modes import TRAINING, mode_reads
+from fxsurgery.capture.trace import guard_mode, keep_unused
 from fxsurgery.errors import InputError, TraceError, one_line
-from fxsurgery.tracing.layers import is_transposed_linear
-from fxsurgery.tracing.modes import TRAINING, mode_reads
-from fxsurgery.tracing.trace import guard_mode, keep_unused
 
 __all__ = ["export_model", "raise_program", "batch_is_dynamic", "inert_hook", "lowest_batch"]
 
@@ -79,7 +79,7 @@ def export_model(model: nn.Module, args: tuple[Any, ...], dynamic_shapes: Any = 
     """``torch.export.export(model, args, strict=False)`` with a dynamic batch (dim 0 of every tensor input,
     ``Dim.AUTO``: kept static where the model fixes it) unless ``dynamic_shapes`` says otherwise. A model that
     cannot run at another batch than the given one of 1 (it holds state of that batch: a static KV cache) is
-    exported at that batch. Keyword inputs reach it as positional ones (:mod:`fxsurgery.tracing.inputs`)."""
+    exported at that batch. Keyword inputs reach it as positional ones (:mod:`fxsurgery.capture.inputs`)."""
     _register_hf_caches()
     if dynamic_shapes is not None:
         return _export(model, args, dynamic_shapes)

@@ -4,7 +4,7 @@ project's own figures are (``benchmarks/results.md`` comes from it).
 Per runtime and batch size: the original (A) and the rewritten model (B) alternate after a warm-up, A B, B A, ...;
 each pair gives B/A; the median and spread are reported, beside the noise floor (the original against a second
 copy of itself, measured the same way: a ratio inside the noise floor is no difference). Sessions and torch run
-with ``threads`` threads and no thread spinning (:mod:`fxsurgery.timing`). onnxruntime times the dynamo export,
+with ``threads`` threads and no thread spinning (:mod:`fxsurgery.runtimes.timing`). onnxruntime times the dynamo export,
 the file ``rewrite`` ships; OpenVINO its CPU plugin in float32.
 """
 
@@ -23,11 +23,11 @@ import torch
 from torch import nn
 
 from fxsurgery.api import _with_keywords, rewrite
+from fxsurgery.capture import refuse_meta
 from fxsurgery.errors import InputError
 from fxsurgery.options import RUNTIMES, Options, resolve
 from fxsurgery.report import format_table
-from fxsurgery.timing import Ratio, interleaved, runner
-from fxsurgery.tracing import refuse_meta
+from fxsurgery.runtimes.timing import Ratio, interleaved, runner
 from fxsurgery.verify.validation import random_inputs
 
 __all__ = ["benchmark", "BenchRow", "BenchReport", "ratio_chart"]

@@ -14,10 +14,10 @@ import torch.fx as fx
 from torch import nn
 
 from fxsurgery import _runtime
+from fxsurgery.capture.layers import is_transposed_linear
+from fxsurgery.capture.modes import GRAD_MODE, TRAINING, mode_reads
 from fxsurgery.errors import InputError, TraceError, one_line
 from fxsurgery.options import LeafSpec
-from fxsurgery.tracing.layers import is_transposed_linear
-from fxsurgery.tracing.modes import GRAD_MODE, TRAINING, mode_reads
 
 __all__ = ["trace", "keep_unused", "guard_mode"]
 

@@ -18,17 +18,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from fxsurgery.checkpoint import merge_layouts, record_module_layouts
-from fxsurgery.engine.nodes import CONV_TYPES
-from fxsurgery.engine.rewriter import Rewriter
-from fxsurgery.engine.rule import RuleSet
-from fxsurgery.errors import SurgeryError, TraceError, ValidationError
-from fxsurgery.options import LeafSpec, Options
-from fxsurgery.reference import CAPTURED_NOTE, batch_one_admitted, check_mode_for_validation, validation_reference
-from fxsurgery.report import Site, SurgeryResult
-from fxsurgery.rules import rule_set
-from fxsurgery.targets import target_notes, target_skips
-from fxsurgery.tracing import (
+from fxsurgery.artifacts.checkpoint import merge_layouts, record_module_layouts
+from fxsurgery.capture import (
     batch_is_dynamic,
     capture_submodule_inputs,
     check_devices,
@@ -44,7 +35,21 @@ from fxsurgery.tracing import (
     unwrap,
     working_copy,
 )
+from fxsurgery.engine.nodes import CONV_TYPES
+from fxsurgery.engine.rewriter import Rewriter
+from fxsurgery.engine.rule import RuleSet
+from fxsurgery.errors import SurgeryError, TraceError, ValidationError
+from fxsurgery.options import LeafSpec, Options
+from fxsurgery.plan.targets import target_notes, target_skips
+from fxsurgery.report import Site, SurgeryResult
+from fxsurgery.rules import rule_set
 from fxsurgery.verify.policy import STRUCTURE
+from fxsurgery.verify.reference import (
+    CAPTURED_NOTE,
+    batch_one_admitted,
+    check_mode_for_validation,
+    validation_reference,
+)
 from fxsurgery.verify.validation import validate
 
 __all__ = ["run_pass"]

@@ -10,10 +10,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from fxsurgery.checkpoint import ARTIFACTS
-from fxsurgery.cli_inputs import UsageError
+from fxsurgery.artifacts.checkpoint import ARTIFACTS
+from fxsurgery.cli.inputs import UsageError
 from fxsurgery.options import RUNTIMES
-from fxsurgery.verify.runners import RUNNERS
+from fxsurgery.runtimes.runners import RUNNERS
 
 __all__ = ["add_bench", "run_bench", "add_report", "run_report", "artifacts_list", "runtimes_list"]
 
@@ -73,7 +73,7 @@ def add_bench(sub: Any, model_arguments: Callable[[argparse.ArgumentParser], Non
 
 
 def run_bench(args: argparse.Namespace, model: Any, inputs: tuple, progress: Any) -> int:
-    from fxsurgery.benchmark import benchmark, ratio_chart
+    from fxsurgery.runtimes.bench import benchmark, ratio_chart
 
     chart = Path(args.chart) if args.chart else None
     if chart is not None and (chart.suffix.lower() not in (".png", ".svg") or not chart.parent.is_dir()):
@@ -96,7 +96,7 @@ def add_report(sub: Any) -> None:
 
 
 def run_report(args: argparse.Namespace) -> int:
-    from fxsurgery.report_html import MalformedReport, write_html
+    from fxsurgery.artifacts.report_html import MalformedReport, write_html
 
     source = Path(args.dir) / "report.json"
     if not source.is_file():

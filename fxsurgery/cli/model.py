@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from fxsurgery.cli_inputs import UsageError
+from fxsurgery.cli.inputs import UsageError
 
 __all__ = ["load_factory", "build_model", "load_weights", "load_program"]
 

@@ -1,4 +1,4 @@
-"""The op census after a deployment target's own conversion (:mod:`fxsurgery.targets`): what onnxruntime runs
+"""The op census after a deployment target's own conversion (:mod:`fxsurgery.plan.targets`): what onnxruntime runs
 after its graph optimizations, the MIL ops coremltools makes, OpenVINO's CPU execution graph, ExecuTorch's XNNPACK
 delegates and the ops left outside them. Each toolchain is optional: without it the census says so."""
 
@@ -13,10 +13,10 @@ from typing import Any
 
 from torch import nn
 
+from fxsurgery.capture.copies import eval_copy
 from fxsurgery.errors import one_line
-from fxsurgery.targets import TARGETS
-from fxsurgery.tracing.copies import eval_copy
-from fxsurgery.verify.runners import openvino_compiled, xnnpack_lowered
+from fxsurgery.plan.targets import TARGETS
+from fxsurgery.runtimes.runners import openvino_compiled, xnnpack_lowered
 
 __all__ = ["census"]
 
@@ -44,7 +44,7 @@ def _onnxruntime(module: nn.Module, inputs: tuple[Any, ...], path: str | None) -
     """The op histogram of the graph onnxruntime runs after its own optimizations (extended level, saved)."""
     import onnxruntime as ort
 
-    from fxsurgery.verify.onnx_export import export_onnx, op_histogram
+    from fxsurgery.artifacts.onnx_export import export_onnx, op_histogram
 
     with tempfile.TemporaryDirectory(prefix="fxsurgery-census-") as tmp:
         if path is None:
@@ -58,7 +58,7 @@ def _onnxruntime(module: nn.Module, inputs: tuple[Any, ...], path: str | None) -
 
 
 def _coreml(module: nn.Module, inputs: tuple[Any, ...], path: str | None) -> dict[str, int]:
-    from fxsurgery.verify.coreml import op_census
+    from fxsurgery.runtimes.coreml import op_census
 
     return op_census(module, inputs)
 

@@ -34,13 +34,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from fxsurgery.capture import capture_submodule_inputs, working_copy
 from fxsurgery.engine import subgraph
 from fxsurgery.errors import InputError, ValidationError
 from fxsurgery.options import Options
+from fxsurgery.pipeline import run_pass
 from fxsurgery.report import Site, SurgeryResult
-from fxsurgery.surgery import run_pass
-from fxsurgery.timing import Ratio, interleaved, runner
-from fxsurgery.tracing import capture_submodule_inputs, working_copy
+from fxsurgery.runtimes.timing import Ratio, interleaved, runner
 from fxsurgery.verify.validation import validate
 
 __all__ = ["auto_rewrite", "MARGIN", "TIMING_EXPORTER"]

@@ -9,8 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from fxsurgery.capture.copies import eval_copy
 from fxsurgery.errors import TraceError
-from fxsurgery.tracing.copies import eval_copy
 
 __all__ = ["capture_submodule_inputs"]
 

@@ -20,11 +20,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from fxsurgery.artifacts.onnx_export import export_onnx
+from fxsurgery.capture.copies import eval_copy
 from fxsurgery.errors import InputError
-from fxsurgery.tracing.copies import eval_copy
-from fxsurgery.verify.onnx_export import export_onnx
-from fxsurgery.verify.ort import session
-from fxsurgery.verify.runners import openvino_compiled
+from fxsurgery.runtimes.ort import session
+from fxsurgery.runtimes.runners import openvino_compiled
 
 __all__ = ["Ratio", "interleaved", "ort_session", "runner"]
 

@@ -18,9 +18,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from fxsurgery.capture.copies import working_copy
+from fxsurgery.engine.weights import shares_storage
 from fxsurgery.errors import InputError, one_line
-from fxsurgery.tracing.copies import working_copy
-from fxsurgery.weights import shares_storage
 
 __all__ = ["ParamLayout", "record_layout", "record_module_layouts", "merge_layouts", "layouts_of", "load_state_dict",
            "original_state_dict", "save_rewritten", "save_layouts", "load_layouts", "ARTIFACTS"]
@@ -188,7 +188,7 @@ def save_rewritten(gm: nn.Module, inputs: tuple[torch.Tensor, ...], out_dir: str
     if "pt2" not in artifacts:
         return saved
     try:
-        from fxsurgery.tracing.export import export_model  # (a dynamic batch, as the ONNX files have)
+        from fxsurgery.capture.export import export_model  # (a dynamic batch, as the ONNX files have)
 
         program = program if program is not None else export_model(working_copy(gm).eval(), inputs)
         torch.export.save(program, str(out / "rewritten.pt2"))

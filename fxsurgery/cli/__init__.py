@@ -20,10 +20,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
 
-from fxsurgery._staging import file_mode, staged_folder
-from fxsurgery.checkpoint import ARTIFACTS
-from fxsurgery.cli_bench import add_bench, add_report, artifacts_list, run_bench, run_report, runtimes_list
-from fxsurgery.cli_inputs import (
+from fxsurgery.artifacts._staging import file_mode, staged_folder
+from fxsurgery.artifacts.checkpoint import ARTIFACTS
+from fxsurgery.artifacts.report_html import write_html
+from fxsurgery.cli.bench import add_bench, add_report, artifacts_list, run_bench, run_report, runtimes_list
+from fxsurgery.cli.inputs import (
     DTYPES,
     UsageError,
     check_input_dims,
@@ -31,10 +32,9 @@ from fxsurgery.cli_inputs import (
     example_inputs,
     parse_input,
 )
-from fxsurgery.cli_model import build_model, load_program, load_weights
+from fxsurgery.cli.model import build_model, load_program, load_weights
 from fxsurgery.options import RUNTIMES
-from fxsurgery.report_html import write_html
-from fxsurgery.targets import TARGETS
+from fxsurgery.plan.targets import TARGETS
 
 __all__ = ["main"]
 
@@ -213,7 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from fxsurgery.convert import convert_checkpoint
+    from fxsurgery.artifacts.convert import convert_checkpoint
 
     summary = convert_checkpoint(args.layouts, args.src, args.dst, to=args.to)
     if args.json:
@@ -324,7 +324,7 @@ def _run_pipeline(model: Any, inputs: tuple, to: str, out_dir: Path, args: argpa
 
 def _write_report(report: Any, out_dir: Path, inputs: list[tuple[str, Any]], progress: _Progress,
                   artifacts: Sequence[str] = ARTIFACTS) -> dict[str, Any]:  # fmt: skip
-    from fxsurgery.checkpoint import save_rewritten
+    from fxsurgery.artifacts.checkpoint import save_rewritten
     from fxsurgery.report import report_file
 
     with progress.step("saving the rewritten model"):

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fxsurgery.weights import linear_to_conv_weight
+from fxsurgery.engine.weights import linear_to_conv_weight
 
 __all__ = ["ChannelsLastBatchNorm2d", "ConvSelfAttention", "conv_viewing_linear"]
 
@@ -29,7 +29,7 @@ def conv_viewing_linear(
     """A Conv2d whose kernel is a view of a Linear's ``weight`` (``(O, C*H*W)`` read as ``(O, C, H, W)`` for the map
     ``feature = (C, H, W)``, flattened in ``order``; 1x1 by default) and whose bias is the Linear's ``bias`` itself.
     The stride equals the kernel: with images side by side on the width axis, one window per image. ``weight_map``
-    is the mapping of the weight (:func:`~fxsurgery.weights.linear_to_conv_weight`)."""
+    is the mapping of the weight (:func:`~fxsurgery.engine.weights.linear_to_conv_weight`)."""
     out_features, in_features = weight.shape
     feature = (in_features, 1, 1) if feature is None else feature
     kernel = (feature[1], feature[2])

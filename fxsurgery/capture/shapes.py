@@ -12,8 +12,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from fxsurgery.capture.copies import tensor_attributes
 from fxsurgery.errors import TraceError, one_line
-from fxsurgery.tracing.copies import tensor_attributes
 
 __all__ = ["propagate_shapes", "shape_of"]
 
