@@ -10,9 +10,21 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["check_spatial_size", "check_mode", "original_shape", "layer_norm_channels", "window_attention_nchw",
-           "shift_mask", "output_builder", "batch_to_width", "maps_side_by_side", "batch_from_width",
-           "attention_channels", "check_exported_size", "OutsideExportedRange"]  # fmt: skip
+__all__ = [
+    "check_spatial_size",
+    "check_mode",
+    "original_shape",
+    "layer_norm_channels",
+    "window_attention_nchw",
+    "shift_mask",
+    "output_builder",
+    "batch_to_width",
+    "maps_side_by_side",
+    "batch_from_width",
+    "attention_channels",
+    "check_exported_size",
+    "OutsideExportedRange",
+]
 
 
 def check_spatial_size(
@@ -33,11 +45,14 @@ def check_spatial_size(
     accepted = not original_rejects or (features is not None and x.shape[1] * math.prod(got) == features)
     reason = "the original model rejects this input size too"
     if accepted:
-        reason = ("the rewrite is exact only at the traced size (the original accepts this one): rewrite again with "
-                  "example inputs of this size")  # fmt: skip
+        reason = (
+            "the rewrite is exact only at the traced size (the original accepts this one): rewrite again with "
+            "example inputs of this size"
+        )
     size = "x".join(str(d) for d in expected)
-    raise RuntimeError(f"fxsurgery: site {site!r} was rewritten for a {size} feature map but got "
-                       f"{'x'.join(map(str, got))}; {reason}")  # fmt: skip
+    raise RuntimeError(
+        f"fxsurgery: site {site!r} was rewritten for a {size} feature map but got {'x'.join(map(str, got))}; {reason}"
+    )
 
 
 class OutsideExportedRange(RuntimeError):
@@ -45,8 +60,9 @@ class OutsideExportedRange(RuntimeError):
     one): the graph computes for those sizes only."""
 
 
-def check_exported_size(x: torch.Tensor, name: str, sizes: tuple[tuple[int, int], ...],
-                        ranges: tuple[tuple[int, int, int | None], ...] = ()) -> None:  # fmt: skip
+def check_exported_size(
+    x: torch.Tensor, name: str, sizes: tuple[tuple[int, int], ...], ranges: tuple[tuple[int, int, int | None], ...] = ()
+) -> None:
     """Raise, naming the input, if ``x`` differs from the exported size on a dim torch.export kept static
     (``(dim, size)`` pairs): the graph computes for that size only (a HuggingFace model exported at sequence length 8
     has ``arange(8)`` in its graph); or lies outside the range of a dynamic dim (``(dim, low, high)``, high None for
@@ -56,7 +72,8 @@ def check_exported_size(x: torch.Tensor, name: str, sizes: tuple[tuple[int, int]
             raise OutsideExportedRange(
                 f"fxsurgery: input {name!r} has shape {tuple(x.shape)}, but this graph was exported with size {size} "
                 f"on dim {dim}, which torch.export kept static (the batch, where the model allows it, stays dynamic): "
-                "call it with that size, or rewrite again with example inputs of the size you will run")  # fmt: skip
+                "call it with that size, or rewrite again with example inputs of the size you will run"
+            )
     for dim, low, high in ranges:
         if x.dim() > dim and not (low <= x.shape[dim] and (high is None or x.shape[dim] <= high)):
             span = f"{low} to {high}" if high is not None else f"{low} or more"
@@ -64,7 +81,8 @@ def check_exported_size(x: torch.Tensor, name: str, sizes: tuple[tuple[int, int]
                 f"fxsurgery: input {name!r} has size {x.shape[dim]} on dim {dim}, but torch.export traced this graph "
                 f"for sizes {span} there, and computes for those only (the model asserts them, or its forward takes "
                 "another path outside them): call the original for that size, or rewrite again with example inputs of "
-                "that size")  # fmt: skip
+                "that size"
+            )
 
 
 def batch_to_width(x: torch.Tensor, channels: int) -> torch.Tensor:
@@ -154,9 +172,15 @@ def layer_norm_channels(
 
 
 def attention_channels(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool, scale: float | None,
-    keys: str = "bhdt", values: str = "bhdt",
-) -> torch.Tensor:  # fmt: skip
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    is_causal: bool,
+    scale: float | None,
+    keys: str = "bhdt",
+    values: str = "bhdt",
+) -> torch.Tensor:
     """``F.scaled_dot_product_attention`` on queries, keys and values carried as ``(B, H, D, S)`` (head_dim before
     the tokens), returning ``(B, H, D, S)``: no transpose of the activations. Keys or values held in SDPA's own
     ``(B, H, T, D)`` (a static KV cache's buffers) are read as they are: ``keys``/``values`` ``"bhtd"``.

@@ -30,8 +30,14 @@ from fxsurgery.verify.cross_check import cross_check
 __all__ = ["linear_to_conv", "conv_to_linear", "rewrite", "check"]
 
 
-def rewrite(model: nn.Module | torch.export.ExportedProgram, example_inputs: Any, direction: str, *,
-            options: Options | None = None, **overrides: Any) -> SurgeryResult:  # fmt: skip
+def rewrite(
+    model: nn.Module | torch.export.ExportedProgram,
+    example_inputs: Any,
+    direction: str,
+    *,
+    options: Options | None = None,
+    **overrides: Any,
+) -> SurgeryResult:
     """Run one direction over ``model``: ``"linear_to_conv"`` / ``"conv"`` (Linear layers on flattened or pooled
     maps, their chains and, with ``token_layout=True``, transformer blocks, as Conv2d) or ``"conv_to_linear"`` /
     ``"linear"`` (pointwise, strided pointwise, full-extent, Conv1d k=1 and ConvTranspose 1x1 convolutions as
@@ -52,13 +58,16 @@ def rewrite(model: nn.Module | torch.export.ExportedProgram, example_inputs: Any
     return run_pass(model, inputs, direction, opts)
 
 
-def _rewrite_program(program: torch.export.ExportedProgram, example_inputs: Any, direction: str,
-                     opts: Options) -> SurgeryResult:  # fmt: skip
+def _rewrite_program(
+    program: torch.export.ExportedProgram, example_inputs: Any, direction: str, opts: Options
+) -> SurgeryResult:
     """An ExportedProgram: its graph through the export front end (``example_inputs=None``: the program's own
     example inputs), and the rewritten model exported again as ``result.program``."""
     if opts.frontend == "fx" or direction == "auto":
-        raise InputError("an ExportedProgram is rewritten through the export front end, in one direction: pass "
-                         "frontend='auto' or 'export' and to='conv' or 'linear'")  # fmt: skip
+        raise InputError(
+            "an ExportedProgram is rewritten through the export front end, in one direction: pass "
+            "frontend='auto' or 'export' and to='conv' or 'linear'"
+        )
     if example_inputs is None:
         example_inputs = _program_inputs(program)
     model = module_of_program(program)
@@ -90,8 +99,9 @@ def _flat_inputs(example_inputs: Any) -> tuple[tuple[torch.Tensor, ...], int, tu
     return normalize_inputs((*given, *keywords.values())), len(given), tuple(keywords)
 
 
-def linear_to_conv(model: nn.Module, example_inputs: Any, *, options: Options | None = None,
-                   **overrides: Any) -> SurgeryResult:  # fmt: skip
+def linear_to_conv(
+    model: nn.Module, example_inputs: Any, *, options: Options | None = None, **overrides: Any
+) -> SurgeryResult:
     """Rewrite Linear layers on flattened or pooled feature maps (and their chains) as Conv2d layers; with
     ``token_layout=True`` also every Linear and self-/window attention of transformer blocks (``flatten->linear``,
     ``pool->linear``, ``chain-linear``, ``channels-last-linear``, ``token-linear``, ``self-attention``,
@@ -99,8 +109,9 @@ def linear_to_conv(model: nn.Module, example_inputs: Any, *, options: Options | 
     return rewrite(model, example_inputs, "linear_to_conv", options=options, **overrides)
 
 
-def conv_to_linear(model: nn.Module, example_inputs: Any, *, options: Options | None = None,
-                   **overrides: Any) -> SurgeryResult:  # fmt: skip
+def conv_to_linear(
+    model: nn.Module, example_inputs: Any, *, options: Options | None = None, **overrides: Any
+) -> SurgeryResult:
     """Rewrite pointwise (1x1, also strided), full-extent, 1-D kernel-1 and 1x1 transposed convolutions as Linear
     layers (``conv1x1``, ``conv1x1-strided``, ``conv-full-extent``, ``conv1d-k1``, ``convtranspose1x1``). Weights
     are views of the original's."""
@@ -142,22 +153,43 @@ def check(
         refuse_meta(module, example_inputs, "check (the ONNX export and the onnxruntime cross-check)")
     model, inputs = _with_keywords(module, example_inputs)
     try:  # a program is rewritten as a program (its own graph, through the export front end)
-        result = (rewrite(program, example_inputs, to, options=options, **overrides) if program is not None
-                  else rewrite(model, inputs, to, options=options, **overrides))  # fmt: skip
+        result = (
+            rewrite(program, example_inputs, to, options=options, **overrides)
+            if program is not None
+            else rewrite(model, inputs, to, options=options, **overrides)
+        )
     except ValidationError as e:
         result = e.result
     onnx_check = None
     if onnx:
         rtol = overrides.get("rtol", options.rtol if options is not None else None)
-        onnx_check = cross_check(model, result.module, inputs, out_dir, exporter=exporter, providers=providers,
-                                 direction=result.direction, rewritten_sites=len(result.rewritten), opset=opset,
-                                 dynamic_batch=dynamic_batch, rtol=rtol, runtimes=runtimes)  # fmt: skip
-    target = resolve(options, overrides).target
+        onnx_check = cross_check(
+            model,
+            result.module,
+            inputs,
+            out_dir,
+            exporter=exporter,
+            providers=providers,
+            direction=result.direction,
+            rewritten_sites=len(result.rewritten),
+            opset=opset,
+            dynamic_batch=dynamic_batch,
+            rtol=rtol,
+            runtimes=runtimes,
+        )
+    return CheckReport(
+        result, onnx_check, _target_census(resolve(options, overrides).target, model, result, inputs, onnx_check)
+    )
+
+
+def _target_census(
+    target: str | None, model: nn.Module, result: SurgeryResult, inputs: tuple[torch.Tensor, ...], onnx_check: Any
+) -> dict[str, Any] | None:
+    """The op census of both models after the target's own conversion (None without a target)."""
     if target is None:
-        return CheckReport(result, onnx_check)
+        return None
     paths = (onnx_check.original_path, onnx_check.rewritten_path) if onnx_check is not None else None
-    return CheckReport(result, onnx_check, {"name": target, "census": census(target, model, result.module, inputs,
-                                                                              paths)})  # fmt: skip
+    return {"name": target, "census": census(target, model, result.module, inputs, paths)}
 
 
 for _f in (rewrite, linear_to_conv, conv_to_linear, check):

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from fxsurgery.report import SurgeryResult
 
-__all__ = ["SurgeryError", "TraceError", "ValidationError", "InputError", "one_line"]
+__all__ = ["SurgeryError", "TraceError", "ValidationError", "InputError", "one_line", "cause_of"]
 
 
 class SurgeryError(Exception):
@@ -48,3 +48,8 @@ def one_line(e: BaseException, limit: int = 300) -> str:
     """``Type: first line of the message``, for one-line error reports."""
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")[:limit]
+
+
+def cause_of(e: BaseException) -> str:
+    """What went wrong, for a note: a TraceError's cause, else the error's text."""
+    return e.cause if isinstance(e, TraceError) else str(e)

@@ -55,8 +55,9 @@ class Options:
         for name in ("leaf_modules", "exclude"):
             value = getattr(self, name)
             if isinstance(value, str):
-                raise InputError(f"{name} must be a sequence of names, got the string {value!r}; write "
-                                 f"{name}=[{value!r}]")  # fmt: skip
+                raise InputError(
+                    f"{name} must be a sequence of names, got the string {value!r}; write {name}=[{value!r}]"
+                )
             object.__setattr__(self, name, tuple(value))
         for leaf in self.leaf_modules:
             if not isinstance(leaf, (str, type)):
@@ -65,8 +66,9 @@ class Options:
             raise InputError(f"frontend must be one of {FRONTENDS}, got {self.frontend!r}")
         check_target(self.target)
         if not self.batch_layout:
-            object.__setattr__(self, "batch_layout", (TARGETS[self.target].batch_layout if self.target else None)
-                               or "spatial")  # fmt: skip
+            object.__setattr__(
+                self, "batch_layout", (TARGETS[self.target].batch_layout if self.target else None) or "spatial"
+            )
         if self.batch_layout not in BATCH_LAYOUTS:
             raise InputError(f"batch_layout must be one of {sorted(BATCH_LAYOUTS)}, got {self.batch_layout!r}")
         if not isinstance(self.token_layout, bool):

@@ -14,8 +14,20 @@ from typing import Any, Literal
 
 from torch import nn
 
-__all__ = ["Site", "SurgeryResult", "Validation", "Comparison", "OnnxCheck", "CheckReport", "format_table",
-           "json_float", "SCHEMA_VERSION", "HISTOGRAM_BINS", "moved", "report_file"]  # fmt: skip
+__all__ = [
+    "Site",
+    "SurgeryResult",
+    "Validation",
+    "Comparison",
+    "OnnxCheck",
+    "CheckReport",
+    "format_table",
+    "json_float",
+    "SCHEMA_VERSION",
+    "HISTOGRAM_BINS",
+    "moved",
+    "report_file",
+]
 
 #: The bins of validation's error histograms, per element: |got - ref| / output scale, by decade (0: equal).
 HISTOGRAM_BINS = ("0", "<1e-16", *(f"1e{e}..1e{e + 1}" for e in range(-16, 0)), ">=1")
@@ -172,8 +184,10 @@ class SurgeryResult:
             lines.append("no candidate layers found")
         lines.extend(f"note: {n}" for n in self.notes)
         if self.timings:
-            rows = [(c["site"], c["direction"], c["chosen"], f"{c['ratio']:.2f}" if "ratio" in c else c.get("why", ""))
-                    for c in self.timings["sites"]]  # fmt: skip
+            rows = [
+                (c["site"], c["direction"], c["chosen"], f"{c['ratio']:.2f}" if "ratio" in c else c.get("why", ""))
+                for c in self.timings["sites"]
+            ]
             if rows:
                 lines.append(format_table(("site", "direction", "kept", "rewritten/original alone"), rows))
         lines.append(self.validation.summary() if self.validation is not None else "validation: not run")
@@ -246,10 +260,16 @@ class OnnxCheck:
         lines.append(format_table(("op", "original", "rewritten"), rows))
         lines.append(f"rewrite visible in the exported graph: {self.rewrite_detail}")
         rows2 = [
-            (c.candidate, c.reference, c.batch, f"{c.max_abs_error:.3g}", f"{c.max_rel_error:.3g}",
-             "ok" if c.passed else "MISMATCH")
+            (
+                c.candidate,
+                c.reference,
+                c.batch,
+                f"{c.max_abs_error:.3g}",
+                f"{c.max_rel_error:.3g}",
+                "ok" if c.passed else "MISMATCH",
+            )
             for c in self.comparisons
-        ]  # fmt: skip
+        ]
         if rows2:
             lines.append(format_table(("candidate", "reference", "batch", "max abs", "max rel", ""), rows2))
         lines += [f"skipped: {s}" for s in self.skipped] + [f"FAILED: {f}" for f in self.failures]
@@ -324,8 +344,9 @@ def _census_summary(target: dict[str, Any]) -> str:
 SCHEMA_VERSION = 1
 
 
-def moved(report: CheckReport, folder: str | None,
-          gone: str = "(removed: pass --out DIR to keep the files)") -> CheckReport:  # fmt: skip
+def moved(
+    report: CheckReport, folder: str | None, gone: str = "(removed: pass --out DIR to keep the files)"
+) -> CheckReport:
     """``report`` with its ONNX paths in ``folder`` (where the CLI's staging folder ends up), or marked ``gone``
     when ``folder`` is None (``fxsurgery demo`` without ``--out``, ``--artifacts`` without ``onnx``)."""
     import dataclasses
@@ -333,16 +354,19 @@ def moved(report: CheckReport, folder: str | None,
 
     if report.onnx is None:
         return report
+
     def where(path: str) -> str:
         return str(Path(folder) / Path(path).name) if folder else gone
 
-    onnx = dataclasses.replace(report.onnx, original_path=where(report.onnx.original_path),
-                               rewritten_path=where(report.onnx.rewritten_path))  # fmt: skip
+    onnx = dataclasses.replace(
+        report.onnx, original_path=where(report.onnx.original_path), rewritten_path=where(report.onnx.rewritten_path)
+    )
     return dataclasses.replace(report, onnx=onnx)
 
 
-def report_file(report: CheckReport, *, saved: dict[str, str], command: str,
-                inputs: list[tuple[str, Any]]) -> dict[str, Any]:  # fmt: skip
+def report_file(
+    report: CheckReport, *, saved: dict[str, str], command: str, inputs: list[tuple[str, Any]]
+) -> dict[str, Any]:
     """What ``report.json`` (and ``--json``) holds: the report, the files saved, the command, the schema version,
     the versions of the tools, and the example inputs ``(name, tensor)`` as names, shapes and dtypes."""
     import importlib.metadata
@@ -355,6 +379,13 @@ def report_file(report: CheckReport, *, saved: dict[str, str], command: str,
             versions[package] = str(loaded) if loaded else importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
             versions[package] = None
-    return {"schema_version": SCHEMA_VERSION, **report.to_dict(), "saved": saved, "command": command,
-            "versions": versions, "inputs": [{"name": name, "shape": list(t.shape), "dtype": str(t.dtype).removeprefix(
-                "torch.")} for name, t in inputs]}  # fmt: skip
+    return {
+        "schema_version": SCHEMA_VERSION,
+        **report.to_dict(),
+        "saved": saved,
+        "command": command,
+        "versions": versions,
+        "inputs": [
+            {"name": name, "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")} for name, t in inputs
+        ],
+    }

@@ -23,8 +23,9 @@ def _umask() -> int:
 
 
 @contextmanager
-def staged_folder(out: str | os.PathLike, what: str = "output directory",
-                  hint: str = "choose another") -> Iterator[Path]:  # fmt: skip
+def staged_folder(
+    out: str | os.PathLike, what: str = "output directory", hint: str = "choose another"
+) -> Iterator[Path]:
     """A temporary folder beside ``out`` that becomes ``out`` only if the block completes; ``out`` must not exist or
     be an empty folder. Errors name ``what`` it is and are :class:`~fxsurgery.InputError` (one line)."""
     target = Path(out)

@@ -22,8 +22,19 @@ from fxsurgery.capture.copies import working_copy
 from fxsurgery.engine.weights import shares_storage
 from fxsurgery.errors import InputError, one_line
 
-__all__ = ["ParamLayout", "record_layout", "record_module_layouts", "merge_layouts", "layouts_of", "load_state_dict",
-           "original_state_dict", "save_rewritten", "save_layouts", "load_layouts", "ARTIFACTS"]
+__all__ = [
+    "ParamLayout",
+    "record_layout",
+    "record_module_layouts",
+    "merge_layouts",
+    "layouts_of",
+    "load_state_dict",
+    "original_state_dict",
+    "save_rewritten",
+    "save_layouts",
+    "load_layouts",
+    "ARTIFACTS",
+]
 
 META_KEY = "fxsurgery_layouts"
 
@@ -116,8 +127,10 @@ def save_layouts(model: Any, path: str | os.PathLike) -> None:
 def load_layouts(path: str | os.PathLike) -> dict[str, ParamLayout]:
     try:
         data = json.loads(Path(path).read_text())
-        return {k: ParamLayout(_tuples(v["original"]), _tuples(v["rewritten"]), int(v["numel"]))
-                for k, v in data["layouts"].items()}  # fmt: skip
+        return {
+            k: ParamLayout(_tuples(v["original"]), _tuples(v["rewritten"]), int(v["numel"]))
+            for k, v in data["layouts"].items()
+        }
     except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
         raise InputError(f"{path} is not a layouts file written by fxsurgery ({type(e).__name__}: {e})") from e
 
@@ -156,8 +169,13 @@ def load_state_dict(rewritten: nn.Module, state_dict: dict[str, torch.Tensor], s
 ARTIFACTS = ("onnx", "pt2", "safetensors", "code")
 
 
-def save_rewritten(gm: nn.Module, inputs: tuple[torch.Tensor, ...], out_dir: str | os.PathLike,
-                   artifacts: Collection[str] = ARTIFACTS, program: Any = None) -> dict[str, str]:  # fmt: skip
+def save_rewritten(
+    gm: nn.Module,
+    inputs: tuple[torch.Tensor, ...],
+    out_dir: str | os.PathLike,
+    artifacts: Collection[str] = ARTIFACTS,
+    program: Any = None,
+) -> dict[str, str]:
     """Save ``gm`` in forms a user can load back, those of ``artifacts``; returns {file: what it is}.
 
     * ``safetensors``: ``rewritten.safetensors``, its state dict (rewritten shapes), ``original_format.safetensors``,

@@ -38,9 +38,20 @@ __all__ = ["convert_checkpoint", "materialize"]
 INDEX = "model.safetensors.index.json"
 _CHUNK = 64 << 20
 _MAX_HEADER = 100 << 20  # the safetensors library refuses headers over 100 MB too
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}  # fmt: skip
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
 
 
 def _module(model: Any) -> nn.Module:
@@ -112,8 +123,10 @@ def materialize(
         elif buf.numel() == 0:
             value = torch.empty(buf.shape, dtype=buf.dtype, device=target)
         else:
-            raise InputError(f"buffer {name} {tuple(buf.shape)} is still on the meta device and not in the given "
-                             "buffers: pass a module or dict that has it")  # fmt: skip
+            raise InputError(
+                f"buffer {name} {tuple(buf.shape)} is still on the meta device and not in the given "
+                "buffers: pass a module or dict that has it"
+            )
         owner, _, leaf = name.rpartition(".")
         holder = module.get_submodule(owner)
         holder.register_buffer(leaf, value, persistent=leaf not in holder._non_persistent_buffers_set)
@@ -122,8 +135,9 @@ def materialize(
     for gm in module.modules():
         if isinstance(gm, fx.GraphModule):
             for node in gm.graph.nodes:
-                node.args, node.kwargs = (map_aggregate(a, lambda v: target if v == meta else v)
-                                          for a in (node.args, node.kwargs))  # fmt: skip
+                node.args, node.kwargs = (
+                    map_aggregate(a, lambda v: target if v == meta else v) for a in (node.args, node.kwargs)
+                )
             gm.recompile()
     return filled
 
@@ -142,8 +156,10 @@ def _sources(src: Path) -> tuple[list[Path], Path | None]:
         shards = [src / name for name in dict.fromkeys(weight_map.values())]
         absent = [p.name for p in shards if not p.is_file()]
         if absent:
-            raise InputError(f"{src / INDEX} names shard(s) that are not in {src}: {', '.join(absent[:3])}"
-                             f"{' ...' if len(absent) > 3 else ''}")  # fmt: skip
+            raise InputError(
+                f"{src / INDEX} names shard(s) that are not in {src}: {', '.join(absent[:3])}"
+                f"{' ...' if len(absent) > 3 else ''}"
+            )
         return shards, src / INDEX
     files = sorted(src.glob("*.safetensors"))
     if not files:
@@ -168,8 +184,10 @@ def _read_header(f: BinaryIO, path: Path) -> tuple[dict[str, Any], int]:
     raw = f.read(8)
     size = int.from_bytes(raw, "little")
     if len(raw) < 8 or size > file_size - 8 or size > _MAX_HEADER:
-        raise InputError(f"{path} is not a safetensors file: its header length ({size if len(raw) == 8 else '?'} "
-                         f"bytes) does not fit in the file ({file_size} bytes); is it cut off?")  # fmt: skip
+        raise InputError(
+            f"{path} is not a safetensors file: its header length ({size if len(raw) == 8 else '?'} "
+            f"bytes) does not fit in the file ({file_size} bytes); is it cut off?"
+        )
     try:
         header = json.loads(f.read(size))
     except (ValueError, UnicodeDecodeError) as e:
@@ -189,17 +207,25 @@ def _check_entry(path: Path, name: str, entry: Any, data: int) -> None:
     where = f"{path.name}: tensor {name}"
     ok = isinstance(entry, dict) and isinstance(entry.get("dtype"), str) and isinstance(entry.get("shape"), list)
     offsets = entry.get("data_offsets") if ok else None
-    if not (ok and isinstance(offsets, list) and len(offsets) == 2 and all(
-            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in [*offsets, *entry["shape"]])):
-        raise InputError(f"{where} has a malformed header entry ({str(entry)[:120]})")  # fmt: skip
+    if not (
+        ok
+        and isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in [*offsets, *entry["shape"]])
+    ):
+        raise InputError(f"{where} has a malformed header entry ({str(entry)[:120]})")
     begin, end = offsets
     if not begin <= end <= data:
-        raise InputError(f"{where}: bytes {begin}..{end} lie past the end of the file's {data} data bytes; the shard "
-                         "is cut off or corrupt (download it again)")  # fmt: skip
+        raise InputError(
+            f"{where}: bytes {begin}..{end} lie past the end of the file's {data} data bytes; the shard "
+            "is cut off or corrupt (download it again)"
+        )
     item = _DTYPES[entry["dtype"]].itemsize if entry["dtype"] in _DTYPES else None
     if item is not None and end - begin != math.prod(entry["shape"]) * item:
-        raise InputError(f"{where}: {end - begin} bytes for shape {tuple(entry['shape'])} of {entry['dtype']} "
-                         f"({math.prod(entry['shape']) * item} expected); the shard is corrupt")  # fmt: skip
+        raise InputError(
+            f"{where}: {end - begin} bytes for shape {tuple(entry['shape'])} of {entry['dtype']} "
+            f"({math.prod(entry['shape']) * item} expected); the shard is corrupt"
+        )
 
 
 def _convert_file(src: Path, dst: Path, layouts: Mapping[str, ParamLayout], forward: bool) -> dict[str, Any]:
@@ -226,8 +252,13 @@ def _convert_file(src: Path, dst: Path, layouts: Mapping[str, ParamLayout], forw
                     _write_tensor(out, _converted(f, begin, end, entry, how[2], forward))
                 else:
                     _copy_bytes(f, out, begin, end)
-    return {"names": {name for name, _, _ in plan}, "tensors": len(plan), "total_bytes": offset,
-            "converted": sum(1 for _, _, how in plan if how), "moved_bytes": moved}  # fmt: skip
+    return {
+        "names": {name for name, _, _ in plan},
+        "tensors": len(plan),
+        "total_bytes": offset,
+        "converted": sum(1 for _, _, how in plan if how),
+        "moved_bytes": moved,
+    }
 
 
 def _how(
@@ -239,8 +270,10 @@ def _how(
     have, want = (layout.original, layout.rewritten) if forward else (layout.rewritten, layout.original)
     if tuple(entry["shape"]) != have[0]:
         fmt = "original" if forward else "rewritten"
-        raise InputError(f"{src.name}: {name} has shape {tuple(entry['shape'])}, the {fmt} model's is {have[0]}; "
-                         f"is this checkpoint in the {fmt} format, and of this model?")  # fmt: skip
+        raise InputError(
+            f"{src.name}: {name} has shape {tuple(entry['shape'])}, the {fmt} model's is {have[0]}; "
+            f"is this checkpoint in the {fmt} format, and of this model?"
+        )
     if entry["dtype"] not in _DTYPES:
         raise InputError(f"{src.name}: {name} has dtype {entry['dtype']}, which fxsurgery cannot convert")
     same = all(_plain(v) for v in (have, want)) and math.prod(have[0]) == math.prod(want[0])
@@ -258,13 +291,16 @@ def _plain(view: tuple[tuple[int, ...], tuple[int, ...], int]) -> bool:
     return offset == 0
 
 
-def _converted(f: BinaryIO, begin: int, end: int, entry: Mapping[str, Any], layout: ParamLayout,
-               forward: bool) -> torch.Tensor:  # fmt: skip
+def _converted(
+    f: BinaryIO, begin: int, end: int, entry: Mapping[str, Any], layout: ParamLayout, forward: bool
+) -> torch.Tensor:
     f.seek(begin)
     raw = bytearray(f.read(end - begin))
     if len(raw) != end - begin:
-        raise InputError(f"{Path(f.name).name}: {end - begin} bytes expected at offset {begin}, {len(raw)} read: the "
-                         "file changed or is cut off")  # fmt: skip
+        raise InputError(
+            f"{Path(f.name).name}: {end - begin} bytes expected at offset {begin}, {len(raw)} read: the "
+            "file changed or is cut off"
+        )
     t = torch.frombuffer(raw, dtype=_DTYPES[entry["dtype"]]).reshape(entry["shape"]) if raw else torch.empty(0)
     return (layout.to_rewritten(t) if forward else layout.to_original(t)).contiguous()
 
@@ -298,8 +334,10 @@ def _copy_bytes(f: BinaryIO, out: BinaryIO, begin: int, end: int) -> None:
         while done < end - begin:
             chunk = f.read(min(end - begin - done, _CHUNK))
             if not chunk:  # the end of the file before the end of the tensor: never loop on nothing
-                raise InputError(f"{Path(f.name).name}: the file ends at byte {begin + done}, inside a tensor that "
-                                 f"ends at byte {end}; it is cut off (download it again)") from None  # fmt: skip
+                raise InputError(
+                    f"{Path(f.name).name}: the file ends at byte {begin + done}, inside a tensor that "
+                    f"ends at byte {end}; it is cut off (download it again)"
+                ) from None
             out.write(chunk)
             done += len(chunk)
     out.seek(start + done)

@@ -17,8 +17,15 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["EXPORTERS", "export_onnx", "torchlib_registry_once", "op_histogram", "batch_is_dynamic", "io_names",
-           "rename_outputs"]
+__all__ = [
+    "EXPORTERS",
+    "export_onnx",
+    "torchlib_registry_once",
+    "op_histogram",
+    "batch_is_dynamic",
+    "io_names",
+    "rename_outputs",
+]
 
 EXPORTERS = ("dynamo", "torchscript")
 # Beyond this many parameter bytes a single protobuf (2 GiB limit) cannot hold the model: write external data.
@@ -56,8 +63,9 @@ def export_onnx(
         if exporter == "dynamo":
             dyn = tuple({0: torch.export.Dim("batch")} if t.dim() else None for t in inputs) if dynamic_batch else None
             with torchlib_registry_once():
-                torch.onnx.export(module, inputs, str(path), dynamo=True, dynamic_shapes=dyn, external_data=big,
-                                  **kwargs)  # fmt: skip
+                torch.onnx.export(
+                    module, inputs, str(path), dynamo=True, dynamic_shapes=dyn, external_data=big, **kwargs
+                )
         else:
             axes = {n: {0: "batch"} for n, t in zip(names, inputs) if t.dim()} if dynamic_batch else None
             _export_torchscript(module, inputs, path, axes, kwargs)
@@ -103,8 +111,9 @@ def torchlib_registry_once() -> Iterator[None]:
         setattr(cls, "from_torchlib", build)  # noqa: B010
 
 
-def _export_torchscript(module: nn.Module, inputs: tuple[torch.Tensor, ...], path: Path, axes: Any,
-                        kwargs: dict[str, Any]) -> None:  # fmt: skip
+def _export_torchscript(
+    module: nn.Module, inputs: tuple[torch.Tensor, ...], path: Path, axes: Any, kwargs: dict[str, Any]
+) -> None:
     """Past 2 GiB the TorchScript exporter writes one file per initializer beside the model, named like
     "onnx::Conv_497": two models exported into one folder would overwrite each other's weights. Export alone, then
     keep one data file per model."""
@@ -117,8 +126,13 @@ def _export_torchscript(module: nn.Module, inputs: tuple[torch.Tensor, ...], pat
         else:
             import onnx
 
-            onnx.save_model(onnx.load(str(staged)), str(path), save_as_external_data=True,
-                            all_tensors_to_one_file=True, location=f"{path.name}.data")  # fmt: skip
+            onnx.save_model(
+                onnx.load(str(staged)),
+                str(path),
+                save_as_external_data=True,
+                all_tensors_to_one_file=True,
+                location=f"{path.name}.data",
+            )
 
 
 def io_names(path: str | os.PathLike) -> tuple[list[str], list[str]]:
@@ -141,8 +155,9 @@ def rename_outputs(path: str | os.PathLike, names: list[str]) -> None:
     old = [o.name for o in graph.output]
     if old == names or len(old) != len(names):
         return
-    subgraphs = any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-                    for node in graph.node for a in node.attribute)  # fmt: skip
+    subgraphs = any(
+        a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for node in graph.node for a in node.attribute
+    )
     if subgraphs or set(names) & {i.name for i in graph.input}:
         return  # (subgraphs read outer values by name; an output named like an input): left as exported
     mapping = dict(zip(old, names))

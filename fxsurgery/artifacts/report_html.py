@@ -66,11 +66,20 @@ def _e(value: Any) -> str:
 
 def _render(data: dict[str, Any]) -> str:
     verdict = '<span class="pass">PASSED</span>' if data.get("passed") else '<span class="fail">FAILED</span>'
-    parts = [f"<h1>fxsurgery report: {_e(data.get('direction', ''))} {verdict}</h1>", _header(data),
-             _sites(data.get("sites", [])), _validation(data.get("validation")), _onnx(data.get("onnx")),
-             _target(data.get("target")), _timings(data.get("timings")), _notes(data.get("notes", []))]  # fmt: skip
-    return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>fxsurgery report</title>"
-            f"<style>{_CSS}</style></head><body>{''.join(parts)}<script>{_RENDER_CHECK}</script></body></html>")
+    parts = [
+        f"<h1>fxsurgery report: {_e(data.get('direction', ''))} {verdict}</h1>",
+        _header(data),
+        _sites(data.get("sites", [])),
+        _validation(data.get("validation")),
+        _onnx(data.get("onnx")),
+        _target(data.get("target")),
+        _timings(data.get("timings")),
+        _notes(data.get("notes", [])),
+    ]
+    return (
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>fxsurgery report</title>'
+        f"<style>{_CSS}</style></head><body>{''.join(parts)}<script>{_RENDER_CHECK}</script></body></html>"
+    )
 
 
 class _Html(str):
@@ -89,29 +98,44 @@ def _table(header: tuple[str, ...], rows: list[tuple[Any, ...]], changed: list[b
 def _header(data: dict[str, Any]) -> str:
     inputs = ", ".join(f"{i['name']} {'x'.join(map(str, i['shape']))} {i['dtype']}" for i in data.get("inputs", []))
     versions = ", ".join(f"{k} {v}" for k, v in (data.get("versions") or {}).items() if v)
-    rows = [("command", _Html(f"<code>{_e(data.get('command', ''))}</code>")), ("front end", data.get("frontend", "")),
-            ("inputs", inputs), ("versions", versions), ("files", ", ".join(map(str, data.get("saved") or {})))]
+    rows = [
+        ("command", _Html(f"<code>{_e(data.get('command', ''))}</code>")),
+        ("front end", data.get("frontend", "")),
+        ("inputs", inputs),
+        ("versions", versions),
+        ("files", ", ".join(map(str, data.get("saved") or {}))),
+    ]
     return _table(("", ""), rows)
 
 
 def _sites(sites: list[dict[str, Any]]) -> str:
     rows = []
     for s in sites:
-        status = ('<span class="pass">rewritten</span>' if s["status"] == "rewritten"
-                  else f'<span class="skip">skipped: {_e(s.get("reason", ""))}</span>')  # fmt: skip
+        status = (
+            '<span class="pass">rewritten</span>'
+            if s["status"] == "rewritten"
+            else f'<span class="skip">skipped: {_e(s.get("reason", ""))}</span>'
+        )
         rows.append((_Html(f"<code>{_e(s['name'])}</code>"), s["pattern"], _Html(status), _Html(_drawing(s))))
     n = sum(s["status"] == "rewritten" for s in sites)
-    return (f"<h2>Sites ({n} rewritten of {len(sites)})</h2>" + _LEGEND +
-            _table(("site", "pattern", "outcome", "before / after"), rows))  # fmt: skip
+    return (
+        f"<h2>Sites ({n} rewritten of {len(sites)})</h2>"
+        + _LEGEND
+        + _table(("site", "pattern", "outcome", "before / after"), rows)
+    )
 
 
 _FILL = {"removed": "#fce8e6", "new": "#e6f4ea", "kept": "#f1f3f4"}
-_MARKER = ('<defs><marker id="arrow" markerWidth="8" markerHeight="8" refX="6" refY="3" orient="auto">'
-           '<path d="M0,0 L6,3 L0,6 z" fill="#555"/></marker></defs>')  # fmt: skip
-_LEGEND = ('<p>Drawings: the site (blue frame) and its neighbourhood in the graph, before the pass and after it; '
-           f'<span style="background:{_FILL["removed"]}">removed by the pass</span>, '
-           f'<span style="background:{_FILL["new"]}">added by the pass</span>, '
-           f'<span style="background:{_FILL["kept"]}">unchanged</span>; parameters are not drawn.</p>')
+_MARKER = (
+    '<defs><marker id="arrow" markerWidth="8" markerHeight="8" refX="6" refY="3" orient="auto">'
+    '<path d="M0,0 L6,3 L0,6 z" fill="#555"/></marker></defs>'
+)
+_LEGEND = (
+    "<p>Drawings: the site (blue frame) and its neighbourhood in the graph, before the pass and after it; "
+    f'<span style="background:{_FILL["removed"]}">removed by the pass</span>, '
+    f'<span style="background:{_FILL["new"]}">added by the pass</span>, '
+    f'<span style="background:{_FILL["kept"]}">unchanged</span>; parameters are not drawn.</p>'
+)
 
 
 def _drawing(site: dict[str, Any]) -> str:
@@ -124,13 +148,16 @@ def _drawing(site: dict[str, Any]) -> str:
         after = _panel(pictures["after"], "after", before[0] + 36)
     else:  # a skipped site, or a rewritten one whose counterpart the cleanup removed
         text = "left as it is" if site["status"] != "rewritten" else "rewritten (not drawn)"
-        after = _panel({"nodes": [{"id": "-", "label": text, "role": "kept", "site": False}], "edges": []}, "after",
-                       before[0] + 36)  # fmt: skip
+        after = _panel(
+            {"nodes": [{"id": "-", "label": text, "role": "kept", "site": False}], "edges": []}, "after", before[0] + 36
+        )
     width, height = after[0], max(before[1], after[1])
-    return (f'<svg class="site-drawing" data-site="{_e(site["name"])}" width="{width:.0f}" height="{height:.0f}" '
-            f'xmlns="http://www.w3.org/2000/svg">{_MARKER}{before[2]}{after[2]}</svg>'
-            f'<div class="skip">{_e(site.get("before") or "")}{" &rarr; " if site.get("after") else ""}'
-            f'{_e(site.get("after") or "")}</div>')  # fmt: skip
+    return (
+        f'<svg class="site-drawing" data-site="{_e(site["name"])}" width="{width:.0f}" height="{height:.0f}" '
+        f'xmlns="http://www.w3.org/2000/svg">{_MARKER}{before[2]}{after[2]}</svg>'
+        f'<div class="skip">{_e(site.get("before") or "")}{" &rarr; " if site.get("after") else ""}'
+        f"{_e(site.get('after') or '')}</div>"
+    )
 
 
 def _layers(picture: dict[str, Any]) -> list[list[dict[str, Any]]]:
@@ -155,17 +182,22 @@ def _panel(picture: dict[str, Any], title: str, x0: float) -> tuple[float, float
             text = [n["label"]] + ([n["shape"]] if n.get("shape") else [])
             w, h = max(len(t) for t in text) * _CHAR + 12, 8 + 14 * len(text)
             frame = 'stroke="#1a73e8" stroke-width="2"' if n.get("site") else 'stroke="#888"'
-            items.append(f'<rect x="{x:.0f}" y="{y}" width="{w:.0f}" height="{h}" rx="4" fill="{_FILL[n["role"]]}" '
-                         f'{frame}><title>{_e(n["id"])}</title></rect>')  # fmt: skip
-            items += [f'<text x="{x + 6:.0f}" y="{y + 15 + 14 * k}" fill="{"#666" if k else "#222"}">{_e(t)}</text>'
-                      for k, t in enumerate(text)]  # fmt: skip
+            items.append(
+                f'<rect x="{x:.0f}" y="{y}" width="{w:.0f}" height="{h}" rx="4" fill="{_FILL[n["role"]]}" '
+                f"{frame}><title>{_e(n['id'])}</title></rect>"
+            )
+            items += [
+                f'<text x="{x + 6:.0f}" y="{y + 15 + 14 * k}" fill="{"#666" if k else "#222"}">{_e(t)}</text>'
+                for k, t in enumerate(text)
+            ]
             centre[n["id"]] = (x + w / 2, y, y + h)
             x, tallest = x + w + 14, max(tallest, h)
         right, y = max(right, x), y + tallest + 22
     for a, b in picture["edges"]:
         (xa, _, ya), (xb, yb, _) = centre[a], centre[b]
-        items.append(f'<path d="M{xa:.0f} {ya} L{xb:.0f} {yb - 2}" stroke="#555" fill="none" '
-                     'marker-end="url(#arrow)"/>')  # fmt: skip
+        items.append(
+            f'<path d="M{xa:.0f} {ya} L{xb:.0f} {yb - 2}" stroke="#555" fill="none" marker-end="url(#arrow)"/>'
+        )
     return right, y, "".join(items)
 
 
@@ -185,26 +217,33 @@ def _described(site: dict[str, Any]) -> str:
         items.append(f'<text x="2" y="{y + 15}">{label}</text>')
         for k, text in enumerate(boxes):
             w = len(text) * _CHAR + 12
-            fill = "#e8f0fe" if k == 0 else "#e6f4ea" if label == "after" and site["status"] == "rewritten" \
-                else "#f1f3f4"  # fmt: skip
-            items.append(f'<rect x="{x:.0f}" y="{y}" width="{w:.0f}" height="22" rx="4" fill="{fill}" '
-                         f'stroke="#888"/><text x="{x + 6:.0f}" y="{y + 15}">{_e(text)}</text>')  # fmt: skip
+            fill = (
+                "#e8f0fe" if k == 0 else "#e6f4ea" if label == "after" and site["status"] == "rewritten" else "#f1f3f4"
+            )
+            items.append(
+                f'<rect x="{x:.0f}" y="{y}" width="{w:.0f}" height="22" rx="4" fill="{fill}" '
+                f'stroke="#888"/><text x="{x + 6:.0f}" y="{y + 15}">{_e(text)}</text>'
+            )
             if k + 1 < len(boxes):
                 items.append(f'<path d="M{x + w:.0f} {y + 11} h22" stroke="#555" marker-end="url(#arrow)"/>')
             x += w + 28
     size = f'width="{width}" height="{12 + 34 * len(lanes)}"'
-    return (f'<svg class="site-drawing" data-site="{_e(site["name"])}" {size} xmlns="http://www.w3.org/2000/svg">'
-            f'{_MARKER}{"".join(items)}</svg>')  # fmt: skip
+    return (
+        f'<svg class="site-drawing" data-site="{_e(site["name"])}" {size} xmlns="http://www.w3.org/2000/svg">'
+        f"{_MARKER}{''.join(items)}</svg>"
+    )
 
 
 def _validation(v: dict[str, Any] | None) -> str:
     if not v:
         return "<h2>Validation</h2><p>not run</p>"
     verdict = '<span class="pass">passed</span>' if v["passed"] else '<span class="fail">failed</span>'
-    text = (f"<h2>Validation: {verdict}</h2><p>{_e(v['num_inputs'])} inputs, batch sizes "
-            f"{_e(', '.join(map(str, v['batch_sizes'])))}, {_e(v['precision'])}; max error relative to the output "
-            f"scale {_num(v['max_rel_error'])} (tolerance {_num(v['rtol'])}); worst: {_e(v.get('worst', ''))}"
-            f"{'; ' + _e(v['failure']) if v.get('failure') else ''}</p>")  # fmt: skip
+    text = (
+        f"<h2>Validation: {verdict}</h2><p>{_e(v['num_inputs'])} inputs, batch sizes "
+        f"{_e(', '.join(map(str, v['batch_sizes'])))}, {_e(v['precision'])}; max error relative to the output "
+        f"scale {_num(v['max_rel_error'])} (tolerance {_num(v['rtol'])}); worst: {_e(v.get('worst', ''))}"
+        f"{'; ' + _e(v['failure']) if v.get('failure') else ''}</p>"
+    )
     hist = v.get("error_histograms") or {}
     for name, counts in (hist.get("outputs") or {}).items():
         text += f"<p>{_e(name)}: elements by |rewritten - original| / output scale</p>"
@@ -219,17 +258,21 @@ def _histogram(bins: list[str], counts: list[int], rtol: float) -> str:
     for i, (b, c) in enumerate(zip(bins, counts)):
         h = 90 * math.log10(c + 1) / top
         x = 10 + i * 52
-        bars.append(f'<rect x="{x}" y="{100 - h:.1f}" width="40" height="{h:.1f}" fill="#5b8def"/>'
-                    f'<text x="{x}" y="{96 - h:.1f}">{_e(c)}</text>'
-                    f'<text x="{x + 30}" y="112" transform="rotate(-40 {x + 30} 112)" text-anchor="end">'
-                    f'{_e(b)}</text>')  # fmt: skip
+        bars.append(
+            f'<rect x="{x}" y="{100 - h:.1f}" width="40" height="{h:.1f}" fill="#5b8def"/>'
+            f'<text x="{x}" y="{96 - h:.1f}">{_e(c)}</text>'
+            f'<text x="{x + 30}" y="112" transform="rotate(-40 {x + 30} 112)" text-anchor="end">'
+            f"{_e(b)}</text>"
+        )
     if rtol > 0:
         decade = math.floor(math.log10(rtol))
         label = f"1e{decade}..1e{decade + 1}"
         if label in bins:
             x = 10 + bins.index(label) * 52 + 20
-            bars.append(f'<path d="M{x} 4 V102" stroke="#b3261e" stroke-dasharray="3"/>'
-                        f'<text x="{x + 3}" y="12" fill="#b3261e">tolerance</text>')  # fmt: skip
+            bars.append(
+                f'<path d="M{x} 4 V102" stroke="#b3261e" stroke-dasharray="3"/>'
+                f'<text x="{x + 3}" y="12" fill="#b3261e">tolerance</text>'
+            )
     return f'<svg class="histogram" width="{20 + 52 * len(bins)}" height="170">{"".join(bars)}</svg>'
 
 
@@ -243,15 +286,26 @@ def _onnx(o: dict[str, Any] | None) -> str:
     if not o:
         return "<h2>ONNX cross-check</h2><p>not run</p>"
     verdict = '<span class="pass">passed</span>' if o["passed"] else '<span class="fail">failed</span>'
-    rows = [(c["candidate"], c["reference"], c["batch"], _num(c["max_abs_error"]), _num(c["max_rel_error"]),
-             "ok" if c["passed"] else _Html(f'<span class="fail">{_e(c["failure"])}</span>'))
-            for c in o.get("comparisons", [])]  # fmt: skip
+    rows = [
+        (
+            c["candidate"],
+            c["reference"],
+            c["batch"],
+            _num(c["max_abs_error"]),
+            _num(c["max_rel_error"]),
+            "ok" if c["passed"] else _Html(f'<span class="fail">{_e(c["failure"])}</span>'),
+        )
+        for c in o.get("comparisons", [])
+    ]
     extra = "".join(f"<p>skipped: {_e(s)}</p>" for s in o.get("skipped", []))
-    return (f"<h2>ONNX cross-check ({_e(o['exporter'])} exporter): {verdict}</h2>"
-            f"<p>{_e(o.get('rewrite_detail', ''))}</p><h3>Op census</h3>"
-            + _census_table(o["op_counts"]["original"], o["op_counts"]["rewritten"])
-            + "<h3>Runtime comparisons</h3>"
-            + _table(("candidate", "reference", "batch", "max abs", "max rel", "result"), rows) + extra)  # fmt: skip
+    return (
+        f"<h2>ONNX cross-check ({_e(o['exporter'])} exporter): {verdict}</h2>"
+        f"<p>{_e(o.get('rewrite_detail', ''))}</p><h3>Op census</h3>"
+        + _census_table(o["op_counts"]["original"], o["op_counts"]["rewritten"])
+        + "<h3>Runtime comparisons</h3>"
+        + _table(("candidate", "reference", "batch", "max abs", "max rel", "result"), rows)
+        + extra
+    )
 
 
 def _target(t: dict[str, Any] | None) -> str:
@@ -268,20 +322,29 @@ def _timings(t: dict[str, Any] | None) -> str:
     if not t:
         return ""
     whole = t.get("whole_model", {})
-    rows = [(c["site"], c.get("direction", ""), c["chosen"], _num(c["ratio"]) if "ratio" in c else c.get("why", ""))
-            for c in t.get("sites", [])]  # fmt: skip
+    rows = [
+        (c["site"], c.get("direction", ""), c["chosen"], _num(c["ratio"]) if "ratio" in c else c.get("why", ""))
+        for c in t.get("sites", [])
+    ]
     bars = []
     top = max([1.2, *(v.get("high", v["ratio"]) for v in whole.values())])
     for i, (label, v) in enumerate(whole.items()):
         y, w = 10 + i * 26, 300 * v["ratio"] / top
-        bars.append(f'<text x="4" y="{y + 13}">{_e(label)}</text><rect x="90" y="{y}" width="{w:.0f}" '
-                    f'height="18" fill="#5b8def"/><text x="{96 + w:.0f}" y="{y + 13}">{v["ratio"]:.2f}</text>')
+        bars.append(
+            f'<text x="4" y="{y + 13}">{_e(label)}</text><rect x="90" y="{y}" width="{w:.0f}" '
+            f'height="18" fill="#5b8def"/><text x="{96 + w:.0f}" y="{y + 13}">{v["ratio"]:.2f}</text>'
+        )
     one = 90 + 300 / top
-    chart = (f'<svg class="ratio-chart" width="460" height="{20 + 26 * len(whole)}">{"".join(bars)}'
-             f'<path d="M{one:.0f} 4 V{14 + 26 * len(whole)}" stroke="#b3261e"/></svg>')  # fmt: skip
-    return (f"<h2>to=\"auto\" on {_e(t.get('runtime'))}: chose {_e(t.get('chosen'))}</h2>"
-            "<p>whole model, candidate / original (red: 1.0; below is faster)</p>" + chart +
-            _table(("site", "direction", "chosen", "ratio"), rows))  # fmt: skip
+    chart = (
+        f'<svg class="ratio-chart" width="460" height="{20 + 26 * len(whole)}">{"".join(bars)}'
+        f'<path d="M{one:.0f} 4 V{14 + 26 * len(whole)}" stroke="#b3261e"/></svg>'
+    )
+    return (
+        f'<h2>to="auto" on {_e(t.get("runtime"))}: chose {_e(t.get("chosen"))}</h2>'
+        "<p>whole model, candidate / original (red: 1.0; below is faster)</p>"
+        + chart
+        + _table(("site", "direction", "chosen", "ratio"), rows)
+    )
 
 
 def _notes(notes: list[str]) -> str:

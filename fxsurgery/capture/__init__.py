@@ -15,8 +15,9 @@
 
 from __future__ import annotations
 
-from fxsurgery.capture.copies import eval_copy, working_copy
-from fxsurgery.capture.export import batch_is_dynamic, export_model, inert_hook, lowest_batch, raise_program
+from fxsurgery.capture.copies import HOOK_DICTS, eval_copy, hooked_containers, keep_attributes, working_copy
+from fxsurgery.capture.export import export_model, inert_hook, raise_program
+from fxsurgery.capture.guards import batch_is_dynamic, lowest_batch
 from fxsurgery.capture.inputs import (
     check_devices,
     check_names,
@@ -32,7 +33,28 @@ from fxsurgery.capture.shapes import propagate_shapes, shape_of
 from fxsurgery.capture.submodules import capture_submodule_inputs
 from fxsurgery.capture.trace import trace
 
-__all__ = ["capture_submodule_inputs", "keyword_call", "split_keywords", "eval_copy", "working_copy",
-           "normalize_inputs", "prepare_model", "unwrap", "check_devices", "check_names", "propagate_shapes",
-           "shape_of", "trace", "on_meta", "refuse_meta", "export_model", "raise_program", "batch_is_dynamic",
-           "inert_hook", "lowest_batch"]  # fmt: skip
+__all__ = [
+    "capture_submodule_inputs",
+    "keyword_call",
+    "split_keywords",
+    "eval_copy",
+    "working_copy",
+    "keep_attributes",
+    "hooked_containers",
+    "HOOK_DICTS",
+    "normalize_inputs",
+    "prepare_model",
+    "unwrap",
+    "check_devices",
+    "check_names",
+    "propagate_shapes",
+    "shape_of",
+    "trace",
+    "on_meta",
+    "refuse_meta",
+    "export_model",
+    "raise_program",
+    "batch_is_dynamic",
+    "inert_hook",
+    "lowest_batch",
+]

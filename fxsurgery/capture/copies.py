@@ -1,4 +1,5 @@
-"""Copies of the user's model: structure copied, parameters viewing the original storage, buffers cloned."""
+"""Copies of the user's model: structure copied, parameters viewing the original storage, buffers cloned; and what a
+rewritten submodule keeps of the one it replaces (hooks, plain attributes)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from torch import nn
 from fxsurgery.errors import InputError, one_line
 from fxsurgery.options import Precision
 
-__all__ = ["working_copy", "eval_copy", "tensor_attributes"]
+__all__ = ["working_copy", "eval_copy", "tensor_attributes", "keep_attributes", "hooked_containers", "HOOK_DICTS"]
 
 
 def tensor_attributes(module: nn.Module) -> list[tuple[nn.Module, str, torch.Tensor]]:
@@ -40,8 +41,6 @@ def working_copy(module: nn.Module, clone_params: bool = False) -> Any:
         raise InputError(f"cannot copy the model ({one_line(e)}); fxsurgery never modifies the model in place") from e
 
 
-
-
 def eval_copy(model: nn.Module, precision: Precision = "native") -> nn.Module:
     """A copy of ``model`` to run: eval mode, parameters and buffers its own (a forward that writes to its weights,
     such as ``nn.Embedding(max_norm=...)``, cannot reach the user's), converted to float64 (complex128) for proofs."""
@@ -55,3 +54,35 @@ def _to_float64(t: torch.Tensor) -> torch.Tensor:
     if t.is_complex():
         return t.to(torch.complex128)
     return t.to(torch.float64) if t.is_floating_point() else t
+
+
+def hooked_containers(model: nn.Module) -> list[str]:
+    """The outermost submodules with forward hooks that hold layers of their own."""
+    out: list[str] = []
+    for name, m in model.named_modules():
+        hooked = m._forward_hooks or m._forward_pre_hooks
+        if name and hooked and list(m.children()) and not any(name.startswith(f"{o}.") for o in out):
+            out.append(name)
+    return out
+
+
+HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+)
+
+
+def keep_attributes(new: nn.Module, old: nn.Module) -> None:
+    """The replacement of a child keeps its hooks (they run on its calls as before) and its plain attributes (a
+    conv's ``stride``, read by its parent's code)."""
+    for key, value in vars(old).items():
+        if not key.startswith("_") and key not in vars(new) and not isinstance(value, (nn.Module, torch.Tensor)):
+            setattr(new, key, value)
+    for key in HOOK_DICTS:
+        if getattr(old, key, None):
+            setattr(new, key, type(getattr(old, key))(getattr(old, key)))

@@ -16,7 +16,6 @@ import contextlib
 import copy
 import io
 import logging
-import math
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, cast
@@ -26,38 +25,65 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from fxsurgery import _runtime
+from fxsurgery.capture.guards import guard_sizes
 from fxsurgery.capture.layers import is_transposed_linear
 from fxsurgery.capture.modes import TRAINING, mode_reads
 from fxsurgery.capture.trace import guard_mode, keep_unused
 from fxsurgery.errors import InputError, TraceError, one_line
 
-__all__ = ["export_model", "raise_program", "batch_is_dynamic", "inert_hook", "lowest_batch"]
+__all__ = ["export_model", "raise_program", "inert_hook"]
 
 aten = torch.ops.aten
 
 # ATen ops whose torch-level twin takes the same arguments.
 _FUNCTIONS: dict[Any, Callable[..., Any]] = {
-    aten.relu.default: torch.relu, aten.gelu.default: F.gelu, aten.silu.default: F.silu,
-    aten.hardswish.default: F.hardswish, aten.hardsigmoid.default: F.hardsigmoid, aten.sigmoid.default: torch.sigmoid,
-    aten.tanh.default: torch.tanh, aten.hardtanh.default: F.hardtanh, aten.dropout.default: torch.dropout,
-    aten.exp.default: torch.exp, aten.sqrt.default: torch.sqrt, aten.rsqrt.default: torch.rsqrt,
-    aten.neg.default: torch.neg, aten.abs.default: torch.abs, aten.erf.default: torch.erf,
-    aten.add.Tensor: torch.add, aten.sub.Tensor: torch.sub, aten.mul.Tensor: torch.mul, aten.div.Tensor: torch.div,
-    aten.flatten.using_ints: torch.flatten, aten.mean.dim: torch.mean, aten.permute.default: torch.permute,
-    aten.adaptive_avg_pool2d.default: F.adaptive_avg_pool2d, aten.linear.default: F.linear,
-    aten.softmax.int: torch.softmax, aten.matmul.default: torch.matmul,
+    aten.relu.default: torch.relu,
+    aten.gelu.default: F.gelu,
+    aten.silu.default: F.silu,
+    aten.hardswish.default: F.hardswish,
+    aten.hardsigmoid.default: F.hardsigmoid,
+    aten.sigmoid.default: torch.sigmoid,
+    aten.tanh.default: torch.tanh,
+    aten.hardtanh.default: F.hardtanh,
+    aten.dropout.default: torch.dropout,
+    aten.exp.default: torch.exp,
+    aten.sqrt.default: torch.sqrt,
+    aten.rsqrt.default: torch.rsqrt,
+    aten.neg.default: torch.neg,
+    aten.abs.default: torch.abs,
+    aten.erf.default: torch.erf,
+    aten.add.Tensor: torch.add,
+    aten.sub.Tensor: torch.sub,
+    aten.mul.Tensor: torch.mul,
+    aten.div.Tensor: torch.div,
+    aten.flatten.using_ints: torch.flatten,
+    aten.mean.dim: torch.mean,
+    aten.permute.default: torch.permute,
+    aten.adaptive_avg_pool2d.default: F.adaptive_avg_pool2d,
+    aten.linear.default: F.linear,
+    aten.softmax.int: torch.softmax,
+    aten.matmul.default: torch.matmul,
     aten.scaled_dot_product_attention.default: F.scaled_dot_product_attention,
     # in place (``nn.ReLU(inplace=True)``, ``nn.Dropout(inplace=True)``, ``ReLU6``, ``x += y``): the engine's in-place
     # checks apply to them as to their fx twins
-    aten.relu_.default: torch.relu_, aten.dropout_.default: torch.dropout_, aten.silu_.default: torch._C._nn.silu_,
-    aten.hardswish_.default: torch._C._nn.hardswish_, aten.hardtanh_.default: F.hardtanh_,
-}  # fmt: skip
+    aten.relu_.default: torch.relu_,
+    aten.dropout_.default: torch.dropout_,
+    aten.silu_.default: torch._C._nn.silu_,
+    aten.hardswish_.default: torch._C._nn.hardswish_,
+    aten.hardtanh_.default: F.hardtanh_,
+}
 _METHODS: dict[Any, str] = {
-    aten.view.default: "view", aten.reshape.default: "reshape", aten.transpose.int: "transpose", aten.t.default: "t",
-    aten.unsqueeze.default: "unsqueeze", aten.squeeze.dim: "squeeze", aten.expand.default: "expand",
-    aten.contiguous.default: "contiguous", aten.add_.Tensor: "add_", aten.mul_.Tensor: "mul_",
-}  # fmt: skip
+    aten.view.default: "view",
+    aten.reshape.default: "reshape",
+    aten.transpose.int: "transpose",
+    aten.t.default: "t",
+    aten.unsqueeze.default: "unsqueeze",
+    aten.squeeze.dim: "squeeze",
+    aten.expand.default: "expand",
+    aten.contiguous.default: "contiguous",
+    aten.add_.Tensor: "add_",
+    aten.mul_.Tensor: "mul_",
+}
 
 
 #: Checks the export adds of the traced dtypes and layouts, which a float64 proof would trip.
@@ -137,20 +163,6 @@ def inert_hook(hook: Any) -> bool:
     return getattr(hook, "__module__", "") == "transformers.utils.output_capturing"
 
 
-def _first_batch(ep: torch.export.ExportedProgram) -> Any:
-    """Dim 0 of the program's first user input (an int, or a SymInt where it is dynamic); None where it has none."""
-    for node in ep.graph.nodes:
-        if node.op == "placeholder" and node.name in ep.graph_signature.user_inputs:
-            val = node.meta.get("val")
-            return val.shape[0] if isinstance(val, torch.Tensor) and val.dim() > 0 else None
-    return None
-
-
-def batch_is_dynamic(ep: torch.export.ExportedProgram) -> bool:
-    """Whether the program's first user input has a symbolic batch."""
-    return isinstance(_first_batch(ep), torch.SymInt)
-
-
 def _owner(node: Any, modules: Mapping[str, nn.Module]) -> tuple[str, str] | None:
     """``(module path, attribute)`` of a ``get_attr`` node reading a module's parameter or buffer."""
     if not (isinstance(node, fx.Node) and node.op == "get_attr"):
@@ -205,8 +217,9 @@ def _conv_matches(node: fx.Node, mod: Any, modules: Mapping[str, nn.Module]) -> 
     got = [d if g is None else g for g, d in zip(given, defaults)]
     padding = mod.padding if isinstance(mod.padding, str) else tuple(mod.padding)
     want = [tuple(mod.stride), padding, tuple(mod.dilation), mod.groups]
-    return got == want and mod.padding_mode == "zeros" and _same_param(args[2], mod, "bias", modules) and \
-        not node.kwargs  # fmt: skip
+    return (
+        got == want and mod.padding_mode == "zeros" and _same_param(args[2], mod, "bias", modules) and not node.kwargs
+    )
 
 
 def raise_program(ep: torch.export.ExportedProgram, root: nn.Module, batch_one: bool = True) -> fx.GraphModule:
@@ -230,7 +243,7 @@ def raise_program(ep: torch.export.ExportedProgram, root: nn.Module, batch_one: 
         elif node.op == "call_function":
             _raise_node(graph, node, modules, root)
     graph.eliminate_dead_code(is_impure_node=_kept)  # what a raised layer no longer needs (a Conv1D's addmm)
-    _guard_sizes(graph, ep.range_constraints, batch_one)
+    guard_sizes(graph, ep.range_constraints, batch_one)
     for node in graph.nodes:  # constants the export lifted out of the code (``lifted_tensor_0``): kept
         target = str(node.target)
         if node.op == "get_attr" and not _has_attr(root, target):
@@ -260,48 +273,6 @@ def _kept(node: fx.Node) -> bool:
     target = node.target
     name = target if isinstance(target, str) else getattr(target, "__name__", "")
     return node.op in ("call_method", "call_function") and name.split(".")[0].endswith("_")
-
-
-def _guard_sizes(graph: fx.Graph, ranges: Mapping[Any, Any], batch_one: bool) -> None:
-    """In place of the export's own input guards (removed: they also pin dtypes, which the float64 proof changes),
-    a check of every input dim the export kept static, and of the range of every dynamic one, with a message that
-    says so. A range starting at 2 is torch.export's own 0/1 specialisation: sizes 0 and 1 are admitted where
-    ``batch_one`` (the caller found the graph right at size 1, or the program came as it is), else refused."""
-    inputs = [n for n in graph.nodes if n.op == "placeholder"]
-    if not inputs:
-        return
-    with graph.inserting_after(inputs[-1]):
-        for node in reversed(inputs):
-            val = node.meta.get("val")
-            if isinstance(val, torch.Tensor):
-                static = tuple((i, int(d)) for i, d in enumerate(val.shape) if not isinstance(d, torch.SymInt))
-                bounds = tuple(b for i, d in enumerate(val.shape) if isinstance(d, torch.SymInt)
-                               for b in [_bounds(i, d, ranges, batch_one)] if b is not None)  # fmt: skip
-                if static or bounds:  # (the ranges only where there are some: the call reads as it did before)
-                    args = (node, node.name, static, bounds) if bounds else (node, node.name, static)
-                    graph.call_function(_runtime.check_exported_size, args)
-
-
-def _bounds(dim: int, size: Any, ranges: Mapping[Any, Any], batch_one: bool) -> tuple | None:
-    """``(dim, low, high)`` to check for a dynamic dim, or None where its range admits every size."""
-    low, high = _range_of(size, ranges)
-    low = 0 if low == 2 and batch_one else low
-    return (dim, low, high) if low > 0 or high is not None else None
-
-
-def _range_of(size: Any, ranges: Mapping[Any, Any]) -> tuple[int, int | None]:
-    """``(low, high)`` of a SymInt's value range in ``ranges`` (high None: no bound; (0, None) where it has none)."""
-    vr = ranges.get(size.node.expr)
-    if vr is None:
-        return 0, None
-    low, high = float(vr.lower), float(vr.upper)  # torch's int_oo is an infinite float
-    return (0 if math.isinf(low) else int(low)), (None if math.isinf(high) else int(high))
-
-
-def lowest_batch(ep: torch.export.ExportedProgram) -> int:
-    """The smallest size the program's range admits on its first input's batch dim (0 where it is static)."""
-    batch = _first_batch(ep)
-    return _range_of(batch, ep.range_constraints)[0] if isinstance(batch, torch.SymInt) else 0
 
 
 def _get_attr(obj: Any, target: str) -> Any:

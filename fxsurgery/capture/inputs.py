@@ -15,8 +15,17 @@ from torch import nn
 
 from fxsurgery.errors import InputError, TraceError
 
-__all__ = ["normalize_inputs", "split_keywords", "keyword_call", "prepare_model", "unwrap", "check_devices",
-           "on_meta", "refuse_meta", "check_names"]  # fmt: skip
+__all__ = [
+    "normalize_inputs",
+    "split_keywords",
+    "keyword_call",
+    "prepare_model",
+    "unwrap",
+    "check_devices",
+    "on_meta",
+    "refuse_meta",
+    "check_names",
+]
 
 
 def normalize_inputs(example_inputs: Any) -> tuple[torch.Tensor, ...]:
@@ -50,8 +59,10 @@ def _keywords(given: Mapping[Any, Any]) -> dict[str, torch.Tensor]:
         if not isinstance(k, str) or not k.isidentifier() or keyword.iskeyword(k):
             raise InputError(f"keyword input names must be argument names of forward, got {k!r}")
         if not isinstance(v, torch.Tensor):
-            raise InputError(f"keyword input {k!r} is a {type(v).__name__}, not a Tensor; pass tensors only (fix "
-                             "other arguments with functools.partial on a wrapper module)")  # fmt: skip
+            raise InputError(
+                f"keyword input {k!r} is a {type(v).__name__}, not a Tensor; pass tensors only (fix "
+                "other arguments with functools.partial on a wrapper module)"
+            )
     return dict(given)
 
 
@@ -66,15 +77,21 @@ def keyword_call(model: nn.Module, n_positional: int, names: tuple[str, ...]) ->
         return model
     model = unwrap(model)[0]
     cls = type(model)
-    params = [p.name for p in inspect.signature(cls.forward).parameters.values()
-              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)][1:]  # fmt: skip
+    params = [
+        p.name
+        for p in inspect.signature(cls.forward).parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ][1:]
     positional = [params[i] if i < len(params) and params[i] not in names else f"arg{i}" for i in range(n_positional)]
     call = ", ".join([*positional, *(f"{k}={k}" for k in names)])
     namespace: dict[str, Any] = {"_forward": cls.forward}
     exec(f"def forward(self, {', '.join([*positional, *names])}):\n    return _forward(self, {call})\n", namespace)
     view = copy.copy(model)
-    view.__class__ = type(cls.__name__, (cls,), {"forward": namespace["forward"], "__module__": cls.__module__,
-                                                 "__qualname__": cls.__qualname__})  # fmt: skip
+    view.__class__ = type(
+        cls.__name__,
+        (cls,),
+        {"forward": namespace["forward"], "__module__": cls.__module__, "__qualname__": cls.__qualname__},
+    )
     return view
 
 
@@ -140,14 +157,19 @@ def check_devices(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
     wrong = sorted({t.device.type for t in inputs} - {device})
     if wrong:
         where = "torch.empty(shape, device='meta')" if device == "meta" else f"x.to('{device}')"
-        raise InputError(f"the example inputs are on {', '.join(wrong)} but the model's parameters are on {device}: "
-                         f"pass inputs on the model's device ({where})")  # fmt: skip
+        raise InputError(
+            f"the example inputs are on {', '.join(wrong)} but the model's parameters are on {device}: "
+            f"pass inputs on the model's device ({where})"
+        )
 
 
 def on_meta(model: nn.Module | None, inputs: Any) -> bool:
     """Whether a parameter or buffer of ``model``, or a tensor of ``inputs``, is on the meta device (no values)."""
-    tensors = [*(model.parameters() if model is not None else ()), *(model.buffers() if model is not None else ()),
-               *(t for t in pytree.tree_leaves(inputs) if isinstance(t, torch.Tensor))]  # fmt: skip
+    tensors = [
+        *(model.parameters() if model is not None else ()),
+        *(model.buffers() if model is not None else ()),
+        *(t for t in pytree.tree_leaves(inputs) if isinstance(t, torch.Tensor)),
+    ]
     return any(t.device.type == "meta" for t in tensors)
 
 
@@ -155,10 +177,12 @@ def refuse_meta(model: nn.Module | None, inputs: Any, what: str) -> None:
     """``what`` (a benchmark, an ONNX cross-check, validation) computes real values, which a model or inputs on the
     meta device do not hold: an :class:`InputError` saying what can be done on meta instead."""
     if on_meta(model, inputs):
-        raise InputError(f"{what} runs the models on real values, and the model or its inputs are on the meta device "
-                         "(shapes only, no values): on meta, rewrite with validate=False and convert the full "
-                         "checkpoint with fxsurgery.convert_checkpoint; load real weights (load_state_dict(..., "
-                         "assign=True), fxsurgery.materialize) for this")  # fmt: skip
+        raise InputError(
+            f"{what} runs the models on real values, and the model or its inputs are on the meta device "
+            "(shapes only, no values): on meta, rewrite with validate=False and convert the full "
+            "checkpoint with fxsurgery.convert_checkpoint; load real weights (load_state_dict(..., "
+            "assign=True), fxsurgery.materialize) for this"
+        )
 
 
 def check_names(kind: str, names: Any, known: Any) -> None:

@@ -14,5 +14,8 @@ def is_transposed_linear(mod: object) -> bool:
     not imported."""
     # read from the parameter dict: under fx tracing, module attribute access returns proxies
     weight = mod._parameters.get("weight") if isinstance(mod, nn.Module) else None
-    return (type(mod).__name__ == "Conv1D" and isinstance(weight, torch.Tensor)
-            and tuple(weight.shape) == (getattr(mod, "nx", None), getattr(mod, "nf", None)))  # fmt: skip
+    return (
+        type(mod).__name__ == "Conv1D"
+        and isinstance(weight, torch.Tensor)
+        and tuple(weight.shape) == (getattr(mod, "nx", None), getattr(mod, "nf", None))
+    )

@@ -19,8 +19,17 @@ from typing import Any
 
 __all__ = ["mode_reads", "GRAD_MODE", "TRAINING"]
 
-GRAD_MODE = frozenset({"no_grad", "enable_grad", "set_grad_enabled", "inference_mode", "autocast", "is_grad_enabled",
-                       "is_autocast_enabled"})  # fmt: skip
+GRAD_MODE = frozenset(
+    {
+        "no_grad",
+        "enable_grad",
+        "set_grad_enabled",
+        "inference_mode",
+        "autocast",
+        "is_grad_enabled",
+        "is_autocast_enabled",
+    }
+)
 TRAINING = "self.training"
 
 

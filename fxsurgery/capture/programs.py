@@ -69,17 +69,29 @@ def _rebuild(node: fx.Node, holder: nn.Module) -> nn.Module:
         cls = nn.Conv2d if node.target is aten.conv2d.default else nn.Conv1d
         settings = [*args[3:7], *[None] * (4 - len(args[3:7]))]  # stride, padding, dilation, groups
         stride, padding, dilation, groups = (s if s is not None else d for s, d in zip(settings, (1, 0, 1, 1)))
-        layer = cls(weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]), stride=stride,
-                    padding=padding, dilation=dilation, groups=groups, bias=bias is not None,
-                    device="meta")  # fmt: skip
+        layer = cls(
+            weight.shape[1] * groups,
+            weight.shape[0],
+            tuple(weight.shape[2:]),
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            groups=groups,
+            bias=bias is not None,
+            device="meta",
+        )
     layer.weight = weight
     if bias is not None:
         layer.bias = bias
     return layer
 
 
-def export_rewritten(module: nn.Module, program: torch.export.ExportedProgram, inputs: tuple[torch.Tensor, ...],
-                     keywords: tuple[str, ...] = ()) -> tuple[torch.export.ExportedProgram, list[str]]:  # fmt: skip
+def export_rewritten(
+    module: nn.Module,
+    program: torch.export.ExportedProgram,
+    inputs: tuple[torch.Tensor, ...],
+    keywords: tuple[str, ...] = (),
+) -> tuple[torch.export.ExportedProgram, list[str]]:
     """The rewritten model as an ExportedProgram that is a drop-in for ``program``: the same call (the last
     ``keywords`` inputs by name) and every dim dynamic that ``program`` has dynamic. Returns it and notes: a dim the
     rewritten graph cannot keep dynamic is exported static, and said."""
@@ -97,17 +109,21 @@ def export_rewritten(module: nn.Module, program: torch.export.ExportedProgram, i
         try:
             out = _export(module, args, kwargs, spec)
         except Exception:  # as the front end exports: a dynamic batch, positional inputs (its error is a TraceError)
-            return export_model(working_copy(module).eval(), inputs), [f"the rewritten program takes its inputs "
-                                                                      f"positionally ({one_line(e)[:160]})"]
+            return export_model(working_copy(module).eval(), inputs), [
+                f"the rewritten program takes its inputs positionally ({one_line(e)[:160]})"
+            ]
         kept = _dynamic_dims(out, len(inputs)) or []
         lost = [f"{name} dim {d}" for name, ds, ks in zip(names, dims, kept) for d in ds if d not in ks]
-        return out, [f"the rewritten program keeps static what the given program had dynamic ({', '.join(lost)}): "
-                     f"the rewritten graph fixes those sizes ({one_line(e)[:160]})"] if lost else []  # fmt: skip
+        return out, [
+            f"the rewritten program keeps static what the given program had dynamic ({', '.join(lost)}): "
+            f"the rewritten graph fixes those sizes ({one_line(e)[:160]})"
+        ] if lost else []
 
 
 def _export(module: nn.Module, args: tuple, kwargs: dict[str, Any], spec: dict[str, Any]) -> Any:
-    return torch.export.export(working_copy(module).eval(), args, kwargs=kwargs or None, dynamic_shapes=spec,
-                               strict=False)  # fmt: skip
+    return torch.export.export(
+        working_copy(module).eval(), args, kwargs=kwargs or None, dynamic_shapes=spec, strict=False
+    )
 
 
 def _dynamic_dims(program: torch.export.ExportedProgram, n: int) -> list[list[int]] | None:

@@ -24,6 +24,7 @@ def capture_submodule_inputs(
     calls: dict[str, list[tuple[tuple, dict]]] = {n: [] for n in names}
     handles = []
     for name in names:
+
         def hook(mod: nn.Module, args: tuple, kwargs: dict, name: str = name) -> None:
             calls[name].append((args, kwargs))
 

@@ -22,12 +22,18 @@ from fxsurgery.options import LeafSpec
 __all__ = ["trace", "keep_unused", "guard_mode"]
 
 # Functions the rewritten graphs call; re-tracing a rewritten model must keep them as single nodes.
-_AUTOWRAP = tuple(f for name in _runtime.__all__ if name != "output_builder"
-                  and not isinstance(f := getattr(_runtime, name), type))  # fmt: skip
+_AUTOWRAP = tuple(
+    f for name in _runtime.__all__ if name != "output_builder" and not isinstance(f := getattr(_runtime, name), type)
+)
 
 
-def _encoder_layer_forward(layer: nn.TransformerEncoderLayer, src: Any, src_mask: Any = None,
-                           src_key_padding_mask: Any = None, is_causal: bool = False) -> Any:  # fmt: skip
+def _encoder_layer_forward(
+    layer: nn.TransformerEncoderLayer,
+    src: Any,
+    src_mask: Any = None,
+    src_key_padding_mask: Any = None,
+    is_causal: bool = False,
+) -> Any:
     """``nn.TransformerEncoderLayer.forward`` without its fast path, whose checks branch on tensor properties and
     cannot be traced; the computation is the same (the fast path is a fused kernel for inference)."""
     x = src
@@ -38,8 +44,13 @@ def _encoder_layer_forward(layer: nn.TransformerEncoderLayer, src: Any, src_mask
     return layer.norm2(x + layer._ff_block(x))
 
 
-def _encoder_forward(encoder: nn.TransformerEncoder, src: Any, mask: Any = None, src_key_padding_mask: Any = None,
-                     is_causal: bool | None = None) -> Any:  # fmt: skip
+def _encoder_forward(
+    encoder: nn.TransformerEncoder,
+    src: Any,
+    mask: Any = None,
+    src_key_padding_mask: Any = None,
+    is_causal: bool | None = None,
+) -> Any:
     """``nn.TransformerEncoder.forward`` without masks and without its nested-tensor fast path."""
     if mask is not None or src_key_padding_mask is not None:
         return encoder.forward(src, mask, src_key_padding_mask, is_causal)  # not traceable: fails like before
@@ -110,8 +121,9 @@ class _Tracer(fx.Tracer):
         reads = mode_reads(type(m))
         regions = sorted(reads & GRAD_MODE)
         if regions:
-            raise _ModeRegion(f"{type(m).__name__}.forward uses {', '.join(regions)}, which tracing would drop; its "
-                              "code is kept")  # fmt: skip
+            raise _ModeRegion(
+                f"{type(m).__name__}.forward uses {', '.join(regions)}, which tracing would drop; its code is kept"
+            )
         if TRAINING in reads:
             self.training_reads.append(path or type(m).__name__)
 
@@ -208,10 +220,16 @@ def _refuse_trace_time_writes(model: nn.Module, before: dict[str, tuple[int, int
     name = changed[0]
     owner = name.rpartition(".")[0]
     where = f"{owner} ({type(model.get_submodule(owner)).__name__})" if owner else type(model).__name__
-    cause = (f"it writes to {name!r} where torch.fx cannot record it (fx runs that write once, while tracing, so a "
-             "traced graph would never update it)")  # fmt: skip
-    raise TraceError(f"the forward of {where}: {cause}; its code is kept as it is, or use frontend='export', which "
-                     "records state updates", module=owner, cause=cause)  # fmt: skip
+    cause = (
+        f"it writes to {name!r} where torch.fx cannot record it (fx runs that write once, while tracing, so a "
+        "traced graph would never update it)"
+    )
+    raise TraceError(
+        f"the forward of {where}: {cause}; its code is kept as it is, or use frontend='export', which "
+        "records state updates",
+        module=owner,
+        cause=cause,
+    )
 
 
 def _rebuild_output(graph: fx.Graph, cls: type) -> None:

@@ -34,19 +34,23 @@ def artifacts_list(text: str) -> tuple[str, ...]:
         return ARTIFACTS if names == {"all"} else ()
     unknown = sorted(names - set(ARTIFACTS))
     if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown artifact {unknown[0] if unknown else text!r}: a comma-separated "
-                                         f"list of {', '.join(ARTIFACTS)}, or all, or none")  # fmt: skip
+        raise argparse.ArgumentTypeError(
+            f"unknown artifact {unknown[0] if unknown else text!r}: a comma-separated "
+            f"list of {', '.join(ARTIFACTS)}, or all, or none"
+        )
     return tuple(a for a in ARTIFACTS if a in names)
 
 
 def _names(allowed: Sequence[str], what: str) -> Callable[[str], tuple[str, ...]]:
     """An argument type: a comma-separated list of some of ``allowed``."""
+
     def parse(text: str) -> tuple[str, ...]:
         names = tuple(n.strip() for n in text.split(",") if n.strip())
         unknown = [n for n in names if n not in allowed]
         if unknown or not names:
-            raise argparse.ArgumentTypeError(f"unknown {what} {unknown[0] if unknown else text!r}: a comma-separated "
-                                             f"list of {', '.join(allowed)}")  # fmt: skip
+            raise argparse.ArgumentTypeError(
+                f"unknown {what} {unknown[0] if unknown else text!r}: a comma-separated list of {', '.join(allowed)}"
+            )
         return names
 
     return parse
@@ -60,10 +64,20 @@ def add_bench(sub: Any, model_arguments: Callable[[argparse.ArgumentParser], Non
     b = sub.add_parser("bench", help="time the rewritten model against the original, per runtime and batch size")
     model_arguments(b)
     b.add_argument("--to", choices=("conv", "linear", "auto"), required=True, help="target layer type")
-    b.add_argument("--runtime", type=_names(RUNTIMES, "runtime"), default=("onnxruntime", "torch"),
-                   metavar="LIST", help=f"comma-separated, of {', '.join(RUNTIMES)} (default onnxruntime,torch)")
-    b.add_argument("--batch", type=_list_of(int, "--batch"), default=None, metavar="LIST",
-                   help="comma-separated batch sizes (default: the example input's)")  # fmt: skip
+    b.add_argument(
+        "--runtime",
+        type=_names(RUNTIMES, "runtime"),
+        default=("onnxruntime", "torch"),
+        metavar="LIST",
+        help=f"comma-separated, of {', '.join(RUNTIMES)} (default onnxruntime,torch)",
+    )
+    b.add_argument(
+        "--batch",
+        type=_list_of(int, "--batch"),
+        default=None,
+        metavar="LIST",
+        help="comma-separated batch sizes (default: the example input's)",
+    )
     b.add_argument("--pairs", type=int, default=7, help="interleaved pairs per ratio (default 7)")
     b.add_argument("--threads", type=int, default=2, help="threads of torch and of each session (default 2)")
     b.add_argument("--no-validate", action="store_true", help="time without validating the rewrite first")
@@ -79,13 +93,28 @@ def run_bench(args: argparse.Namespace, model: Any, inputs: tuple, progress: Any
     if chart is not None and (chart.suffix.lower() not in (".png", ".svg") or not chart.parent.is_dir()):
         raise UsageError(f"--chart {args.chart}: give a .png or .svg file in a folder that exists")  # before the work
     with progress.step(f"rewriting towards {args.to} and timing on {', '.join(args.runtime)}"):
-        report = benchmark(model, inputs, args.to, runtimes=args.runtime, batches=args.batch, pairs=args.pairs,
-                           threads=args.threads, validate=not args.no_validate, frontend=args.frontend,
-                           leaf_modules=tuple(args.leaf_module), exclude=tuple(args.exclude), target=args.target,
-                           batch_layout=args.batch_layout, token_layout=args.token_layout)  # fmt: skip
+        report = benchmark(
+            model,
+            inputs,
+            args.to,
+            runtimes=args.runtime,
+            batches=args.batch,
+            pairs=args.pairs,
+            threads=args.threads,
+            validate=not args.no_validate,
+            frontend=args.frontend,
+            leaf_modules=tuple(args.leaf_module),
+            exclude=tuple(args.exclude),
+            target=args.target,
+            batch_layout=args.batch_layout,
+            token_layout=args.token_layout,
+        )
     if args.chart:
-        ratio_chart([(f"{r.runtime} b{r.batch}", r.ratio, r.noise) for r in report.rows], args.chart,
-                    title=f"{report.model} {report.direction}: rewritten / original")  # fmt: skip
+        ratio_chart(
+            [(f"{r.runtime} b{r.batch}", r.ratio, r.noise) for r in report.rows],
+            args.chart,
+            title=f"{report.model} {report.direction}: rewritten / original",
+        )
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.summary())
     return 0
 

@@ -7,8 +7,18 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DTYPES", "INT_DTYPES", "UsageError", "parse_shape", "parse_input", "example_inputs", "check_input_size",
-           "check_input_dims", "available_memory", "INPUT_MEMORY_SHARE"]  # fmt: skip
+__all__ = [
+    "DTYPES",
+    "INT_DTYPES",
+    "UsageError",
+    "parse_shape",
+    "parse_input",
+    "example_inputs",
+    "check_input_size",
+    "check_input_dims",
+    "available_memory",
+    "INPUT_MEMORY_SHARE",
+]
 
 DTYPES = ("float32", "float64", "float16", "bfloat16")
 
@@ -71,10 +81,12 @@ def check_input_size(shapes: list[tuple[int, ...]], dtype: Any) -> None:
     size = sum(math.prod(s) for s in shapes) * torch.empty((), dtype=dtype).element_size()
     available = available_memory()
     if size > INPUT_MEMORY_SHARE * available:
-        raise UsageError(f"--input-shape asks for {size / 2**30:.3g} GiB of example inputs; with "
-                         f"{available / 2**30:.3g} GiB of memory available the inputs may use at most "
-                         f"{INPUT_MEMORY_SHARE:.0%} of it (the model's activations and the validation copies need the "
-                         "rest): use a smaller shape")  # fmt: skip
+        raise UsageError(
+            f"--input-shape asks for {size / 2**30:.3g} GiB of example inputs; with "
+            f"{available / 2**30:.3g} GiB of memory available the inputs may use at most "
+            f"{INPUT_MEMORY_SHARE:.0%} of it (the model's activations and the validation copies need the "
+            "rest): use a smaller shape"
+        )
 
 
 def available_memory() -> int:

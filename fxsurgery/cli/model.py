@@ -111,14 +111,17 @@ def load_weights(model: Any, path: str, allow_pickle: bool) -> None:
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))
         shapes = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
-        parts = [f"{label} {keys[:3]}{'...' if len(keys) > 3 else ''}"
-                 for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes))
-                 if keys]  # fmt: skip
+        parts = [
+            f"{label} {keys[:3]}{'...' if len(keys) > 3 else ''}"
+            for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes))
+            if keys
+        ]
         raise UsageError(f"weights file {path} does not match the model: {'; '.join(parts) or e}") from e
 
 
-def load_program(path: str, given: bool, args_used: dict[str, bool],
-                 allow_pickle: bool = False) -> tuple[Any, tuple, dict[str, Any]]:  # fmt: skip
+def load_program(
+    path: str, given: bool, args_used: dict[str, bool], allow_pickle: bool = False
+) -> tuple[Any, tuple, dict[str, Any]]:
     """The ExportedProgram in ``path`` and its example inputs (positional, keyword) when no input was ``given``
     (else empty: the caller's are used). The options that only apply to a model factory are refused.
 
@@ -143,10 +146,18 @@ def load_program(path: str, given: bool, args_used: dict[str, bool],
     except UsageError:
         raise
     except Exception as e:
-        hint = "" if allow_pickle else (" (only tensors are unpickled by default: a file that needs more runs code "
-                                        "from the file when loaded; pass --unsafe-pickle only if you trust it)")
-        raise UsageError(f"cannot read {path} as a torch.export program: {type(e).__name__}: "
-                         f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}{hint}") from e  # fmt: skip
+        hint = (
+            ""
+            if allow_pickle
+            else (
+                " (only tensors are unpickled by default: a file that needs more runs code "
+                "from the file when loaded; pass --unsafe-pickle only if you trust it)"
+            )
+        )
+        raise UsageError(
+            f"cannot read {path} as a torch.export program: {type(e).__name__}: "
+            f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}{hint}"
+        ) from e
     if given:
         return program, (), {}
     if program.example_inputs is None:
@@ -166,11 +177,17 @@ def _refuse_pickled_objects(path: str) -> None:
             names = archive.namelist()
     except (zipfile.BadZipFile, OSError) as e:
         raise UsageError(f"cannot read {path} as a torch.export program: {type(e).__name__}: {e}") from e
-    objects = [n for n in names if "/constants/" in n and n.rsplit("/", 1)[-1].startswith(
-        (CUSTOM_OBJ_FILENAME_PREFIX, OPAQUE_OBJ_FILENAME_PREFIX))]  # fmt: skip
+    objects = [
+        n
+        for n in names
+        if "/constants/" in n
+        and n.rsplit("/", 1)[-1].startswith((CUSTOM_OBJ_FILENAME_PREFIX, OPAQUE_OBJ_FILENAME_PREFIX))
+    ]
     if objects:
-        raise UsageError(f"{path} holds pickled objects ({objects[0]}{', ...' if len(objects) > 1 else ''}); loading "
-                         "them runs code from the file: pass --unsafe-pickle only if you trust it")  # fmt: skip
+        raise UsageError(
+            f"{path} holds pickled objects ({objects[0]}{', ...' if len(objects) > 1 else ''}); loading "
+            "them runs code from the file: pass --unsafe-pickle only if you trust it"
+        )
 
 
 @contextmanager

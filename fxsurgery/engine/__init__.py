@@ -16,5 +16,4 @@ from fxsurgery.engine.layout import Layout, permutation_layout, permute_dims
 from fxsurgery.engine.rewriter import Rewriter
 from fxsurgery.engine.rule import Match, Propagator, Rule, RuleSet, Skip
 
-__all__ = ["Layout", "permutation_layout", "permute_dims", "Rewriter", "Match", "Propagator", "Rule", "RuleSet",
-           "Skip"]  # fmt: skip
+__all__ = ["Layout", "permutation_layout", "permute_dims", "Rewriter", "Match", "Propagator", "Rule", "RuleSet", "Skip"]

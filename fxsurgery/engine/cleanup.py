@@ -21,8 +21,15 @@ from fxsurgery.engine.nodes import hook_kinds
 if TYPE_CHECKING:
     from fxsurgery.engine.rewriter import Rewriter
 
-__all__ = ["finish", "cancel_permutes", "drop_unused_reads", "convert_back", "remove_dead", "install_modules",
-           "erasable"]  # fmt: skip
+__all__ = [
+    "finish",
+    "cancel_permutes",
+    "drop_unused_reads",
+    "convert_back",
+    "remove_dead",
+    "install_modules",
+    "erasable",
+]
 
 _INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.setitem}
 

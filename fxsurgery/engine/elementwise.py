@@ -18,25 +18,107 @@ __all__ = ["elementwise_tensor_inputs", "is_number", "no_nodes", "UNARY_MODULES"
 # Modules whose output at each position depends only on the input at that position (in eval mode and, for dropout,
 # in distribution in train mode). Dropout2d/3d drop whole channels and are deliberately absent.
 UNARY_MODULES: tuple[type[nn.Module], ...] = (
-    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU,
-    nn.SELU, nn.CELU, nn.Mish, nn.Softplus, nn.Hardtanh, nn.Identity, nn.Dropout, nn.AlphaDropout, nn.Tanhshrink,
-    nn.Softsign, nn.LogSigmoid, nn.Hardshrink, nn.Softshrink, nn.Threshold,
-)  # fmt: skip
+    nn.ReLU,
+    nn.ReLU6,
+    nn.GELU,
+    nn.SiLU,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.Mish,
+    nn.Softplus,
+    nn.Hardtanh,
+    nn.Identity,
+    nn.Dropout,
+    nn.AlphaDropout,
+    nn.Tanhshrink,
+    nn.Softsign,
+    nn.LogSigmoid,
+    nn.Hardshrink,
+    nn.Softshrink,
+    nn.Threshold,
+)
 _UNARY_FUNCTIONS: set[Any] = {
-    torch.relu, torch.relu_, F.relu, F.relu_, F.relu6, F.gelu, F.silu, F.hardswish, F.hardsigmoid, torch.sigmoid,
-    F.sigmoid, torch.tanh, F.tanh, F.leaky_relu, F.elu, F.selu, F.celu, F.mish, F.softplus, F.hardtanh, F.dropout,
-    F.alpha_dropout, torch.dropout, torch.exp, torch.abs, torch.neg, operator.neg, torch.clamp, torch.clip,
-    torch.square, torch.sqrt, torch.rsqrt, torch.erf, F.logsigmoid, F.softsign, F.tanhshrink,
-    torch.dropout_, F.hardtanh_, torch._C._nn.silu_, torch._C._nn.hardswish_,  # what the export front end raises
-}  # fmt: skip
+    torch.relu,
+    torch.relu_,
+    F.relu,
+    F.relu_,
+    F.relu6,
+    F.gelu,
+    F.silu,
+    F.hardswish,
+    F.hardsigmoid,
+    torch.sigmoid,
+    F.sigmoid,
+    torch.tanh,
+    F.tanh,
+    F.leaky_relu,
+    F.elu,
+    F.selu,
+    F.celu,
+    F.mish,
+    F.softplus,
+    F.hardtanh,
+    F.dropout,
+    F.alpha_dropout,
+    torch.dropout,
+    torch.exp,
+    torch.abs,
+    torch.neg,
+    operator.neg,
+    torch.clamp,
+    torch.clip,
+    torch.square,
+    torch.sqrt,
+    torch.rsqrt,
+    torch.erf,
+    F.logsigmoid,
+    F.softsign,
+    F.tanhshrink,
+    torch.dropout_,
+    F.hardtanh_,
+    torch._C._nn.silu_,
+    torch._C._nn.hardswish_,  # what the export front end raises
+}
 _UNARY_METHODS = {
-    "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "exp", "abs", "neg", "clamp", "clamp_", "clip",
-    "square", "sqrt", "rsqrt", "erf", "contiguous", "clone",
-}  # fmt: skip
+    "relu",
+    "relu_",
+    "sigmoid",
+    "sigmoid_",
+    "tanh",
+    "tanh_",
+    "exp",
+    "abs",
+    "neg",
+    "clamp",
+    "clamp_",
+    "clip",
+    "square",
+    "sqrt",
+    "rsqrt",
+    "erf",
+    "contiguous",
+    "clone",
+}
 _BINARY_FUNCTIONS: set[Any] = {
-    operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.imul, torch.add, torch.sub,
-    torch.mul, torch.div, torch.maximum, torch.minimum,
-}  # fmt: skip
+    operator.add,
+    operator.sub,
+    operator.mul,
+    operator.truediv,
+    operator.iadd,
+    operator.imul,
+    torch.add,
+    torch.sub,
+    torch.mul,
+    torch.div,
+    torch.maximum,
+    torch.minimum,
+}
 _BINARY_METHODS = {"add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_"}
 
 
@@ -67,14 +149,18 @@ def elementwise_tensor_inputs(node: fx.Node, modules: dict[str, nn.Module]) -> l
         if type(mod) in UNARY_MODULES and len(node.args) == 1 and not node.kwargs:
             return [node.args[0]] if isinstance(node.args[0], fx.Node) else None
         return None
-    if node.op == "call_function" and node.target in _UNARY_FUNCTIONS or (
-        node.op == "call_method" and node.target in _UNARY_METHODS
+    if (
+        node.op == "call_function"
+        and node.target in _UNARY_FUNCTIONS
+        or (node.op == "call_method" and node.target in _UNARY_METHODS)
     ):
         if node.args and isinstance(node.args[0], fx.Node) and no_nodes((node.args[1:], node.kwargs)):
             return [node.args[0]] if shape_of(node.args[0]) == out_shape else None
         return None
-    if node.op == "call_function" and node.target in _BINARY_FUNCTIONS or (
-        node.op == "call_method" and node.target in _BINARY_METHODS
+    if (
+        node.op == "call_function"
+        and node.target in _BINARY_FUNCTIONS
+        or (node.op == "call_method" and node.target in _BINARY_METHODS)
     ):
         if len(node.args) != 2 or not no_nodes(node.kwargs):
             return None

@@ -12,8 +12,14 @@ from fxsurgery.engine.rule import Skip
 __all__ = ["guard", "replay", "check_replayable"]
 
 
-def guard(graph: fx.Graph, x: fx.Node, spatial: tuple[int, ...], site: str, original_rejects: bool,
-          features: int | None = None) -> fx.Node:  # fmt: skip
+def guard(
+    graph: fx.Graph,
+    x: fx.Node,
+    spatial: tuple[int, ...],
+    site: str,
+    original_rejects: bool,
+    features: int | None = None,
+) -> fx.Node:
     """Insert a run-time check that ``x`` still has the traced spatial size (:func:`~fxsurgery._runtime.
     check_spatial_size`); returns ``x`` through it."""
     args = (x, spatial, site, original_rejects) + ((features,) if features is not None else ())
@@ -29,8 +35,10 @@ def check_replayable(ops: list[tuple[fx.Node, fx.Node]], source: fx.Node, module
     first = ops[0][0]
     shared = source.op == "placeholder" or any(u is not first and not _on_path(u, first) for u in source.users)
     if shared:
-        raise Skip(f"{writer.name} writes in place between the map and the Linear; whether the original's write "
-                   "reaches the map depends on its memory layout, so the rewrite is left out")  # fmt: skip
+        raise Skip(
+            f"{writer.name} writes in place between the map and the Linear; whether the original's write "
+            "reaches the map depends on its memory layout, so the rewrite is left out"
+        )
 
 
 def _on_path(user: fx.Node, first: fx.Node) -> bool:

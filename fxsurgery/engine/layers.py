@@ -33,8 +33,9 @@ def conv_viewing_linear(
     out_features, in_features = weight.shape
     feature = (in_features, 1, 1) if feature is None else feature
     kernel = (feature[1], feature[2])
-    conv = nn.Conv2d(feature[0], out_features, kernel, stride=kernel, bias=bias is not None, device="meta",
-                     dtype=weight.dtype)  # fmt: skip
+    conv = nn.Conv2d(
+        feature[0], out_features, kernel, stride=kernel, bias=bias is not None, device="meta", dtype=weight.dtype
+    )
     kernel_view = weight_map(weight.detach(), feature, order)
     conv.weight = nn.Parameter(kernel_view, requires_grad=weight.requires_grad)
     if bias is not None:

@@ -20,9 +20,24 @@ from torch import nn
 from fxsurgery.capture.layers import is_transposed_linear
 from fxsurgery.capture.shapes import shape_of
 
-__all__ = ["LinearOp", "ConvOp", "as_linear", "as_conv", "as_layer_norm", "spatial_mean_source", "is_reshape",
-           "first_input", "reader_name", "bind", "is_torchvision", "static_shape", "NoShape", "hook_kinds",
-           "writes_in_place", "is_shape_read"]  # fmt: skip
+__all__ = [
+    "LinearOp",
+    "ConvOp",
+    "as_linear",
+    "as_conv",
+    "as_layer_norm",
+    "spatial_mean_source",
+    "is_reshape",
+    "first_input",
+    "reader_name",
+    "bind",
+    "is_torchvision",
+    "static_shape",
+    "NoShape",
+    "hook_kinds",
+    "writes_in_place",
+    "is_shape_read",
+]
 
 #: Linear layers whose forward is exactly ``F.linear`` (MultiheadAttention's out_proj is the second).
 EXACT_LINEAR: tuple[type[nn.Module], ...] = (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear)
@@ -214,6 +229,15 @@ def bind(node: fx.Node) -> dict[str, Any]:
 
 def is_shape_read(node: object) -> bool:
     """Whether ``node`` is ``x.shape`` or ``x.size()``: the whole shape of ``x``."""
-    return isinstance(node, fx.Node) and not node.kwargs and (
-        node.op == "call_function" and node.target is getattr and node.args[1:] == ("shape",)
-        or node.op == "call_method" and node.target == "size" and len(node.args) == 1)  # fmt: skip
+    return (
+        isinstance(node, fx.Node)
+        and not node.kwargs
+        and (
+            node.op == "call_function"
+            and node.target is getattr
+            and node.args[1:] == ("shape",)
+            or node.op == "call_method"
+            and node.target == "size"
+            and len(node.args) == 1
+        )
+    )

@@ -110,8 +110,14 @@ class _OpPass(PassBase):
             try:
                 found(_Emitter(graph_module.graph, node))
             except Exception as e:  # the nodes added so far have no user: removed below; the op stays as it was
-                self.sites.append(Site(name, self.pattern, "skipped", f"internal error while rewriting "
-                                       f"({type(e).__name__}: {e}); please report it"))  # fmt: skip
+                self.sites.append(
+                    Site(
+                        name,
+                        self.pattern,
+                        "skipped",
+                        f"internal error while rewriting ({type(e).__name__}: {e}); please report it",
+                    )
+                )
                 modified = True
                 continue
             self.sites.append(Site(name, self.pattern, "rewritten"))
@@ -138,9 +144,14 @@ def _linear_parts(node: fx.Node) -> tuple[fx.Node, fx.Node, Any] | None:
         b, x, wt = (None, *node.args) if name == "aten::mm" else node.args
         if not isinstance(wt, fx.Node) or not isinstance(x, fx.Node) or not isinstance(wt.args[0], fx.Node):
             return None
-        if _name(wt.target) == "aten::t" or _name(wt.target) in ("aten::permute", "aten::permute_copy") and list(
-            wt.args[1]  # type: ignore[arg-type]
-        ) == [1, 0]:
+        if (
+            _name(wt.target) == "aten::t"
+            or _name(wt.target) in ("aten::permute", "aten::permute_copy")
+            and list(
+                wt.args[1]  # type: ignore[arg-type]
+            )
+            == [1, 0]
+        ):
             return x, wt.args[0], b
     return None
 
@@ -207,8 +218,9 @@ class ConvToLinearPass(_OpPass):
                 return "not a 2-D convolution on an (N, C, H, W) map"
             if tuple(w_shape[2:]) != (1, 1):
                 return f"kernel {w_shape[2]}x{w_shape[3]} is not pointwise"
-            if [list(s) if isinstance(s, (list, tuple)) else s for s in step] != [list(s) if isinstance(s, tuple) else s
-                                                                                  for s in _STEP]:  # fmt: skip
+            if [list(s) if isinstance(s, (list, tuple)) else s for s in step] != [
+                list(s) if isinstance(s, tuple) else s for s in _STEP
+            ]:
                 return "stride, padding, dilation, groups or a transposed conv: not a plain pointwise conv"
             if w.op not in ("placeholder", "get_attr"):
                 return "the weight is computed in the graph, not a parameter"

@@ -25,15 +25,23 @@ __all__ = ["Rewriter", "CONSTANT_INPUT"]
 
 log = logging.getLogger(__name__)
 
-CONSTANT_INPUT = ("its input is a constant (no model input reaches it, e.g. a relative-position table): export "
-                  "folds it, nothing to rewrite")  # fmt: skip
+CONSTANT_INPUT = (
+    "its input is a constant (no model input reaches it, e.g. a relative-position table): export "
+    "folds it, nothing to rewrite"
+)
 
 
 class Rewriter:
     """State of one pass over one GraphModule: the layouts carried so far, the sites, the modules to install."""
 
-    def __init__(self, gm: fx.GraphModule, rules: RuleSet, exclude: Sequence[str] = (),
-                 tied: Mapping[str, str] | None = None, skip: Mapping[str, str] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        gm: fx.GraphModule,
+        rules: RuleSet,
+        exclude: Sequence[str] = (),
+        tied: Mapping[str, str] | None = None,
+        skip: Mapping[str, str] | None = None,
+    ) -> None:
         """``tied`` names parameters of ``gm`` shared with modules outside it (an untraceable parent's other
         children), by the owner outside: their layers are left alone like any other tied weight. ``skip`` maps
         the patterns to leave alone (a deployment target's) to the reason their sites report."""
@@ -126,8 +134,9 @@ class Rewriter:
                 if propagator.propagate(node, self):
                     break
         cleanup.finish(self)
-        self.sites = subgraph.attach(self.sites, self._pictures, self.alt, self.original_nodes,
-                                     dict(self.gm.named_modules()))  # fmt: skip
+        self.sites = subgraph.attach(
+            self.sites, self._pictures, self.alt, self.original_nodes, dict(self.gm.named_modules())
+        )
         return self.sites
 
     def _site(self, node: fx.Node, rule: Rule, name: str) -> None:

@@ -27,8 +27,16 @@ from fxsurgery.report import Site
 if TYPE_CHECKING:
     from fxsurgery.engine.rewriter import Rewriter
 
-__all__ = ["Skip", "Match", "Rule", "Propagator", "RuleSet", "module_skip_reason", "weight_skip_reason",
-           "feeds_candidate"]
+__all__ = [
+    "Skip",
+    "Match",
+    "Rule",
+    "Propagator",
+    "RuleSet",
+    "module_skip_reason",
+    "weight_skip_reason",
+    "feeds_candidate",
+]
 
 
 class Skip(Exception):
@@ -98,8 +106,10 @@ def module_skip_reason(name: str, mod: nn.Module, exact_types: tuple[type, ...],
         which = f"{name}.{sub_name}" if sub_name else "it"
         if parametrize.is_parametrized(sub):
             names = ", ".join(sorted(sub.parametrizations.keys()))
-            return (f"{which} is parametrized ({names}: weight_norm/spectral_norm-style); the parametrization would "
-                    "be dropped")  # fmt: skip
+            return (
+                f"{which} is parametrized ({names}: weight_norm/spectral_norm-style); the parametrization would "
+                "be dropped"
+            )
         hooks = hook_kinds(sub)
         if hooks:
             return f"{which} has {' and '.join(hooks)}, which a replacement layer would not run"

@@ -37,8 +37,9 @@ def _op_name(target: Any) -> str:
 def _module_text(mod: nn.Module | None) -> str:
     if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d)):
         stride = "" if set(mod.stride) == {1} else f" stride {'x'.join(map(str, mod.stride))}"
-        return f"{type(mod).__name__} {mod.in_channels}->{mod.out_channels} {'x'.join(map(str, mod.kernel_size))}" \
-               f"{stride}"  # fmt: skip
+        return (
+            f"{type(mod).__name__} {mod.in_channels}->{mod.out_channels} {'x'.join(map(str, mod.kernel_size))}{stride}"
+        )
     if isinstance(mod, nn.Linear):
         return f"Linear {mod.in_features}->{mod.out_features}"
     return type(mod).__name__
@@ -63,8 +64,11 @@ def _args_text(node: fx.Node) -> str:
     """The literal arguments of a call (``.permute(0, 2, 3, 1)``, ``getitem[:, :, ::2, ::2]``), else nothing."""
     if node.target is operator.getitem and len(node.args) == 2:
         return _index_text(node.args[1]) or ""
-    literal = [a for a in node.args[1:] if isinstance(a, int) or (isinstance(a, (tuple, list)) and a and
-                                                                  all(isinstance(i, int) for i in a))]  # fmt: skip
+    literal = [
+        a
+        for a in node.args[1:]
+        if isinstance(a, int) or (isinstance(a, (tuple, list)) and a and all(isinstance(i, int) for i in a))
+    ]
     if not literal or len(literal) != len(node.args) - 1:
         return ""
     return f"({', '.join(str(tuple(a)) if isinstance(a, (tuple, list)) else str(a) for a in literal)})"
@@ -113,11 +117,19 @@ def _near(start: fx.Node, back: int, on: int, expand: Callable[[fx.Node], bool])
     return list(chosen)
 
 
-def _picture(nodes: list[fx.Node], labels: Mapping[fx.Node, str], edges: Collection[tuple[fx.Node, fx.Node]],
-             role: Callable[[fx.Node], str], site: fx.Node) -> dict[str, Any]:  # fmt: skip
-    return {"nodes": [{"id": n.name, "label": labels[n], "shape": _shape(n), "role": role(n), "site": n is site}
-                      for n in nodes],
-            "edges": [[a.name, b.name] for a, b in edges]}  # fmt: skip
+def _picture(
+    nodes: list[fx.Node],
+    labels: Mapping[fx.Node, str],
+    edges: Collection[tuple[fx.Node, fx.Node]],
+    role: Callable[[fx.Node], str],
+    site: fx.Node,
+) -> dict[str, Any]:
+    return {
+        "nodes": [
+            {"id": n.name, "label": labels[n], "shape": _shape(n), "role": role(n), "site": n is site} for n in nodes
+        ],
+        "edges": [[a.name, b.name] for a, b in edges],
+    }
 
 
 def _edges(nodes: list[fx.Node]) -> list[tuple[fx.Node, fx.Node]]:
@@ -153,16 +165,23 @@ def after(alt: fx.Node, original: Collection[fx.Node], modules: Mapping[str, nn.
     return _picture(nodes, labels, _edges(nodes), lambda n: "kept" if n in original else "new", alt)
 
 
-def attach(sites: list[Site], records: list[tuple[int, int, Before]], alt: Mapping[fx.Node, tuple[fx.Node, Any]],
-           original: Collection[fx.Node], modules: Mapping[str, nn.Module]) -> list[Site]:  # fmt: skip
+def attach(
+    sites: list[Site],
+    records: list[tuple[int, int, Before]],
+    alt: Mapping[fx.Node, tuple[fx.Node, Any]],
+    original: Collection[fx.Node],
+    modules: Mapping[str, nn.Module],
+) -> list[Site]:
     """``sites`` with their pictures: ``records`` holds, per rule call, the index of its first site, how many sites
     it returned, and what was recorded before it ran. Sites a call rewrote together share its pictures."""
     out = list(sites)
     for first, count, before in records:
         counterpart = alt.get(before.node)
         rewritten = out[first].rewritten and counterpart is not None and not counterpart[0]._erased
-        pictures = {"before": before.picture(),
-                    "after": after(counterpart[0], original, modules) if rewritten and counterpart else None}
+        pictures = {
+            "before": before.picture(),
+            "after": after(counterpart[0], original, modules) if rewritten and counterpart else None,
+        }
         for i in range(first, first + count):
             out[i] = replace(out[i], subgraph=pictures)
     return out

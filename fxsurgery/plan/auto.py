@@ -107,8 +107,9 @@ class _Chooser:
     def __init__(self, options: Options, work: Path, pairs: int, threads: int) -> None:
         self.options, self.work, self.pairs, self.threads = options, work, pairs, threads
         # a block or a layer timed alone: names of the whole model do not apply to it
-        self.alone = replace(options, exclude=(), leaf_modules=tuple(x for x in options.leaf_modules
-                                                                     if not isinstance(x, str)))  # fmt: skip
+        self.alone = replace(
+            options, exclude=(), leaf_modules=tuple(x for x in options.leaf_modules if not isinstance(x, str))
+        )
         self.choices: list[dict[str, Any]] = []
         self.keep: dict[str, list[str]] = {d: [] for d in DIRECTIONS}
         self.cache: dict[tuple, Ratio] = {}
@@ -122,19 +123,26 @@ class _Chooser:
         self.choices.append({"site": name, "direction": direction, "chosen": chosen, **detail})
 
     def measured(self, direction: str, name: str, r: Ratio, **detail: Any) -> None:
-        self.decide(direction, name, "rewritten" if r.median < 1.0 else "original", **detail, ratio=r.median,
-                    original_ms=r.a_ms, rewritten_ms=r.b_ms)  # fmt: skip
+        self.decide(
+            direction,
+            name,
+            "rewritten" if r.median < 1.0 else "original",
+            **detail,
+            ratio=r.median,
+            original_ms=r.a_ms,
+            rewritten_ms=r.b_ms,
+        )
 
     def ratio(self, key: tuple, module: nn.Module, x: torch.Tensor, direction: str) -> Ratio:
         """``module`` against its rewritten form on ``x`` (measured once per key)."""
         if key not in self.cache:
             form = run_pass(module, (x,), direction, self.alone).module
-            self.cache[key] = interleaved(self.runner(module, x), self.runner(form, x), self.pairs,
-                                          min_sample_s=SITE_SAMPLE_S, settle=1.0)  # fmt: skip
+            self.cache[key] = interleaved(
+                self.runner(module, x), self.runner(form, x), self.pairs, min_sample_s=SITE_SAMPLE_S, settle=1.0
+            )
         return self.cache[key]
 
-    def direction(self, model: nn.Module, inputs: tuple[torch.Tensor, ...], direction: str,
-                  res: SurgeryResult) -> None:  # fmt: skip
+    def direction(self, model: nn.Module, inputs: tuple[torch.Tensor, ...], direction: str, res: SurgeryResult) -> None:
         """Decide every rewritten site of ``res``: per block where it has one, else alone."""
         blocks = _blocks(model, res.rewritten) if direction == "linear_to_conv" else {}
         grouped = _by_block(blocks)
@@ -163,18 +171,26 @@ class _Chooser:
     def site(self, model: nn.Module, site: Site, direction: str) -> None:
         alone = _site_alone(model, site, direction)
         if alone is None:
-            self.decide(direction, site.name, "original",
-                        why="not measurable alone (a functional site or window attention)")  # fmt: skip
+            self.decide(
+                direction, site.name, "original", why="not measurable alone (a functional site or window attention)"
+            )
             return
         original, x = alone
         layer: Any = original[-1] if isinstance(original, nn.Sequential) else original.layer
-        key = (direction, site.pattern, type(layer).__name__, tuple(p.shape for p in layer.parameters()),
-               site.input_shape, getattr(layer, "stride", None))  # fmt: skip
+        key = (
+            direction,
+            site.pattern,
+            type(layer).__name__,
+            tuple(p.shape for p in layer.parameters()),
+            site.input_shape,
+            getattr(layer, "stride", None),
+        )
         self.measured(direction, site.name, self.ratio(key, original, x, direction))
 
 
-def auto_rewrite(model: nn.Module, inputs: tuple[torch.Tensor, ...], options: Options, *, pairs: int = 5,
-                 threads: int = 2) -> SurgeryResult:  # fmt: skip
+def auto_rewrite(
+    model: nn.Module, inputs: tuple[torch.Tensor, ...], options: Options, *, pairs: int = 5, threads: int = 2
+) -> SurgeryResult:
     """See the module docstring."""
     if len(inputs) != 1:
         raise InputError("to='auto' times models on one input tensor; this model takes several")
@@ -190,35 +206,57 @@ def auto_rewrite(model: nn.Module, inputs: tuple[torch.Tensor, ...], options: Op
             "all-conv": full["linear_to_conv"].module,
             "all-linear": full["conv_to_linear"].module,
         }
-        base = chooser.runner(model, inputs[0])
-        whole: dict[str, dict[str, Any]] = {}
-        for label, module in candidates.items():
-            if module is None:
-                continue
-            r = interleaved(base, chooser.runner(module, inputs[0]), pairs)
-            whole[label] = {"ratio": r.median, "low": r.low, "high": r.high, "original_ms": r.a_ms,
-                            "candidate_ms": r.b_ms}  # fmt: skip
-        if same:  # measured once, under the other name
-            whole["auto"] = {**whole.get(same, {"ratio": 1.0, "low": 1.0, "high": 1.0}), "same_as": same}
-            candidates["auto"] = candidates[same] if same in candidates else working_copy(model)
-        whole = {k: whole[k] for k in candidates}  # auto first
+        whole = _time_whole(chooser, model, inputs[0], candidates, same)
     best = min(whole, key=lambda k: whole[k]["ratio"])
     if whole[best]["ratio"] > 1.0 - MARGIN:
         best = "original"
     chosen_module = {"original": working_copy(model), **candidates}[best]
-    timings = {"runtime": options.runtime, "pairs": pairs, "threads": threads, "sites": chooser.choices,
-               "whole_model": whole, "chosen": best}  # fmt: skip
-    notes = (f"auto ({options.runtime}): chose {best}; whole-model ratios vs original: "
-             + ", ".join(f"{k} {v['ratio']:.2f}" for k, v in whole.items()),)
+    timings = {
+        "runtime": options.runtime,
+        "pairs": pairs,
+        "threads": threads,
+        "sites": chooser.choices,
+        "whole_model": whole,
+        "chosen": best,
+    }
+    notes = (
+        f"auto ({options.runtime}): chose {best}; whole-model ratios vs original: "
+        + ", ".join(f"{k} {v['ratio']:.2f}" for k, v in whole.items()),
+    )
     result = SurgeryResult(chosen_module, _chosen_sites(full, chooser.keep, best), None, "auto", notes, timings)
     if not options.validate:
         return result
-    check = validate(model, chosen_module, inputs, num_random=options.num_random, precision=options.precision,
-                     rtol=options.rtol, seed=options.seed)  # fmt: skip
+    check = validate(
+        model,
+        chosen_module,
+        inputs,
+        num_random=options.num_random,
+        precision=options.precision,
+        rtol=options.rtol,
+        seed=options.seed,
+    )
     result = dataclasses.replace(result, validation=check)
     if not check:
         raise ValidationError(f"validation failed: {check.failure}", result=result)
     return result
+
+
+def _time_whole(
+    chooser: _Chooser, model: nn.Module, x: torch.Tensor, candidates: dict[str, nn.Module | None], same: str | None
+) -> dict[str, dict[str, Any]]:
+    """Each candidate whole model against the original, side by side; where the per-site choice amounts to another
+    candidate (``same``), ``auto`` is that one, measured once (``candidates`` is completed to say so)."""
+    base = chooser.runner(model, x)
+    whole: dict[str, dict[str, Any]] = {}
+    for label, module in candidates.items():
+        if module is None:
+            continue
+        r = interleaved(base, chooser.runner(module, x), chooser.pairs)
+        whole[label] = {"ratio": r.median, "low": r.low, "high": r.high, "original_ms": r.a_ms, "candidate_ms": r.b_ms}
+    if same:  # measured once, under the other name
+        whole["auto"] = {**whole.get(same, {"ratio": 1.0, "low": 1.0, "high": 1.0}), "same_as": same}
+        candidates["auto"] = candidates[same] if same in candidates else working_copy(model)
+    return {k: whole[k] for k in candidates}  # auto first
 
 
 _BLOCK_PATTERNS = ("token-linear", "self-attention", "window-attention", "channels-last-linear", "chain-linear")
@@ -251,9 +289,12 @@ def _by_block(blocks: dict[str, str]) -> dict[str, list[str]]:
 
 
 def _measure_block(
-    model: nn.Module, block_inputs: tuple[torch.Tensor, ...] | None, block: str, direction: str,
+    model: nn.Module,
+    block_inputs: tuple[torch.Tensor, ...] | None,
+    block: str,
+    direction: str,
     ratio: Callable[[tuple, nn.Module, torch.Tensor, str], Ratio],
-) -> Ratio | None:  # fmt: skip
+) -> Ratio | None:
     """The block alone, original against rewritten, on the input it receives in the model; None when it cannot be
     run alone (the whole model, not captured, several inputs, or a rewrite that fails on it)."""
     if not block or block_inputs is None or len(block_inputs) != 1:
@@ -281,8 +322,13 @@ def _same_as(full: dict[str, SurgeryResult], keep: dict[str, list[str]]) -> str 
     return None
 
 
-def _compose(model: nn.Module, inputs: tuple[torch.Tensor, ...], full: dict[str, SurgeryResult],
-             keep: dict[str, list[str]], options: Options) -> nn.Module:  # fmt: skip
+def _compose(
+    model: nn.Module,
+    inputs: tuple[torch.Tensor, ...],
+    full: dict[str, SurgeryResult],
+    keep: dict[str, list[str]],
+    options: Options,
+) -> nn.Module:
     """Linear -> conv on the kept Linear sites, then conv -> Linear on the kept conv sites of the result."""
     if not keep["linear_to_conv"]:  # one direction only: one pass (a pass that rewrites nothing is not run)
         first: nn.Module = model
@@ -309,7 +355,11 @@ def _chosen_sites(full: dict[str, SurgeryResult], keep: dict[str, list[str]], be
         }[best]
         for s in res.sites:
             if s.rewritten and s.name not in kept:
-                s = dataclasses.replace(s, status="skipped", reason=f"auto: the original form is faster ({best})",
-                                        subgraph=subgraph.left_alone(s.subgraph))  # fmt: skip
+                s = dataclasses.replace(
+                    s,
+                    status="skipped",
+                    reason=f"auto: the original form is faster ({best})",
+                    subgraph=subgraph.left_alone(s.subgraph),
+                )
             sites.append(dataclasses.replace(s, direction=direction))
     return sites

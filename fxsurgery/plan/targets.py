@@ -37,15 +37,27 @@ class Target:
 
 TARGETS: dict[str, Target] = {
     "onnxruntime": Target("onnxruntime", "onnxruntime", "", layout_reason="the defaults were measured on it"),
-    "openvino": Target("openvino", "openvino", "openvino",
-                       layout_reason="at batch 1 neither layout measured faster on its CPU plugin"),  # fmt: skip
-    "coreml": Target("coreml", "coremltools", "coreml", batch_layout="batch",
-                     layout_reason="at batch 1 Core ML runs the spatial (1, C, 1, N) layout with 2 transposes and 2 "
-                                   "reshapes around a head; (N, C, 1, 1) needs 1 reshape"),  # fmt: skip
-    "executorch-xnnpack": Target("executorch-xnnpack", "executorch", "executorch", skip={
-        "conv1x1-strided": "target executorch-xnnpack: XNNPACK does not delegate the strided slice "
-                           "x[:, :, ::s, ::s] this rewrite starts with (the graph would split into several "
-                           "delegates with slice_copy between them): kept as a conv"}),  # fmt: skip
+    "openvino": Target(
+        "openvino", "openvino", "openvino", layout_reason="at batch 1 neither layout measured faster on its CPU plugin"
+    ),
+    "coreml": Target(
+        "coreml",
+        "coremltools",
+        "coreml",
+        batch_layout="batch",
+        layout_reason="at batch 1 Core ML runs the spatial (1, C, 1, N) layout with 2 transposes and 2 "
+        "reshapes around a head; (N, C, 1, 1) needs 1 reshape",
+    ),
+    "executorch-xnnpack": Target(
+        "executorch-xnnpack",
+        "executorch",
+        "executorch",
+        skip={
+            "conv1x1-strided": "target executorch-xnnpack: XNNPACK does not delegate the strided slice "
+            "x[:, :, ::s, ::s] this rewrite starts with (the graph would split into several "
+            "delegates with slice_copy between them): kept as a conv"
+        },
+    ),
 }
 
 
@@ -70,8 +82,10 @@ def target_notes(name: str | None, batch_layout: str, direction: str) -> list[st
         if batch_layout == picked:
             notes.append(f"target {name}: batch_layout={picked!r} ({t.layout_reason})")
         else:
-            notes.append(f"target {name}: batch_layout={batch_layout!r} as given (the target picks {picked!r}: "
-                         f"{t.layout_reason})")  # fmt: skip
+            notes.append(
+                f"target {name}: batch_layout={batch_layout!r} as given (the target picks {picked!r}: "
+                f"{t.layout_reason})"
+            )
     for pattern in t.skip:
         notes.append(f"target {name}: {pattern} sites are left alone")
     return notes

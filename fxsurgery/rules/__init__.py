@@ -6,12 +6,17 @@
 
 from __future__ import annotations
 
+import torch
+from torch import nn
+
+from fxsurgery.engine.nodes import CONV_TYPES
 from fxsurgery.engine.rule import RuleSet
 from fxsurgery.errors import InputError
 from fxsurgery.options import Options
+from fxsurgery.report import Site
 from fxsurgery.rules import conv_to_linear, linear_to_conv
 
-__all__ = ["DIRECTIONS", "rule_set"]
+__all__ = ["DIRECTIONS", "rule_set", "bare_candidate"]
 
 #: The passes, and the target names the CLI and ``check`` accept for them.
 DIRECTIONS = {"conv": linear_to_conv.DIRECTION, "linear": conv_to_linear.DIRECTION}
@@ -26,5 +31,30 @@ def rule_set(direction: str, options: Options) -> RuleSet:
         return linear_to_conv.rule_set(options.batch_layout, options.token_layout)
     if direction == conv_to_linear.DIRECTION:
         return conv_to_linear.rule_set()
-    raise InputError(f"unknown direction {direction!r}; use one of {sorted(DIRECTIONS.values())} (or 'conv' / "
-                     "'linear' / 'auto')")  # fmt: skip
+    raise InputError(
+        f"unknown direction {direction!r}; use one of {sorted(DIRECTIONS.values())} (or 'conv' / 'linear' / 'auto')"
+    )
+
+
+def bare_candidate(
+    direction: str, name: str, child: nn.Module, inputs: tuple[torch.Tensor, ...], why: str | None = None
+) -> list[Site]:
+    """A Linear or pointwise/full-extent conv called directly by code torch.fx cannot trace: listed as a site of
+    ``direction``, with why it stays."""
+    x = inputs[0] if inputs else None
+    kernel: tuple[int, ...] = tuple(child.kernel_size) if isinstance(child, CONV_TYPES) else ()  # type: ignore[arg-type]
+    linear = direction == "linear_to_conv" and isinstance(child, nn.Linear)
+    conv = (
+        direction == "conv_to_linear"
+        and bool(kernel)
+        and x is not None
+        and (all(k == 1 for k in kernel) or tuple(x.shape[2:]) == tuple(kernel))
+    )
+    if not (linear or conv):
+        return []
+    why = why or (
+        "called directly by code that cannot be traced: what it reads and where its output goes are not "
+        "visible to the rewrite; make that code traceable or move the layer into a traceable submodule"
+    )
+    pattern = "flatten->linear" if linear else "conv1x1" if all(k == 1 for k in kernel) else "conv-full-extent"
+    return [Site(name, pattern, "skipped", why)]

@@ -59,17 +59,35 @@ class BenchReport:
         return asdict(self)
 
     def summary(self) -> str:
-        table = [(r.runtime, r.batch, r.ratio.text(), r.noise.text(), f"{r.ratio.a_ms:.3g}", f"{r.ratio.b_ms:.3g}")
-                 for r in self.rows]  # fmt: skip
-        head = (f"{self.model}, {self.direction} ({self.rewritten_sites} sites rewritten): rewritten/original, "
-                f"median of {self.pairs} interleaved pairs (spread), {self.threads} threads; {self.machine}")
-        return head + "\n" + format_table(("runtime", "batch", "rewritten/original", "noise floor", "original ms",
-                                           "rewritten ms"), table)  # fmt: skip
+        table = [
+            (r.runtime, r.batch, r.ratio.text(), r.noise.text(), f"{r.ratio.a_ms:.3g}", f"{r.ratio.b_ms:.3g}")
+            for r in self.rows
+        ]
+        head = (
+            f"{self.model}, {self.direction} ({self.rewritten_sites} sites rewritten): rewritten/original, "
+            f"median of {self.pairs} interleaved pairs (spread), {self.threads} threads; {self.machine}"
+        )
+        return (
+            head
+            + "\n"
+            + format_table(
+                ("runtime", "batch", "rewritten/original", "noise floor", "original ms", "rewritten ms"), table
+            )
+        )
 
 
-def benchmark(model: nn.Module, example_inputs: Any, to: str = "conv", *, runtimes: Sequence[str] = ("onnxruntime",
-              "torch"), batches: Sequence[int] | None = None, pairs: int = 7, threads: int = 2,
-              options: Options | None = None, **overrides: Any) -> BenchReport:  # fmt: skip
+def benchmark(
+    model: nn.Module,
+    example_inputs: Any,
+    to: str = "conv",
+    *,
+    runtimes: Sequence[str] = ("onnxruntime", "torch"),
+    batches: Sequence[int] | None = None,
+    pairs: int = 7,
+    threads: int = 2,
+    options: Options | None = None,
+    **overrides: Any,
+) -> BenchReport:
     """Rewrite ``model`` towards ``to`` (as :func:`fxsurgery.rewrite`, validated unless ``validate=False``), then
     time the rewritten model against the original per runtime (``"onnxruntime"``, ``"torch"``, ``"openvino"``) and
     per batch size (default: the example's; other sizes get fresh inputs like the example's), ``pairs`` interleaved
@@ -88,16 +106,19 @@ def benchmark(model: nn.Module, example_inputs: Any, to: str = "conv", *, runtim
     rows = []
     with _threads(threads), tempfile.TemporaryDirectory(prefix="fxsurgery-bench-") as tmp:
         for batch in batches or (example_batch,):
-            xs = inputs if batch == example_batch else random_inputs(inputs, torch.Generator().manual_seed(batch),
-                                                                      batch)  # fmt: skip
+            xs = (
+                inputs if batch == example_batch else random_inputs(inputs, torch.Generator().manual_seed(batch), batch)
+            )
             for rt in runtimes:
                 original = runner(base, xs, rt, Path(tmp), threads)
                 ratio = interleaved(original, runner(new, xs, rt, Path(tmp), threads), pairs)
-                rows.append(BenchRow(rt, batch, ratio, interleaved(original, runner(base, xs, rt, Path(tmp), threads),
-                                                                   pairs)))  # fmt: skip
+                rows.append(
+                    BenchRow(rt, batch, ratio, interleaved(original, runner(base, xs, rt, Path(tmp), threads), pairs))
+                )
     machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
-    return BenchReport(type(model).__name__, result.direction, len(result.rewritten), pairs, threads, machine,
-                       tuple(rows))  # fmt: skip
+    return BenchReport(
+        type(model).__name__, result.direction, len(result.rewritten), pairs, threads, machine, tuple(rows)
+    )
 
 
 @contextlib.contextmanager
@@ -110,8 +131,11 @@ def _threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def ratio_chart(rows: Sequence[tuple[str, Ratio | dict[str, Any], Ratio | dict[str, Any]]], path: str | os.PathLike,
-                title: str = "rewritten / original") -> None:  # fmt: skip
+def ratio_chart(
+    rows: Sequence[tuple[str, Ratio | dict[str, Any], Ratio | dict[str, Any]]],
+    path: str | os.PathLike,
+    title: str = "rewritten / original",
+) -> None:
     """A PNG (or SVG, by ``path``'s suffix) of ``(label, ratio, noise)`` rows: per row the median ratio as a dot with
     its spread, over the noise floor's spread as a grey band; 1.0 marked; below 1 is faster. Needs matplotlib
     (``pip install "fxsurgery[bench]"``)."""

@@ -21,14 +21,21 @@ from fxsurgery.runtimes.runners import openvino_compiled, xnnpack_lowered
 __all__ = ["census"]
 
 
-def census(name: str, original: nn.Module, rewritten: nn.Module, inputs: tuple[Any, ...],
-           onnx_paths: tuple[str, str] | None = None) -> dict[str, Any]:  # fmt: skip
+def census(
+    name: str,
+    original: nn.Module,
+    rewritten: nn.Module,
+    inputs: tuple[Any, ...],
+    onnx_paths: tuple[str, str] | None = None,
+) -> dict[str, Any]:
     """The ops of both models after the target's own conversion, ``{"toolchain", "original", "rewritten"}``; where
     the toolchain is not installed or fails, ``{"toolchain", "skipped": why}``."""
     t = TARGETS[name]
     if importlib.util.find_spec(t.toolchain) is None:
-        return {"toolchain": t.toolchain, "skipped": f"{t.toolchain} is not installed: pip install "
-                                                     f"\"fxsurgery[{t.extra}]\""}  # fmt: skip
+        return {
+            "toolchain": t.toolchain,
+            "skipped": f'{t.toolchain} is not installed: pip install "fxsurgery[{t.extra}]"',
+        }
     count: Callable[[nn.Module, tuple[Any, ...], str | None], dict[str, int]] = _CENSUS[name]
     paths = onnx_paths or (None, None)
     out: dict[str, Any] = {"toolchain": t.toolchain}
@@ -85,4 +92,8 @@ def _executorch(module: nn.Module, inputs: tuple[Any, ...], path: str | None) ->
 
 
 _CENSUS: dict[str, Callable[[nn.Module, tuple[Any, ...], str | None], dict[str, int]]] = {
-    "onnxruntime": _onnxruntime, "coreml": _coreml, "openvino": _openvino, "executorch-xnnpack": _executorch}
+    "onnxruntime": _onnxruntime,
+    "coreml": _coreml,
+    "openvino": _openvino,
+    "executorch-xnnpack": _executorch,
+}

@@ -30,13 +30,15 @@ def check_runtimes(runtimes: Sequence[str]) -> None:
             raise InputError(f"unknown cross-check runtime {rt!r}: use some of {', '.join(RUNNERS)}")
         package, extra, _ = RUNNERS[rt]
         if importlib.util.find_spec(package) is None:
-            raise InputError(f"the {rt} cross-check needs {package}: pip install \"fxsurgery[{extra}]\"")
+            raise InputError(f'the {rt} cross-check needs {package}: pip install "fxsurgery[{extra}]"')
 
 
 def run(runtime: str, module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> list[Any]:
     """``module`` (in eval mode) converted for ``runtime`` and run once on ``inputs``: its outputs, flat."""
-    runner: Callable[[nn.Module, tuple[torch.Tensor, ...]], list[Any]] = {"openvino": _openvino,
-                                                                          "executorch": _executorch}[runtime]
+    runner: Callable[[nn.Module, tuple[torch.Tensor, ...]], list[Any]] = {
+        "openvino": _openvino,
+        "executorch": _executorch,
+    }[runtime]
     return runner(module, tuple(t.clone() for t in inputs))
 
 

@@ -46,8 +46,14 @@ class Ratio:
         return f"{self.median:.2f} ({self.low:.2f}..{self.high:.2f})"
 
 
-def interleaved(a: Callable[[], Any], b: Callable[[], Any], pairs: int, warmup: int = 2,
-                min_sample_s: float = 0.02, settle: float | None = None) -> Ratio:
+def interleaved(
+    a: Callable[[], Any],
+    b: Callable[[], Any],
+    pairs: int,
+    warmup: int = 2,
+    min_sample_s: float = 0.02,
+    settle: float | None = None,
+) -> Ratio:
     """Time ``a`` and ``b`` alternately and return the ratio b/a per pair, summarised.
 
     A call shorter than ``min_sample_s`` is repeated within each sample (the same count on both sides), so that a
@@ -78,13 +84,19 @@ def interleaved(a: Callable[[], Any], b: Callable[[], Any], pairs: int, warmup: 
         ratios.append(times[b] / times[a])
         if settle is not None and _settled(ratios, settle, pairs):
             break
-    return Ratio(statistics.median(ratios), min(ratios), max(ratios), statistics.median(ta) * 1e3,
-                 statistics.median(tb) * 1e3, len(ratios))  # fmt: skip
+    return Ratio(
+        statistics.median(ratios),
+        min(ratios),
+        max(ratios),
+        statistics.median(ta) * 1e3,
+        statistics.median(tb) * 1e3,
+        len(ratios),
+    )
 
 
 def _settled(ratios: list[float], threshold: float, pairs: int) -> bool:
     majority = max(pairs, 1) // 2 + 1
-    return (sum(r < threshold for r in ratios) >= majority or sum(r >= threshold for r in ratios) >= majority)
+    return sum(r < threshold for r in ratios) >= majority or sum(r >= threshold for r in ratios) >= majority
 
 
 def ort_session(path: str | Path, threads: int, providers: tuple[str, ...] = ("CPUExecutionProvider",)) -> Any:
@@ -92,8 +104,14 @@ def ort_session(path: str | Path, threads: int, providers: tuple[str, ...] = ("C
     return session(path, threads=threads, providers=providers)
 
 
-def runner(module: nn.Module, x: torch.Tensor | tuple[torch.Tensor, ...], runtime: str, workdir: Path, threads: int,
-           exporter: str = "dynamo") -> Callable[[], Any]:  # fmt: skip
+def runner(
+    module: nn.Module,
+    x: torch.Tensor | tuple[torch.Tensor, ...],
+    runtime: str,
+    workdir: Path,
+    threads: int,
+    exporter: str = "dynamo",
+) -> Callable[[], Any]:
     """A zero-argument callable that runs ``module`` on ``x`` (a tensor or a tuple of them) once on ``runtime``:
     ``"torch"``: eager, no grad; ``"onnxruntime"``: exported into ``workdir`` with ``exporter`` and run in an
     :func:`ort_session` (a model the TorchScript exporter cannot export is exported with dynamo); ``"openvino"``:
@@ -103,6 +121,7 @@ def runner(module: nn.Module, x: torch.Tensor | tuple[torch.Tensor, ...], runtim
     module = eval_copy(module, "native")  # its own parameters and buffers: a forward that writes stays local
     inputs = tuple(t.clone() for t in (x if isinstance(x, tuple) else (x,)))  # the caller's tensors never change
     if runtime == "torch":
+
         def run_torch() -> Any:
             with torch.no_grad():
                 return module(*inputs)

@@ -8,5 +8,13 @@ from fxsurgery.verify.cross_check import cross_check
 from fxsurgery.verify.policy import RTOL, SCALE_FLOOR, compare_outputs
 from fxsurgery.verify.validation import random_inputs, validate
 
-__all__ = ["cross_check", "export_onnx", "op_histogram", "RTOL", "SCALE_FLOOR", "compare_outputs", "random_inputs",
-           "validate"]  # fmt: skip
+__all__ = [
+    "cross_check",
+    "export_onnx",
+    "op_histogram",
+    "RTOL",
+    "SCALE_FLOOR",
+    "compare_outputs",
+    "random_inputs",
+    "validate",
+]

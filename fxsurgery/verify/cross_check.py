@@ -68,15 +68,23 @@ class _Findings:
             self.failures.append(message)
 
 
-def _export(models: dict[str, nn.Module], paths: dict[str, Path], inputs: tuple[torch.Tensor, ...],
-            export_inputs: tuple[torch.Tensor, ...], dynamic: bool, found: _Findings, exporter: str,
-            opset: int | None) -> bool:  # fmt: skip
+def _export(
+    models: dict[str, nn.Module],
+    paths: dict[str, Path],
+    inputs: tuple[torch.Tensor, ...],
+    export_inputs: tuple[torch.Tensor, ...],
+    dynamic: bool,
+    found: _Findings,
+    exporter: str,
+    opset: int | None,
+) -> bool:
     """Export both models; returns whether the batch axis is dynamic in both files."""
     for name, module in models.items():
         log.info("exporting %s model to %s", name, paths[name])
         try:
-            export_onnx(module, _clones(export_inputs), paths[name], exporter=exporter, dynamic_batch=dynamic,
-                        opset=opset)  # fmt: skip
+            export_onnx(
+                module, _clones(export_inputs), paths[name], exporter=exporter, dynamic_batch=dynamic, opset=opset
+            )
         except Exception as e:
             if not dynamic:
                 raise _export_error(name, exporter, e) from e
@@ -86,8 +94,10 @@ def _export(models: dict[str, nn.Module], paths: dict[str, Path], inputs: tuple[
     if dynamic:  # a drop-in replacement: the rewritten file's outputs get the original file's names
         rename_outputs(paths["rewritten"], io_names(paths["original"])[1])
     if dynamic and (static := [n for n, p in paths.items() if not batch_is_dynamic(p)]):
-        found.skipped.append(f"dynamic batch axis: the exporter specialised the batch of {', '.join(static)}.onnx; "
-                             "re-exported with a static batch")  # fmt: skip
+        found.skipped.append(
+            f"dynamic batch axis: the exporter specialised the batch of {', '.join(static)}.onnx; "
+            "re-exported with a static batch"
+        )
         dynamic = False
     if not dynamic:
         for name, module in models.items():
@@ -101,8 +111,10 @@ def _export(models: dict[str, nn.Module], paths: dict[str, Path], inputs: tuple[
 
 def _export_error(name: str, exporter: str, e: Exception) -> SurgeryError:
     other = "torchscript" if exporter == "dynamo" else "dynamo"
-    return SurgeryError(f"ONNX export of the {name} model failed ({exporter}): {one_line(e)}; try "
-                        f"exporter={other!r} (--exporter {other}), or check(..., onnx=False) without the cross-check")
+    return SurgeryError(
+        f"ONNX export of the {name} model failed ({exporter}): {one_line(e)}; try "
+        f"exporter={other!r} (--exporter {other}), or check(..., onnx=False) without the cross-check"
+    )
 
 
 def _clones(inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
@@ -128,8 +140,13 @@ def _tensor_leaves(out: Any) -> list[torch.Tensor]:
     return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
 
 
-def _run_more(models: dict[str, nn.Module], batches: list[tuple], runtimes: Sequence[str], found: _Findings,
-              outputs: list[dict[str, list[Any]]]) -> None:  # fmt: skip
+def _run_more(
+    models: dict[str, nn.Module],
+    batches: list[tuple],
+    runtimes: Sequence[str],
+    found: _Findings,
+    outputs: list[dict[str, list[Any]]],
+) -> None:
     """The optional runtimes' outputs (:mod:`~fxsurgery.runtimes.runners`): where one cannot run the original, that is
     its limit (skipped); where it runs the original and not the rewritten model, a failure."""
     for rt in runtimes:
@@ -152,12 +169,18 @@ def _runtime_localized(rt: str, module: nn.Module, inputs: tuple, rtol: float | 
     return first_failing_node(lambda m, x: runners.run(rt, m, x), module, inputs, rtol=rtol)
 
 
-def _run(models: dict[str, nn.Module], paths: dict[str, Path], batches: list[tuple], providers: Sequence[str],
-         found: _Findings) -> list[dict[str, list[Any]]]:  # fmt: skip
+def _run(
+    models: dict[str, nn.Module],
+    paths: dict[str, Path],
+    batches: list[tuple],
+    providers: Sequence[str],
+    found: _Findings,
+) -> list[dict[str, list[Any]]]:
     """Outputs per batch, by runner: torch first, then one onnxruntime session at a time (a large model's sessions
     each hold its weights)."""
-    outputs: list[dict[str, list[Any]]] = [{f"torch {n}": _tensor_leaves(run_no_grad(models[n], b)) for n in NAMES}
-                                           for b in batches]  # fmt: skip
+    outputs: list[dict[str, list[Any]]] = [
+        {f"torch {n}": _tensor_leaves(run_no_grad(models[n], b)) for n in NAMES} for b in batches
+    ]
     for name in NAMES:
         for level in OPT_LEVELS:
             label = f"ORT {name} [opt {level}]"
@@ -175,13 +198,17 @@ def _run(models: dict[str, nn.Module], paths: dict[str, Path], batches: list[tup
     return outputs
 
 
-def _compare(batches: list[tuple], outputs: list[dict[str, list[Any]]],
-             rtol: float | None) -> tuple[list[Comparison], float]:  # fmt: skip
+def _compare(
+    batches: list[tuple], outputs: list[dict[str, list[Any]]], rtol: float | None
+) -> tuple[list[Comparison], float]:
     """Every comparison, and the largest tolerance applied (it follows each output's dtype)."""
     labels = sorted(dict.fromkeys(label for got in outputs for label in got), key=_group)  # stable: as first seen
     pairs = [("torch original", label) for label in labels if label != "torch original"]
-    pairs += [(label, label.replace("original", "rewritten")) for label in labels
-              if "original" in label and label != "torch original"]  # each runtime: rewritten against original
+    pairs += [
+        (label, label.replace("original", "rewritten"))
+        for label in labels
+        if "original" in label and label != "torch original"
+    ]  # each runtime: rewritten against original
     comparisons, tol = [], 0.0
     for batch_inputs, got in zip(batches, outputs):
         for ref, cand in pairs:
@@ -189,8 +216,9 @@ def _compare(batches: list[tuple], outputs: list[dict[str, list[Any]]],
                 reference = [t if isinstance(t, torch.Tensor) else torch.as_tensor(t) for t in got[ref]]
                 e = compare_leaves(reference, got[cand], rtol=rtol)
                 tol = max(tol, e.rtol)
-                comparisons.append(Comparison(ref, cand, _batch(batch_inputs), e.max_abs, e.max_rel, not e.failure,
-                                              e.failure))  # fmt: skip
+                comparisons.append(
+                    Comparison(ref, cand, _batch(batch_inputs), e.max_abs, e.max_rel, not e.failure, e.failure)
+                )
     return comparisons, tol
 
 
@@ -199,8 +227,9 @@ def _group(label: str) -> int:
     return 0 if label.startswith("torch") else 1 if label.startswith("ORT") else 2
 
 
-def _visibility(counts: dict[str, dict[str, int]], direction: str | None,
-                n_sites: int | None) -> tuple[bool | None, str]:  # fmt: skip
+def _visibility(
+    counts: dict[str, dict[str, int]], direction: str | None, n_sites: int | None
+) -> tuple[bool | None, str]:
     """Whether the rewritten sites' Gemm/MatMul nodes became Conv (or the reverse) in the exported graph."""
     if direction not in ("linear_to_conv", "conv_to_linear") or n_sites is None:
         return None, f"not checked (direction {direction or 'unknown'})"
@@ -262,26 +291,47 @@ def cross_check(
     outputs = _run(models, paths, batches, providers, found)
     _run_more(models, batches, runtimes, found, outputs)
     comparisons, tol = _compare(batches, outputs, rtol)
-    found.failures += [f"{c.candidate} vs {c.reference} at batch {c.batch}: {c.failure}" for c in comparisons
-                       if not c.passed]  # fmt: skip
+    found.failures += [
+        f"{c.candidate} vs {c.reference} at batch {c.batch}: {c.failure}" for c in comparisons if not c.passed
+    ]
     _localize(comparisons, models, paths, batches, outputs, exporter, tol, found)
     _localize_runtimes(comparisons, models["rewritten"], batches, runtimes, rtol, found)
     if not dynamic_batch:
         found.skipped.append("second batch size: the batch axis was exported static on request")
-    return OnnxCheck(passed=not found.failures, exporter=exporter, original_path=str(paths["original"]),
-                     rewritten_path=str(paths["rewritten"]), op_counts=counts, comparisons=tuple(comparisons),
-                     rtol=tol or (rtol or 0.0), rewrite_visible=visible, rewrite_detail=detail, dynamic_batch=dynamic,
-                     skipped=tuple(found.skipped), failures=tuple(found.failures))  # fmt: skip
+    return OnnxCheck(
+        passed=not found.failures,
+        exporter=exporter,
+        original_path=str(paths["original"]),
+        rewritten_path=str(paths["rewritten"]),
+        op_counts=counts,
+        comparisons=tuple(comparisons),
+        rtol=tol or (rtol or 0.0),
+        rewrite_visible=visible,
+        rewrite_detail=detail,
+        dynamic_batch=dynamic,
+        skipped=tuple(found.skipped),
+        failures=tuple(found.failures),
+    )
 
 
-def _localize(comparisons: list[Comparison], models: dict[str, nn.Module], paths: dict[str, Path],
-              batches: list[tuple], outputs: list[dict[str, list[Any]]], exporter: str, tol: float,
-              found: _Findings) -> None:  # fmt: skip
+def _localize(
+    comparisons: list[Comparison],
+    models: dict[str, nn.Module],
+    paths: dict[str, Path],
+    batches: list[tuple],
+    outputs: list[dict[str, list[Any]]],
+    exporter: str,
+    tol: float,
+    found: _Findings,
+) -> None:
     """For each ONNX file onnxruntime ran wrong (against torch), the first intermediate value that departs by more
     than the bound its outputs failed (``tol`` x the output scale of torch original, already run per batch)."""
     for name in NAMES:
-        failed = [c for c in comparisons if not c.passed and c.candidate.startswith(f"ORT {name}")
-                  and c.reference.startswith("torch")]  # fmt: skip
+        failed = [
+            c
+            for c in comparisons
+            if not c.passed and c.candidate.startswith(f"ORT {name}") and c.reference.startswith("torch")
+        ]
         if not failed:
             continue
         if exporter != "dynamo":
@@ -294,8 +344,14 @@ def _localize(comparisons: list[Comparison], models: dict[str, nn.Module], paths
         found.failures.append(f"{name}.onnx: " + first_divergence(models[name], batch, paths[name], bound))
 
 
-def _localize_runtimes(comparisons: list[Comparison], rewritten: nn.Module, batches: list[tuple],
-                       runtimes: Sequence[str], rtol: float | None, found: _Findings) -> None:  # fmt: skip
+def _localize_runtimes(
+    comparisons: list[Comparison],
+    rewritten: nn.Module,
+    batches: list[tuple],
+    runtimes: Sequence[str],
+    rtol: float | None,
+    found: _Findings,
+) -> None:
     """For each optional runtime that runs the rewritten model wrong, the first node it computes wrong."""
     for rt in runtimes:
         label = runners.RUNNERS[rt][2]

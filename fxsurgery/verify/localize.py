@@ -42,8 +42,10 @@ def first_divergence(module: nn.Module, inputs: tuple[torch.Tensor, ...], path: 
         return f"could not localize it ({one_line(e)})"
     for info in infos:
         if info.max_abs_diff > bound:
-            return (f"the first value over the bound is {info.name!r} (max abs error {info.max_abs_diff:.3g} > "
-                    f"{bound:.3g}), of {len(infos)} intermediate values compared in graph order")  # fmt: skip
+            return (
+                f"the first value over the bound is {info.name!r} (max abs error {info.max_abs_diff:.3g} > "
+                f"{bound:.3g}), of {len(infos)} intermediate values compared in graph order"
+            )
     return f"no intermediate value is over the bound {bound:.3g} ({len(infos)} compared): the outputs' own ops differ"
 
 
@@ -57,8 +59,9 @@ def _intermediates(module: nn.Module, inputs: tuple[torch.Tensor, ...], path: st
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # it logs every value it compares
         program = torch.export.export(module, tuple(t.clone() for t in inputs), strict=False)
         onnx_program = ONNXProgram(ir.load(str(path)), program)
-        return list(verify_onnx_program(onnx_program, args=tuple(t.clone() for t in inputs),
-                                        compare_intermediates=True))  # fmt: skip
+        return list(
+            verify_onnx_program(onnx_program, args=tuple(t.clone() for t in inputs), compare_intermediates=True)
+        )
 
 
 def cut_after(gm: fx.GraphModule, node: fx.Node, outputs: list[fx.Node]) -> fx.GraphModule:
@@ -96,8 +99,12 @@ def _live(order: list[fx.Node], k: int, position: dict[fx.Node, int]) -> list[fx
     return [v for v in order[: k + 1] if any(u.op == "output" or position[u] > cut for u in v.users)]
 
 
-def first_failing_node(run: Callable[[nn.Module, tuple[torch.Tensor, ...]], list[Any]], module: nn.Module,
-                       inputs: tuple[torch.Tensor, ...], rtol: float | None = None) -> str:  # fmt: skip
+def first_failing_node(
+    run: Callable[[nn.Module, tuple[torch.Tensor, ...]], list[Any]],
+    module: nn.Module,
+    inputs: tuple[torch.Tensor, ...],
+    rtol: float | None = None,
+) -> str:
     """One line: a node of ``module`` (a GraphModule) that ``run`` (a runtime: convert a module and run it, its
     outputs flat) computes wrong, or cannot run, from inputs it computes right.
 
@@ -141,5 +148,7 @@ def first_failing_node(run: Callable[[nn.Module, tuple[torch.Tensor, ...]], list
         else:
             lo = mid + 1
     node = order[hi]
-    return (f"the first node it computes wrong is {node.name!r} ({label(node, dict(module.named_modules()))}: "
-            f"{found}), from inputs it computes right; bisection over {len(order)} values, {probes} conversions")
+    return (
+        f"the first node it computes wrong is {node.name!r} ({label(node, dict(module.named_modules()))}: "
+        f"{found}), from inputs it computes right; bisection over {len(order)} values, {probes} conversions"
+    )

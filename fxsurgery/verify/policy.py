@@ -23,8 +23,16 @@ import torch.utils._pytree as pytree
 
 from fxsurgery.report import HISTOGRAM_BINS
 
-__all__ = ["RTOL", "SCALE_FLOOR", "STRUCTURE", "Errors", "tolerance", "compare_tensor", "compare_outputs",
-           "compare_leaves"]  # fmt: skip
+__all__ = [
+    "RTOL",
+    "SCALE_FLOOR",
+    "STRUCTURE",
+    "Errors",
+    "tolerance",
+    "compare_tensor",
+    "compare_outputs",
+    "compare_leaves",
+]
 
 #: Relative tolerance per output dtype, against the output's largest magnitude.
 RTOL: dict[torch.dtype, float] = {
@@ -72,8 +80,9 @@ def _wide(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.complex128) if t.is_complex() else t.double()
 
 
-def compare_tensor(a: torch.Tensor, b: torch.Tensor, where: str, errors: Errors, *, rtol: float | None = None,
-                   check_dtype: bool = True) -> None:  # fmt: skip
+def compare_tensor(
+    a: torch.Tensor, b: torch.Tensor, where: str, errors: Errors, *, rtol: float | None = None, check_dtype: bool = True
+) -> None:
     """Compare ``b`` against the reference ``a`` into ``errors``."""
     if a.shape != b.shape or (check_dtype and a.dtype != b.dtype):
         errors.fail(where, f"original gives {tuple(a.shape)} {a.dtype}, rewritten gives {tuple(b.shape)} {b.dtype}")
@@ -151,8 +160,9 @@ def compare_outputs(
     return errors
 
 
-def compare_leaves(ref: Sequence[torch.Tensor], got: Sequence[Any], *, rtol: float | None = None,
-                   label: str = "output") -> Errors:  # fmt: skip
+def compare_leaves(
+    ref: Sequence[torch.Tensor], got: Sequence[Any], *, rtol: float | None = None, label: str = "output"
+) -> Errors:
     """Compare flat lists of outputs (an onnxruntime session's, as arrays or tensors) under the same policy;
     dtypes may differ (a runtime may widen), shapes and values may not."""
     errors = Errors()

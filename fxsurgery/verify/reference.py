@@ -19,13 +19,20 @@ from fxsurgery.verify.validation import kept_state, random_inputs, run_no_grad, 
 
 __all__ = ["validation_reference", "check_mode_for_validation", "CAPTURED_NOTE", "batch_one_admitted"]
 
-CAPTURED_NOTE = ("float64 proof against the graph torch.export captured (its dtype casts are the export's, so the "
-                  "model itself would differ in float64 wherever it casts to its own dtype); that graph matches the "
-                  "model in native precision")  # fmt: skip
+CAPTURED_NOTE = (
+    "float64 proof against the graph torch.export captured (its dtype casts are the export's, so the "
+    "model itself would differ in float64 wherever it casts to its own dtype); that graph matches the "
+    "model in native precision"
+)
 
 
-def validation_reference(model: nn.Module, captured: nn.Module | None, inputs: tuple[torch.Tensor, ...],
-                         options: Options, result: SurgeryResult) -> nn.Module:  # fmt: skip
+def validation_reference(
+    model: nn.Module,
+    captured: nn.Module | None,
+    inputs: tuple[torch.Tensor, ...],
+    options: Options,
+    result: SurgeryResult,
+) -> nn.Module:
     """What the rewrite is proved against: the model, or, for a float64 proof of an exported graph, the captured
     graph before any rewrite (its casts to the export's dtype would otherwise count as error), once that graph is
     shown to match the model in native precision."""
@@ -33,9 +40,12 @@ def validation_reference(model: nn.Module, captured: nn.Module | None, inputs: t
         return model
     faithful = validate(model, captured, inputs, num_random=options.num_random, precision="native", seed=options.seed)
     if not faithful:
-        raise ValidationError(f"validation failed: the graph torch.export captured differs from the model "
-                              f"({faithful.failure}; no site is responsible): try frontend='fx', and please report "
-                              "the model", result=dataclasses.replace(result, validation=faithful))  # fmt: skip
+        raise ValidationError(
+            f"validation failed: the graph torch.export captured differs from the model "
+            f"({faithful.failure}; no site is responsible): try frontend='fx', and please report "
+            "the model",
+            result=dataclasses.replace(result, validation=faithful),
+        )
     return captured
 
 
@@ -44,17 +54,28 @@ def check_mode_for_validation(model: nn.Module, gm: nn.Module) -> None:
     eval-mode validation cannot run: say so instead of blaming a site."""
     if not model.training:
         return
-    branching = sorted({name for m in gm.modules() if isinstance(m, fx.GraphModule) for n in m.graph.nodes
-                        if n.target is _runtime.check_mode for name in n.args[2]})
+    branching = sorted(
+        {
+            name
+            for m in gm.modules()
+            if isinstance(m, fx.GraphModule)
+            for n in m.graph.nodes
+            if n.target is _runtime.check_mode
+            for name in n.args[2]
+        }
+    )
     if branching:
-        raise InputError(f"the model is in training mode and the forward of {', '.join(branching)} branches on "
-                         "self.training: the rewritten graph holds the training-mode branch, which validation (on "
-                         "eval-mode copies) cannot run; call model.eval() before the rewrite, or pass "
-                         "validate=False")  # fmt: skip
+        raise InputError(
+            f"the model is in training mode and the forward of {', '.join(branching)} branches on "
+            "self.training: the rewritten graph holds the training-mode branch, which validation (on "
+            "eval-mode copies) cannot run; call model.eval() before the rewrite, or pass "
+            "validate=False"
+        )
 
 
-def batch_one_admitted(model: nn.Module, program: torch.export.ExportedProgram,
-                       inputs: tuple[torch.Tensor, ...]) -> bool:  # fmt: skip
+def batch_one_admitted(
+    model: nn.Module, program: torch.export.ExportedProgram, inputs: tuple[torch.Tensor, ...]
+) -> bool:
     """Whether the graph torch.export traced at a batch of 2 or more also stands for batch 1 (and 0).
 
     torch.export gives a dynamic batch the range [2, inf) and records no guard for a forward that branches on the

@@ -29,10 +29,12 @@ log = logging.getLogger(__name__)
 
 __all__ = ["validate", "random_inputs", "run_no_grad", "kept_state"]
 
-_CONSTANT_NOTE = ("the original's outputs do not depend on the input ({which} the same on every validation input, "
-                  "e.g. a zero-initialised head such as torchvision's ViT before training, or a Linear with zero "
-                  "weights): this comparison cannot see the rewritten sites that feed {them}; validate with trained "
-                  "or randomised weights")  # fmt: skip
+_CONSTANT_NOTE = (
+    "the original's outputs do not depend on the input ({which} the same on every validation input, "
+    "e.g. a zero-initialised head such as torchvision's ViT before training, or a Linear with zero "
+    "weights): this comparison cannot see the rewritten sites that feed {them}; validate with trained "
+    "or randomised weights"
+)
 
 
 def random_inputs(example: Sequence[torch.Tensor], generator: torch.Generator, batch: int | None = None) -> tuple:
@@ -127,8 +129,9 @@ def _independence_note(refs: list[Any]) -> str | None:
     return _CONSTANT_NOTE.format(which=which, them="them" if len(fixed) == n else "those outputs")
 
 
-def _batches(orig: nn.Module, example: Sequence[torch.Tensor], num_random: int, precision: Precision, seed: int,
-             notes: list[str]) -> tuple[list[tuple], tuple | None]:  # fmt: skip
+def _batches(
+    orig: nn.Module, example: Sequence[torch.Tensor], num_random: int, precision: Precision, seed: int, notes: list[str]
+) -> tuple[list[tuple], tuple | None]:
     """The example inputs, ``num_random`` fresh ones and, when the original takes another batch size, one at the next
     size and one at batch 1, the edge of what a graph traced at a larger batch may admit (the probe runs the original
     once, and its state is put back: both sides then start from the same state). Last, the input at batch 2 to run
@@ -173,8 +176,11 @@ def _comparable_state(orig: nn.Module, rew: nn.Module) -> tuple[list[str], list[
     its own of a tensor the forward writes through another reference (a static KV cache's tensors, lifted as
     constants), and the buffer itself is never read."""
     theirs = dict(rew.named_buffers())
-    common = [name for name, b in orig.named_buffers() if name in theirs and theirs[name].shape == b.shape
-              and theirs[name].dtype == b.dtype]  # fmt: skip
+    common = [
+        name
+        for name, b in orig.named_buffers()
+        if name in theirs and theirs[name].shape == b.shape and theirs[name].dtype == b.dtype
+    ]
     live = _reachable_buffers(rew)
     return [n for n in common if n in live], [n for n in common if n not in live]
 
@@ -198,9 +204,11 @@ def _unfollowed(orig: nn.Module, names: list[str], before: dict[str, torch.Tenso
     if not moved:
         return None
     shown = ", ".join(moved[:3]) + (f" and {len(moved) - 3} more" if len(moved) > 3 else "")
-    return (f"the original's forward changes {shown}, which the graph holds no reference to (torch.export captured "
-            "the tensors the forward writes as constants of its own, a static KV cache's for one): the rewritten "
-            "module updates those copies, and its buffers of these names stay as they were")  # fmt: skip
+    return (
+        f"the original's forward changes {shown}, which the graph holds no reference to (torch.export captured "
+        "the tensors the forward writes as constants of its own, a static KV cache's for one): the rewritten "
+        "module updates those copies, and its buffers of these names stay as they were"
+    )
 
 
 def _run(model: nn.Module, inputs: Sequence[torch.Tensor], state: list[str]) -> tuple[Any, dict[str, Any]]:
@@ -248,8 +256,10 @@ class _Comparison:
             if k == 0:  # the example itself: the graph was traced on it, so this refusal is a failure
                 self.errors.fail(label, f"the rewritten model refuses the example inputs: {one_line(e)}")
                 return "stop"
-            self.notes.append(f"{label} (batch {inputs[0].shape[0]}) is outside the sizes torch.export traced the "
-                              "model for: the rewritten graph refuses it, with a clear error")  # fmt: skip
+            self.notes.append(
+                f"{label} (batch {inputs[0].shape[0]}) is outside the sizes torch.export traced the "
+                "model for: the rewritten graph refuses it, with a clear error"
+            )
             return "refused"
         except Exception as e:
             self.errors.fail(label, f"the rewritten model fails where the original runs: {type(e).__name__}: {e}")
@@ -257,8 +267,13 @@ class _Comparison:
         self.errors.prefix = label  # the histograms pool every input's elements per output
         compare_outputs(ref, got, rtol=self.rtol, label=f"{label} output", errors=self.errors)
         for name, value in ref_state.items():
-            compare_outputs(value, got_state[name], rtol=self.rtol, label=f"{label}: {name} after the forward",
-                            errors=self.state_errors)  # fmt: skip
+            compare_outputs(
+                value,
+                got_state[name],
+                rtol=self.rtol,
+                label=f"{label}: {name} after the forward",
+                errors=self.state_errors,
+            )
         self.refs.append(ref)
         return "ok"
 
@@ -312,8 +327,17 @@ def validate(
     if note:
         notes.append(note)
         log.warning("validation: %s", note)
-    return Validation(passed=not errors.failure, max_abs_error=errors.max_abs, max_rel_error=errors.max_rel,
-                      rtol=errors.rtol if errors.rtol else (rtol or 0.0), scale_floor=SCALE_FLOOR,
-                      num_inputs=len(batches), batch_sizes=tuple(sorted(batch_sizes)), precision=precision,
-                      worst=errors.worst, failure=errors.failure, notes=tuple(notes),
-                      error_histograms=histograms)  # fmt: skip
+    return Validation(
+        passed=not errors.failure,
+        max_abs_error=errors.max_abs,
+        max_rel_error=errors.max_rel,
+        rtol=errors.rtol if errors.rtol else (rtol or 0.0),
+        scale_floor=SCALE_FLOOR,
+        num_inputs=len(batches),
+        batch_sizes=tuple(sorted(batch_sizes)),
+        precision=precision,
+        worst=errors.worst,
+        failure=errors.failure,
+        notes=tuple(notes),
+        error_histograms=histograms,
+    )

@@ -27,8 +27,15 @@ from fxsurgery.engine.weights import conv_to_linear_weight, conv_transpose_to_li
 from fxsurgery.report import Site
 from fxsurgery.rules.conv_to_linear.layouts import CHANNELS_LAST, FLAT_LAYOUT
 
-__all__ = ["ConvMatch", "PointwiseRule", "candidate", "check_conv", "pointwise_to_linear", "full_extent_to_linear",
-           "linear_from_conv"]  # fmt: skip
+__all__ = [
+    "ConvMatch",
+    "PointwiseRule",
+    "candidate",
+    "check_conv",
+    "pointwise_to_linear",
+    "full_extent_to_linear",
+    "linear_from_conv",
+]
 
 
 @dataclass(frozen=True)
@@ -146,9 +153,14 @@ def pointwise_to_linear(m: ConvMatch, rw: Rewriter, pattern: str) -> Site:
     spatial = "x".join(map(str, shape[2:]))
     step = f" stride {'x'.join(map(str, stride))}," if strided else ""
     where = "(N, C)" if layout is FLAT_LAYOUT else "channels-last"
-    return Site(m.name, pattern, "rewritten", before=f"{kind}({shape[1]}, {mod.out_channels}, 1){step} on {spatial}",
-                after=f"{'slice + ' if strided else ''}Linear({shape[1]}->{mod.out_channels}) {where}",
-                input_shape=tuple(shape))  # fmt: skip
+    return Site(
+        m.name,
+        pattern,
+        "rewritten",
+        before=f"{kind}({shape[1]}, {mod.out_channels}, 1){step} on {spatial}",
+        after=f"{'slice + ' if strided else ''}Linear({shape[1]}->{mod.out_channels}) {where}",
+        input_shape=tuple(shape),
+    )
 
 
 def full_extent_to_linear(m: ConvMatch, rw: Rewriter, pattern: str) -> Site:

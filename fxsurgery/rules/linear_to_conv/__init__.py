@@ -28,13 +28,11 @@ from fxsurgery.rules.linear_to_conv.channels_last import ChannelsLastLinear
 from fxsurgery.rules.linear_to_conv.decoder import (
     Broadcast,
     Cast,
-    HeadExpand,
-    HeadReshape,
-    HeadUnsqueeze,
     Reduce,
     ShapeRead,
     Slice,
 )
+from fxsurgery.rules.linear_to_conv.decoder_heads import HeadExpand, HeadReshape, HeadUnsqueeze
 from fxsurgery.rules.linear_to_conv.flatten_head import FlattenHead
 from fxsurgery.rules.linear_to_conv.heads import (
     ChannelAttention,
@@ -62,14 +60,40 @@ def rule_set(batch_layout: str = "spatial", token_layout: bool = False) -> RuleS
     """The Linear -> conv rules for these options."""
     point = BATCH_LAYOUTS[batch_layout]
     rules: list[Rule] = [SelfAttention(), WindowAttention()] if token_layout else []
-    rules += [ChannelsLastLinear(token_layout), TokenLinear(token_layout), ChainLinear(), PoolHead(point),
-              FlattenHead(point)]  # fmt: skip
-    propagators: tuple[Propagator, ...] = (StaticRank(), PermuteSeed(), SelectToken(), StochasticDepth(),
-                                           LayerNormChannels(token_layout))  # fmt: skip
+    rules += [
+        ChannelsLastLinear(token_layout),
+        TokenLinear(token_layout),
+        ChainLinear(),
+        PoolHead(point),
+        FlattenHead(point),
+    ]
+    propagators: tuple[Propagator, ...] = (
+        StaticRank(),
+        PermuteSeed(),
+        SelectToken(),
+        StochasticDepth(),
+        LayerNormChannels(token_layout),
+    )
     if token_layout:  # attention carried per head (HuggingFace's view -> transpose -> SDPA)
-        propagators += (SplitChannels(), HeadSplit(), HeadPermute(), HeadMerge(), SameShape(), HeadCat(),
-                        ChannelAttention(), ChannelMatmul())
+        propagators += (
+            SplitChannels(),
+            HeadSplit(),
+            HeadPermute(),
+            HeadMerge(),
+            SameShape(),
+            HeadCat(),
+            ChannelAttention(),
+            ChannelMatmul(),
+        )
         # decoders: RMSNorm over channels, rotary embeddings, grouped-query heads
-        propagators += (Broadcast(), Reduce(), Cast(), Slice(), HeadUnsqueeze(), HeadExpand(), HeadReshape(),
-                        ShapeRead())
+        propagators += (
+            Broadcast(),
+            Reduce(),
+            Cast(),
+            Slice(),
+            HeadUnsqueeze(),
+            HeadExpand(),
+            HeadReshape(),
+            ShapeRead(),
+        )
     return RuleSet(DIRECTION, tuple(rules), propagators + (Elementwise(),))

@@ -27,8 +27,16 @@ from fxsurgery.engine.weights import linear_to_conv_weight
 from fxsurgery.report import Site
 from fxsurgery.rules.linear_to_conv.layouts import CONV_LAYOUTS, NCHW_LAYOUT, TOKEN_LAYOUT
 
-__all__ = ["ConvPlan", "LinearRule", "linear_input", "linear_name", "check_linear", "carried_plan", "region_plan",
-           "emit_conv"]  # fmt: skip
+__all__ = [
+    "ConvPlan",
+    "LinearRule",
+    "linear_input",
+    "linear_name",
+    "check_linear",
+    "carried_plan",
+    "region_plan",
+    "emit_conv",
+]
 
 WeightMap = Callable[..., Any]
 
@@ -96,8 +104,18 @@ def region_plan(node: fx.Node, rw: Rewriter, name: str, layout: Layout, on: str)
     """A Linear on a value not yet carried (token layout): the value enters ``layout`` here."""
     op, in_f, out_f, x_shape = check_linear(node, rw)
     x = op.input
-    return ConvPlan(node, name, op, in_f, out_f, x_shape, layout, (in_f, 1, 1), f"Linear({in_f}->{out_f}) on {on}",
-                    lambda rw: rw.enter(x, layout, name))  # fmt: skip
+    return ConvPlan(
+        node,
+        name,
+        op,
+        in_f,
+        out_f,
+        x_shape,
+        layout,
+        (in_f, 1, 1),
+        f"Linear({in_f}->{out_f}) on {on}",
+        lambda rw: rw.enter(x, layout, name),
+    )
 
 
 def emit_conv(plan: ConvPlan, rw: Rewriter, pattern: str, weight_map: WeightMap = linear_to_conv_weight) -> Site:
@@ -117,16 +135,22 @@ def emit_conv(plan: ConvPlan, rw: Rewriter, pattern: str, weight_map: WeightMap 
             conv = rw.graph.call_function(F.conv2d, (src, w4, op.bias, kernel))
         else:
             lin = op.module
-            rw.new_modules[plan.name] = conv_viewing_linear(op.module_weight, lin.bias, lin.training, feature, order,
-                                                            weight_map=weight_map)  # fmt: skip
+            rw.new_modules[plan.name] = conv_viewing_linear(
+                op.module_weight, lin.bias, lin.training, feature, order, weight_map=weight_map
+            )
             conv = rw.graph.call_module(plan.name, (src,))
     rw.set_alt(plan.node, conv, plan.layout)
     after = f"Conv2d({feature[0]}, {plan.out_features}, kernel={kernel[0]}x{kernel[1]}) {plan.layout.name}"
     x_shape = plan.x_shape
     # the map the conv reads: NCHW of a channels-last input (N, H, W, K), tokens (B, S, K) as they come, or
     # (N, C, H, W) of a flatten
-    reads = ((x_shape[0], plan.in_features, *x_shape[1:3]) if plan.layout is NCHW_LAYOUT
-             else tuple(x_shape) if plan.layout is TOKEN_LAYOUT else (x_shape[0], *feature))  # fmt: skip
+    reads = (
+        (x_shape[0], plan.in_features, *x_shape[1:3])
+        if plan.layout is NCHW_LAYOUT
+        else tuple(x_shape)
+        if plan.layout is TOKEN_LAYOUT
+        else (x_shape[0], *feature)
+    )
     return Site(plan.name, pattern, "rewritten", before=plan.before, after=after, input_shape=tuple(reads))
 
 

@@ -12,10 +12,8 @@ names dims runs on the carried value with its dims renamed:
   (``hidden[:, slice(None)]`` before the LM head) is the carried value.
 * :class:`Slice`: ``x[..., :D // 2]`` (rotate-half; ``aten.slice`` once exported) slices the carried dim.
 * :class:`ShapeRead`: ``b, h, s, d = k.shape`` (``repeat_kv``) of a carried value is read from the carried value.
-* :class:`HeadUnsqueeze`, :class:`HeadExpand`, :class:`HeadReshape`: grouped-query attention's ``repeat_kv``
-  (``k[:, :, None].expand(B, KV, n, S, D).reshape(B, H, S, D)``) on keys and values carried per head: the new dim
-  goes beside the kv-head dim, so the reshape merges dims that are adjacent in the carried value too (no copy of a
-  transposed tensor).
+* :mod:`~fxsurgery.rules.linear_to_conv.decoder_heads`: grouped-query attention's ``repeat_kv`` on keys and values
+  carried per head.
 """
 
 from __future__ import annotations
@@ -32,20 +30,38 @@ from fxsurgery.engine.elementwise import elementwise_tensor_inputs, is_number, n
 from fxsurgery.engine.layout import Layout
 from fxsurgery.engine.nodes import is_shape_read
 from fxsurgery.engine.rewriter import Rewriter
-from fxsurgery.rules.linear_to_conv.heads import heads_layout
 from fxsurgery.rules.linear_to_conv.layouts import TOKEN_LAYOUT
 
-__all__ = ["Broadcast", "Reduce", "Cast", "Slice", "HeadUnsqueeze", "HeadExpand", "HeadReshape", "ShapeRead"]
+__all__ = ["Broadcast", "Reduce", "Cast", "Slice", "ShapeRead", "carried_with_dims"]
 
 aten = torch.ops.aten
 
 _BINARY: set[Any] = {
-    operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub, torch.mul, torch.div, torch.pow,
-    torch.maximum, torch.minimum, aten.pow.Tensor_Scalar, aten.pow.Tensor_Tensor,
-}  # fmt: skip
+    operator.add,
+    operator.sub,
+    operator.mul,
+    operator.truediv,
+    torch.add,
+    torch.sub,
+    torch.mul,
+    torch.div,
+    torch.pow,
+    torch.maximum,
+    torch.minimum,
+    aten.pow.Tensor_Scalar,
+    aten.pow.Tensor_Tensor,
+}
 _BINARY_METHODS = {"add", "sub", "mul", "div", "pow"}
-_CASTS: set[Any] = {aten.to.dtype, aten.to.device, aten.to.dtype_layout, aten._to_copy.default, aten.alias.default,
-                    aten.detach.default, aten.clone.default, aten.type_as.default}  # fmt: skip
+_CASTS: set[Any] = {
+    aten.to.dtype,
+    aten.to.device,
+    aten.to.dtype_layout,
+    aten._to_copy.default,
+    aten.alias.default,
+    aten.detach.default,
+    aten.clone.default,
+    aten.type_as.default,
+}
 _CAST_METHODS = {"to", "float", "double", "half", "bfloat16", "type_as"}
 _TYPE_AS = ("type_as", aten.type_as.default)
 
@@ -61,7 +77,7 @@ def _alt_dim(layout: Layout, dim: int) -> int:
     return layout.dims.index(dim % _rank(layout))
 
 
-def _carried_with_dims(node: object, rw: Rewriter) -> tuple[fx.Node, Layout] | None:
+def carried_with_dims(node: object, rw: Rewriter) -> tuple[fx.Node, Layout] | None:
     carried = rw.carried(node)
     if carried is None or carried[1].dims is None or len(shape_of(node) or ()) != _rank(carried[1]):
         return None
@@ -80,15 +96,19 @@ def _fixed_shape(shape: tuple[int, ...], layout: Layout) -> tuple[int, ...] | No
 
 class Broadcast:
     def propagate(self, node: fx.Node, rw: Rewriter) -> bool:
-        if not (node.op == "call_function" and node.target in _BINARY
-                or node.op == "call_method" and node.target in _BINARY_METHODS):  # fmt: skip
+        if not (
+            node.op == "call_function"
+            and node.target in _BINARY
+            or node.op == "call_method"
+            and node.target in _BINARY_METHODS
+        ):
             return False  # (in-place ops are left to the elementwise propagator: a broadcast write is not carried)
         if len(node.args) != 2 or node.kwargs or elementwise_tensor_inputs(node, rw.modules) is not None:
             return False  # same shapes: the elementwise propagator's
         tensors = [a for a in node.args if isinstance(a, fx.Node)]
         if not all(isinstance(a, fx.Node) or is_number(a) for a in node.args):
             return False
-        layouts = {id(c[1]): c[1] for c in (_carried_with_dims(t, rw) for t in tensors) if c is not None}
+        layouts = {id(c[1]): c[1] for c in (carried_with_dims(t, rw) for t in tensors) if c is not None}
         out = shape_of(node)
         if len(layouts) != 1 or out is None:
             return False
@@ -97,7 +117,7 @@ class Broadcast:
         shapes = [shape_of(t) for t in tensors]
         if len(out) != rank or any(s is None or len(s) > rank for s in shapes):
             return False
-        if any(rw.carried(t) is not None and _carried_with_dims(t, rw) is None for t in tensors):
+        if any(rw.carried(t) is not None and carried_with_dims(t, rw) is None for t in tensors):
             return False  # carried in another layout, or with another rank
         mapped: dict[fx.Node, fx.Node] = {}
         with rw.graph.inserting_before(node):
@@ -121,8 +141,12 @@ class Broadcast:
 
 
 def _is_cast(node: fx.Node) -> bool:
-    return node.op == "call_function" and node.target in _CASTS or node.op == "call_method" and \
-        node.target in _CAST_METHODS  # fmt: skip
+    return (
+        node.op == "call_function"
+        and node.target in _CASTS
+        or node.op == "call_method"
+        and node.target in _CAST_METHODS
+    )
 
 
 def _same_shape_step(node: fx.Node, rw: Rewriter) -> fx.Node | None:
@@ -130,8 +154,12 @@ def _same_shape_step(node: fx.Node, rw: Rewriter) -> fx.Node | None:
     inputs: list[Any] | None
     if _is_cast(node):  # (``type_as`` reads only the dtype of its other input)
         inputs = [node.args[0]] if node.target in _TYPE_AS or no_nodes((node.args[1:], node.kwargs)) else None
-    elif (node.op == "call_function" and node.target in (torch.pow, aten.pow.Tensor_Scalar)
-          or node.op == "call_method" and node.target == "pow") and len(node.args) == 2:  # fmt: skip
+    elif (
+        node.op == "call_function"
+        and node.target in (torch.pow, aten.pow.Tensor_Scalar)
+        or node.op == "call_method"
+        and node.target == "pow"
+    ) and len(node.args) == 2:
         inputs = [node.args[0]] if is_number(node.args[1]) and not node.kwargs else None
     else:
         inputs = elementwise_tensor_inputs(node, rw.modules)
@@ -146,8 +174,12 @@ def _feeds_site(start: fx.Node, rw: Rewriter, depth: int = 12) -> bool:
         frontier = [u for n in frontier for u in n.users]
         if any(rw.rules.claim(u, rw) is not None for u in frontier):
             return True
-        frontier = [u for u in frontier if u.op in ("call_function", "call_method", "call_module")
-                    and (_same_shape_step(u, rw) is not None or u.target in _BINARY or u.target in _BINARY_METHODS)]
+        frontier = [
+            u
+            for u in frontier
+            if u.op in ("call_function", "call_method", "call_module")
+            and (_same_shape_step(u, rw) is not None or u.target in _BINARY or u.target in _BINARY_METHODS)
+        ]
         if not frontier:
             return False
     return False
@@ -180,8 +212,12 @@ def _start_region(x: fx.Node, rw: Rewriter) -> tuple[fx.Node, Layout] | None:
 
 class Reduce:
     def propagate(self, node: fx.Node, rw: Rewriter) -> bool:
-        if not (node.op == "call_function" and node.target in (torch.mean, torch.sum)
-                or node.op == "call_method" and node.target in ("mean", "sum")):  # fmt: skip
+        if not (
+            node.op == "call_function"
+            and node.target in (torch.mean, torch.sum)
+            or node.op == "call_method"
+            and node.target in ("mean", "sum")
+        ):
             return False
         args = dict(zip(("input", "dim", "keepdim"), node.args), **node.kwargs)
         x, dim = args.get("input"), args.get("dim")
@@ -190,9 +226,14 @@ class Reduce:
             return False  # all dims, a dtype, or a reduction that drops a dim: left in its layout
         if not dims or not all(isinstance(d, int) for d in dims):
             return False
-        carried = _carried_with_dims(x, rw)
-        if carried is None and isinstance(x, fx.Node) and x not in rw.alt and dim in (-1, 2, [-1], [2]) and \
-                _feeds_site(node, rw):  # fmt: skip
+        carried = carried_with_dims(x, rw)
+        if (
+            carried is None
+            and isinstance(x, fx.Node)
+            and x not in rw.alt
+            and dim in (-1, 2, [-1], [2])
+            and _feeds_site(node, rw)
+        ):
             carried = _start_region(x, rw)
         if carried is None:
             return False
@@ -207,7 +248,7 @@ class Cast:
     def propagate(self, node: fx.Node, rw: Rewriter) -> bool:
         if not _is_cast(node):
             return False
-        carried = _carried_with_dims(node.args[0] if node.args else None, rw)
+        carried = carried_with_dims(node.args[0] if node.args else None, rw)
         # ``x.type_as(other)`` reads only the dtype of ``other``: its counterpart, or itself, gives that
         other = node.args[1] if node.target in _TYPE_AS and len(node.args) == 2 and not node.kwargs else None
         rest = () if isinstance(other, fx.Node) else (node.args[1:], node.kwargs)
@@ -230,7 +271,7 @@ def _slices(index: Any, rank: int) -> list[slice] | None:
         return None
     if Ellipsis in index:
         at = index.index(Ellipsis)
-        index = index[:at] + (slice(None),) * (rank - len(index) + 1) + index[at + 1:]
+        index = index[:at] + (slice(None),) * (rank - len(index) + 1) + index[at + 1 :]
     ok = all(isinstance(i, slice) and no_nodes((i.start, i.stop, i.step)) for i in index)
     return [*index, *[slice(None)] * (rank - len(index))] if ok and len(index) <= rank else None
 
@@ -238,7 +279,7 @@ def _slices(index: Any, rank: int) -> list[slice] | None:
 class Slice:
     def propagate(self, node: fx.Node, rw: Rewriter) -> bool:
         if node.op == "call_function" and node.target is operator.getitem and len(node.args) == 2:
-            carried = _carried_with_dims(node.args[0], rw)
+            carried = carried_with_dims(node.args[0], rw)
             slices = _slices(node.args[1], _rank(carried[1])) if carried is not None else None
             if carried is None or slices is None:
                 return False
@@ -250,7 +291,7 @@ class Slice:
             return True
         if not (node.op == "call_function" and node.target is aten.slice.Tensor) or node.kwargs:
             return False
-        carried = _carried_with_dims(node.args[0], rw)
+        carried = carried_with_dims(node.args[0], rw)
         rest = list(node.args[1:])
         if carried is None or not no_nodes(rest):
             return False
@@ -264,118 +305,9 @@ class Slice:
         return True
 
 
-def _per_head(node: object, rw: Rewriter) -> tuple[fx.Node, tuple[int, ...]] | None:
-    """``(alt, permutation)`` of a value carried per head (a permutation layout)."""
-    carried = _carried_with_dims(node, rw)
-    if carried is None or carried[1].to_alt is None or carried[1] is not heads_layout(carried[1].to_alt):
-        return None
-    return carried[0], carried[1].to_alt
-
-
-def _carry(node: fx.Node, alt: fx.Node, perm: tuple[int, ...], rw: Rewriter) -> bool:
-    if perm == tuple(range(len(perm))):
-        return False  # the original layout itself: converting back is what the rewriter does anyway
-    rw.set_alt(node, alt, heads_layout(perm))
-    return True
-
-
-def _unsqueezed_dim(node: fx.Node) -> Any:
-    """``d`` of ``x.unsqueeze(d)``, or of ``x[:, :, None]`` (full slices and one None)."""
-    if node.op == "call_method" and node.target == "unsqueeze" and len(node.args) == 2 and not node.kwargs:
-        return node.args[1]
-    if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[1], tuple):
-        index = node.args[1]
-        full = [i is None or isinstance(i, slice) and (i.start, i.stop, i.step) == (None, None, None) for i in index]
-        if all(full) and sum(i is None for i in index) == 1:
-            return index.index(None)
-    return None
-
-
-class HeadUnsqueeze:
-    def propagate(self, node: fx.Node, rw: Rewriter) -> bool:
-        d = _unsqueezed_dim(node)
-        carried = _per_head(node.args[0], rw) if d is not None else None
-        if carried is None or not isinstance(d, int):
-            return False
-        alt, perm = carried
-        d %= len(perm) + 1
-        at = perm.index(d - 1) + 1 if d else 0  # beside the dim it follows in the original
-        shifted = [p + (p >= d) for p in perm]
-        with rw.graph.inserting_before(node):
-            new = rw.graph.call_method("unsqueeze", (alt, at))
-        return _carry(node, new, tuple(shifted[:at] + [d] + shifted[at:]), rw)
-
-
-class HeadExpand:
-    def propagate(self, node: fx.Node, rw: Rewriter) -> bool:
-        if not (node.op == "call_method" and node.target == "expand") or node.kwargs:
-            return False
-        carried = _per_head(node.args[0], rw)
-        sizes = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
-        if carried is None or len(sizes) != len(carried[1]):
-            return False
-        alt, perm = carried
-        with rw.graph.inserting_before(node):
-            new = rw.graph.call_method("expand", (alt, [sizes[p] for p in perm]))
-        return _carry(node, new, perm, rw)
-
-
-def _groups(before: tuple[int, ...], after: tuple[int, ...]) -> list[tuple[list[int], list[int]]] | None:
-    """How a reshape from ``before`` to ``after`` splits and merges dims: ``(dims before, dims after)`` with equal
-    products, in order; None when the sizes do not pair up (or a dim is empty)."""
-    if 0 in before or 0 in after:
-        return None
-    groups: list[tuple[list[int], list[int]]] = []
-    i = j = 0
-    while i < len(before) and j < len(after):
-        gi, gj, pi, pj = [i], [j], before[i], after[j]
-        i, j = i + 1, j + 1
-        while pi != pj:
-            if pi < pj and i < len(before):
-                gi.append(i)
-                pi, i = pi * before[i], i + 1
-            elif pj < pi and j < len(after):
-                gj.append(j)
-                pj, j = pj * after[j], j + 1
-            else:
-                return None
-        groups.append((gi, gj))
-    if not groups:
-        return None
-    groups[-1][0].extend(range(i, len(before)))  # trailing unit dims
-    groups[-1][1].extend(range(j, len(after)))
-    return groups
-
-
-class HeadReshape:
-    def propagate(self, node: fx.Node, rw: Rewriter) -> bool:
-        if not (node.op == "call_method" and node.target in ("view", "reshape")) or node.kwargs:
-            return False
-        carried = _per_head(node.args[0], rw)
-        before, after = shape_of(node.args[0]), shape_of(node)
-        sizes = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
-        if carried is None or before is None or after is None or len(sizes) != len(after):
-            return False
-        groups = _groups(before, after)
-        alt, perm = carried
-        if groups is None:
-            return False
-        order = []  # the groups as the carried value holds them: each group's dims adjacent and in order there
-        for gi, gj in groups:
-            at = [perm.index(d) for d in gi]
-            if at != list(range(at[0], at[0] + len(at))):
-                return False
-            order.append((at[0], gj))
-        order.sort()
-        new_perm = tuple(d for _, gj in order for d in gj)
-        with rw.graph.inserting_before(node):
-            new = rw.graph.call_method("reshape", (alt, [sizes[d] for d in new_perm]))
-        return _carry(node, new, new_perm, rw)
-
-
 class ShapeRead:
     def propagate(self, node: fx.Node, rw: Rewriter) -> bool:
-        carried = _carried_with_dims(node.args[0], rw) if is_shape_read(node) else None
+        carried = carried_with_dims(node.args[0], rw) if is_shape_read(node) else None
         if carried is None:
             return False
         with rw.graph.inserting_before(node):

@@ -47,8 +47,10 @@ def _check_batch_safe(node: fx.Node) -> None:
         if isinstance(first, int) and first != -1:
             raise Skip(f"{node.name}: the reshape hard-codes the batch size ({first}); use x.size(0) or -1")
         if isinstance(first, fx.Node) and not _reads_batch_size(first):
-            raise Skip(f"{node.name}: the reshape's first dim is computed ({first.name}), not read as the batch size "
-                       "(x.size(0)) or -1: at another batch size it need not keep the samples apart")  # fmt: skip
+            raise Skip(
+                f"{node.name}: the reshape's first dim is computed ({first.name}), not read as the batch size "
+                "(x.size(0)) or -1: at another batch size it need not keep the samples apart"
+            )
 
 
 def _reads_batch_size(node: fx.Node) -> bool:
@@ -107,11 +109,15 @@ class FlattenHead(LinearRule):
     def match(self, node: fx.Node, rw: Rewriter) -> ConvPlan | Skip:
         op, in_f, out_f, x_shape = check_linear(node, rw)
         if len(x_shape) == 4:
-            return Skip("input is a 4-D channels-last (N, H, W, C) tensor that is not a permute of an NCHW map "
-                        "(Swin/MaxViT-style blocks: pass token_layout=True to carry it as NCHW)")  # fmt: skip
+            return Skip(
+                "input is a 4-D channels-last (N, H, W, C) tensor that is not a permute of an NCHW map "
+                "(Swin/MaxViT-style blocks: pass token_layout=True to carry it as NCHW)"
+            )
         if len(x_shape) == 3:
-            return Skip("input is (B, S, C) tokens, not a flattened or pooled 4-D feature map (pass "
-                        "token_layout=True to carry tokens as (B, C, 1, S))")  # fmt: skip
+            return Skip(
+                "input is (B, S, C) tokens, not a flattened or pooled 4-D feature map (pass "
+                "token_layout=True to carry tokens as (B, C, 1, S))"
+            )
         if len(x_shape) != 2:
             return Skip(f"input is {len(x_shape)}-D, not a flattened or pooled 4-D feature map")
         found = flatten_source(op.input, rw)

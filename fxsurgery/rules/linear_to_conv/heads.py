@@ -43,8 +43,17 @@ from fxsurgery.engine.layout import Layout, permutation_layout, permute_dims
 from fxsurgery.engine.rewriter import Rewriter
 from fxsurgery.rules.linear_to_conv.layouts import TOKEN_LAYOUT
 
-__all__ = ["HeadSplit", "HeadPermute", "SameShape", "HeadCat", "SplitChannels", "ChannelAttention", "ChannelMatmul",
-           "HeadMerge", "heads_layout"]  # fmt: skip
+__all__ = [
+    "HeadSplit",
+    "HeadPermute",
+    "SameShape",
+    "HeadCat",
+    "SplitChannels",
+    "ChannelAttention",
+    "ChannelMatmul",
+    "HeadMerge",
+    "heads_layout",
+]
 
 #: ``(B, S, H, D)`` (heads split, before the transpose) carried as ``(B, H, D, S)``.
 _SPLIT = (0, 2, 3, 1)
@@ -66,8 +75,11 @@ def _is_heads(layout: Layout) -> bool:
 
 def _reshape_input(node: fx.Node) -> fx.Node | None:
     """``x`` of ``x.view(...)`` / ``x.reshape(...)`` / ``torch.reshape(x, ...)``."""
-    if node.op == "call_method" and node.target in _RESHAPES or node.op == "call_function" and node.target in (
-        torch.reshape, torch.ops.aten.view.default, torch.ops.aten.reshape.default
+    if (
+        node.op == "call_method"
+        and node.target in _RESHAPES
+        or node.op == "call_function"
+        and node.target in (torch.reshape, torch.ops.aten.view.default, torch.ops.aten.reshape.default)
     ):
         return node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
     return None
@@ -92,8 +104,12 @@ class HeadSplit:
 
 def _transpose_dims(node: fx.Node) -> tuple[int, ...] | None:
     """The permutation ``x.transpose(a, b)`` / ``torch.transpose(x, a, b)`` applies to a 4-D ``x``."""
-    if not (node.op == "call_method" and node.target == "transpose"
-            or node.op == "call_function" and node.target is torch.transpose):  # fmt: skip
+    if not (
+        node.op == "call_method"
+        and node.target == "transpose"
+        or node.op == "call_function"
+        and node.target is torch.transpose
+    ):
         return None
     a, b = node.args[1:3] if len(node.args) == 3 else (None, None)
     if not isinstance(a, int) or not isinstance(b, int):
@@ -172,15 +188,24 @@ class HeadCat:
         return True
 
 
-_SPLITS = (torch.split, torch.chunk, torch.ops.aten.split.Tensor, torch.ops.aten.split_with_sizes.default,
-           torch.ops.aten.chunk.default)  # fmt: skip
+_SPLITS = (
+    torch.split,
+    torch.chunk,
+    torch.ops.aten.split.Tensor,
+    torch.ops.aten.split_with_sizes.default,
+    torch.ops.aten.chunk.default,
+)
 
 
 def _split_args(node: fx.Node) -> tuple[fx.Node, list[int], int] | None:
     """``(x, sizes, dim)`` of ``x.split(...)`` / ``x.chunk(...)`` (``torch.``, ``aten.``), the sizes of the parts
     read from the propagated shapes (the split size may be a traced value)."""
-    if not (node.op == "call_method" and node.target in ("split", "chunk")
-            or node.op == "call_function" and node.target in _SPLITS):  # fmt: skip
+    if not (
+        node.op == "call_method"
+        and node.target in ("split", "chunk")
+        or node.op == "call_function"
+        and node.target in _SPLITS
+    ):
         return None
     x, parts = node.args[0] if node.args else None, node.meta.get("val")
     dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
@@ -202,8 +227,9 @@ class SplitChannels:
         if carried is None or carried[1] is not TOKEN_LAYOUT or shape is None or dim % len(shape) != 2:
             return False
         items = list(node.users)
-        if not all(u.op == "call_function" and u.target is operator.getitem and isinstance(u.args[1], int)
-                   for u in items):  # fmt: skip
+        if not all(
+            u.op == "call_function" and u.target is operator.getitem and isinstance(u.args[1], int) for u in items
+        ):
             return False  # the tuple itself is used: it cannot be carried
         with rw.graph.inserting_before(node):
             parts = rw.graph.call_method("split", (carried[0], sizes, 1))
@@ -240,11 +266,22 @@ class ChannelAttention:
         # keys and values not carried per head (a static KV cache's buffers) are read in their own layout
         own = [(rw.carried(t) or (None, None))[1] is not layout for t in (k, v)]
         with rw.graph.inserting_before(node):
-            q, k, v = rw.enter(q, layout, node.name), *(rw.exit_of(t) if o else rw.enter(t, layout, node.name)
-                                                        for t, o in zip((k, v), own))  # fmt: skip
-            out = rw.graph.call_function(_runtime.attention_channels, (
-                q, k, v, mask, bool(args.get("is_causal", False)), args.get("scale"), *("bhtd" if o else "bhdt"
-                                                                                        for o in own)))  # fmt: skip
+            q, k, v = (
+                rw.enter(q, layout, node.name),
+                *(rw.exit_of(t) if o else rw.enter(t, layout, node.name) for t, o in zip((k, v), own)),
+            )
+            out = rw.graph.call_function(
+                _runtime.attention_channels,
+                (
+                    q,
+                    k,
+                    v,
+                    mask,
+                    bool(args.get("is_causal", False)),
+                    args.get("scale"),
+                    *("bhtd" if o else "bhdt" for o in own),
+                ),
+            )
         rw.set_alt(node, out, layout)
         return True
 

@@ -10,8 +10,16 @@ from fxsurgery.capture.shapes import shape_of
 from fxsurgery.engine.layout import Layout, permutation_layout
 from fxsurgery.engine.nodes import static_shape
 
-__all__ = ["POINT_LAYOUT", "SPATIAL_LAYOUT", "BATCH_LAYOUTS", "NCHW_LAYOUT", "TOKEN_LAYOUT", "CONV_LAYOUTS",
-           "region_layout", "from_map"]  # fmt: skip
+__all__ = [
+    "POINT_LAYOUT",
+    "SPATIAL_LAYOUT",
+    "BATCH_LAYOUTS",
+    "NCHW_LAYOUT",
+    "TOKEN_LAYOUT",
+    "CONV_LAYOUTS",
+    "region_layout",
+    "from_map",
+]
 
 
 def _enter_point(graph: fx.Graph, x: fx.Node, site: str) -> fx.Node:

@@ -83,10 +83,20 @@ class SelfAttention:
         for u in m.node.users:  # (after the call, so that its items are removed before it)
             rw.set_alt(u, out, TOKEN_LAYOUT)
         c, h, layout = m.module.embed_dim, m.module.num_heads, TOKEN_LAYOUT.name
-        out_proj = Site(f"{m.name}.out_proj", TOKEN_PATTERN, "rewritten", before=f"Linear({c}->{c}) (output "
-                        "projection, inside MultiheadAttention)", after=f"Conv2d({c}, {c}, kernel=1x1) {layout}",
-                        input_shape=m.x_shape)  # fmt: skip
-        site = Site(m.name, PATTERN, "rewritten", before=f"MultiheadAttention({c}, {h} heads) on (B, S, C)",
-                    after=f"ConvSelfAttention: q/k/v Conv2d({c}, {3 * c}, kernel=1x1) and out_proj Conv2d 1x1 on "
-                    f"{layout}", input_shape=m.x_shape)  # fmt: skip
+        out_proj = Site(
+            f"{m.name}.out_proj",
+            TOKEN_PATTERN,
+            "rewritten",
+            before=f"Linear({c}->{c}) (output projection, inside MultiheadAttention)",
+            after=f"Conv2d({c}, {c}, kernel=1x1) {layout}",
+            input_shape=m.x_shape,
+        )
+        site = Site(
+            m.name,
+            PATTERN,
+            "rewritten",
+            before=f"MultiheadAttention({c}, {h} heads) on (B, S, C)",
+            after=f"ConvSelfAttention: q/k/v Conv2d({c}, {3 * c}, kernel=1x1) and out_proj Conv2d 1x1 on {layout}",
+            input_shape=m.x_shape,
+        )
         return out_proj, site

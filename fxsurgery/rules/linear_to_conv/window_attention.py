@@ -80,10 +80,20 @@ class WindowAttention:
         rw.set_alt(m.node, new, NCHW_LAYOUT)
         (qkv_name, qkv), (proj_name, proj) = m.linears["qkv"], m.linears["proj"]
         c, o_qkv, o_proj = m.x_shape[3], qkv.weight.shape[0], proj.weight.shape[0]
-        proj_site = Site(proj_name, PATTERN, "rewritten", before=f"Linear({c}->{o_proj}) (window attention output "
-                         f"projection)", after=f"Conv2d({c}, {o_proj}, kernel=1x1) on windows as (B*nW, C, 1, S)",
-                         input_shape=m.x_shape)  # fmt: skip
-        qkv_site = Site(qkv_name, PATTERN, "rewritten", before=f"Linear({c}->{o_qkv}) in shifted_window_attention on "
-                        "(B, H, W, C)", after=f"Conv2d({c}, {o_qkv}, kernel=1x1) in window_attention_nchw on NCHW",
-                        input_shape=m.x_shape)  # fmt: skip
+        proj_site = Site(
+            proj_name,
+            PATTERN,
+            "rewritten",
+            before=f"Linear({c}->{o_proj}) (window attention output projection)",
+            after=f"Conv2d({c}, {o_proj}, kernel=1x1) on windows as (B*nW, C, 1, S)",
+            input_shape=m.x_shape,
+        )
+        qkv_site = Site(
+            qkv_name,
+            PATTERN,
+            "rewritten",
+            before=f"Linear({c}->{o_qkv}) in shifted_window_attention on (B, H, W, C)",
+            after=f"Conv2d({c}, {o_qkv}, kernel=1x1) in window_attention_nchw on NCHW",
+            input_shape=m.x_shape,
+        )
         return proj_site, qkv_site
