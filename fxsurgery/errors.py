@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from fxsurgery.report import SurgeryResult
 
-__all__ = ["SurgeryError", "TraceError", "ValidationError", "InputError", "one_line", "cause_of"]
+__all__ = ["SurgeryError", "TraceError", "ValidationError", "InputError", "one_line", "cause_of", "quiet_loggers"]
 
 
 class SurgeryError(Exception):
@@ -53,3 +56,23 @@ def one_line(e: BaseException, limit: int = 300) -> str:
 def cause_of(e: BaseException) -> str:
     """What went wrong, for a note: a TraceError's cause, else the error's text."""
     return e.cause if isinstance(e, TraceError) else str(e)
+
+
+@contextmanager
+def quiet_loggers(*prefixes: str) -> Iterator[None]:
+    """The loggers named ``prefix`` or below it at ERROR while the block runs, and at their own levels again after:
+    third-party progress and value dumps around a step whose outcome fxsurgery reports itself."""
+    names = [
+        n
+        for n in [*prefixes, *logging.root.manager.loggerDict]
+        if any(n == p or n.startswith(f"{p}.") for p in prefixes)
+    ]
+    loggers = [logging.getLogger(n) for n in dict.fromkeys(names)]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)

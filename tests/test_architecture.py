@@ -143,3 +143,22 @@ def test_the_package_root_holds_the_public_face_and_one_folder_per_stage():
     assert len(root) <= MAX_ROOT_MODULES, f"{len(root)} modules at the package root: {root}"
     folders = {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").exists()}
     assert folders == STAGES, f"folders {sorted(folders)}, stages {sorted(STAGES)}"
+
+
+def test_third_party_loggers_are_quieted_for_a_step_only():
+    import logging
+
+    from fxsurgery.errors import quiet_loggers
+
+    child = logging.getLogger("torch.onnx._internal.some_step")
+    child.setLevel(logging.DEBUG)
+    other = logging.getLogger("torchvision")
+    with quiet_loggers("torch.onnx"):
+        assert logging.getLogger("torch.onnx").level == logging.ERROR and child.level == logging.ERROR
+        assert other.level == logging.NOTSET
+    assert child.level == logging.DEBUG and logging.getLogger("torch.onnx").level == logging.NOTSET
+    levels = {n: logging.getLogger(n).level for n in ("torch.onnx", "coremltools")}
+    # library code leaves the process's loggers as it found them (the command line owns its process: it may set them)
+    setting = [p for p in PACKAGE.rglob("*.py") if "setLevel" in p.read_text() and p.parent.name != "cli"]
+    assert setting == [PACKAGE / "errors.py"], f"logger levels set outside quiet_loggers: {setting}"
+    assert levels == {n: logging.getLogger(n).level for n in levels}

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import logging
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, cast
@@ -29,7 +28,7 @@ from fxsurgery.capture.guards import guard_sizes
 from fxsurgery.capture.layers import is_transposed_linear
 from fxsurgery.capture.modes import TRAINING, mode_reads
 from fxsurgery.capture.trace import guard_mode, keep_unused
-from fxsurgery.errors import InputError, TraceError, one_line
+from fxsurgery.errors import InputError, TraceError, one_line, quiet_loggers
 
 __all__ = ["export_model", "raise_program", "inert_hook"]
 
@@ -133,16 +132,8 @@ def _export(model: nn.Module, args: tuple[Any, ...], dynamic_shapes: Any) -> tor
 def _quiet_torch() -> Iterator[None]:
     """torch's own loggers below ERROR while exporting: a failed export (which ``frontend="auto"`` answers by keeping
     fx) must not print graph dumps and warnings; the error is reported once, by fxsurgery."""
-    loggers = [logging.getLogger(name) for name in list(logging.root.manager.loggerDict) if name.startswith("torch")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            yield  # the graph a failed export prints
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
+    with quiet_loggers("torch"), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        yield  # the graph a failed export prints
 
 
 def _register_hf_caches() -> None:

@@ -6,6 +6,7 @@ import torch.fx as fx
 from torch import nn
 
 from fxsurgery import _runtime
+from fxsurgery.engine import provenance
 from fxsurgery.engine.nodes import writes_in_place
 from fxsurgery.engine.rule import Skip
 
@@ -55,5 +56,5 @@ def replay(graph: fx.Graph, ops: list[tuple[fx.Node, fx.Node]], src: fx.Node) ->
     """Apply the elementwise ``ops`` (each with its tensor input) to ``src`` instead, in order."""
     for op, op_input in ops:
         src = graph.node_copy(op, lambda a, prev=src, old=op_input: prev if a is old else a)  # type: ignore[misc]
-        src.meta = {}
+        src.meta = provenance.of(op)
     return src

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import torch.fx as fx
 
 from fxsurgery.capture.shapes import shape_of
+from fxsurgery.engine import provenance
 from fxsurgery.engine.elementwise import elementwise_tensor_inputs
 
 if TYPE_CHECKING:
@@ -31,7 +32,7 @@ class Elementwise:
         mapped = {i: rw.enter(i, layout, node.name) for i in inputs}
         with rw.graph.inserting_before(node):
             new = rw.graph.node_copy(node, lambda a: mapped.get(a, a))
-        new.meta = {}
+        new.meta = provenance.of(node)
         rw.set_alt(node, new, layout)
         return True
 

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 import torch.fx as fx
 from torch import nn
 
-from fxsurgery.engine import cleanup, subgraph
+from fxsurgery.engine import cleanup, provenance, subgraph
 from fxsurgery.engine.layout import Layout, composes_to_identity, permute_dims
 from fxsurgery.engine.nodes import NoShape, first_input, reader_name
 from fxsurgery.engine.rule import Rule, RuleSet, Skip
@@ -123,21 +123,26 @@ class Rewriter:
     # -- the pass -----------------------------------------------------------------------------------------------
     def run(self) -> list[Site]:
         """Visit every node once, in order: a claimed node is a site, any other may be propagated; then clean up."""
-        for node in list(self.graph.nodes):
-            if node in self.alt:
-                continue  # already carried (an item of a rewritten call's output)
-            claimed = self.rules.claim(node, self)
-            if claimed is not None:
-                self._site(node, *claimed)
-                continue
-            for propagator in self.rules.propagators:
-                if propagator.propagate(node, self):
-                    break
-        cleanup.finish(self)
+        with provenance.recording(self.graph) as created:
+            for node in list(self.graph.nodes):
+                if node not in self.alt:  # (else already carried: an item of a rewritten call's output)
+                    self._visit(node)
+                provenance.inherit(created, node)  # what the rule or propagator added, in place of ``node``
+            cleanup.finish(self)
+            provenance.from_neighbours(created, self.original_nodes)
         self.sites = subgraph.attach(
             self.sites, self._pictures, self.alt, self.original_nodes, dict(self.gm.named_modules())
         )
         return self.sites
+
+    def _visit(self, node: fx.Node) -> None:
+        claimed = self.rules.claim(node, self)
+        if claimed is not None:
+            self._site(node, *claimed)
+            return
+        for propagator in self.rules.propagators:
+            if propagator.propagate(node, self):
+                return
 
     def _site(self, node: fx.Node, rule: Rule, name: str) -> None:
         if node.op == "call_module":

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import contextlib
 import io
-import logging
 from collections import Counter
 from typing import Any
 
 import torch
 from torch import nn
 
-from fxsurgery.errors import InputError, SurgeryError, one_line
+from fxsurgery.errors import InputError, SurgeryError, one_line, quiet_loggers
 
 __all__ = ["op_census"]
 
@@ -27,8 +26,7 @@ def op_census(model: nn.Module, example_inputs: tuple[Any, ...]) -> dict[str, in
         raise InputError('the Core ML op census needs coremltools: pip install "fxsurgery[coreml]"') from e
     try:
         program = torch.export.export(model, tuple(example_inputs), strict=False).run_decompositions({})
-        with contextlib.redirect_stderr(io.StringIO()):  # its progress bars
-            logging.getLogger("coremltools").setLevel(logging.ERROR)
+        with contextlib.redirect_stderr(io.StringIO()), quiet_loggers("coremltools"):  # its progress bars
             mil = ct.convert(program, convert_to="milinternal")
     except Exception as e:
         raise SurgeryError(f"coremltools cannot convert {type(model).__name__}: {one_line(e)}") from e

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import logging
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -27,7 +26,7 @@ from torch import nn
 
 from fxsurgery.artifacts.onnx_export import torchlib_registry_once
 from fxsurgery.engine.subgraph import label
-from fxsurgery.errors import one_line
+from fxsurgery.errors import one_line, quiet_loggers
 from fxsurgery.verify.policy import compare_leaves
 
 __all__ = ["first_divergence", "first_failing_node", "cut_after"]
@@ -54,9 +53,9 @@ def _intermediates(module: nn.Module, inputs: tuple[torch.Tensor, ...], path: st
     from torch.onnx._internal.exporter._onnx_program import ONNXProgram
     from torch.onnx.verification import verify_onnx_program
 
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torchlib_registry_once():
+    quiet = quiet_loggers("torch.onnx")  # it logs every value it compares
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torchlib_registry_once(), quiet:
         warnings.simplefilter("ignore")
-        logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # it logs every value it compares
         program = torch.export.export(module, tuple(t.clone() for t in inputs), strict=False)
         onnx_program = ONNXProgram(ir.load(str(path)), program)
         return list(
