@@ -16,16 +16,16 @@ from torch import nn
 
 from fxsurgery.errors import InputError
 from fxsurgery.plan.targets import TARGETS, check_target
+from fxsurgery.runtimes.registry import named
 
 if TYPE_CHECKING:
     from fxsurgery.engine.rule import RuleSet
 
-__all__ = ["Options", "Precision", "LeafSpec", "resolve", "OPTIONS_DOC", "BATCH_LAYOUTS", "RUNTIMES", "FRONTENDS"]
+__all__ = ["Options", "Precision", "LeafSpec", "resolve", "OPTIONS_DOC", "BATCH_LAYOUTS", "FRONTENDS"]
 
 Precision = Literal["native", "float64"]
 LeafSpec = Sequence["type[nn.Module] | str"]
 BATCH_LAYOUTS = ("spatial", "batch")
-RUNTIMES = ("onnxruntime", "torch", "openvino")
 FRONTENDS = ("auto", "fx", "export")
 
 
@@ -75,8 +75,8 @@ class Options:
             raise InputError(f"token_layout must be True or False, got {self.token_layout!r}")
         if self.precision not in ("native", "float64"):
             raise InputError(f"precision must be 'native' or 'float64', got {self.precision!r}")
-        if self.runtime not in RUNTIMES:
-            raise InputError(f"runtime must be one of {RUNTIMES}, got {self.runtime!r}")
+        if self.runtime not in named("time"):
+            raise InputError(f"runtime must be one of {named('time')}, got {self.runtime!r}")
 
     def without_validation(self) -> Options:
         return replace(self, validate=False)

@@ -145,7 +145,9 @@ def test_a_model_the_torchscript_exporter_refuses_is_timed_from_a_dynamo_export(
     from fxsurgery.runtimes import timing
 
     calls = []
-    export = timing.export_onnx
+    from fxsurgery.runtimes import ort
+
+    export = ort.export_onnx
 
     def picky(module, inputs, path, *, exporter="dynamo", **kw):
         calls.append(exporter)
@@ -153,7 +155,7 @@ def test_a_model_the_torchscript_exporter_refuses_is_timed_from_a_dynamo_export(
             raise RuntimeError("unsupported by the TorchScript exporter")
         export(module, inputs, path, exporter=exporter, **kw)
 
-    monkeypatch.setattr(timing, "export_onnx", picky)
+    monkeypatch.setattr(ort, "export_onnx", picky)
     model, x = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1)).eval(), torch.randn(2, 3, 5, 5)
     run = timing.runner(model, x, "onnxruntime", tmp_path, 1, exporter="torchscript")
     assert calls == ["torchscript", "dynamo"]

@@ -82,10 +82,10 @@ def test_check_reports_the_onnxruntime_census_after_its_optimizations(tmp_path):
 def test_a_missing_toolchain_is_said_not_raised(monkeypatch, tmp_path):
     import importlib.util
 
-    from fxsurgery.runtimes import census
+    from fxsurgery.runtimes import census, registry
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(census.importlib.util, "find_spec", lambda n, *a: None if n == "coremltools" else real(n, *a))
+    monkeypatch.setattr(registry.importlib.util, "find_spec", lambda n, *a: None if n == "coremltools" else real(n, *a))
     out = census.census("coreml", demo_model(), demo_model(), (torch.randn(1, 3, 32, 32),))
     assert out == {"toolchain": "coremltools", "skipped": 'coremltools is not installed: pip install "fxsurgery[coreml]"'}
 

@@ -4,13 +4,12 @@ rewritten submodule keeps of the one it replaces (hooks, plain attributes)."""
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from fxsurgery.errors import InputError, one_line
-from fxsurgery.options import Precision
 
 __all__ = ["working_copy", "eval_copy", "tensor_attributes", "keep_attributes", "hooked_containers", "HOOK_DICTS"]
 
@@ -75,6 +74,9 @@ HOOK_DICTS = (
     "_backward_hooks",
     "_backward_pre_hooks",
 )
+
+if TYPE_CHECKING:
+    from fxsurgery.options import Precision
 
 
 def keep_attributes(new: nn.Module, old: nn.Module) -> None:

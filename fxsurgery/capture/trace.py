@@ -8,7 +8,7 @@ import contextlib
 import functools
 import inspect
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch.fx as fx
 from torch import nn
@@ -17,7 +17,9 @@ from fxsurgery import _runtime
 from fxsurgery.capture.layers import is_transposed_linear
 from fxsurgery.capture.modes import GRAD_MODE, TRAINING, mode_reads
 from fxsurgery.errors import InputError, TraceError, one_line
-from fxsurgery.options import LeafSpec
+
+if TYPE_CHECKING:
+    from fxsurgery.options import LeafSpec
 
 __all__ = ["trace", "keep_unused", "guard_mode"]
 

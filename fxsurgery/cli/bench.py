@@ -12,8 +12,7 @@ from typing import Any
 
 from fxsurgery.artifacts.checkpoint import ARTIFACTS
 from fxsurgery.cli.inputs import UsageError
-from fxsurgery.options import RUNTIMES
-from fxsurgery.runtimes.runners import RUNNERS
+from fxsurgery.runtimes.registry import named
 
 __all__ = ["add_bench", "run_bench", "add_report", "run_report", "artifacts_list", "runtimes_list"]
 
@@ -57,7 +56,7 @@ def _names(allowed: Sequence[str], what: str) -> Callable[[str], tuple[str, ...]
 
 
 #: ``rewrite --cross-check-runtimes``
-runtimes_list = _names(tuple(RUNNERS), "runtime")
+runtimes_list = _names(named("run"), "runtime")
 
 
 def add_bench(sub: Any, model_arguments: Callable[[argparse.ArgumentParser], None]) -> None:
@@ -66,10 +65,10 @@ def add_bench(sub: Any, model_arguments: Callable[[argparse.ArgumentParser], Non
     b.add_argument("--to", choices=("conv", "linear", "auto"), required=True, help="target layer type")
     b.add_argument(
         "--runtime",
-        type=_names(RUNTIMES, "runtime"),
+        type=_names(named("time"), "runtime"),
         default=("onnxruntime", "torch"),
         metavar="LIST",
-        help=f"comma-separated, of {', '.join(RUNTIMES)} (default onnxruntime,torch)",
+        help=f"comma-separated, of {', '.join(named('time'))} (default onnxruntime,torch)",
     )
     b.add_argument(
         "--batch",

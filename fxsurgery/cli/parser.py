@@ -8,8 +8,8 @@ from typing import Any, NoReturn
 from fxsurgery.artifacts.checkpoint import ARTIFACTS
 from fxsurgery.cli.bench import add_bench, add_report, artifacts_list, runtimes_list
 from fxsurgery.cli.inputs import DTYPES, UsageError
-from fxsurgery.options import RUNTIMES
 from fxsurgery.plan.targets import TARGETS
+from fxsurgery.runtimes.registry import named
 
 __all__ = ["build_parser"]
 
@@ -83,7 +83,7 @@ def _add_rewrite(sub: Any) -> None:
         required=True,
         help="target layer type, or auto: per site the faster form on --runtime",
     )
-    rw.add_argument("--runtime", choices=RUNTIMES, default="onnxruntime", help="with --to auto: where to measure")
+    rw.add_argument("--runtime", choices=named("time"), default="onnxruntime", help="with --to auto: where to measure")
     rw.add_argument("--out", help="output directory (must not exist, or be empty; required unless --dry-run)")
     rw.add_argument(
         "--artifacts",

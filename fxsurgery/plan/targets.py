@@ -16,8 +16,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from fxsurgery.errors import InputError
+from fxsurgery.rules.conv_to_linear.strided_pointwise import PATTERN as STRIDED_POINTWISE
+from fxsurgery.runtimes.registry import RUNTIMES, Runtime
 
 __all__ = ["Target", "TARGETS", "check_target", "target_notes", "target_skips"]
 
@@ -25,39 +28,42 @@ __all__ = ["Target", "TARGETS", "check_target", "target_notes", "target_skips"]
 @dataclass(frozen=True)
 class Target:
     """What a target changes: the batch layout of rewritten heads (None: the default), and patterns left alone,
-    with the reason each is."""
+    with the reason each is. Its name, toolchain and extra are its runtime's (:mod:`fxsurgery.runtimes.registry`)."""
 
-    name: str
-    toolchain: str  # the Python package that converts for it (its census needs it)
-    extra: str  # pip install "fxsurgery[extra]"
+    runtime: Runtime
     batch_layout: str | None = None
     layout_reason: str = ""
     skip: Mapping[str, str] = field(default_factory=dict)
 
+    @property
+    def name(self) -> str:
+        return self.runtime.target or self.runtime.name
 
-TARGETS: dict[str, Target] = {
-    "onnxruntime": Target("onnxruntime", "onnxruntime", "", layout_reason="the defaults were measured on it"),
-    "openvino": Target(
-        "openvino", "openvino", "openvino", layout_reason="at batch 1 neither layout measured faster on its CPU plugin"
-    ),
-    "coreml": Target(
-        "coreml",
-        "coremltools",
-        "coreml",
-        batch_layout="batch",
-        layout_reason="at batch 1 Core ML runs the spatial (1, C, 1, N) layout with 2 transposes and 2 "
+    @property
+    def toolchain(self) -> str:
+        return self.runtime.package
+
+
+#: Per runtime that is a deployment target, what it changes.
+_CHOICES: dict[str, dict[str, Any]] = {
+    "onnxruntime": {"layout_reason": "the defaults were measured on it"},
+    "openvino": {"layout_reason": "at batch 1 neither layout measured faster on its CPU plugin"},
+    "coreml": {
+        "batch_layout": "batch",
+        "layout_reason": "at batch 1 Core ML runs the spatial (1, C, 1, N) layout with 2 transposes and 2 "
         "reshapes around a head; (N, C, 1, 1) needs 1 reshape",
-    ),
-    "executorch-xnnpack": Target(
-        "executorch-xnnpack",
-        "executorch",
-        "executorch",
-        skip={
-            "conv1x1-strided": "target executorch-xnnpack: XNNPACK does not delegate the strided slice "
+    },
+    "executorch": {
+        "skip": {
+            STRIDED_POINTWISE: "target executorch-xnnpack: XNNPACK does not delegate the strided slice "
             "x[:, :, ::s, ::s] this rewrite starts with (the graph would split into several "
             "delegates with slice_copy between them): kept as a conv"
-        },
-    ),
+        }
+    },
+}
+
+TARGETS: dict[str, Target] = {
+    r.target: Target(r, **_CHOICES.get(r.name, {})) for r in RUNTIMES.values() if r.target is not None
 }
 
 

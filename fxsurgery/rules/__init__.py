@@ -6,15 +6,19 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from fxsurgery.engine.nodes import CONV_TYPES
 from fxsurgery.engine.rule import RuleSet
 from fxsurgery.errors import InputError
-from fxsurgery.options import Options
 from fxsurgery.report import Site
 from fxsurgery.rules import conv_to_linear, linear_to_conv
+
+if TYPE_CHECKING:
+    from fxsurgery.options import Options
 
 __all__ = ["DIRECTIONS", "rule_set", "bare_candidate"]
 

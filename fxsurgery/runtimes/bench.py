@@ -25,8 +25,9 @@ from torch import nn
 from fxsurgery.api import _with_keywords, rewrite
 from fxsurgery.capture import refuse_meta
 from fxsurgery.errors import InputError
-from fxsurgery.options import RUNTIMES, Options, resolve
+from fxsurgery.options import Options, resolve
 from fxsurgery.report import format_table
+from fxsurgery.runtimes.registry import named
 from fxsurgery.runtimes.timing import Ratio, interleaved, runner
 from fxsurgery.verify.validation import random_inputs
 
@@ -92,9 +93,9 @@ def benchmark(
     time the rewritten model against the original per runtime (``"onnxruntime"``, ``"torch"``, ``"openvino"``) and
     per batch size (default: the example's; other sizes get fresh inputs like the example's), ``pairs`` interleaved
     pairs each, with ``threads`` threads. The model and its inputs are left as they are."""
-    unknown = sorted(set(runtimes) - set(RUNTIMES))
+    unknown = sorted(set(runtimes) - set(named("time")))
     if unknown or not runtimes:
-        raise InputError(f"runtimes must be some of {RUNTIMES}, got {list(runtimes)!r}")
+        raise InputError(f"runtimes must be some of {named('time')}, got {list(runtimes)!r}")
     if pairs < 1 or threads < 1 or any(b < 1 for b in batches or ()):
         raise InputError("pairs, threads and batch sizes must be at least 1")
     refuse_meta(model if isinstance(model, nn.Module) else None, example_inputs, "a benchmark")

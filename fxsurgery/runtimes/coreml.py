@@ -13,8 +13,9 @@ import torch
 from torch import nn
 
 from fxsurgery.errors import InputError, SurgeryError, one_line, quiet_loggers
+from fxsurgery.runtimes.registry import Backend
 
-__all__ = ["op_census"]
+__all__ = ["op_census", "CoreML"]
 
 
 def op_census(model: nn.Module, example_inputs: tuple[Any, ...]) -> dict[str, int]:
@@ -32,3 +33,8 @@ def op_census(model: nn.Module, example_inputs: tuple[Any, ...]) -> dict[str, in
         raise SurgeryError(f"coremltools cannot convert {type(model).__name__}: {one_line(e)}") from e
     ops = Counter(op.op_type for f in mil.functions.values() for op in f.operations if op.op_type != "const")
     return dict(sorted(ops.items()))
+
+
+class CoreML(Backend):
+    def census(self, module: nn.Module, inputs: tuple[Any, ...], onnx_path: str | None) -> dict[str, int]:
+        return op_census(module, inputs)

@@ -7,7 +7,6 @@ created with thread spinning off and pinned intra-op threads, so an idle session
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import math
 import statistics
@@ -20,13 +19,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from fxsurgery.artifacts.onnx_export import export_onnx
 from fxsurgery.capture.copies import eval_copy
-from fxsurgery.errors import InputError
-from fxsurgery.runtimes.ort import session
-from fxsurgery.runtimes.runners import openvino_compiled
+from fxsurgery.runtimes.registry import get
 
-__all__ = ["Ratio", "interleaved", "ort_session", "runner"]
+__all__ = ["Ratio", "interleaved", "runner"]
 
 log = logging.getLogger(__name__)
 
@@ -99,11 +95,6 @@ def _settled(ratios: list[float], threshold: float, pairs: int) -> bool:
     return sum(r < threshold for r in ratios) >= majority or sum(r >= threshold for r in ratios) >= majority
 
 
-def ort_session(path: str | Path, threads: int, providers: tuple[str, ...] = ("CPUExecutionProvider",)) -> Any:
-    """An onnxruntime session for timing: ``threads`` intra-op threads, no thread spinning."""
-    return session(path, threads=threads, providers=providers)
-
-
 def runner(
     module: nn.Module,
     x: torch.Tensor | tuple[torch.Tensor, ...],
@@ -118,32 +109,7 @@ def runner(
     converted by ``openvino.convert_model`` and compiled for its CPU plugin in float32 (it would pick bfloat16 on
     some CPUs) with ``threads`` threads. It runs an eval-mode copy with parameters, buffers and inputs of its own:
     ``module`` and ``x`` are left as they are."""
+    backend = get(runtime, "time", "timing").impl()
     module = eval_copy(module, "native")  # its own parameters and buffers: a forward that writes stays local
     inputs = tuple(t.clone() for t in (x if isinstance(x, tuple) else (x,)))  # the caller's tensors never change
-    if runtime == "torch":
-
-        def run_torch() -> Any:
-            with torch.no_grad():
-                return module(*inputs)
-
-        return run_torch
-    if runtime == "openvino":
-        return _openvino(module, inputs, threads)
-    path = workdir / f"m{len(list(workdir.iterdir()))}.onnx"
-    try:
-        export_onnx(module, inputs, path, exporter=exporter, dynamic_batch=False)
-    except Exception:
-        if exporter == "dynamo":
-            raise
-        log.info("the %s exporter failed on %s: exported with dynamo", exporter, type(module).__name__, exc_info=True)
-        export_onnx(module, inputs, path, dynamic_batch=False)
-    session = ort_session(path, threads)
-    feed = {i.name: t.numpy() for i, t in zip(session.get_inputs(), inputs)}
-    return lambda: session.run(None, feed)
-
-
-def _openvino(module: nn.Module, inputs: tuple[torch.Tensor, ...], threads: int) -> Callable[[], Any]:
-    if importlib.util.find_spec("openvino") is None:
-        raise InputError('timing on OpenVINO needs it: pip install "fxsurgery[openvino]"')
-    request, feed = openvino_compiled(module, inputs, threads).create_infer_request(), [t.numpy() for t in inputs]
-    return lambda: request.infer(feed)
+    return backend.timer(module, inputs, workdir, threads, exporter)

@@ -33,8 +33,8 @@ from fxsurgery.capture.copies import eval_copy
 from fxsurgery.capture.inputs import normalize_inputs
 from fxsurgery.errors import InputError, SurgeryError, one_line
 from fxsurgery.report import Comparison, OnnxCheck
-from fxsurgery.runtimes import runners
 from fxsurgery.runtimes.ort import OPT_LEVELS, run_session, session
+from fxsurgery.runtimes.registry import RUNTIMES, get, run
 from fxsurgery.verify.localize import first_divergence, first_failing_node
 from fxsurgery.verify.policy import SCALE_FLOOR, compare_leaves
 from fxsurgery.verify.validation import random_inputs, run_no_grad
@@ -147,14 +147,14 @@ def _run_more(
     found: _Findings,
     outputs: list[dict[str, list[Any]]],
 ) -> None:
-    """The optional runtimes' outputs (:mod:`~fxsurgery.runtimes.runners`): where one cannot run the original, that is
+    """The optional runtimes' outputs (:mod:`~fxsurgery.runtimes.registry`): where one cannot run the original, that is
     its limit (skipped); where it runs the original and not the rewritten model, a failure."""
     for rt in runtimes:
-        label = runners.RUNNERS[rt][2]
+        label = RUNTIMES[rt].label
         for name in NAMES:
             for batch_inputs, got in zip(batches, outputs):
                 try:
-                    got[f"{label} {name}"] = runners.run(rt, models[name], batch_inputs)
+                    got[f"{label} {name}"] = run(rt, models[name], batch_inputs)
                 except Exception as e:
                     message = f"{label} cannot run the {name} model at batch {_batch(batch_inputs)}: {one_line(e)}"
                     if name == "rewritten" and f"{label} original" in got:
@@ -166,7 +166,7 @@ def _run_more(
 def _runtime_localized(rt: str, module: nn.Module, inputs: tuple, rtol: float | None = None) -> str:
     """Where an optional runtime first goes wrong on ``module`` (:func:`~fxsurgery.verify.localize.
     first_failing_node`)."""
-    return first_failing_node(lambda m, x: runners.run(rt, m, x), module, inputs, rtol=rtol)
+    return first_failing_node(lambda m, x: run(rt, m, x), module, inputs, rtol=rtol)
 
 
 def _run(
@@ -263,14 +263,15 @@ def cross_check(
     """Export both models to ``out_dir`` (``original.onnx``, ``rewritten.onnx``), check them with
     ``onnx.checker.check_model(full_check=True)``, and compare torch and onnxruntime outputs four ways; with
     ``runtimes`` (``"openvino"``, ``"executorch"``) also each of those runtimes' outputs of both models, against
-    torch original and rewritten against original (:mod:`~fxsurgery.runtimes.runners`).
+    torch original and rewritten against original (:mod:`~fxsurgery.runtimes.registry`).
 
     ``direction`` and ``rewritten_sites`` (taken from a :class:`~fxsurgery.SurgeryResult` by :func:`fxsurgery.check`)
     enable the check that the rewrite is visible in the exported op histogram.
     """
     inputs = normalize_inputs(example_inputs)
     _check_arguments(exporter, providers)
-    runners.check_runtimes(runtimes)
+    for rt in runtimes:
+        get(rt, "run", "cross-check")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {name: out / f"{name}.onnx" for name in NAMES}
@@ -354,7 +355,7 @@ def _localize_runtimes(
 ) -> None:
     """For each optional runtime that runs the rewritten model wrong, the first node it computes wrong."""
     for rt in runtimes:
-        label = runners.RUNNERS[rt][2]
+        label = RUNTIMES[rt].label
         wrong = [c for c in comparisons if not c.passed and c.candidate == f"{label} rewritten"]
         if wrong:
             batch = next(b for b in batches if _batch(b) == wrong[0].batch)

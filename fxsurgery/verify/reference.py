@@ -4,6 +4,7 @@ of an exported graph, the graph torch.export captured (once it is shown to match
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 import torch
 import torch.fx as fx
@@ -12,10 +13,12 @@ from torch import nn
 from fxsurgery import _runtime
 from fxsurgery.capture import lowest_batch, on_meta, working_copy
 from fxsurgery.errors import InputError, ValidationError
-from fxsurgery.options import Options
 from fxsurgery.report import SurgeryResult
 from fxsurgery.verify.policy import compare_outputs
 from fxsurgery.verify.validation import kept_state, random_inputs, run_no_grad, validate
+
+if TYPE_CHECKING:
+    from fxsurgery.options import Options
 
 __all__ = ["validation_reference", "check_mode_for_validation", "CAPTURED_NOTE", "batch_one_admitted"]
 

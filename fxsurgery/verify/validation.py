@@ -11,7 +11,7 @@ import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.fx as fx
@@ -21,9 +21,11 @@ from torch import nn
 from fxsurgery._runtime import OutsideExportedRange
 from fxsurgery.capture.copies import eval_copy
 from fxsurgery.errors import InputError, one_line
-from fxsurgery.options import Precision
 from fxsurgery.report import Validation
 from fxsurgery.verify.policy import SCALE_FLOOR, Errors, compare_outputs
+
+if TYPE_CHECKING:
+    from fxsurgery.options import Precision
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from torch import nn
 
 import fxsurgery
 from fxsurgery.models import demo_model
-from fxsurgery.runtimes import runners
+from fxsurgery.runtimes import registry
 from fxsurgery.verify import localize
 from fxsurgery.verify.cross_check import cross_check
 
@@ -21,9 +21,9 @@ LABELS = {"openvino": "OpenVINO", "executorch": "ExecuTorch-XNNPACK"}
 
 
 def _needs(runtime):
-    package = runners.RUNNERS[runtime][0]
+    package = registry.RUNTIMES[runtime].package
     return pytest.mark.skipif(importlib.util.find_spec(package) is None,
-                              reason=f'{package} is optional: pip install "fxsurgery[{runners.RUNNERS[runtime][1]}]"')
+                              reason=f'{package} is optional: pip install "fxsurgery[{registry.RUNTIMES[runtime].extra}]"')
 
 
 @pytest.mark.parametrize("to", ["conv", "linear"])
@@ -63,7 +63,7 @@ def test_an_unknown_or_missing_runtime_is_one_clear_error(tmp_path, monkeypatch)
     model, x = demo_model(), (torch.randn(1, 3, 32, 32),)
     with pytest.raises(fxsurgery.InputError, match="unknown cross-check runtime 'tvm'"):
         cross_check(model, model, x, tmp_path, runtimes=("tvm",))
-    monkeypatch.setattr(runners.importlib.util, "find_spec", lambda name, *a: None)
+    monkeypatch.setattr(registry.importlib.util, "find_spec", lambda name, *a: None)
     with pytest.raises(fxsurgery.InputError, match=r'needs openvino: pip install "fxsurgery\[openvino\]"'):
         cross_check(model, model, x, tmp_path, runtimes=("openvino",))
 
@@ -138,16 +138,17 @@ def test_a_runtime_that_runs_one_layer_wrong_is_localized_to_it(runtime, tmp_pat
     cross-check fails and names the rewritten graph's ``down`` node, the cut graphs converting on the runtime."""
     model, x = demo_model().eval(), torch.randn(2, 3, 32, 32)
     res = fxsurgery.conv_to_linear(model, x)
-    real = getattr(runners, f"_{runtime}")
+    backend = type(registry.RUNTIMES[runtime].impl())
+    real = backend.run
 
-    def wrong_down(module, inputs):
+    def wrong_down(self, module, inputs):
         module = copy.deepcopy(module)
         for name, sub in module.named_modules():
             if name == "down":
                 sub.weight.data *= 1.5
-        return real(module, inputs)
+        return real(self, module, inputs)
 
-    monkeypatch.setattr(runners, f"_{runtime}", wrong_down)
+    monkeypatch.setattr(backend, "run", wrong_down)
     check = cross_check(model, res.module, (x,), tmp_path, runtimes=(runtime,))
     down = next(n.name for n in res.module.graph.nodes if n.op == "call_module" and n.target == "down")
     where = [f for f in check.failures if f.startswith(f"{LABELS[runtime]} rewritten: the first node")]
