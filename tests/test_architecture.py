@@ -63,7 +63,7 @@ def _cycle() -> list[str] | None:
         stack.append(n)
         for m in sorted(graph[n]):
             if state.get(m) == 1:
-                return stack[stack.index(m):] + [m]
+                return stack[stack.index(m) :] + [m]
             if m not in state and (found := visit(m)):
                 return found
         stack.pop()
@@ -162,3 +162,22 @@ def test_third_party_loggers_are_quieted_for_a_step_only():
     setting = [p for p in PACKAGE.rglob("*.py") if "setLevel" in p.read_text() and p.parent.name != "cli"]
     assert setting == [PACKAGE / "errors.py"], f"logger levels set outside quiet_loggers: {setting}"
     assert levels == {n: logging.getLogger(n).level for n in levels}
+
+
+def test_no_pattern_name_is_written_outside_the_rules():
+    """What a pattern is called is its rule's business: planners, targets and reports read it from the rules (a new
+    rule needs no edit elsewhere)."""
+    from fxsurgery.rules import conv_to_linear, linear_to_conv
+
+    patterns = {
+        r.pattern for rs in (linear_to_conv.rule_set("spatial", True), conv_to_linear.rule_set()) for r in rs.rules
+    }
+    assert len(patterns) >= 12, patterns
+    found = []
+    for path in PACKAGE.rglob("*.py"):
+        if (PACKAGE / "rules") in path.parents:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and node.value in patterns:
+                found.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {node.value!r}")
+    assert not found, found

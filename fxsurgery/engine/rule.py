@@ -36,6 +36,9 @@ __all__ = [
     "module_skip_reason",
     "weight_skip_reason",
     "feeds_candidate",
+    "TIMINGS",
+    "timing_of",
+    "owns_children",
 ]
 
 
@@ -67,6 +70,23 @@ class Rule(Protocol):
     def apply(self, match: Any, rw: Rewriter) -> Site | tuple[Site, ...]:
         """Rewrite the matched site and return its record (several, when one match rewrites several layers)."""
         ...
+
+
+#: How ``to="auto"`` measures the sites of a rule (its optional ``timing`` attribute): ``"alone"`` (the default: the
+#: layer alone, on the value it reads), ``"block"`` (with the transformer block around it, original against rewritten,
+#: and alone where the block cannot be run alone), ``"block-only"`` (its rewritten form spans several layers: within
+#: its block or the whole model only).
+TIMINGS = ("alone", "block", "block-only")
+
+
+def timing_of(rule: object) -> str:
+    return getattr(rule, "timing", "alone")
+
+
+def owns_children(rule: object) -> bool:
+    """Whether the sites named below a site of this rule (an attention's ``out_proj``) are rewritten with it or not
+    at all (the rule's optional ``owns_children`` attribute)."""
+    return bool(getattr(rule, "owns_children", False))
 
 
 class Propagator(Protocol):

@@ -36,10 +36,12 @@ from torch import nn
 
 from fxsurgery.capture import capture_submodule_inputs, working_copy
 from fxsurgery.engine import subgraph
+from fxsurgery.engine.rule import owns_children, timing_of
 from fxsurgery.errors import InputError, ValidationError
 from fxsurgery.options import Options
 from fxsurgery.pipeline import run_pass
 from fxsurgery.report import Site, SurgeryResult
+from fxsurgery.rules import rule_set
 from fxsurgery.runtimes.timing import Ratio, interleaved, runner
 from fxsurgery.verify.validation import validate
 
@@ -60,10 +62,10 @@ TIMING_EXPORTER = "torchscript"
 SITE_SAMPLE_S = 0.01
 
 
-def _site_alone(model: nn.Module, site: Site, direction: str) -> tuple[nn.Module, torch.Tensor] | None:
+def _site_alone(model: nn.Module, site: Site, direction: str, timing: str) -> tuple[nn.Module, torch.Tensor] | None:
     """The site's layer alone, as a model on the value it reads, or None when that cannot be built."""
-    if site.input_shape is None or site.pattern == "window-attention":
-        return None  # window attention is a function of several layers: timed only within the whole model
+    if site.input_shape is None or timing == "block-only":
+        return None  # (window attention) a function of several layers: timed only within its block or the model
     try:
         layer = copy.deepcopy(model.get_submodule(site.name))
     except AttributeError:
@@ -113,6 +115,11 @@ class _Chooser:
         self.choices: list[dict[str, Any]] = []
         self.keep: dict[str, list[str]] = {d: [] for d in DIRECTIONS}
         self.cache: dict[tuple, Ratio] = {}
+        self.rules = {d: {r.pattern: r for r in rule_set(d, options).rules} for d in DIRECTIONS}
+
+    def timing(self, direction: str, site: Site) -> str:
+        """How the site's rule says it is measured (:data:`fxsurgery.engine.rule.TIMINGS`)."""
+        return timing_of(self.rules[direction].get(site.pattern))
 
     def runner(self, module: nn.Module, x: torch.Tensor) -> Callable[[], Any]:
         return runner(module, x, self.options.runtime, self.work, self.threads, exporter=TIMING_EXPORTER)
@@ -144,7 +151,7 @@ class _Chooser:
 
     def direction(self, model: nn.Module, inputs: tuple[torch.Tensor, ...], direction: str, res: SurgeryResult) -> None:
         """Decide every rewritten site of ``res``: per block where it has one, else alone."""
-        blocks = _blocks(model, res.rewritten) if direction == "linear_to_conv" else {}
+        blocks = _blocks(model, [s for s in res.rewritten if self.timing(direction, s) != "alone"])
         grouped = _by_block(blocks)
         captured = capture_submodule_inputs(model, inputs, [b for b in grouped if b])[0] if grouped else {}
         for block, sites in grouped.items():
@@ -154,7 +161,7 @@ class _Chooser:
                     del blocks[name]  # not measurable as a block: per site below
                 else:
                     self.measured(direction, name, r, block=block)
-        attention = {s.name for s in res.rewritten if s.pattern == "self-attention"}
+        attention = {s.name for s in res.rewritten if owns_children(self.rules[direction].get(s.pattern))}
         followers = []  # an attention's out_proj: rewritten with its attention or not at all
         for site in res.rewritten:
             if site.name in blocks:
@@ -169,7 +176,7 @@ class _Chooser:
             self.decide(direction, name, chosen, why=f"part of {parent}")
 
     def site(self, model: nn.Module, site: Site, direction: str) -> None:
-        alone = _site_alone(model, site, direction)
+        alone = _site_alone(model, site, direction, self.timing(direction, site))
         if alone is None:
             self.decide(
                 direction, site.name, "original", why="not measurable alone (a functional site or window attention)"
@@ -259,16 +266,11 @@ def _time_whole(
     return {k: whole[k] for k in candidates}  # auto first
 
 
-_BLOCK_PATTERNS = ("token-linear", "self-attention", "window-attention", "channels-last-linear", "chain-linear")
-
-
 def _blocks(model: nn.Module, sites: Sequence[Site]) -> dict[str, str]:
-    """Transformer-style sites and their block: the nearest enclosing module with a LayerNorm child of its own (a
+    """Sites decided per block, with their block: the nearest enclosing module with a LayerNorm child of its own (a
     ViT encoder layer, a Swin or ConvNeXt block). Sites outside any such module are decided one by one."""
     out = {}
     for site in sites:
-        if site.pattern not in _BLOCK_PATTERNS:
-            continue
         parts = site.name.split(".")
         for cut in range(len(parts) - 1, -1, -1):
             try:

@@ -16,6 +16,8 @@ from fxsurgery.engine.rule import RuleSet
 from fxsurgery.errors import InputError
 from fxsurgery.report import Site
 from fxsurgery.rules import conv_to_linear, linear_to_conv
+from fxsurgery.rules.conv_to_linear import full_extent, pointwise
+from fxsurgery.rules.linear_to_conv import flatten_head
 
 if TYPE_CHECKING:
     from fxsurgery.options import Options
@@ -60,5 +62,6 @@ def bare_candidate(
         "called directly by code that cannot be traced: what it reads and where its output goes are not "
         "visible to the rewrite; make that code traceable or move the layer into a traceable submodule"
     )
-    pattern = "flatten->linear" if linear else "conv1x1" if all(k == 1 for k in kernel) else "conv-full-extent"
+    conv_pattern = pointwise.PATTERN if all(k == 1 for k in kernel) else full_extent.PATTERN
+    pattern = flatten_head.PATTERN if linear else conv_pattern
     return [Site(name, pattern, "skipped", why)]

@@ -18,6 +18,7 @@ class ChainLinear(LinearRule):
     """A Linear on a value already carried in a layout (after a rewritten site)."""
 
     pattern = PATTERN
+    timing = "block"
 
     def claims(self, node: fx.Node, rw: Rewriter) -> str | None:
         return linear_name(node) if rw.carried(linear_input(node, rw)) is not None else None

@@ -33,6 +33,7 @@ class ChannelsLastLinear(LinearRule):
     """A Linear on an NCHW map permuted to channels-last, or (token layout) on a channels-last map."""
 
     pattern = PATTERN
+    timing = "block"
 
     def __init__(self, token_layout: bool = False) -> None:
         super().__init__()

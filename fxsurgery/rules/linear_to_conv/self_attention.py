@@ -38,6 +38,8 @@ class AttentionMatch(Match):
 
 class SelfAttention:
     pattern = PATTERN
+    timing = "block"
+    owns_children = True  # its out_proj
 
     def claims(self, node: fx.Node, rw: Rewriter) -> str | None:
         if node.op == "call_module" and isinstance(rw.modules.get(str(node.target)), nn.MultiheadAttention):

@@ -27,6 +27,7 @@ class TokenLinear(LinearRule):
     """A Linear on tokens carried as ``(B, C, 1, S)``, or (token layout) on ``(B, S, C)`` tokens not yet carried."""
 
     pattern = PATTERN
+    timing = "block"
 
     def __init__(self, token_layout: bool = False) -> None:
         super().__init__()

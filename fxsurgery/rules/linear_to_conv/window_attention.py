@@ -53,6 +53,7 @@ def _linear_of(args: dict[str, Any], role: str, rw: Rewriter) -> tuple[str, Any]
 
 class WindowAttention:
     pattern = PATTERN
+    timing = "block-only"  # a function of several layers
 
     def claims(self, node: fx.Node, rw: Rewriter) -> str | None:
         if node.op != "call_function" or not is_torchvision(node.target, "shifted_window_attention"):
