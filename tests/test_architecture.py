@@ -1,5 +1,5 @@
 """The code's shape, measured on the checkout: short functions and modules, no import circles, public modules that
-declare what they export. These are the limits the README's "Writing a rule" section promises a newcomer."""
+declare what they export. These are the limits docs/architecture.md and docs/writing-a-rule.md promise a newcomer."""
 
 from __future__ import annotations
 

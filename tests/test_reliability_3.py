@@ -105,7 +105,7 @@ def test_help_and_readme_say_what_model_and_pt2_loading_may_run():
     proc = cli("rewrite", "--help")
     text = " ".join(proc.stdout.split())
     assert "runs their code" in text and "--unsafe-pickle" in text and "unpickling" in text
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "docs" / "cli.md").read_text()
     assert "MODEL imports" in readme and "runs" in readme and ".pt2" in readme and "--unsafe-pickle" in readme
 
 
