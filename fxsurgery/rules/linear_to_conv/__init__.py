@@ -8,6 +8,7 @@ Patterns (found by graph pattern and propagated shapes, never by layer names), e
 * ``token-linear`` (token layout): :mod:`.token_linear`
 * ``chain-linear``: :mod:`.chain`
 * ``pool->linear``: :mod:`.pool_head`
+* ``pool1d->linear``: :mod:`.pool1d_head`
 * ``flatten->linear``: :mod:`.flatten_head` (last: it claims every Linear no other rule claimed)
 
 With the token layout, HuggingFace-style attention (``view -> transpose -> SDPA``) is carried per head as
@@ -46,6 +47,7 @@ from fxsurgery.rules.linear_to_conv.heads import (
 )
 from fxsurgery.rules.linear_to_conv.layer_norm import LayerNormChannels
 from fxsurgery.rules.linear_to_conv.layouts import BATCH_LAYOUTS
+from fxsurgery.rules.linear_to_conv.pool1d_head import Pool1dHead
 from fxsurgery.rules.linear_to_conv.pool_head import PoolHead
 from fxsurgery.rules.linear_to_conv.self_attention import SelfAttention
 from fxsurgery.rules.linear_to_conv.token_linear import TokenLinear
@@ -65,6 +67,7 @@ def rule_set(batch_layout: str = "spatial", token_layout: bool = False) -> RuleS
         TokenLinear(token_layout),
         ChainLinear(),
         PoolHead(point),
+        Pool1dHead(point),
         FlattenHead(point),
     ]
     propagators: tuple[Propagator, ...] = (
