@@ -1,8 +1,8 @@
 """The public entry points: :func:`linear_to_conv`, :func:`conv_to_linear`, :func:`rewrite` and :func:`check`.
 
 Each takes the model, example inputs and the options (keywords, or one :class:`~fxsurgery.Options`), resolved in
-:mod:`fxsurgery.options`. ``to="auto"`` (:mod:`fxsurgery.plan.auto`) sits above the plain passes
-(:mod:`fxsurgery.pipeline`); nothing below this module imports it.
+:mod:`fxsurgery.options`. ``to="auto"`` is a planner (:mod:`fxsurgery.plan.auto`) that the pipeline
+(:mod:`fxsurgery.pipeline`) runs between the passes that list the sites and the validation of the model it chose.
 """
 
 from __future__ import annotations
@@ -20,8 +20,7 @@ from fxsurgery.capture import keyword_call, normalize_inputs, prepare_model, ref
 from fxsurgery.capture.programs import export_rewritten, module_of_program
 from fxsurgery.errors import InputError, ValidationError
 from fxsurgery.options import OPTIONS_DOC, Options, resolve
-from fxsurgery.pipeline import run_pass
-from fxsurgery.plan.auto import auto_rewrite
+from fxsurgery.pipeline import run_auto, run_pass
 from fxsurgery.report import CheckReport, SurgeryResult
 from fxsurgery.rules import DIRECTIONS
 from fxsurgery.runtimes.census import census
@@ -54,7 +53,7 @@ def rewrite(
         return _rewrite_program(model, example_inputs, direction, opts)
     model, inputs = _with_keywords(model, example_inputs)
     if direction == "auto":
-        return auto_rewrite(prepare_model(model), inputs, opts)
+        return run_auto(prepare_model(model), inputs, opts)
     return run_pass(model, inputs, direction, opts)
 
 

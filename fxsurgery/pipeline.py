@@ -25,7 +25,6 @@ from fxsurgery.capture import (
     capture_submodule_inputs,
     check_devices,
     check_names,
-    eval_copy,
     export_model,
     hooked_containers,
     inert_hook,
@@ -41,22 +40,17 @@ from fxsurgery.capture import (
 from fxsurgery.capture.frontends import choose_front_end
 from fxsurgery.engine.rewriter import Rewriter
 from fxsurgery.engine.rule import RuleSet
-from fxsurgery.errors import SurgeryError, TraceError, ValidationError, cause_of
+from fxsurgery.errors import InputError, SurgeryError, TraceError, ValidationError, cause_of
 from fxsurgery.options import LeafSpec, Options
+from fxsurgery.plan.auto import DIRECTIONS, plan_auto
 from fxsurgery.plan.targets import target_notes, target_skips
 from fxsurgery.report import Site, SurgeryResult
 from fxsurgery.rules import bare_candidate, rule_set
-from fxsurgery.verify.culprits import find_culprits
-from fxsurgery.verify.policy import STRUCTURE
-from fxsurgery.verify.reference import (
-    CAPTURED_NOTE,
-    batch_one_admitted,
-    check_mode_for_validation,
-    validation_reference,
-)
+from fxsurgery.verify.culprits import failure_of
+from fxsurgery.verify.reference import batch_one_admitted, validated
 from fxsurgery.verify.validation import validate
 
-__all__ = ["run_pass"]
+__all__ = ["run_pass", "run_auto"]
 
 log = logging.getLogger(__name__)
 
@@ -126,66 +120,33 @@ def run_pass(
     result = SurgeryResult(gm, sites, None, direction, (*wrappers, *notes), frontend=job.frontend)
     if not options.validate:
         return result
-    check_mode_for_validation(model, gm)
-    log.info("validating %d rewritten sites", len(result.rewritten))
-    reference = validation_reference(model, captured, inputs, options, result)
-    original = eval_copy(reference, options.precision)
-    check = validate(
-        reference,
-        gm,
-        inputs,
-        num_random=options.num_random,
-        precision=options.precision,
-        rtol=options.rtol,
-        seed=options.seed,
-        original_copy=original,
-    )
-    if reference is not model:
-        check = dataclasses.replace(check, notes=(*check.notes, CAPTURED_NOTE))
-    result = dataclasses.replace(result, validation=check)
-    if not check:
-        raise _failed(model, inputs, job, result, original, options)
+    result, original = validated(model, captured, inputs, options, result)
+    if not result.validation:
+        raise failure_of(
+            result,
+            job.frontend,
+            lambda group: _error_with(model, inputs, job, result.rewritten, group, original, options),
+        )
     return result
 
 
-def _failed(
-    model: nn.Module,
-    inputs: tuple[torch.Tensor, ...],
-    job: _Job,
-    result: SurgeryResult,
-    original: nn.Module,
-    options: Options,
-) -> ValidationError:
-    """The error of a failed validation, naming the sites that fail it on their own (searched from the graphs
-    already captured), or saying that no site is responsible."""
+def run_auto(model: nn.Module, inputs: tuple[torch.Tensor, ...], options: Options) -> SurgeryResult:
+    """``to="auto"``: both passes list the sites, the planner (:mod:`fxsurgery.plan.auto`) keeps per site the form
+    that measured faster and composes the model, which is validated here as any pass's result."""
+    if len(inputs) != 1:
+        raise InputError("to='auto' times models on one input tensor; this model takes several")
+    if options.validate:
+        refuse_meta(model, inputs, "validation")
+    plain = options.without_validation()
+    full = {d: run_pass(model, inputs, d, plain) for d in DIRECTIONS}
+    result = plan_auto(model, inputs, full, plain, run_pass)
+    if not options.validate:
+        return result
+    result, _ = validated(model, None, inputs, options, result)
     check = result.validation
-    assert check is not None
-    if STRUCTURE in check.failure:  # not a site's doing: the graph as a whole returns something else
-        return ValidationError(
-            f"validation failed: {check.failure}; the rewritten graph returns another "
-            "structure than the model (no site is responsible): please report the model",
-            result=result,
-        )
-    if _error_with(model, inputs, job, result.rewritten, [], original, options) is not None:
-        other = "fx" if job.frontend == "export" else "export"
-        return ValidationError(
-            f"validation failed: {check.failure}; the graph {job.frontend} made fails with no "
-            f"site rewritten (no site is responsible): try frontend={other!r}, and please "
-            "report the model",
-            result=result,
-        )
-    culprits = find_culprits(
-        result.rewritten,
-        check.max_rel_error,
-        lambda group: _error_with(model, inputs, job, result.rewritten, group, original, options),
-    )
-    named = ", ".join(f"{s.name} ({s.pattern})" for s in culprits) or "the combination of rewritten sites"
-    return ValidationError(
-        f"validation failed: {check.failure}; responsible: {named}. Exclude the site with "
-        "exclude=[...] and report the model",
-        result=result,
-        sites=tuple(s.name for s in culprits),
-    )
+    if check is not None and not check:  # two passes composed: the culprit search of one pass does not apply
+        raise ValidationError(f"validation failed: {check.failure}", result=result)
+    return result
 
 
 def _apply(traced: fx.GraphModule, inputs: tuple[torch.Tensor, ...], job: _Job) -> tuple[fx.GraphModule, list[Site]]:

@@ -37,19 +37,18 @@ from torch import nn
 from fxsurgery.capture import capture_submodule_inputs, working_copy
 from fxsurgery.engine import subgraph
 from fxsurgery.engine.rule import owns_children, timing_of
-from fxsurgery.errors import InputError, ValidationError
 from fxsurgery.options import Options
-from fxsurgery.pipeline import run_pass
 from fxsurgery.report import Site, SurgeryResult
 from fxsurgery.rules import rule_set
 from fxsurgery.runtimes.timing import Ratio, interleaved, runner
-from fxsurgery.verify.validation import validate
 
-__all__ = ["auto_rewrite", "MARGIN", "TIMING_EXPORTER"]
+__all__ = ["plan_auto", "Rewrite", "MARGIN", "TIMING_EXPORTER", "DIRECTIONS"]
 
 log = logging.getLogger(__name__)
 
 DIRECTIONS = ("linear_to_conv", "conv_to_linear")
+#: The pipeline's pass: ``rewrite(module, inputs, direction, options)``, for the forms the planner measures.
+Rewrite = Callable[[nn.Module, tuple[torch.Tensor, ...], str, Options], SurgeryResult]
 #: A rewritten whole model is kept only when it measured at least this much faster than the original: a gain
 #: inside the noise of the measurement is not worth a changed graph, and could be a loss in the next run.
 MARGIN = 0.02
@@ -106,8 +105,8 @@ class _SelfAttention(nn.Module):
 class _Chooser:
     """The per-site and per-block decisions of one ``auto`` run, with the measurements they rest on."""
 
-    def __init__(self, options: Options, work: Path, pairs: int, threads: int) -> None:
-        self.options, self.work, self.pairs, self.threads = options, work, pairs, threads
+    def __init__(self, options: Options, work: Path, pairs: int, threads: int, rewrite: Rewrite) -> None:
+        self.options, self.work, self.pairs, self.threads, self.rewrite = options, work, pairs, threads, rewrite
         # a block or a layer timed alone: names of the whole model do not apply to it
         self.alone = replace(
             options, exclude=(), leaf_modules=tuple(x for x in options.leaf_modules if not isinstance(x, str))
@@ -143,7 +142,7 @@ class _Chooser:
     def ratio(self, key: tuple, module: nn.Module, x: torch.Tensor, direction: str) -> Ratio:
         """``module`` against its rewritten form on ``x`` (measured once per key)."""
         if key not in self.cache:
-            form = run_pass(module, (x,), direction, self.alone).module
+            form = self.rewrite(module, (x,), direction, self.alone).module
             self.cache[key] = interleaved(
                 self.runner(module, x), self.runner(form, x), self.pairs, min_sample_s=SITE_SAMPLE_S, settle=1.0
             )
@@ -195,21 +194,27 @@ class _Chooser:
         self.measured(direction, site.name, self.ratio(key, original, x, direction))
 
 
-def auto_rewrite(
-    model: nn.Module, inputs: tuple[torch.Tensor, ...], options: Options, *, pairs: int = 5, threads: int = 2
+def plan_auto(
+    model: nn.Module,
+    inputs: tuple[torch.Tensor, ...],
+    full: dict[str, SurgeryResult],
+    options: Options,
+    rewrite: Rewrite,
+    *,
+    pairs: int = 5,
+    threads: int = 2,
 ) -> SurgeryResult:
-    """See the module docstring."""
-    if len(inputs) != 1:
-        raise InputError("to='auto' times models on one input tensor; this model takes several")
-    plain = options.without_validation()
-    full = {d: run_pass(model, inputs, d, plain) for d in DIRECTIONS}
+    """The planner of ``to="auto"`` (see the module docstring): given both passes over the model (``full``), the
+    model it chose, with every site (those it left as they were say why) and the measurements in ``timings``. Not
+    validated: the pipeline validates it as any pass's result. ``rewrite`` is the pipeline's pass, for the forms it
+    measures and the model it composes."""
     with tempfile.TemporaryDirectory(prefix="fxsurgery-auto-") as tmp:
-        chooser = _Chooser(plain, Path(tmp), pairs, threads)
+        chooser = _Chooser(options, Path(tmp), pairs, threads, rewrite)
         for direction, res in full.items():
             chooser.direction(model, inputs, direction, res)
         same = _same_as(full, chooser.keep)  # the sites kept are none, or all of one direction: no model to build
         candidates = {
-            "auto": None if same else _compose(model, inputs, full, chooser.keep, plain),
+            "auto": None if same else _compose(model, inputs, full, chooser.keep, options, rewrite),
             "all-conv": full["linear_to_conv"].module,
             "all-linear": full["conv_to_linear"].module,
         }
@@ -230,22 +235,7 @@ def auto_rewrite(
         f"auto ({options.runtime}): chose {best}; whole-model ratios vs original: "
         + ", ".join(f"{k} {v['ratio']:.2f}" for k, v in whole.items()),
     )
-    result = SurgeryResult(chosen_module, _chosen_sites(full, chooser.keep, best), None, "auto", notes, timings)
-    if not options.validate:
-        return result
-    check = validate(
-        model,
-        chosen_module,
-        inputs,
-        num_random=options.num_random,
-        precision=options.precision,
-        rtol=options.rtol,
-        seed=options.seed,
-    )
-    result = dataclasses.replace(result, validation=check)
-    if not check:
-        raise ValidationError(f"validation failed: {check.failure}", result=result)
-    return result
+    return SurgeryResult(chosen_module, _chosen_sites(full, chooser.keep, best), None, "auto", notes, timings)
 
 
 def _time_whole(
@@ -330,6 +320,7 @@ def _compose(
     full: dict[str, SurgeryResult],
     keep: dict[str, list[str]],
     options: Options,
+    rewrite: Rewrite,
 ) -> nn.Module:
     """Linear -> conv on the kept Linear sites, then conv -> Linear on the kept conv sites of the result."""
     if not keep["linear_to_conv"]:  # one direction only: one pass (a pass that rewrites nothing is not run)
@@ -337,13 +328,13 @@ def _compose(
         made: list[str] = []
     else:
         drop_l2c = [s.name for s in full["linear_to_conv"].rewritten if s.name not in keep["linear_to_conv"]]
-        res = run_pass(model, inputs, "linear_to_conv", replace(options, exclude=(*options.exclude, *drop_l2c)))
+        res = rewrite(model, inputs, "linear_to_conv", replace(options, exclude=(*options.exclude, *drop_l2c)))
         first, made = res.module, [s.name for s in res.rewritten]  # convs that were Linears: not rewritten back
     if not keep["conv_to_linear"]:
         return first
     drop_c2l = [s.name for s in full["conv_to_linear"].rewritten if s.name not in keep["conv_to_linear"]]
     again = replace(options, exclude=(*options.exclude, *drop_c2l, *made))
-    return run_pass(first, inputs, "conv_to_linear", again).module
+    return rewrite(first, inputs, "conv_to_linear", again).module
 
 
 def _chosen_sites(full: dict[str, SurgeryResult], keep: dict[str, list[str]], best: str) -> list[Site]:

@@ -4,14 +4,15 @@ of an exported graph, the graph torch.export captured (once it is shown to match
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
+import logging
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.fx as fx
 from torch import nn
 
 from fxsurgery import _runtime
-from fxsurgery.capture import lowest_batch, on_meta, working_copy
+from fxsurgery.capture import eval_copy, lowest_batch, on_meta, working_copy
 from fxsurgery.errors import InputError, ValidationError
 from fxsurgery.report import SurgeryResult
 from fxsurgery.verify.policy import compare_outputs
@@ -20,7 +21,9 @@ from fxsurgery.verify.validation import kept_state, random_inputs, run_no_grad, 
 if TYPE_CHECKING:
     from fxsurgery.options import Options
 
-__all__ = ["validation_reference", "check_mode_for_validation", "CAPTURED_NOTE", "batch_one_admitted"]
+log = logging.getLogger(__name__)
+
+__all__ = ["validation_reference", "check_mode_for_validation", "CAPTURED_NOTE", "batch_one_admitted", "validated"]
 
 CAPTURED_NOTE = (
     "float64 proof against the graph torch.export captured (its dtype casts are the export's, so the "
@@ -96,3 +99,27 @@ def batch_one_admitted(
     except Exception:
         return False  # the model or its graph cannot run batch 1: refused, with the guard's clear error
     return not compare_outputs(ref, got).failure
+
+
+def validated(
+    model: nn.Module, captured: Any, inputs: tuple[torch.Tensor, ...], options: Options, result: SurgeryResult
+) -> tuple[SurgeryResult, nn.Module]:
+    """``result`` with its validation against ``model`` (or, for a float64 proof of an export, the graph torch.export
+    captured, once it is shown to match the model), and the eval-mode copy it was compared with."""
+    check_mode_for_validation(model, result.module)
+    log.info("validating %d rewritten sites", len(result.rewritten))
+    reference = validation_reference(model, captured, inputs, options, result)
+    original = eval_copy(reference, options.precision)
+    check = validate(
+        reference,
+        result.module,
+        inputs,
+        num_random=options.num_random,
+        precision=options.precision,
+        rtol=options.rtol,
+        seed=options.seed,
+        original_copy=original,
+    )
+    if reference is not model:
+        check = dataclasses.replace(check, notes=(*check.notes, CAPTURED_NOTE))
+    return dataclasses.replace(result, validation=check), original
