@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import os
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -123,25 +122,21 @@ def check(
     to: str = "conv",
     out_dir: str | os.PathLike = "fxsurgery-out",
     *,
-    exporter: str = "dynamo",
     onnx: bool = True,
-    providers: Sequence[str] = ("CPUExecutionProvider",),
     options: Options | None = None,
-    opset: int | None = None,
-    dynamic_batch: bool = True,
-    runtimes: Sequence[str] = (),
     **overrides: Any,
 ) -> CheckReport:
     """Rewrite ``model`` towards ``to`` (``"conv"``, ``"linear"`` or ``"auto"``), validate, export both versions
-    to ONNX in ``out_dir`` and cross-check them in onnxruntime (``providers``; ``exporter="dynamo"`` or
-    ``"torchscript"``; ``opset``; ``dynamic_batch=False`` exports a static batch; ``onnx=False`` skips the
-    cross-check, which compares with the validation's ``rtol`` when one is given; ``runtimes``: also OpenVINO
-    and/or ExecuTorch-XNNPACK, ``("openvino", "executorch")``, with their extras installed).
+    to ONNX in ``out_dir`` and cross-check them in onnxruntime with the cross-check options below (``exporter``,
+    ``providers``, ``opset``, ``dynamic_batch``, ``runtimes``: also OpenVINO and/or ExecuTorch-XNNPACK, with their
+    extras installed); the cross-check compares with the validation's ``rtol`` when one is given. ``onnx=False``
+    skips the cross-check.
 
     A validation mismatch does not stop the export: the report carries both results and ``passed`` is False.
     ``model`` may be an ExportedProgram (``example_inputs=None``: its own); the cross-check then compares against
     ``program.module()``.
     """
+    opts = resolve(options, overrides)
     program = model if isinstance(model, torch.export.ExportedProgram) else None
     if program is not None:
         example_inputs = _program_inputs(program) if example_inputs is None else example_inputs
@@ -153,32 +148,19 @@ def check(
     model, inputs = _with_keywords(module, example_inputs)
     try:  # a program is rewritten as a program (its own graph, through the export front end)
         result = (
-            rewrite(program, example_inputs, to, options=options, **overrides)
+            rewrite(program, example_inputs, to, options=opts)
             if program is not None
-            else rewrite(model, inputs, to, options=options, **overrides)
+            else rewrite(model, inputs, to, options=opts)
         )
     except ValidationError as e:
         result = e.result
     onnx_check = None
     if onnx:
-        rtol = overrides.get("rtol", options.rtol if options is not None else None)
+        direction, sites = result.direction, len(result.rewritten)
         onnx_check = cross_check(
-            model,
-            result.module,
-            inputs,
-            out_dir,
-            exporter=exporter,
-            providers=providers,
-            direction=result.direction,
-            rewritten_sites=len(result.rewritten),
-            opset=opset,
-            dynamic_batch=dynamic_batch,
-            rtol=rtol,
-            runtimes=runtimes,
+            model, result.module, inputs, out_dir, options=opts, direction=direction, rewritten_sites=sites
         )
-    return CheckReport(
-        result, onnx_check, _target_census(resolve(options, overrides).target, model, result, inputs, onnx_check)
-    )
+    return CheckReport(result, onnx_check, _target_census(opts.target, model, result, inputs, onnx_check))
 
 
 def _target_census(

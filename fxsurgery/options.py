@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from torch import nn
 
+from fxsurgery.artifacts.onnx_export import EXPORTERS
 from fxsurgery.errors import InputError
 from fxsurgery.plan.targets import TARGETS, check_target
 from fxsurgery.runtimes.registry import named
@@ -50,9 +51,15 @@ class Options:
     seed: int = 0
     # to="auto"
     runtime: str = "onnxruntime"
+    # the ONNX cross-check (check, cross_check)
+    exporter: str = "dynamo"
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    opset: int | None = None
+    dynamic_batch: bool = True
+    runtimes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        for name in ("leaf_modules", "exclude"):
+        for name in ("leaf_modules", "exclude", "providers", "runtimes"):
             value = getattr(self, name)
             if isinstance(value, str):
                 raise InputError(
@@ -77,6 +84,18 @@ class Options:
             raise InputError(f"precision must be 'native' or 'float64', got {self.precision!r}")
         if self.runtime not in named("time"):
             raise InputError(f"runtime must be one of {named('time')}, got {self.runtime!r}")
+        self._check_cross_check()
+
+    def _check_cross_check(self) -> None:
+        if self.exporter not in EXPORTERS:
+            raise InputError(f"unknown exporter {self.exporter!r}; use one of {', '.join(EXPORTERS)}")
+        if self.opset is not None and (isinstance(self.opset, bool) or not isinstance(self.opset, int)):
+            raise InputError(f"opset must be an int (or None: the exporter's), got {self.opset!r}")
+        if not isinstance(self.dynamic_batch, bool):
+            raise InputError(f"dynamic_batch must be True or False, got {self.dynamic_batch!r}")
+        for rt in self.runtimes:
+            if rt not in named("run"):
+                raise InputError(f"unknown cross-check runtime {rt!r}: use one of {', '.join(named('run'))}")
 
     def without_validation(self) -> Options:
         return replace(self, validate=False)
@@ -113,6 +132,14 @@ Options (keywords, or one ``options=fxsurgery.Options(...)``):
 * ``rules=None``: a :class:`~fxsurgery.RuleSet` to use instead of the direction's own.
 * ``runtime="onnxruntime"`` (``to="auto"`` only): where to measure, ``"onnxruntime"``, ``"torch"`` or
   ``"openvino"`` (its CPU plugin in float32; ``pip install "fxsurgery[openvino]"``).
+
+The ONNX cross-check (``check``, ``cross_check``):
+
+* ``exporter="dynamo"``: the torch.onnx exporter, ``"dynamo"`` or ``"torchscript"``.
+* ``providers=("CPUExecutionProvider",)``: onnxruntime's execution providers.
+* ``opset=None``: the ONNX opset (None: the exporter's).
+* ``dynamic_batch=True``: export the batch axis dynamic (and compare at a second batch size); False: static.
+* ``runtimes=()``: also cross-check on these runtimes, ``"openvino"`` and/or ``"executorch"`` (their extras).
 """
 
 

@@ -32,7 +32,7 @@ from fxsurgery.cli.inputs import (
     parse_input,
 )
 from fxsurgery.cli.model import build_model, load_program, load_weights
-from fxsurgery.cli.parser import build_parser
+from fxsurgery.cli.parser import build_parser, options_from
 
 __all__ = ["main"]
 
@@ -194,16 +194,7 @@ def _list(args: argparse.Namespace, progress: _Progress) -> int:
     model, positional, named = _model_and_inputs(args, progress)
     with progress.step(f"tracing and matching the rules towards {args.to} (no validation, no export)"):
         res = rewrite(
-            model,
-            (*positional, named) if named else positional,
-            args.to,
-            validate=False,
-            leaf_modules=tuple(args.leaf_module),
-            exclude=tuple(args.exclude),
-            frontend=args.frontend,
-            batch_layout=args.batch_layout,
-            token_layout=args.token_layout,
-            target=args.target,
+            model, (*positional, named) if named else positional, args.to, options=options_from(args, validate=False)
         )
     data = res.to_dict()
     print(
@@ -225,26 +216,7 @@ def _run_pipeline(
         f"({args.exporter}) and cross-checking in onnxruntime"
     )
     with progress.step(step):
-        return check(
-            model,
-            inputs,
-            to,
-            out_dir,
-            exporter=args.exporter,
-            providers=args.provider or ("CPUExecutionProvider",),
-            precision=args.precision,
-            leaf_modules=tuple(getattr(args, "leaf_module", ())),
-            exclude=tuple(getattr(args, "exclude", ())),
-            batch_layout=getattr(args, "batch_layout", ""),
-            target=getattr(args, "target", None),
-            token_layout=getattr(args, "token_layout", False),
-            runtime=getattr(args, "runtime", "onnxruntime"),
-            frontend=getattr(args, "frontend", "auto"),
-            opset=args.opset,
-            dynamic_batch=not args.static_batch,
-            runtimes=getattr(args, "cross_check_runtimes", ()),
-            **({"rtol": args.rtol} if args.rtol else {}),
-        )
+        return check(model, inputs, to, out_dir, options=options_from(args))
 
 
 def _write_report(

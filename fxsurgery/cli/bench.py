@@ -65,6 +65,7 @@ def add_bench(sub: Any, model_arguments: Callable[[argparse.ArgumentParser], Non
     b.add_argument("--to", choices=("conv", "linear", "auto"), required=True, help="target layer type")
     b.add_argument(
         "--runtime",
+        dest="runtimes",
         type=_names(named("time"), "runtime"),
         default=("onnxruntime", "torch"),
         metavar="LIST",
@@ -86,27 +87,22 @@ def add_bench(sub: Any, model_arguments: Callable[[argparse.ArgumentParser], Non
 
 
 def run_bench(args: argparse.Namespace, model: Any, inputs: tuple, progress: Any) -> int:
+    from fxsurgery.cli.parser import options_from
     from fxsurgery.runtimes.bench import benchmark, ratio_chart
 
     chart = Path(args.chart) if args.chart else None
     if chart is not None and (chart.suffix.lower() not in (".png", ".svg") or not chart.parent.is_dir()):
         raise UsageError(f"--chart {args.chart}: give a .png or .svg file in a folder that exists")  # before the work
-    with progress.step(f"rewriting towards {args.to} and timing on {', '.join(args.runtime)}"):
+    with progress.step(f"rewriting towards {args.to} and timing on {', '.join(args.runtimes)}"):
         report = benchmark(
             model,
             inputs,
             args.to,
-            runtimes=args.runtime,
+            runtimes=args.runtimes,
             batches=args.batch,
             pairs=args.pairs,
             threads=args.threads,
-            validate=not args.no_validate,
-            frontend=args.frontend,
-            leaf_modules=tuple(args.leaf_module),
-            exclude=tuple(args.exclude),
-            target=args.target,
-            batch_layout=args.batch_layout,
-            token_layout=args.token_layout,
+            options=options_from(args, validate=not args.no_validate),
         )
     if args.chart:
         ratio_chart(

@@ -22,7 +22,6 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from fxsurgery.artifacts.onnx_export import (
-    EXPORTERS,
     batch_is_dynamic,
     export_onnx,
     io_names,
@@ -32,6 +31,7 @@ from fxsurgery.artifacts.onnx_export import (
 from fxsurgery.capture.copies import eval_copy
 from fxsurgery.capture.inputs import normalize_inputs
 from fxsurgery.errors import InputError, SurgeryError, one_line
+from fxsurgery.options import Options, resolve
 from fxsurgery.report import Comparison, OnnxCheck
 from fxsurgery.runtimes.ort import OPT_LEVELS, run_session, session
 from fxsurgery.runtimes.registry import RUNTIMES, get, run
@@ -250,26 +250,26 @@ def cross_check(
     example_inputs: Any,
     out_dir: str | os.PathLike,
     *,
-    exporter: str = "dynamo",
-    providers: Sequence[str] = ("CPUExecutionProvider",),
-    dynamic_batch: bool = True,
-    opset: int | None = None,
-    rtol: float | None = None,
+    options: Options | None = None,
     direction: str | None = None,
     rewritten_sites: int | None = None,
-    seed: int = 0,
-    runtimes: Sequence[str] = (),
+    **overrides: Any,
 ) -> OnnxCheck:
     """Export both models to ``out_dir`` (``original.onnx``, ``rewritten.onnx``), check them with
     ``onnx.checker.check_model(full_check=True)``, and compare torch and onnxruntime outputs four ways; with
     ``runtimes`` (``"openvino"``, ``"executorch"``) also each of those runtimes' outputs of both models, against
-    torch original and rewritten against original (:mod:`~fxsurgery.runtimes.registry`).
+    torch original and rewritten against original (:mod:`~fxsurgery.runtimes.registry`). The settings (``exporter``,
+    ``providers``, ``opset``, ``dynamic_batch``, ``runtimes``, ``rtol``, ``seed``) are options, as keywords or one
+    ``options=fxsurgery.Options(...)``.
 
     ``direction`` and ``rewritten_sites`` (taken from a :class:`~fxsurgery.SurgeryResult` by :func:`fxsurgery.check`)
     enable the check that the rewrite is visible in the exported op histogram.
     """
+    opts = resolve(options, overrides)
+    exporter, providers, opset, rtol, runtimes = opts.exporter, opts.providers, opts.opset, opts.rtol, opts.runtimes
+    dynamic_batch, seed = opts.dynamic_batch, opts.seed
     inputs = normalize_inputs(example_inputs)
-    _check_arguments(exporter, providers)
+    _check_providers(providers)
     for rt in runtimes:
         get(rt, "run", "cross-check")
     out = Path(out_dir)
@@ -362,9 +362,7 @@ def _localize_runtimes(
             found.failures.append(f"{label} rewritten: {_runtime_localized(rt, rewritten, batch, rtol)}")
 
 
-def _check_arguments(exporter: str, providers: Sequence[str]) -> None:
-    if exporter not in EXPORTERS:
-        raise InputError(f"unknown exporter {exporter!r}; use one of {', '.join(EXPORTERS)}")
+def _check_providers(providers: Sequence[str]) -> None:
     import onnxruntime as ort
 
     available = ort.get_available_providers()
