@@ -32,7 +32,8 @@ from fxsurgery.cli.inputs import (
     parse_input,
 )
 from fxsurgery.cli.model import build_model, load_program, load_weights
-from fxsurgery.cli.parser import build_parser, options_from
+from fxsurgery.cli.options import options_from
+from fxsurgery.cli.parser import build_parser
 
 __all__ = ["main"]
 

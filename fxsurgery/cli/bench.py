@@ -87,7 +87,7 @@ def add_bench(sub: Any, model_arguments: Callable[[argparse.ArgumentParser], Non
 
 
 def run_bench(args: argparse.Namespace, model: Any, inputs: tuple, progress: Any) -> int:
-    from fxsurgery.cli.parser import options_from
+    from fxsurgery.cli.options import options_from
     from fxsurgery.runtimes.bench import benchmark, ratio_chart
 
     chart = Path(args.chart) if args.chart else None

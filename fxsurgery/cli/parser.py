@@ -8,11 +8,10 @@ from typing import Any, NoReturn
 from fxsurgery.artifacts.checkpoint import ARTIFACTS
 from fxsurgery.cli.bench import add_bench, add_report, artifacts_list, runtimes_list
 from fxsurgery.cli.inputs import DTYPES, UsageError
-from fxsurgery.options import Options, resolve
 from fxsurgery.plan.targets import TARGETS
 from fxsurgery.runtimes.registry import named
 
-__all__ = ["build_parser", "options_from"]
+__all__ = ["build_parser"]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -203,30 +202,3 @@ def _add_convert(sub: Any) -> None:
         help="the format to write (default: the rewritten model's)",
     )
     cv.add_argument("--json", action="store_true", help="print the summary as JSON")
-
-
-#: The arguments that are options of :class:`fxsurgery.Options`: argparse destination -> option.
-_OPTIONS = {
-    "frontend": "frontend",
-    "leaf_module": "leaf_modules",
-    "exclude": "exclude",
-    "target": "target",
-    "batch_layout": "batch_layout",
-    "token_layout": "token_layout",
-    "precision": "precision",
-    "rtol": "rtol",
-    "runtime": "runtime",
-    "exporter": "exporter",
-    "provider": "providers",
-    "opset": "opset",
-    "cross_check_runtimes": "runtimes",
-}
-
-
-def options_from(args: argparse.Namespace, **more: Any) -> Options:
-    """The one place where the command line's arguments become :class:`fxsurgery.Options`, for every subcommand:
-    the options its parser has and the user gave (the others keep their defaults), with ``more`` on top."""
-    given = {option: getattr(args, dest) for dest, option in _OPTIONS.items() if getattr(args, dest, None) is not None}
-    if getattr(args, "static_batch", False):
-        given["dynamic_batch"] = False
-    return resolve(None, {**given, **more})
