@@ -1,7 +1,11 @@
-"""Small node builders rules share."""
+"""Small node builders rules share, and the emitter of ops in an exported graph's own dialect (ATen, or ExecuTorch's
+Edge)."""
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
 import torch.fx as fx
 from torch import nn
 
@@ -10,7 +14,7 @@ from fxsurgery.engine import provenance
 from fxsurgery.engine.nodes import writes_in_place
 from fxsurgery.engine.rule import Skip
 
-__all__ = ["guard", "replay", "check_replayable"]
+__all__ = ["guard", "replay", "check_replayable", "DialectEmitter", "op_name", "val_shape"]
 
 
 def guard(
@@ -58,3 +62,48 @@ def replay(graph: fx.Graph, ops: list[tuple[fx.Node, fx.Node]], src: fx.Node) ->
         src = graph.node_copy(op, lambda a, prev=src, old=op_input: prev if a is old else a)  # type: ignore[misc]
         src.meta = provenance.of(op)
     return src
+
+
+#: The ATen-dialect op for each Edge op emitted (a view of a permuted value must copy: reshape).
+_ATEN = {"view_copy": "reshape", "permute_copy": "permute"}
+
+
+def op_name(target: Any) -> str:
+    """``aten::linear`` for an ATen or Edge op overload, '' for anything else."""
+    schema = getattr(target, "_schema", None)
+    return str(schema.name) if schema is not None else ""
+
+
+def val_shape(node: Any) -> tuple[Any, ...] | None:
+    """The shape of an exported graph's value (``meta["val"]``), or None."""
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
+
+
+class DialectEmitter:
+    """Adds ops before ``at`` in the dialect of ``at``'s op (``torch.ops.aten`` or ExecuTorch's ``exir_ops.edge.aten``:
+    ExecuTorch is imported only for an Edge graph), with fake-tensor values and ``at``'s metadata."""
+
+    def __init__(self, graph: fx.Graph, at: fx.Node) -> None:
+        self.graph, self.at = graph, at
+        self.edge = type(at.target).__module__.startswith("executorch")
+        vals = [n.meta.get("val") for n in graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)]
+        self.fake_mode = torch._guards.detect_fake_mode(vals)
+
+    def op(self, name: str, *args: Any) -> fx.Node:
+        if self.edge:
+            from executorch.exir.dialects._ops import ops as exir_ops  # Edge only
+
+            target = getattr(exir_ops.edge.aten, name).default
+        else:
+            target = getattr(torch.ops.aten, _ATEN.get(name, name)).default
+        with self.graph.inserting_before(self.at):
+            node = self.graph.call_function(target, args)
+        for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
+            if key in self.at.meta:
+                node.meta[key] = self.at.meta[key]
+        fake = fx.map_arg(args, lambda a: a.meta["val"])
+        if self.fake_mode is not None:
+            with self.fake_mode:
+                node.meta["val"] = target(*fake)
+        return node
