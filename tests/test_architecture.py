@@ -181,3 +181,16 @@ def test_no_pattern_name_is_written_outside_the_rules():
             if isinstance(node, ast.Constant) and node.value in patterns:
                 found.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {node.value!r}")
     assert not found, found
+
+
+def test_rules_see_the_pass_through_the_narrow_context_only():
+    """Rules and propagators are typed against ``RuleContext`` (what they may read and do), never the rewriter
+    itself: mypy, which the test command runs, then holds them to it."""
+    reaching = []
+    for path in (PACKAGE / "rules").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "fxsurgery.engine.rewriter":
+                reaching.append(str(path.relative_to(PACKAGE)))
+            if isinstance(node, ast.Attribute) and node.attr == "rules" and ast.unparse(node.value) == "rw":
+                reaching.append(f"{path.relative_to(PACKAGE)}:{node.lineno} rw.rules")
+    assert not reaching, reaching

@@ -12,7 +12,7 @@ from fxsurgery.engine import provenance
 from fxsurgery.engine.elementwise import elementwise_tensor_inputs
 
 if TYPE_CHECKING:
-    from fxsurgery.engine.rewriter import Rewriter
+    from fxsurgery.engine.rule import RuleContext
 
 __all__ = ["Elementwise", "StaticRank"]
 
@@ -21,7 +21,7 @@ class Elementwise:
     """An elementwise op whose tensor inputs are all carried in one layout runs on them unchanged (one input may
     be converted into the layout: a residual add)."""
 
-    def propagate(self, node: fx.Node, rw: Rewriter) -> bool:
+    def propagate(self, node: fx.Node, rw: RuleContext) -> bool:
         inputs = elementwise_tensor_inputs(node, rw.modules)
         if not inputs:
             return False
@@ -41,7 +41,7 @@ class StaticRank:
     """``x.dim()`` of a carried value is the constant rank of its original layout, so that a rank check (ViT's
     ``torch._assert(input.dim() == 3)``) does not need the value converted back."""
 
-    def propagate(self, node: fx.Node, rw: Rewriter) -> bool:
+    def propagate(self, node: fx.Node, rw: RuleContext) -> bool:
         if not (node.op == "call_method" and node.target == "dim" and len(node.args) == 1 and node.args[0] in rw.alt):
             return False
         shape = shape_of(node.args[0])

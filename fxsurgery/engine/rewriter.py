@@ -120,6 +120,10 @@ class Rewriter:
         """``(alt, layout)`` when ``node`` is carried in a layout."""
         return self.alt.get(node) if isinstance(node, fx.Node) else None
 
+    def claims(self, node: fx.Node) -> bool:
+        """Whether a rule of the set claims ``node``."""
+        return self.rules.claim(node, self) is not None
+
     # -- the pass -----------------------------------------------------------------------------------------------
     def run(self) -> list[Site]:
         """Visit every node once, in order: a claimed node is a site, any other may be propagated; then clean up."""

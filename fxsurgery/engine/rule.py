@@ -11,6 +11,7 @@ layout change.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -25,7 +26,7 @@ from fxsurgery.engine.nodes import hook_kinds
 from fxsurgery.report import Site
 
 if TYPE_CHECKING:
-    from fxsurgery.engine.rewriter import Rewriter
+    from fxsurgery.engine.layout import Layout
 
 __all__ = [
     "Skip",
@@ -36,6 +37,7 @@ __all__ = [
     "module_skip_reason",
     "weight_skip_reason",
     "feeds_candidate",
+    "RuleContext",
     "TIMINGS",
     "timing_of",
     "owns_children",
@@ -59,15 +61,15 @@ class Rule(Protocol):
 
     pattern: str
 
-    def claims(self, node: fx.Node, rw: Rewriter) -> str | None:
+    def claims(self, node: fx.Node, rw: RuleContext) -> str | None:
         """The site name when ``node`` is this rule's pattern, else None (the next rule is asked)."""
         ...
 
-    def match(self, node: fx.Node, rw: Rewriter) -> Match | Skip:
+    def match(self, node: fx.Node, rw: RuleContext) -> Match | Skip:
         """Everything ``apply`` needs, or why the site must be left alone. Does not change the graph."""
         ...
 
-    def apply(self, match: Any, rw: Rewriter) -> Site | tuple[Site, ...]:
+    def apply(self, match: Any, rw: RuleContext) -> Site | tuple[Site, ...]:
         """Rewrite the matched site and return its record (several, when one match rewrites several layers)."""
         ...
 
@@ -89,10 +91,39 @@ def owns_children(rule: object) -> bool:
     return bool(getattr(rule, "owns_children", False))
 
 
+class RuleContext(Protocol):
+    """What a rule or a propagator may read and do while the engine runs it (the rewriter is one): the graph and its
+    modules, which values are computed from the inputs (``dynamic``), the layouts carried so far (``alt``,
+    ``carried``), and the steps that change them; ``new_modules`` for a replacement layer, ``param_owners`` (who
+    shares a parameter; ``param_readers``: which code reads it; ``module_calls``: how often each module is called),
+    and ``claims``: whether a rule of the set claims a node. Nothing else of the pass."""
+
+    graph: fx.Graph
+    modules: dict[str, nn.Module]
+    dynamic: set[fx.Node]
+    alt: dict[fx.Node, tuple[fx.Node, Layout]]
+    new_modules: dict[str, nn.Module]
+    param_owners: dict[int, list[str]]
+    param_readers: dict[int, list[tuple[str, fx.Node]]]
+    module_calls: Counter[str]
+
+    def set_alt(self, node: fx.Node, alt: fx.Node, layout: Layout) -> None: ...
+
+    def seed(self, node: fx.Node, alt: fx.Node, layout: Layout) -> None: ...
+
+    def enter(self, node: fx.Node, layout: Layout, site: str) -> fx.Node: ...
+
+    def exit_of(self, node: fx.Node) -> fx.Node: ...
+
+    def carried(self, node: object) -> tuple[fx.Node, Layout] | None: ...
+
+    def claims(self, node: fx.Node) -> bool: ...
+
+
 class Propagator(Protocol):
     """Carries a non-candidate node into a layout; True when it did (then no later propagator is asked)."""
 
-    def propagate(self, node: fx.Node, rw: Rewriter) -> bool: ...
+    def propagate(self, node: fx.Node, rw: RuleContext) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -103,7 +134,7 @@ class RuleSet:
     rules: tuple[Rule, ...]
     propagators: tuple[Propagator, ...] = ()
 
-    def claim(self, node: fx.Node, rw: Rewriter) -> tuple[Rule, str] | None:
+    def claim(self, node: fx.Node, rw: RuleContext) -> tuple[Rule, str] | None:
         """The first rule that claims ``node``, with the site name."""
         for rule in self.rules:
             name = rule.claims(node, rw)
@@ -116,7 +147,7 @@ class RuleSet:
         return tuple(dict.fromkeys(r.pattern for r in self.rules))
 
 
-def module_skip_reason(name: str, mod: nn.Module, exact_types: tuple[type, ...], rw: Rewriter) -> str | None:
+def module_skip_reason(name: str, mod: nn.Module, exact_types: tuple[type, ...], rw: RuleContext) -> str | None:
     """Why a module-call site must be left alone, or None.
 
     Hooks, parametrizations and subclasses would be dropped by a replacement layer; a module called more than once
@@ -148,7 +179,7 @@ def module_skip_reason(name: str, mod: nn.Module, exact_types: tuple[type, ...],
     return None
 
 
-def shared_reason(p: torch.Tensor, qualname: str, rw: Rewriter, site: fx.Node | None = None) -> str | None:
+def shared_reason(p: torch.Tensor, qualname: str, rw: RuleContext, site: fx.Node | None = None) -> str | None:
     """Why parameter ``p`` (named ``qualname`` in the graph) cannot be re-laid out: another module shares it, or
     code other than the ``site`` reads it."""
     others = [o.rsplit(".", 1)[0] or o for o in rw.param_owners.get(id(p), []) if o != qualname]
@@ -158,7 +189,7 @@ def shared_reason(p: torch.Tensor, qualname: str, rw: Rewriter, site: fx.Node | 
     return f"{qualname.rsplit('.', 1)[-1]} shared with {others[0]} (tied weights)"
 
 
-def weight_skip_reason(weight: object, rw: Rewriter, site: fx.Node | None = None) -> str | None:
+def weight_skip_reason(weight: object, rw: RuleContext, site: fx.Node | None = None) -> str | None:
     """Why the weight of a functional site (``F.linear(x, self.weight)`` read by ``get_attr``) must be left alone:
     a parameter tied to another module, or None."""
     if not (isinstance(weight, fx.Node) and weight.op == "get_attr"):
@@ -169,7 +200,7 @@ def weight_skip_reason(weight: object, rw: Rewriter, site: fx.Node | None = None
     return shared_reason(p, target, rw, site) if isinstance(p, torch.Tensor) else None
 
 
-def feeds_candidate(start: fx.Node, rw: Rewriter, through: Sequence[type] = (), depth: int = 16) -> bool:
+def feeds_candidate(start: fx.Node, rw: RuleContext, through: Sequence[type] = (), depth: int = 16) -> bool:
     """Whether a site of the rule set reads ``start``, or an elementwise op joins it with a value already carried in
     a layout (a residual add), through elementwise ops and modules of the exact types ``through`` only: then
     carrying ``start`` in that layout saves a conversion instead of adding one."""
@@ -178,7 +209,7 @@ def feeds_candidate(start: fx.Node, rw: Rewriter, through: Sequence[type] = (), 
         nxt = []
         for n in frontier:
             for u in n.users:
-                if rw.rules.claim(u, rw) is not None and (u.args[:1] or (None,))[0] is n:
+                if rw.claims(u) and (u.args[:1] or (None,))[0] is n:
                     return True
                 is_through = u.op == "call_module" and type(rw.modules.get(str(u.target))) in tuple(through)
                 inputs = elementwise_tensor_inputs(u, rw.modules)

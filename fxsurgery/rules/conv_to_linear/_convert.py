@@ -21,8 +21,7 @@ from torch import nn
 
 from fxsurgery.engine.emit import guard
 from fxsurgery.engine.nodes import CONV_TYPES, ConvOp, as_conv, static_shape
-from fxsurgery.engine.rewriter import Rewriter
-from fxsurgery.engine.rule import Match, Skip, module_skip_reason
+from fxsurgery.engine.rule import Match, RuleContext, Skip, module_skip_reason
 from fxsurgery.engine.weights import conv_to_linear_weight, conv_transpose_to_linear_weight
 from fxsurgery.report import Site
 from fxsurgery.rules.conv_to_linear.layouts import CHANNELS_LAST, FLAT_LAYOUT
@@ -51,7 +50,7 @@ class ConvMatch(Match):
         return self.op.module
 
 
-def candidate(node: fx.Node, rw: Rewriter) -> ConvOp | None:
+def candidate(node: fx.Node, rw: RuleContext) -> ConvOp | None:
     """A conv that is a Linear in disguise: a pointwise kernel, or a kernel as large as its input."""
     op = as_conv(node, rw.modules)
     return op if op is not None and (op.pointwise or op.full_extent) else None
@@ -63,7 +62,7 @@ def padding_of(mod: Any) -> tuple[int, ...] | str:
     return (0,) * len(mod.kernel_size) if mod.padding in ("valid", "same") and pointwise else mod.padding
 
 
-def check_conv(node: fx.Node, rw: Rewriter, name: str) -> ConvMatch:
+def check_conv(node: fx.Node, rw: RuleContext, name: str) -> ConvMatch:
     """The checks every conv site shares; :class:`Skip` when the layer itself cannot be replaced."""
     op = as_conv(node, rw.modules)
     assert op is not None
@@ -120,7 +119,7 @@ def linear_from_conv(conv: Any) -> nn.Linear:
     return lin
 
 
-def _pointwise_source(m: ConvMatch, rw: Rewriter, layout: Any, stride: tuple[int, ...]) -> fx.Node:
+def _pointwise_source(m: ConvMatch, rw: RuleContext, layout: Any, stride: tuple[int, ...]) -> fx.Node:
     if not any(s != 1 for s in stride) or layout is FLAT_LAYOUT:
         return rw.enter(m.x, layout, m.name)
     carried = rw.carried(m.x)
@@ -131,7 +130,7 @@ def _pointwise_source(m: ConvMatch, rw: Rewriter, layout: Any, stride: tuple[int
     return rw.enter(rw.graph.call_function(operator.getitem, (rw.exit_of(m.x), index)), layout, m.name)
 
 
-def pointwise_to_linear(m: ConvMatch, rw: Rewriter, pattern: str) -> Site:
+def pointwise_to_linear(m: ConvMatch, rw: RuleContext, pattern: str) -> Site:
     """A pointwise conv (any stride) as a Linear on the map carried channels-last, or on ``(N, C)`` at 1x1."""
     mod, shape = m.module, m.shape
     stride = tuple(mod.stride)
@@ -163,7 +162,7 @@ def pointwise_to_linear(m: ConvMatch, rw: Rewriter, pattern: str) -> Site:
     )
 
 
-def full_extent_to_linear(m: ConvMatch, rw: Rewriter, pattern: str) -> Site:
+def full_extent_to_linear(m: ConvMatch, rw: RuleContext, pattern: str) -> Site:
     """A conv whose kernel covers its input as ``flatten`` + Linear, the output carried as ``(N, O)``."""
     mod, shape = m.module, m.shape
     with rw.graph.inserting_before(m.node):
@@ -190,16 +189,16 @@ class PointwiseRule:
     pattern = ""
     strided = False
 
-    def claims(self, node: fx.Node, rw: Rewriter) -> str | None:
+    def claims(self, node: fx.Node, rw: RuleContext) -> str | None:
         op = candidate(node, rw)
         if op is None or not isinstance(op.module, nn.Conv2d) or not op.pointwise:
             return None
         return op.name if any(s != 1 for s in op.module.stride) == self.strided else None
 
-    def match(self, node: fx.Node, rw: Rewriter) -> ConvMatch:
+    def match(self, node: fx.Node, rw: RuleContext) -> ConvMatch:
         m = check_conv(node, rw, str(node.target))
         check_pointwise_padding(m)
         return m
 
-    def apply(self, m: ConvMatch, rw: Rewriter) -> Site:
+    def apply(self, m: ConvMatch, rw: RuleContext) -> Site:
         return pointwise_to_linear(m, rw, self.pattern)

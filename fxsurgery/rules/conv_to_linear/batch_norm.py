@@ -9,15 +9,14 @@ import torch.fx as fx
 from torch import nn
 
 from fxsurgery.engine.layers import ChannelsLastBatchNorm2d
-from fxsurgery.engine.rewriter import Rewriter
-from fxsurgery.engine.rule import feeds_candidate, module_skip_reason
+from fxsurgery.engine.rule import RuleContext, feeds_candidate, module_skip_reason
 from fxsurgery.rules.conv_to_linear.layouts import CHANNELS_LAST
 
 __all__ = ["ChannelsLastBatchNorm"]
 
 
 class ChannelsLastBatchNorm:
-    def propagate(self, node: fx.Node, rw: Rewriter) -> bool:
+    def propagate(self, node: fx.Node, rw: RuleContext) -> bool:
         if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
             return False
         carried = rw.carried(node.args[0])

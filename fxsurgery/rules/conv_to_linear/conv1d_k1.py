@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch.fx as fx
 from torch import nn
 
-from fxsurgery.engine.rewriter import Rewriter
+from fxsurgery.engine.rule import RuleContext
 from fxsurgery.report import Site
 from fxsurgery.rules.conv_to_linear._convert import (
     ConvMatch,
@@ -27,11 +27,11 @@ PATTERN = "conv1d-k1"
 class Conv1dK1:
     pattern = PATTERN
 
-    def claims(self, node: fx.Node, rw: Rewriter) -> str | None:
+    def claims(self, node: fx.Node, rw: RuleContext) -> str | None:
         op = candidate(node, rw)
         return op.name if op is not None and isinstance(op.module, nn.Conv1d) else None
 
-    def match(self, node: fx.Node, rw: Rewriter) -> ConvMatch:
+    def match(self, node: fx.Node, rw: RuleContext) -> ConvMatch:
         m = check_conv(node, rw, str(node.target))
         if m.op.pointwise:
             check_pointwise_padding(m)
@@ -39,7 +39,7 @@ class Conv1dK1:
             check_full_extent(m)
         return m
 
-    def apply(self, m: ConvMatch, rw: Rewriter) -> Site:
+    def apply(self, m: ConvMatch, rw: RuleContext) -> Site:
         if m.op.pointwise:
             return pointwise_to_linear(m, rw, PATTERN)
         return full_extent_to_linear(m, rw, PATTERN)

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from fxsurgery.engine.rewriter import Rewriter
-from fxsurgery.engine.rule import Skip
+from fxsurgery.engine.rule import RuleContext, Skip
 from fxsurgery.report import Site
 from fxsurgery.rules.conv_to_linear._convert import (
     ConvMatch,
@@ -26,11 +25,11 @@ PATTERN = "convtranspose1x1"
 class ConvTranspose1x1:
     pattern = PATTERN
 
-    def claims(self, node: fx.Node, rw: Rewriter) -> str | None:
+    def claims(self, node: fx.Node, rw: RuleContext) -> str | None:
         op = candidate(node, rw)
         return op.name if op is not None and op.transposed else None
 
-    def match(self, node: fx.Node, rw: Rewriter) -> ConvMatch | Skip:
+    def match(self, node: fx.Node, rw: RuleContext) -> ConvMatch | Skip:
         m = check_conv(node, rw, str(node.target))
         mod = m.module
         if not m.op.pointwise:
@@ -42,5 +41,5 @@ class ConvTranspose1x1:
             return Skip(f"output_padding={tuple(mod.output_padding)}")
         return m
 
-    def apply(self, m: ConvMatch, rw: Rewriter) -> Site:
+    def apply(self, m: ConvMatch, rw: RuleContext) -> Site:
         return pointwise_to_linear(m, rw, PATTERN)

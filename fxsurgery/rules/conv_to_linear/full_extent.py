@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch.fx as fx
 from torch import nn
 
-from fxsurgery.engine.rewriter import Rewriter
+from fxsurgery.engine.rule import RuleContext
 from fxsurgery.report import Site
 from fxsurgery.rules.conv_to_linear._convert import (
     ConvMatch,
@@ -26,14 +26,14 @@ PATTERN = "conv-full-extent"
 class FullExtent:
     pattern = PATTERN
 
-    def claims(self, node: fx.Node, rw: Rewriter) -> str | None:
+    def claims(self, node: fx.Node, rw: RuleContext) -> str | None:
         op = candidate(node, rw)
         return op.name if op is not None and isinstance(op.module, nn.Conv2d) and not op.pointwise else None
 
-    def match(self, node: fx.Node, rw: Rewriter) -> ConvMatch:
+    def match(self, node: fx.Node, rw: RuleContext) -> ConvMatch:
         m = check_conv(node, rw, str(node.target))
         check_full_extent(m)
         return m
 
-    def apply(self, m: ConvMatch, rw: Rewriter) -> Site:
+    def apply(self, m: ConvMatch, rw: RuleContext) -> Site:
         return full_extent_to_linear(m, rw, PATTERN)

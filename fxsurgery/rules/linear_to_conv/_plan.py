@@ -21,8 +21,7 @@ import torch.nn.functional as F
 from fxsurgery.engine.layers import conv_viewing_linear
 from fxsurgery.engine.layout import Layout
 from fxsurgery.engine.nodes import EXACT_LINEAR, LinearOp, as_linear, static_shape
-from fxsurgery.engine.rewriter import Rewriter
-from fxsurgery.engine.rule import Match, Skip, module_skip_reason, weight_skip_reason
+from fxsurgery.engine.rule import Match, RuleContext, Skip, module_skip_reason, weight_skip_reason
 from fxsurgery.engine.weights import linear_to_conv_weight
 from fxsurgery.report import Site
 from fxsurgery.rules.linear_to_conv.layouts import CONV_LAYOUTS, NCHW_LAYOUT, TOKEN_LAYOUT
@@ -52,7 +51,7 @@ class ConvPlan(Match):
     layout: Layout
     feature: tuple[int, int, int]
     before: str
-    source: Callable[[Rewriter], fx.Node]
+    source: Callable[[RuleContext], fx.Node]
     order: tuple[int, ...] | None = None
 
 
@@ -61,13 +60,13 @@ def linear_name(node: fx.Node) -> str:
     return str(node.target) if node.op == "call_module" else node.name
 
 
-def linear_input(node: fx.Node, rw: Rewriter) -> Any:
+def linear_input(node: fx.Node, rw: RuleContext) -> Any:
     """The input of the Linear ``node`` computes, or None when ``node`` is no Linear."""
     op = as_linear(node, rw.modules)
     return None if op is None else op.input
 
 
-def check_linear(node: fx.Node, rw: Rewriter) -> tuple[LinearOp, int, int, tuple[int, ...]]:
+def check_linear(node: fx.Node, rw: RuleContext) -> tuple[LinearOp, int, int, tuple[int, ...]]:
     """The Linear at ``node``, its ``(in_features, out_features)`` and input shape; :class:`Skip` when the layer
     itself cannot be replaced (hooks, subclass, shared, tied, parametrized, no static shapes)."""
     op = as_linear(node, rw.modules)
@@ -89,7 +88,7 @@ def check_linear(node: fx.Node, rw: Rewriter) -> tuple[LinearOp, int, int, tuple
     return op, in_features, out_features, x_shape
 
 
-def carried_plan(node: fx.Node, rw: Rewriter, name: str, on: str | None = None) -> ConvPlan:
+def carried_plan(node: fx.Node, rw: RuleContext, name: str, on: str | None = None) -> ConvPlan:
     """A Linear on a value already carried in a conv layout: a 1x1 conv on the counterpart. ``on`` describes the
     input for the report (default: the layout it is carried in)."""
     op, in_f, out_f, x_shape = check_linear(node, rw)
@@ -100,7 +99,7 @@ def carried_plan(node: fx.Node, rw: Rewriter, name: str, on: str | None = None) 
     return ConvPlan(node, name, op, in_f, out_f, x_shape, layout, (in_f, 1, 1), before, lambda rw: alt)
 
 
-def region_plan(node: fx.Node, rw: Rewriter, name: str, layout: Layout, on: str) -> ConvPlan:
+def region_plan(node: fx.Node, rw: RuleContext, name: str, layout: Layout, on: str) -> ConvPlan:
     """A Linear on a value not yet carried (token layout): the value enters ``layout`` here."""
     op, in_f, out_f, x_shape = check_linear(node, rw)
     x = op.input
@@ -118,7 +117,7 @@ def region_plan(node: fx.Node, rw: Rewriter, name: str, layout: Layout, on: str)
     )
 
 
-def emit_conv(plan: ConvPlan, rw: Rewriter, pattern: str, weight_map: WeightMap = linear_to_conv_weight) -> Site:
+def emit_conv(plan: ConvPlan, rw: RuleContext, pattern: str, weight_map: WeightMap = linear_to_conv_weight) -> Site:
     """Replace the planned Linear by its conv (a module viewing the Linear's weight, or ``F.conv2d`` on a view of a
     functional weight) and carry its output in the plan's layout."""
     op, feature, order = plan.op, plan.feature, plan.order
@@ -163,7 +162,7 @@ class LinearRule:
     def __init__(self, weight_map: WeightMap = linear_to_conv_weight) -> None:
         self.weight_map = weight_map
 
-    def apply(self, plan: ConvPlan, rw: Rewriter) -> Site:
+    def apply(self, plan: ConvPlan, rw: RuleContext) -> Site:
         return emit_conv(plan, rw, self.pattern, self.weight_map)
 
     def __repr__(self) -> str:

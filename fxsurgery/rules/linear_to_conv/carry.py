@@ -17,15 +17,14 @@ from torch import nn
 from fxsurgery.capture.shapes import shape_of
 from fxsurgery.engine.layout import permute_dims
 from fxsurgery.engine.nodes import is_torchvision
-from fxsurgery.engine.rewriter import Rewriter
-from fxsurgery.engine.rule import feeds_candidate
+from fxsurgery.engine.rule import RuleContext, feeds_candidate
 from fxsurgery.rules.linear_to_conv.layouts import NCHW_LAYOUT, TOKEN_LAYOUT
 
 __all__ = ["PermuteSeed", "SelectToken", "StochasticDepth"]
 
 
 class PermuteSeed:
-    def propagate(self, node: fx.Node, rw: Rewriter) -> bool:
+    def propagate(self, node: fx.Node, rw: RuleContext) -> bool:
         if permute_dims(node) != (0, 2, 3, 1) or len(shape_of(node.args[0]) or ()) != 4:
             return False
         if not feeds_candidate(node, rw, through=(nn.LayerNorm,)):
@@ -37,7 +36,7 @@ class PermuteSeed:
 class SelectToken:
     """The result of the select is an ordinary ``(B, C)`` value: the whole sequence is not converted back."""
 
-    def propagate(self, node: fx.Node, rw: Rewriter) -> bool:
+    def propagate(self, node: fx.Node, rw: RuleContext) -> bool:
         if not (node.op == "call_function" and node.target is operator.getitem):
             return False
         carried = rw.carried(node.args[0])
@@ -51,7 +50,7 @@ class SelectToken:
 
 
 class StochasticDepth:
-    def propagate(self, node: fx.Node, rw: Rewriter) -> bool:
+    def propagate(self, node: fx.Node, rw: RuleContext) -> bool:
         if not is_torchvision(node.target, "stochastic_depth") or not node.args:
             return False
         carried = rw.carried(node.args[0])

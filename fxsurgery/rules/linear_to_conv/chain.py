@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from fxsurgery.engine.rewriter import Rewriter
+from fxsurgery.engine.rule import RuleContext
 from fxsurgery.rules.linear_to_conv._plan import ConvPlan, LinearRule, carried_plan, linear_input, linear_name
 
 __all__ = ["ChainLinear", "PATTERN"]
@@ -20,8 +20,8 @@ class ChainLinear(LinearRule):
     pattern = PATTERN
     timing = "block"
 
-    def claims(self, node: fx.Node, rw: Rewriter) -> str | None:
+    def claims(self, node: fx.Node, rw: RuleContext) -> str | None:
         return linear_name(node) if rw.carried(linear_input(node, rw)) is not None else None
 
-    def match(self, node: fx.Node, rw: Rewriter) -> ConvPlan:
+    def match(self, node: fx.Node, rw: RuleContext) -> ConvPlan:
         return carried_plan(node, rw, linear_name(node))

@@ -11,8 +11,7 @@ import torch.fx as fx
 
 from fxsurgery.capture.shapes import shape_of
 from fxsurgery.engine.layout import permute_dims
-from fxsurgery.engine.rewriter import Rewriter
-from fxsurgery.engine.rule import Skip
+from fxsurgery.engine.rule import RuleContext, Skip
 from fxsurgery.rules.linear_to_conv._plan import (
     ConvPlan,
     LinearRule,
@@ -39,7 +38,7 @@ class ChannelsLastLinear(LinearRule):
         super().__init__()
         self.token_layout = token_layout
 
-    def claims(self, node: fx.Node, rw: Rewriter) -> str | None:
+    def claims(self, node: fx.Node, rw: RuleContext) -> str | None:
         x = linear_input(node, rw)
         if permute_dims(x) == (0, 2, 3, 1):
             return linear_name(node)
@@ -47,7 +46,7 @@ class ChannelsLastLinear(LinearRule):
             return linear_name(node)
         return None
 
-    def match(self, node: fx.Node, rw: Rewriter) -> ConvPlan | Skip:
+    def match(self, node: fx.Node, rw: RuleContext) -> ConvPlan | Skip:
         name = linear_name(node)
         if rw.carried(linear_input(node, rw)) is not None:
             return carried_plan(node, rw, name, on="on NCHW permuted to channels-last")

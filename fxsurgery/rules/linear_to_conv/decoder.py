@@ -29,7 +29,7 @@ from fxsurgery.capture.shapes import shape_of
 from fxsurgery.engine.elementwise import elementwise_tensor_inputs, is_number, no_nodes
 from fxsurgery.engine.layout import Layout
 from fxsurgery.engine.nodes import is_shape_read
-from fxsurgery.engine.rewriter import Rewriter
+from fxsurgery.engine.rule import RuleContext
 from fxsurgery.rules.linear_to_conv.layouts import TOKEN_LAYOUT
 
 __all__ = ["Broadcast", "Reduce", "Cast", "Slice", "ShapeRead", "carried_with_dims"]
@@ -77,7 +77,7 @@ def _alt_dim(layout: Layout, dim: int) -> int:
     return layout.dims.index(dim % _rank(layout))
 
 
-def carried_with_dims(node: object, rw: Rewriter) -> tuple[fx.Node, Layout] | None:
+def carried_with_dims(node: object, rw: RuleContext) -> tuple[fx.Node, Layout] | None:
     carried = rw.carried(node)
     if carried is None or carried[1].dims is None or len(shape_of(node) or ()) != _rank(carried[1]):
         return None
@@ -95,7 +95,7 @@ def _fixed_shape(shape: tuple[int, ...], layout: Layout) -> tuple[int, ...] | No
 
 
 class Broadcast:
-    def propagate(self, node: fx.Node, rw: Rewriter) -> bool:
+    def propagate(self, node: fx.Node, rw: RuleContext) -> bool:
         if not (
             node.op == "call_function"
             and node.target in _BINARY
@@ -149,7 +149,7 @@ def _is_cast(node: fx.Node) -> bool:
     )
 
 
-def _same_shape_step(node: fx.Node, rw: Rewriter) -> fx.Node | None:
+def _same_shape_step(node: fx.Node, rw: RuleContext) -> fx.Node | None:
     """The input of a one-input op that keeps the shape (a cast, ``x ** 2``, an activation), else None."""
     inputs: list[Any] | None
     if _is_cast(node):  # (``type_as`` reads only the dtype of its other input)
@@ -167,12 +167,12 @@ def _same_shape_step(node: fx.Node, rw: Rewriter) -> fx.Node | None:
     return x if isinstance(x, fx.Node) and shape_of(x) == shape_of(node) else None
 
 
-def _feeds_site(start: fx.Node, rw: Rewriter, depth: int = 12) -> bool:
+def _feeds_site(start: fx.Node, rw: RuleContext, depth: int = 12) -> bool:
     """Whether a rule's site reads ``start`` through a normalisation's ops (elementwise, broadcast, casts)."""
     frontier = [start]
     for _ in range(depth):
         frontier = [u for n in frontier for u in n.users]
-        if any(rw.rules.claim(u, rw) is not None for u in frontier):
+        if any(rw.claims(u) for u in frontier):
             return True
         frontier = [
             u
@@ -185,7 +185,7 @@ def _feeds_site(start: fx.Node, rw: Rewriter, depth: int = 12) -> bool:
     return False
 
 
-def _copy_on(node: fx.Node, alt: fx.Node, rw: Rewriter) -> fx.Node:
+def _copy_on(node: fx.Node, alt: fx.Node, rw: RuleContext) -> fx.Node:
     """``node`` again, after it, reading ``alt`` where it read its first input."""
     first = node.args[0]
     with rw.graph.inserting_before(node.next):
@@ -194,7 +194,7 @@ def _copy_on(node: fx.Node, alt: fx.Node, rw: Rewriter) -> fx.Node:
     return new
 
 
-def _start_region(x: fx.Node, rw: Rewriter) -> tuple[fx.Node, Layout] | None:
+def _start_region(x: fx.Node, rw: RuleContext) -> tuple[fx.Node, Layout] | None:
     """Tokens ``(B, S, C)`` a normalisation reduces over their channels, where a site follows it: carried from the
     value the one-input ops before them start at (an embedding before its upcast), so the whole normalisation runs
     in the token layout and the residual stream enters it once."""
@@ -211,7 +211,7 @@ def _start_region(x: fx.Node, rw: Rewriter) -> tuple[fx.Node, Layout] | None:
 
 
 class Reduce:
-    def propagate(self, node: fx.Node, rw: Rewriter) -> bool:
+    def propagate(self, node: fx.Node, rw: RuleContext) -> bool:
         if not (
             node.op == "call_function"
             and node.target in (torch.mean, torch.sum)
@@ -245,7 +245,7 @@ class Reduce:
 
 
 class Cast:
-    def propagate(self, node: fx.Node, rw: Rewriter) -> bool:
+    def propagate(self, node: fx.Node, rw: RuleContext) -> bool:
         if not _is_cast(node):
             return False
         carried = carried_with_dims(node.args[0] if node.args else None, rw)
@@ -277,7 +277,7 @@ def _slices(index: Any, rank: int) -> list[slice] | None:
 
 
 class Slice:
-    def propagate(self, node: fx.Node, rw: Rewriter) -> bool:
+    def propagate(self, node: fx.Node, rw: RuleContext) -> bool:
         if node.op == "call_function" and node.target is operator.getitem and len(node.args) == 2:
             carried = carried_with_dims(node.args[0], rw)
             slices = _slices(node.args[1], _rank(carried[1])) if carried is not None else None
@@ -306,7 +306,7 @@ class Slice:
 
 
 class ShapeRead:
-    def propagate(self, node: fx.Node, rw: Rewriter) -> bool:
+    def propagate(self, node: fx.Node, rw: RuleContext) -> bool:
         carried = carried_with_dims(node.args[0], rw) if is_shape_read(node) else None
         if carried is None:
             return False

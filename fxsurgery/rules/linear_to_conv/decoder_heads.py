@@ -12,7 +12,7 @@ import torch
 import torch.fx as fx
 
 from fxsurgery.capture.shapes import shape_of
-from fxsurgery.engine.rewriter import Rewriter
+from fxsurgery.engine.rule import RuleContext
 from fxsurgery.rules.linear_to_conv.decoder import carried_with_dims
 from fxsurgery.rules.linear_to_conv.heads import heads_layout
 
@@ -21,7 +21,7 @@ __all__ = ["HeadUnsqueeze", "HeadExpand", "HeadReshape"]
 aten = torch.ops.aten
 
 
-def _per_head(node: object, rw: Rewriter) -> tuple[fx.Node, tuple[int, ...]] | None:
+def _per_head(node: object, rw: RuleContext) -> tuple[fx.Node, tuple[int, ...]] | None:
     """``(alt, permutation)`` of a value carried per head (a permutation layout)."""
     carried = carried_with_dims(node, rw)
     if carried is None or carried[1].to_alt is None or carried[1] is not heads_layout(carried[1].to_alt):
@@ -29,7 +29,7 @@ def _per_head(node: object, rw: Rewriter) -> tuple[fx.Node, tuple[int, ...]] | N
     return carried[0], carried[1].to_alt
 
 
-def _carry(node: fx.Node, alt: fx.Node, perm: tuple[int, ...], rw: Rewriter) -> bool:
+def _carry(node: fx.Node, alt: fx.Node, perm: tuple[int, ...], rw: RuleContext) -> bool:
     if perm == tuple(range(len(perm))):
         return False  # the original layout itself: converting back is what the rewriter does anyway
     rw.set_alt(node, alt, heads_layout(perm))
@@ -49,7 +49,7 @@ def _unsqueezed_dim(node: fx.Node) -> Any:
 
 
 class HeadUnsqueeze:
-    def propagate(self, node: fx.Node, rw: Rewriter) -> bool:
+    def propagate(self, node: fx.Node, rw: RuleContext) -> bool:
         d = _unsqueezed_dim(node)
         carried = _per_head(node.args[0], rw) if d is not None else None
         if carried is None or not isinstance(d, int):
@@ -64,7 +64,7 @@ class HeadUnsqueeze:
 
 
 class HeadExpand:
-    def propagate(self, node: fx.Node, rw: Rewriter) -> bool:
+    def propagate(self, node: fx.Node, rw: RuleContext) -> bool:
         if not (node.op == "call_method" and node.target == "expand") or node.kwargs:
             return False
         carried = _per_head(node.args[0], rw)
@@ -105,7 +105,7 @@ def _groups(before: tuple[int, ...], after: tuple[int, ...]) -> list[tuple[list[
 
 
 class HeadReshape:
-    def propagate(self, node: fx.Node, rw: Rewriter) -> bool:
+    def propagate(self, node: fx.Node, rw: RuleContext) -> bool:
         if not (node.op == "call_method" and node.target in ("view", "reshape")) or node.kwargs:
             return False
         carried = _per_head(node.args[0], rw)

@@ -23,8 +23,7 @@ from fxsurgery.engine.elementwise import elementwise_tensor_inputs
 from fxsurgery.engine.emit import check_replayable, guard, replay
 from fxsurgery.engine.layout import Layout, permute_dims
 from fxsurgery.engine.nodes import as_linear, hook_kinds, is_reshape, is_shape_read, static_shape
-from fxsurgery.engine.rewriter import Rewriter
-from fxsurgery.engine.rule import Skip
+from fxsurgery.engine.rule import RuleContext, Skip
 from fxsurgery.engine.weights import linear_to_conv_weight
 from fxsurgery.rules.linear_to_conv._plan import ConvPlan, LinearRule, WeightMap, check_linear
 from fxsurgery.rules.linear_to_conv.layouts import SPATIAL_LAYOUT, from_map
@@ -66,7 +65,7 @@ def _reads_batch_size(node: fx.Node) -> bool:
     return False
 
 
-def flatten_source(x: fx.Node, rw: Rewriter) -> tuple[fx.Node, list[tuple[fx.Node, fx.Node]]] | None:
+def flatten_source(x: fx.Node, rw: RuleContext) -> tuple[fx.Node, list[tuple[fx.Node, fx.Node]]] | None:
     """The 4-D node whose flatten is ``x``, walking back through order-preserving reshapes, and the elementwise ops
     met on the way with their tensor input, first to last; None if there is none."""
     n = static_shape(x, "the Linear input")[0]
@@ -102,11 +101,11 @@ class FlattenHead(LinearRule):
         super().__init__(weight_map)
         self.point = point
 
-    def claims(self, node: fx.Node, rw: Rewriter) -> str | None:
+    def claims(self, node: fx.Node, rw: RuleContext) -> str | None:
         op = as_linear(node, rw.modules)
         return None if op is None else op.name
 
-    def match(self, node: fx.Node, rw: Rewriter) -> ConvPlan | Skip:
+    def match(self, node: fx.Node, rw: RuleContext) -> ConvPlan | Skip:
         op, in_f, out_f, x_shape = check_linear(node, rw)
         if len(x_shape) == 4:
             return Skip(
@@ -135,7 +134,7 @@ class FlattenHead(LinearRule):
         c, h, w = y_shape[1:]
         name, point = op.name, self.point
 
-        def source(rw: Rewriter) -> fx.Node:
+        def source(rw: RuleContext) -> fx.Node:
             src = guard(rw.graph, y, (h, w), name, original_rejects=True, features=in_f)
             src = replay(rw.graph, elementwise, src)  # on the map, before the flatten they followed
             return from_map(rw.graph, src, (c, h, w), point)

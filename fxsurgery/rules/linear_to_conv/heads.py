@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from fxsurgery import _runtime
 from fxsurgery.capture.shapes import shape_of
 from fxsurgery.engine.layout import Layout, permutation_layout, permute_dims
-from fxsurgery.engine.rewriter import Rewriter
+from fxsurgery.engine.rule import RuleContext
 from fxsurgery.rules.linear_to_conv.layouts import TOKEN_LAYOUT
 
 __all__ = [
@@ -86,7 +86,7 @@ def _reshape_input(node: fx.Node) -> fx.Node | None:
 
 
 class HeadSplit:
-    def propagate(self, node: fx.Node, rw: Rewriter) -> bool:
+    def propagate(self, node: fx.Node, rw: RuleContext) -> bool:
         x = _reshape_input(node)
         carried = rw.carried(x)
         if carried is None or carried[1] is not TOKEN_LAYOUT:
@@ -120,7 +120,7 @@ def _transpose_dims(node: fx.Node) -> tuple[int, ...] | None:
 
 
 class HeadPermute:
-    def propagate(self, node: fx.Node, rw: Rewriter) -> bool:
+    def propagate(self, node: fx.Node, rw: RuleContext) -> bool:
         if not node.args or not isinstance(node.args[0], fx.Node):
             return False
         carried = rw.carried(node.args[0])
@@ -140,7 +140,7 @@ class HeadPermute:
 
 
 class SameShape:
-    def propagate(self, node: fx.Node, rw: Rewriter) -> bool:
+    def propagate(self, node: fx.Node, rw: RuleContext) -> bool:
         x = _reshape_input(node)
         carried = rw.carried(x)
         if carried is None or not _is_heads(carried[1]) or shape_of(node) is None or shape_of(node) != shape_of(x):
@@ -150,7 +150,7 @@ class SameShape:
 
 
 class HeadMerge:
-    def propagate(self, node: fx.Node, rw: Rewriter) -> bool:
+    def propagate(self, node: fx.Node, rw: RuleContext) -> bool:
         x = _reshape_input(node)
         carried = rw.carried(x)
         if carried is None or carried[1] is not heads_layout(_SPLIT):
@@ -165,7 +165,7 @@ class HeadMerge:
 
 
 class HeadCat:
-    def propagate(self, node: fx.Node, rw: Rewriter) -> bool:
+    def propagate(self, node: fx.Node, rw: RuleContext) -> bool:
         if not (node.op == "call_function" and node.target in (torch.cat, torch.ops.aten.cat.default)):
             return False
         parts, dim = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
@@ -218,7 +218,7 @@ def _split_args(node: fx.Node) -> tuple[fx.Node, list[int], int] | None:
 
 
 class SplitChannels:
-    def propagate(self, node: fx.Node, rw: Rewriter) -> bool:
+    def propagate(self, node: fx.Node, rw: RuleContext) -> bool:
         args = _split_args(node)
         if args is None:
             return False
@@ -243,7 +243,7 @@ _SDPA = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale"
 
 
 class ChannelAttention:
-    def propagate(self, node: fx.Node, rw: Rewriter) -> bool:
+    def propagate(self, node: fx.Node, rw: RuleContext) -> bool:
         if not (node.op == "call_function" and node.target is F.scaled_dot_product_attention):
             return False
         args = dict(zip(_SDPA, node.args), **node.kwargs)
@@ -294,7 +294,7 @@ def _as_is(graph: fx.Graph, x: fx.Node, site: str) -> fx.Node:
 _SAME = Layout("same", _as_is, lambda graph, alt, orig: alt)
 
 
-def _key_transposed(node: object, rw: Rewriter) -> fx.Node | None:
+def _key_transposed(node: object, rw: RuleContext) -> fx.Node | None:
     """The per-head alt ``(B, H, D, T)`` of ``k`` when ``node`` is ``k.transpose(-2, -1)`` of keys carried per
     head."""
     if not isinstance(node, fx.Node) or _transpose_dims(node) != (0, 1, 3, 2) and permute_dims(node) != (0, 1, 3, 2):
@@ -304,7 +304,7 @@ def _key_transposed(node: object, rw: Rewriter) -> fx.Node | None:
 
 
 class ChannelMatmul:
-    def propagate(self, node: fx.Node, rw: Rewriter) -> bool:
+    def propagate(self, node: fx.Node, rw: RuleContext) -> bool:
         if not (node.op == "call_function" and node.target is torch.matmul and len(node.args) == 2) or node.kwargs:
             return False
         a, b = node.args

@@ -12,8 +12,7 @@ from torch import nn
 
 from fxsurgery import _runtime
 from fxsurgery.engine.nodes import as_layer_norm
-from fxsurgery.engine.rewriter import Rewriter
-from fxsurgery.engine.rule import feeds_candidate
+from fxsurgery.engine.rule import RuleContext, feeds_candidate
 from fxsurgery.rules.linear_to_conv.layouts import CONV_LAYOUTS, region_layout
 
 __all__ = ["LayerNormChannels"]
@@ -23,7 +22,7 @@ class LayerNormChannels:
     def __init__(self, token_layout: bool = False) -> None:
         self.token_layout = token_layout
 
-    def propagate(self, node: fx.Node, rw: Rewriter) -> bool:
+    def propagate(self, node: fx.Node, rw: RuleContext) -> bool:
         mod = as_layer_norm(node, rw.modules)
         if mod is None:
             return False

@@ -14,8 +14,7 @@ import torch.fx as fx
 from fxsurgery.capture.shapes import shape_of
 from fxsurgery.engine.layout import Layout
 from fxsurgery.engine.nodes import as_linear
-from fxsurgery.engine.rewriter import Rewriter
-from fxsurgery.engine.rule import Skip
+from fxsurgery.engine.rule import RuleContext, Skip
 from fxsurgery.rules.linear_to_conv._plan import ConvPlan, LinearRule, check_linear
 from fxsurgery.rules.linear_to_conv.layouts import SPATIAL_LAYOUT, from_map
 
@@ -47,20 +46,20 @@ class Pool1dHead(LinearRule):
         super().__init__()
         self.point = point
 
-    def claims(self, node: fx.Node, rw: Rewriter) -> str | None:
+    def claims(self, node: fx.Node, rw: RuleContext) -> str | None:
         op = as_linear(node, rw.modules)
         if op is None or op.input in rw.alt or sequence_mean_source(op.input) is None:
             return None
         return op.name
 
-    def match(self, node: fx.Node, rw: Rewriter) -> ConvPlan | Skip:
+    def match(self, node: fx.Node, rw: RuleContext) -> ConvPlan | Skip:
         op, in_f, out_f, x_shape = check_linear(node, rw)
         sequence = sequence_mean_source(op.input)
         if sequence is None:
             return Skip("the mean over the sequence is no longer there")
         c, point = in_f, self.point
 
-        def source(rw: Rewriter) -> fx.Node:
+        def source(rw: RuleContext) -> fx.Node:
             pooled = rw.graph.call_method("mean", (sequence, [2]), {"keepdim": True})
             return from_map(rw.graph, rw.graph.call_method("unsqueeze", (pooled, -1)), (c, 1, 1), point)
 

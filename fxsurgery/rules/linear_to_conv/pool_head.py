@@ -13,8 +13,7 @@ from fxsurgery.engine.elementwise import elementwise_tensor_inputs
 from fxsurgery.engine.emit import replay
 from fxsurgery.engine.layout import Layout
 from fxsurgery.engine.nodes import as_linear, spatial_mean_source, static_shape
-from fxsurgery.engine.rewriter import Rewriter
-from fxsurgery.engine.rule import Skip
+from fxsurgery.engine.rule import RuleContext, Skip
 from fxsurgery.engine.weights import linear_to_conv_weight
 from fxsurgery.rules.linear_to_conv._plan import ConvPlan, LinearRule, WeightMap, check_linear
 from fxsurgery.rules.linear_to_conv.layouts import SPATIAL_LAYOUT, from_map
@@ -24,7 +23,7 @@ __all__ = ["PoolHead", "PATTERN", "mean_source"]
 PATTERN = "pool->linear"
 
 
-def mean_source(x: object, rw: Rewriter) -> tuple[fx.Node, list[tuple[fx.Node, fx.Node]]] | None:
+def mean_source(x: object, rw: RuleContext) -> tuple[fx.Node, list[tuple[fx.Node, fx.Node]]] | None:
     """``(y, ops)`` if ``x`` is ``y.mean([2, 3])`` followed by elementwise ops, first to last; None otherwise."""
     ops: list[tuple[fx.Node, fx.Node]] = []
     while isinstance(x, fx.Node):
@@ -48,13 +47,13 @@ class PoolHead(LinearRule):
         super().__init__(weight_map)
         self.point = point
 
-    def claims(self, node: fx.Node, rw: Rewriter) -> str | None:
+    def claims(self, node: fx.Node, rw: RuleContext) -> str | None:
         op = as_linear(node, rw.modules)
         if op is None or not isinstance(op.input, fx.Node) or op.input in rw.alt:
             return None
         return op.name if mean_source(op.input, rw) is not None else None
 
-    def match(self, node: fx.Node, rw: Rewriter) -> ConvPlan | Skip:
+    def match(self, node: fx.Node, rw: RuleContext) -> ConvPlan | Skip:
         op, in_f, out_f, x_shape = check_linear(node, rw)
         found = mean_source(op.input, rw)
         if found is None:
@@ -63,7 +62,7 @@ class PoolHead(LinearRule):
         c = static_shape(pooled, "the pooled map")[1]
         point = self.point
 
-        def source(rw: Rewriter) -> fx.Node:
+        def source(rw: RuleContext) -> fx.Node:
             src = rw.graph.call_method("mean", (pooled, [2, 3]), {"keepdim": True})
             src = replay(rw.graph, elementwise, src)
             return from_map(rw.graph, src, (c, 1, 1), point)

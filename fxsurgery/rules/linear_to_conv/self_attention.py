@@ -17,8 +17,7 @@ from torch import nn
 
 from fxsurgery.engine.layers import ConvSelfAttention
 from fxsurgery.engine.nodes import static_shape
-from fxsurgery.engine.rewriter import Rewriter
-from fxsurgery.engine.rule import Match, Skip, module_skip_reason
+from fxsurgery.engine.rule import Match, RuleContext, Skip, module_skip_reason
 from fxsurgery.report import Site
 from fxsurgery.rules.linear_to_conv.layouts import TOKEN_LAYOUT
 from fxsurgery.rules.linear_to_conv.token_linear import PATTERN as TOKEN_PATTERN
@@ -41,12 +40,12 @@ class SelfAttention:
     timing = "block"
     owns_children = True  # its out_proj
 
-    def claims(self, node: fx.Node, rw: Rewriter) -> str | None:
+    def claims(self, node: fx.Node, rw: RuleContext) -> str | None:
         if node.op == "call_module" and isinstance(rw.modules.get(str(node.target)), nn.MultiheadAttention):
             return str(node.target)
         return None
 
-    def match(self, node: fx.Node, rw: Rewriter) -> AttentionMatch | Skip:
+    def match(self, node: fx.Node, rw: RuleContext) -> AttentionMatch | Skip:
         name = str(node.target)
         mod = rw.modules[name]
         reason = module_skip_reason(name, mod, (nn.MultiheadAttention,), rw)
@@ -76,7 +75,7 @@ class SelfAttention:
             return Skip(f"the input is carried in layout {carried[1].name}")
         return AttentionMatch(node, name, mod, x, x_shape)
 
-    def apply(self, m: AttentionMatch, rw: Rewriter) -> tuple[Site, Site]:
+    def apply(self, m: AttentionMatch, rw: RuleContext) -> tuple[Site, Site]:
         src = rw.enter(m.x, TOKEN_LAYOUT, m.name)
         rw.new_modules[m.name] = ConvSelfAttention(m.module)
         with rw.graph.inserting_before(m.node):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch.fx as fx
 
 from fxsurgery.capture.shapes import shape_of
-from fxsurgery.engine.rewriter import Rewriter
+from fxsurgery.engine.rule import RuleContext
 from fxsurgery.rules.linear_to_conv._plan import (
     ConvPlan,
     LinearRule,
@@ -33,14 +33,14 @@ class TokenLinear(LinearRule):
         super().__init__()
         self.token_layout = token_layout
 
-    def claims(self, node: fx.Node, rw: Rewriter) -> str | None:
+    def claims(self, node: fx.Node, rw: RuleContext) -> str | None:
         x = linear_input(node, rw)
         carried = rw.carried(x)
         if carried is not None:
             return linear_name(node) if carried[1] is TOKEN_LAYOUT else None
         return linear_name(node) if self.token_layout and len(shape_of(x) or ()) == 3 else None
 
-    def match(self, node: fx.Node, rw: Rewriter) -> ConvPlan:
+    def match(self, node: fx.Node, rw: RuleContext) -> ConvPlan:
         name = linear_name(node)
         if rw.carried(linear_input(node, rw)) is not None:
             return carried_plan(node, rw, name)

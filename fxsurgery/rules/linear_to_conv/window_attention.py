@@ -15,8 +15,7 @@ from torch import nn
 from fxsurgery import _runtime
 from fxsurgery.engine.layers import conv_viewing_linear
 from fxsurgery.engine.nodes import EXACT_LINEAR, bind, is_torchvision, static_shape
-from fxsurgery.engine.rewriter import Rewriter
-from fxsurgery.engine.rule import Match, Skip
+from fxsurgery.engine.rule import Match, RuleContext, Skip
 from fxsurgery.report import Site
 from fxsurgery.rules.linear_to_conv.layouts import NCHW_LAYOUT
 
@@ -32,7 +31,7 @@ class WindowMatch(Match):
     linears: dict[str, tuple[str, Any]]
 
 
-def _linear_of(args: dict[str, Any], role: str, rw: Rewriter) -> tuple[str, Any]:
+def _linear_of(args: dict[str, Any], role: str, rw: RuleContext) -> tuple[str, Any]:
     """The Linear whose weight (and bias) the call reads for ``role``, as ``(qualified name, module)``."""
     w, b = args.get(f"{role}_weight"), args.get(f"{role}_bias")
     if not (isinstance(w, fx.Node) and w.op == "get_attr" and str(w.target).endswith(".weight")):
@@ -55,13 +54,13 @@ class WindowAttention:
     pattern = PATTERN
     timing = "block-only"  # a function of several layers
 
-    def claims(self, node: fx.Node, rw: Rewriter) -> str | None:
+    def claims(self, node: fx.Node, rw: RuleContext) -> str | None:
         if node.op != "call_function" or not is_torchvision(node.target, "shifted_window_attention"):
             return None
         weight = bind(node).get("qkv_weight")
         return str(weight.target).rsplit(".", 1)[0] if isinstance(weight, fx.Node) else node.name
 
-    def match(self, node: fx.Node, rw: Rewriter) -> WindowMatch | Skip:
+    def match(self, node: fx.Node, rw: RuleContext) -> WindowMatch | Skip:
         args = bind(node)
         linears = {role: _linear_of(args, role, rw) for role in ("qkv", "proj")}
         x = args.get("input")
@@ -72,7 +71,7 @@ class WindowAttention:
             return Skip(f"the input is carried in layout {carried[1].name}")
         return WindowMatch(node, linears["qkv"][0], x, static_shape(x, "the attention input"), linears)
 
-    def apply(self, m: WindowMatch, rw: Rewriter) -> tuple[Site, Site]:
+    def apply(self, m: WindowMatch, rw: RuleContext) -> tuple[Site, Site]:
         src = rw.enter(m.x, NCHW_LAYOUT, m.name)
         for owner, mod in m.linears.values():
             rw.new_modules[owner] = conv_viewing_linear(mod.weight, getattr(mod, "bias", None), mod.training)
