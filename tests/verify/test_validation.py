@@ -108,8 +108,34 @@ def test_error_histograms_count_every_element_by_decade_of_its_error():
     elements = sum(counts)
     assert elements >= 2 * x.numel()  # the example and a random input, and another batch size
     assert counts[bins.index("1e-10..1e-9")] + counts[bins.index("1e-9..1e-8")] >= 1
-    assert sum(counts[bins.index("1e-8..1e-7"):]) == 0
+    assert sum(counts[bins.index("1e-8..1e-7") :]) == 0
     far = validate(_Scaled(1.0), _Scaled(2.0), (x,), num_random=1)
     assert not far.passed and far.error_histograms["output"][bins.index(">=1")] >= 1
     assert sum(far.error_histograms["output"]) == elements  # the same inputs, every element counted once
     assert validate(_Scaled(1.0), _Scaled(1.0), (x,), num_random=1).error_histograms["output"][0] == elements
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_the_culprit_search_rewrites_from_the_graph_already_captured(frontend, monkeypatch):
+    """Naming the site takes several rewrites with sites left out; none of them traces or exports the model again."""
+    from fxsurgery import pipeline
+
+    calls = {"trace": 0, "export": 0}
+    trace, export = pipeline.trace, pipeline.export_model
+
+    def counted_trace(*args, **kwargs):
+        calls["trace"] += 1
+        return trace(*args, **kwargs)
+
+    def counted_export(*args, **kwargs):
+        calls["export"] += 1
+        return export(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "trace", counted_trace)
+    monkeypatch.setattr(pipeline, "export_model", counted_export)
+    with pytest.raises(fxsurgery.ValidationError) as info:
+        fxsurgery.linear_to_conv(
+            demo_model(), torch.randn(2, 3, 32, 32), rules=_rules_with_wrong_head_mapping(), frontend=frontend
+        )
+    assert info.value.sites == ("classifier.1",)
+    assert calls == ({"trace": 1, "export": 0} if frontend == "fx" else {"trace": 0, "export": 1}), calls
