@@ -8,6 +8,11 @@
 * :mod:`~fxsurgery.engine.propagate`: propagators every rule set can use.
 * :mod:`~fxsurgery.engine.cleanup`: the steps that end a pass.
 * :mod:`~fxsurgery.engine.subgraph`: each site's neighbourhood before and after the pass, for the report.
+* :mod:`~fxsurgery.engine.provenance`: the metadata every node a pass adds takes from the node it replaces.
+* :mod:`~fxsurgery.engine.emit`: node builders rules share, and the emitter of ops in an exported graph's dialect.
+* :mod:`~fxsurgery.engine.passes`: the engine as ``PassBase`` passes over exported and ExecuTorch Edge graphs.
+* :mod:`~fxsurgery.engine.weights` and :mod:`~fxsurgery.engine.layers`: weight views, and the layers rewritten graphs
+  install.
 """
 
 from __future__ import annotations
