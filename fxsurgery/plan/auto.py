@@ -1,7 +1,7 @@
 """``to="auto"``: per site, keep the faster of the original and the rewritten form, measured on the target runtime.
 
-1. Both passes run (``linear_to_conv`` and ``conv_to_linear``, without validation) to list the sites and the map each
-   rewritten layer reads.
+1. The pipeline runs both passes (``linear_to_conv`` and ``conv_to_linear``, without validation), which list the
+   sites and the map each rewritten layer reads, and hands them to this planner with its pass.
 2. Per site, the layer alone (a flatten + Linear, or the conv) and its rewritten form (built by the same pass, layout
    conversions included, so this is the worst case for a site inside a chain) are timed side by side on the runtime,
    alternating A B, B A, ... The rewritten form is kept when its median ratio is below 1. Sites of the same kind and
@@ -16,7 +16,8 @@
    slower than the original by more than the measurement noise, and within about 2% of the better of all-conv and
    all-linear.
 
-The choice, per site and for the whole model, is in ``result.timings``; the final model is validated like any other.
+The choice, per site and for the whole model, is in ``result.timings``; the pipeline validates the model chosen as it
+validates any pass's result.
 """
 
 from __future__ import annotations
