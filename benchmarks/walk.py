@@ -71,7 +71,6 @@ def walk(to: str) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
                 climbs.append((f"{stack[-1]} -> {stage}", f"{where}:{frame.f_code.co_name}"))
             stops.append((where, frame.f_code.co_name))
             stack.append(stage if stage is not None else (stack[-1] if stack else None))
-            frame.f_locals  # noqa: B018
             frame_ids.append(id(frame))
         elif event == "return" and frame_ids and id(frame) == frame_ids[-1]:
             frame_ids.pop()

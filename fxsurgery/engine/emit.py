@@ -82,7 +82,8 @@ def val_shape(node: Any) -> tuple[Any, ...] | None:
 
 class DialectEmitter:
     """Adds ops before ``at`` in the dialect of ``at``'s op (``torch.ops.aten`` or ExecuTorch's ``exir_ops.edge.aten``:
-    ExecuTorch is imported only for an Edge graph), with fake-tensor values and ``at``'s metadata."""
+        ExecuTorch is imported only for an Edge graph), with fake-tensor values and ``at``'s ``source_fn_stack`` (the
+    engine gives every new node the ``nn_module_stack`` and ``stack_trace`` of the node it replaces)."""
 
     def __init__(self, graph: fx.Graph, at: fx.Node) -> None:
         self.graph, self.at = graph, at
@@ -99,9 +100,8 @@ class DialectEmitter:
             target = getattr(torch.ops.aten, _ATEN.get(name, name)).default
         with self.graph.inserting_before(self.at):
             node = self.graph.call_function(target, args)
-        for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
-            if key in self.at.meta:
-                node.meta[key] = self.at.meta[key]
+        if "source_fn_stack" in self.at.meta:  # (nn_module_stack and stack_trace: the engine's provenance)
+            node.meta["source_fn_stack"] = self.at.meta["source_fn_stack"]
         fake = fx.map_arg(args, lambda a: a.meta["val"])
         if self.fake_mode is not None:
             with self.fake_mode:

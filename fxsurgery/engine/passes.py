@@ -47,9 +47,8 @@ class _EnginePass(PassBase):
         self.sites: list[Site] = []
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
-        before = len(graph_module.graph.nodes), graph_module.code
         self.sites = Rewriter(graph_module, rule_set(self.direction), self.exclude).run()
-        modified = (len(graph_module.graph.nodes), graph_module.code) != before
+        modified = any(s.status == "rewritten" for s in self.sites)  # a failed site's nodes are removed by the engine
         if modified:  # what the replaced ops read and nothing else reads (the flatten, the weight's transpose)
             graph_module.graph.eliminate_dead_code()
             graph_module.graph.lint()

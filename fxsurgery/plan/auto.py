@@ -40,6 +40,7 @@ from fxsurgery.engine import subgraph
 from fxsurgery.engine.rule import owns_children, timing_of
 from fxsurgery.options import Options
 from fxsurgery.report import Site, SurgeryResult
+from fxsurgery.rules import DIRECTIONS as RULE_DIRECTIONS
 from fxsurgery.rules import rule_set
 from fxsurgery.runtimes.timing import Ratio, interleaved, runner
 
@@ -47,7 +48,7 @@ __all__ = ["plan_auto", "Rewrite", "MARGIN", "TIMING_EXPORTER", "DIRECTIONS"]
 
 log = logging.getLogger(__name__)
 
-DIRECTIONS = ("linear_to_conv", "conv_to_linear")
+DIRECTIONS = tuple(RULE_DIRECTIONS.values())  # linear_to_conv, conv_to_linear
 #: The pipeline's pass: ``rewrite(module, inputs, direction, options)``, for the forms the planner measures.
 Rewrite = Callable[[nn.Module, tuple[torch.Tensor, ...], str, Options], SurgeryResult]
 #: A rewritten whole model is kept only when it measured at least this much faster than the original: a gain

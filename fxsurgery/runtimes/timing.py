@@ -103,12 +103,10 @@ def runner(
     threads: int,
     exporter: str = "dynamo",
 ) -> Callable[[], Any]:
-    """A zero-argument callable that runs ``module`` on ``x`` (a tensor or a tuple of them) once on ``runtime``:
-    ``"torch"``: eager, no grad; ``"onnxruntime"``: exported into ``workdir`` with ``exporter`` and run in an
-    :func:`ort_session` (a model the TorchScript exporter cannot export is exported with dynamo); ``"openvino"``:
-    converted by ``openvino.convert_model`` and compiled for its CPU plugin in float32 (it would pick bfloat16 on
-    some CPUs) with ``threads`` threads. It runs an eval-mode copy with parameters, buffers and inputs of its own:
-    ``module`` and ``x`` are left as they are."""
+    """A zero-argument callable that runs ``module`` on ``x`` (a tensor or a tuple of them) once on ``runtime``, as
+    that runtime's backend converts it (``timer``: :mod:`fxsurgery.runtimes.registry`; onnxruntime from an export
+    with ``exporter`` into ``workdir``; ``threads`` threads). It runs an eval-mode copy with parameters, buffers and
+    inputs of its own: ``module`` and ``x`` are left as they are."""
     backend = get(runtime, "time", "timing").impl()
     module = eval_copy(module, "native")  # its own parameters and buffers: a forward that writes stays local
     inputs = tuple(t.clone() for t in (x if isinstance(x, tuple) else (x,)))  # the caller's tensors never change

@@ -9,7 +9,7 @@ from typing import Any
 import torch.fx as fx
 
 from fxsurgery.engine.emit import DialectEmitter, op_name, val_shape
-from fxsurgery.engine.rule import Skip
+from fxsurgery.engine.rule import RuleContext, Skip
 from fxsurgery.report import Site
 from fxsurgery.rules.aten._common import STEP, OpMatch, site_name
 
@@ -42,10 +42,10 @@ class ConvToLinear:
 
     pattern = PATTERN
 
-    def claims(self, node: fx.Node, rw: Any) -> str | None:
+    def claims(self, node: fx.Node, rw: RuleContext) -> str | None:
         return site_name(node) if conv_parts(node) is not None else None
 
-    def match(self, node: fx.Node, rw: Any) -> OpMatch | Skip:
+    def match(self, node: fx.Node, rw: RuleContext) -> OpMatch | Skip:
         parts = conv_parts(node)
         assert parts is not None
         x, w, b, step = parts
@@ -62,7 +62,7 @@ class ConvToLinear:
             return Skip("symbolic channels or spatial size")
         return OpMatch(node, site_name(node), x, w, b, (w_shape[0], w_shape[1], x_shape[2], x_shape[3]))
 
-    def apply(self, m: OpMatch, rw: Any) -> Site:
+    def apply(self, m: OpMatch, rw: RuleContext) -> Site:
         emit = DialectEmitter(rw.graph, m.node)
         o, c, h, wd = m.shapes
         rows = emit.op("view_copy", emit.op("permute_copy", m.x, [0, 2, 3, 1]), [-1, c])

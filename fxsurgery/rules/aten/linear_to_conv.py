@@ -9,7 +9,7 @@ from typing import Any
 import torch.fx as fx
 
 from fxsurgery.engine.emit import DialectEmitter, op_name, val_shape
-from fxsurgery.engine.rule import Skip
+from fxsurgery.engine.rule import RuleContext, Skip
 from fxsurgery.report import Site
 from fxsurgery.rules.aten._common import STEP, OpMatch, site_name
 
@@ -52,10 +52,10 @@ class LinearToConv:
 
     pattern = PATTERN
 
-    def claims(self, node: fx.Node, rw: Any) -> str | None:
+    def claims(self, node: fx.Node, rw: RuleContext) -> str | None:
         return site_name(node) if linear_parts(node) is not None else None
 
-    def match(self, node: fx.Node, rw: Any) -> OpMatch | Skip:
+    def match(self, node: fx.Node, rw: RuleContext) -> OpMatch | Skip:
         parts = linear_parts(node)
         assert parts is not None
         x, w, b = parts
@@ -70,7 +70,7 @@ class LinearToConv:
         kernel = [w_shape[0], *(val_shape(m) or ())[1:]] if m is not None else [w_shape[0], w_shape[1], 1, 1]
         return OpMatch(node, site_name(node), m if m is not None else x, w, b, (tuple(kernel), m is not None))
 
-    def apply(self, m: OpMatch, rw: Any) -> Site:
+    def apply(self, m: OpMatch, rw: RuleContext) -> Site:
         emit = DialectEmitter(rw.graph, m.node)
         kernel, flattened = m.shapes
         src = m.x if flattened else emit.op("view_copy", m.x, [-1, kernel[1], 1, 1])
