@@ -483,3 +483,43 @@ def test_the_cli_saves_the_program_out_with_the_dynamic_dims_of_the_pt2_in(tmp_p
     assert proc.returncode == 0, proc.stderr
     x = torch.randn(3, 9, 16)
     torch.testing.assert_close(torch.export.load(str(tmp_path / "out" / "rewritten.pt2")).module()(x), model(x))
+
+
+def test_a_program_whose_layer_holds_an_extra_parameter_keeps_it():
+    """PT2E's folded-BatchNorm bias lives on the conv's holder; rebuilding the holder as a Conv2d dropped it
+    (``'Conv2d' object has no attribute 'weight_bias'``) and the error blamed the model."""
+
+    class Folded(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.conv.register_parameter("weight_bias", nn.Parameter(torch.randn(4)))
+            self.fc = nn.Linear(4 * 4 * 4, 5)
+
+        def forward(self, x):
+            y = self.conv(x) + self.conv.weight_bias.view(1, -1, 1, 1)
+            return self.fc(y.flatten(1))
+
+    model = Folded().eval()
+    x = torch.randn(2, 3, 4, 4)
+    res = fxsurgery.linear_to_conv(torch.export.export(model, (x,)), x)
+    assert [s.name for s in res.rewritten] == ["fc"]
+    torch.testing.assert_close(res.program.module()(x), model(x))
+
+
+def test_a_buffer_expanded_from_one_row_survives_shape_propagation_and_validation():
+    """An expanded tensor cannot be written to; the buffers are put back only where a forward changed them."""
+
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("mask", torch.ones(1, 16).expand(2, 16))
+            self.fc = nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.fc((x * self.mask).view(2, 16, 1, 1).flatten(1))
+
+    model = Masked().eval()
+    x = torch.randn(2, 16)
+    res = fxsurgery.linear_to_conv(model, x)
+    assert res.validation and model.mask.stride() == (0, 1)

@@ -83,7 +83,25 @@ def _rebuild(node: fx.Node, holder: nn.Module) -> nn.Module:
     layer.weight = weight
     if bias is not None:
         layer.bias = bias
+    _keep_the_rest(holder, layer)
     return layer
+
+
+def _keep_the_rest(holder: nn.Module, layer: nn.Module) -> None:
+    """Every parameter, buffer, child and plain attribute of ``holder`` that ``layer`` lacks (a folded BatchNorm's
+    bias that a quantization flow keeps on the conv's holder), so that the graph's reads of them still resolve."""
+    for name, p in holder.named_parameters(recurse=False):
+        if not hasattr(layer, name):
+            layer.register_parameter(name, p)
+    for name, b in holder.named_buffers(recurse=False):
+        if not hasattr(layer, name):
+            layer.register_buffer(name, b, persistent=name not in holder._non_persistent_buffers_set)
+    for name, child in holder.named_children():
+        if not hasattr(layer, name):
+            layer.add_module(name, child)
+    for name, value in vars(holder).items():
+        if not name.startswith("_") and not hasattr(layer, name):
+            setattr(layer, name, value)
 
 
 def export_rewritten(

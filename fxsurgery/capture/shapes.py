@@ -33,7 +33,7 @@ def _frozen_buffers(module: nn.Module) -> Iterator[None]:
     finally:
         with torch.no_grad():
             for b, v in saved:
-                if b.shape == v.shape:
+                if b.shape == v.shape and not torch.equal(b, v):  # (a buffer expanded from one row cannot be written)
                     b.copy_(v)
         for m, k, v in attrs:
             setattr(m, k, v)

@@ -167,8 +167,8 @@ def kept_state(module: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
     finally:
         with torch.no_grad():
             for name, b in module.named_buffers():
-                if name in saved and b.shape == saved[name].shape:
-                    b.copy_(saved[name])
+                if name in saved and b.shape == saved[name].shape and not torch.equal(b, saved[name]):
+                    b.copy_(saved[name])  # (only what changed: a buffer expanded from one row cannot be written)
 
 
 def _comparable_state(orig: nn.Module, rew: nn.Module) -> tuple[list[str], list[str]]:
