@@ -95,7 +95,7 @@ def batch_to_width(x: torch.Tensor, channels: int) -> torch.Tensor:
     """
     if x.shape[0] == 0:
         return x.reshape(0, channels, 1, 1)
-    return x.t().reshape(1, channels, 1, -1)
+    return x.permute(1, 0).reshape(1, channels, 1, -1)  # (permute, not t: quantizers share qparams through it)
 
 
 def maps_side_by_side(y: torch.Tensor, channels: int, height: int) -> torch.Tensor:
@@ -105,7 +105,7 @@ def maps_side_by_side(y: torch.Tensor, channels: int, height: int) -> torch.Tens
     if y.shape[0] == 0:
         return y
     if y.shape[2:] == (1, 1):
-        return y.flatten(1).t().reshape(1, channels, 1, -1)
+        return y.flatten(1).permute(1, 0).reshape(1, channels, 1, -1)
     return y.permute(1, 2, 0, 3).reshape(1, channels, height, -1)
 
 
@@ -114,7 +114,7 @@ def batch_from_width(y: torch.Tensor) -> torch.Tensor:
     ``(0, O, 1, 1)``)."""
     if y.shape[0] == 0:
         return y.flatten(1)
-    return y.flatten(0, 2).t()
+    return y.flatten(0, 2).permute(1, 0)
 
 
 @functools.cache
