@@ -17,13 +17,15 @@ from torch import nn
 
 from fxsurgery.capture import keyword_call, normalize_inputs, prepare_model, refuse_meta, split_keywords
 from fxsurgery.capture.programs import export_rewritten, module_of_program
+from fxsurgery.capture.quantized import quantized_program
 from fxsurgery.errors import InputError, ValidationError
 from fxsurgery.options import OPTIONS_DOC, Options, resolve
-from fxsurgery.pipeline import run_auto, run_pass
+from fxsurgery.pipeline import run_auto, run_pass, run_quantized
 from fxsurgery.report import CheckReport, SurgeryResult
 from fxsurgery.rules import DIRECTIONS
 from fxsurgery.runtimes.census import census
 from fxsurgery.verify.cross_check import cross_check
+from fxsurgery.verify.policy import QUANTIZED_RTOL
 
 __all__ = ["linear_to_conv", "conv_to_linear", "rewrite", "check"]
 
@@ -48,6 +50,9 @@ def rewrite(
     """
     opts = resolve(options, overrides)
     direction = DIRECTIONS.get(direction, direction)
+    quantized = quantized_program(model)
+    if quantized is not None:
+        return _rewrite_quantized(quantized, example_inputs, direction, opts)
     if isinstance(model, torch.export.ExportedProgram):
         return _rewrite_program(model, example_inputs, direction, opts)
     model, inputs = _with_keywords(model, example_inputs)
@@ -73,6 +78,18 @@ def _rewrite_program(
     result = run_pass(model, inputs, direction, dataclasses.replace(opts, frontend="export"), program=program)
     out, notes = export_rewritten(result.module, program, inputs, keywords)
     return dataclasses.replace(result, program=out, notes=(*result.notes, *notes))
+
+
+def _rewrite_quantized(model: Any, example_inputs: Any, direction: str, opts: Options) -> SurgeryResult:
+    """A quantized graph: rewritten as the exported graph it is (see :func:`~fxsurgery.pipeline.run_quantized`)."""
+    if direction == "auto":
+        raise InputError("to='auto' does not time quantized graphs; choose to='conv' or to='linear'")
+    if example_inputs is None and isinstance(model, torch.export.ExportedProgram):
+        example_inputs = _program_inputs(model)
+    inputs, n_positional, _ = _flat_inputs(example_inputs)
+    if n_positional != len(inputs):
+        raise InputError("a quantized graph is rewritten with positional example inputs only; pass them in order")
+    return run_quantized(model, inputs, direction, opts)
 
 
 def _program_inputs(program: torch.export.ExportedProgram) -> Any:
@@ -130,13 +147,16 @@ def check(
     to ONNX in ``out_dir`` and cross-check them in onnxruntime with the cross-check options below (``exporter``,
     ``providers``, ``opset``, ``dynamic_batch``, ``runtimes``: also OpenVINO and/or ExecuTorch-XNNPACK, with their
     extras installed); the cross-check compares with the validation's ``rtol`` when one is given. ``onnx=False``
-    skips the cross-check.
+    skips the cross-check. A quantized model is compared to ``QUANTIZED_RTOL`` unless ``rtol`` is given
+    (onnxruntime runs its q/dq pairs as int8 kernels, which round as the float reference may not).
 
     A validation mismatch does not stop the export: the report carries both results and ``passed`` is False.
     ``model`` may be an ExportedProgram (``example_inputs=None``: its own); the cross-check then compares against
     ``program.module()``.
     """
     opts = resolve(options, overrides)
+    if opts.rtol is None and quantized_program(model) is not None:  # int8 kernels round as the float reference may not
+        opts = dataclasses.replace(opts, rtol=QUANTIZED_RTOL)
     program = model if isinstance(model, torch.export.ExportedProgram) else None
     if program is not None:
         example_inputs = _program_inputs(program) if example_inputs is None else example_inputs

@@ -38,6 +38,7 @@ from fxsurgery.capture import (
     working_copy,
 )
 from fxsurgery.capture.frontends import choose_front_end
+from fxsurgery.engine.passes import PASSES, transform
 from fxsurgery.engine.rewriter import Rewriter
 from fxsurgery.engine.rule import RuleSet
 from fxsurgery.errors import InputError, SurgeryError, TraceError, ValidationError, cause_of
@@ -47,10 +48,11 @@ from fxsurgery.plan.targets import target_notes, target_skips
 from fxsurgery.report import Site, SurgeryResult
 from fxsurgery.rules import bare_candidate, rule_set
 from fxsurgery.verify.culprits import failure_of
+from fxsurgery.verify.policy import QUANTIZED_RTOL
 from fxsurgery.verify.reference import batch_one_admitted, validated
-from fxsurgery.verify.validation import validate
+from fxsurgery.verify.validation import identical_values, validate
 
-__all__ = ["run_pass", "run_auto"]
+__all__ = ["run_pass", "run_auto", "run_quantized"]
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +147,40 @@ def run_auto(model: nn.Module, inputs: tuple[torch.Tensor, ...], options: Option
     result, _ = validated(model, None, inputs, options, result)
     check = result.validation
     if check is not None and not check:  # two passes composed: the culprit search of one pass does not apply
+        raise ValidationError(f"validation failed: {check.failure}", result=result)
+    return result
+
+
+def run_quantized(model: Any, inputs: tuple[torch.Tensor, ...], direction: str, options: Options) -> SurgeryResult:
+    """A quantized graph (an ExportedProgram or a ``convert_pt2e`` GraphModule): rewritten as the exported graph it
+    is, by the ATen rules, which keep every int8 island whole (:mod:`fxsurgery.rules.aten.quantized`); validated in
+    native precision against the quantized model. Given an ExportedProgram, ``result.program`` is the rewritten one."""
+    given = model if isinstance(model, torch.export.ExportedProgram) else None
+    program = given if given is not None else export_model(working_copy(model).eval(), inputs)
+    rewriter = PASSES[direction](options.exclude)
+    try:
+        new = transform(program, rewriter)
+    except SurgeryError:
+        raise
+    except Exception as e:
+        raise SurgeryError(f"internal error while rewriting ({type(e).__name__}: {e}); please report it") from e
+    original = given.module() if given is not None else model
+    notes = [
+        "quantized graph: rewritten as the exported graph it is, every int8 island (dq -> op -> q) kept whole; "
+        f"validated in native precision to {options.rtol or QUANTIZED_RTOL:g} of each output's scale (a float sum "
+        "may round a requantization the other way); on the example inputs, "
+        + identical_values(original, new.module(), inputs)
+    ]
+    program_out = new if given is not None else None
+    result = SurgeryResult(
+        new.module(), rewriter.sites, None, direction, tuple(notes), frontend="export", program=program_out
+    )
+    if not options.validate:
+        return result
+    settings = dataclasses.replace(options, precision="native", rtol=options.rtol or QUANTIZED_RTOL)
+    result, _ = validated(original, None, inputs, settings, result)
+    check = result.validation
+    if check is not None and not check:
         raise ValidationError(f"validation failed: {check.failure}", result=result)
     return result
 

@@ -13,6 +13,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch import nn
 
+from fxsurgery.capture.quantized import refuse_observers
 from fxsurgery.errors import InputError, TraceError
 
 __all__ = [
@@ -121,6 +122,7 @@ def prepare_model(model: Any) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     model = unwrap(model)[0]
+    refuse_observers(model)
     hooks = [
         kind
         for kind, d in (

@@ -136,6 +136,7 @@ def load_program(
             raise UsageError(f"{flag} applies to a model factory, not to a .pt2 file (its weights and dtype are in it)")
     if not Path(path).is_file():
         raise UsageError(f"model file not found: {path}")
+    _register_quantized_ops(path)
     try:
         if allow_pickle:
             program = torch.export.load(path)
@@ -164,6 +165,25 @@ def load_program(
         raise UsageError(f"{path} holds no example inputs: give --input-shape (and/or --input NAME=SHAPE[:DTYPE])")
     args, kwargs = program.example_inputs
     return program, tuple(args), dict(kwargs)
+
+
+def _register_quantized_ops(path: str) -> None:
+    """Register the quantize/dequantize ops a quantized program names, which must exist before it loads: PT2E's
+    (``quantized_decomposed``, defined by torch) and, where the file names them, torchao's (``.[quant]``)."""
+    import importlib
+    import zipfile
+
+    importlib.import_module("torch.ao.quantization.fx._decomposed")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            named = any(b"torch.ops.torchao." in archive.read(n) for n in archive.namelist() if n.endswith(".json"))
+    except (OSError, zipfile.BadZipFile):
+        return  # not an archive: torch.export.load says so
+    if named:
+        try:
+            importlib.import_module("torchao.quantization.quant_primitives")
+        except ImportError as e:
+            raise UsageError(f"{path} holds torchao's quantized ops: pip install 'fxsurgery[quant]' (torchao)") from e
 
 
 def _refuse_pickled_objects(path: str) -> None:

@@ -80,6 +80,20 @@ def val_shape(node: Any) -> tuple[Any, ...] | None:
     return tuple(val.shape) if isinstance(val, torch.Tensor) else None
 
 
+def _emitted_before(target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> fx.Node | None:
+    """The node an earlier site emitted for the same op on the same arguments (q, k and v read one value: its rows
+    are made once), or None. Ops that write in place are never shared, nor dequantizes (each quantized op owns its
+    own, as PT2E makes them)."""
+    schema = getattr(target, "_schema", None)
+    first = next((a for a in args if isinstance(a, fx.Node)), None)
+    if first is None or schema is None or schema.is_mutable or not str(schema.name).startswith("aten::"):
+        return None
+    for user in first.users:
+        if provenance.REPLACES in user.meta and user.target == target and user.args == args and user.kwargs == kwargs:
+            return user
+    return None
+
+
 class DialectEmitter:
     """Adds ops before ``at`` in the dialect of ``at``'s op (``torch.ops.aten`` or ExecuTorch's ``exir_ops.edge.aten``:
         ExecuTorch is imported only for an Edge graph), with fake-tensor values and ``at``'s ``source_fn_stack`` (the
@@ -91,6 +105,19 @@ class DialectEmitter:
         vals = [n.meta.get("val") for n in graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)]
         self.fake_mode = torch._guards.detect_fake_mode(vals)
 
+    def copy(self, node: fx.Node, replace: dict[int, Any]) -> fx.Node:
+        """``node``'s op again (in its own dialect and namespace, with its keywords), its positional arguments at the
+        indices of ``replace`` replaced: a quantize or dequantize re-applied to a reshaped tensor."""
+        args = tuple(replace.get(i, a) for i, a in enumerate(node.args))
+        return self._add(node.target, args, dict(node.kwargs))
+
+    def contiguous(self, x: fx.Node) -> fx.Node:
+        """``x`` copied to contiguous memory (ExecuTorch lowers every view as a view in place, which a tensor whose
+        memory is permuted does not allow; its Edge tensors are contiguous already: a plain clone there)."""
+        if self.edge:
+            return self.op("clone", x)
+        return self._add(torch.ops.aten.clone.default, (x,), {"memory_format": torch.contiguous_format})
+
     def op(self, name: str, *args: Any) -> fx.Node:
         if self.edge:
             from executorch.exir.dialects._ops import ops as exir_ops  # Edge only
@@ -98,12 +125,18 @@ class DialectEmitter:
             target = getattr(exir_ops.edge.aten, name).default
         else:
             target = getattr(torch.ops.aten, _ATEN.get(name, name)).default
+        return self._add(target, args, {})
+
+    def _add(self, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> fx.Node:
+        same = _emitted_before(target, args, kwargs)
+        if same is not None:
+            return same
         with self.graph.inserting_before(self.at):
-            node = self.graph.call_function(target, args)
+            node = self.graph.call_function(target, args, kwargs)
         if "source_fn_stack" in self.at.meta:  # (nn_module_stack and stack_trace: the engine's provenance)
             node.meta["source_fn_stack"] = self.at.meta["source_fn_stack"]
-        fake = fx.map_arg(args, lambda a: a.meta["val"])
+        fake, fake_kw = fx.map_arg((args, kwargs), lambda a: a.meta["val"])
         if self.fake_mode is not None:
             with self.fake_mode:
-                node.meta["val"] = target(*fake)
+                node.meta["val"] = target(*fake, **fake_kw)
         return node

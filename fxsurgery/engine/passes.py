@@ -13,7 +13,8 @@ unless the graph holds Edge ops.
 * :class:`LinearToConvPass`: ``linear->conv`` (:mod:`fxsurgery.rules.aten.linear_to_conv`);
 * :class:`ConvToLinearPass`: ``conv->linear`` (:mod:`fxsurgery.rules.aten.conv_to_linear`).
 
-Without ExecuTorch, :func:`transform` runs passes on a copy of an ``ExportedProgram``.
+Without ExecuTorch, :func:`transform` runs passes on a copy of an ``ExportedProgram``; in a quantized program it then
+makes each reshaped int8 weight a constant of its own (a view: :mod:`fxsurgery.engine.constants`).
 
 Every candidate ends in ``sites`` (:class:`~fxsurgery.report.Site`): rewritten, or skipped with its reason. The
 passes prove nothing themselves: check the program they return against the original (``ep.module()(x)``), or use
@@ -29,11 +30,19 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
+from fxsurgery.engine.constants import fold_constant_views
 from fxsurgery.engine.rewriter import Rewriter
 from fxsurgery.report import Site
-from fxsurgery.rules.aten import rule_set
+from fxsurgery.rules.aten import QUANTIZED_PATTERNS, rule_set
+from fxsurgery.rules.aten.qdq import DEQUANTIZE
 
-__all__ = ["LinearToConvPass", "ConvToLinearPass", "transform"]
+__all__ = ["LinearToConvPass", "ConvToLinearPass", "transform", "PASSES"]
+
+_OUTSIDE_A_PROGRAM = (
+    "quantized: its int8 weight must become a constant of the program, which a pass over a graph alone cannot "
+    "add (ExecuTorch's partitioners would not delegate it); run fxsurgery.engine.passes.transform(program, "
+    "pass) on the ExportedProgram before to_edge_transform_and_lower"
+)
 
 
 class _EnginePass(PassBase):
@@ -45,9 +54,12 @@ class _EnginePass(PassBase):
         super().__init__()
         self.exclude = list(exclude)
         self.sites: list[Site] = []
+        self.in_program = False  # run by transform, which makes reshaped int8 weights constants afterwards
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
-        self.sites = Rewriter(graph_module, rule_set(self.direction), self.exclude).run()
+        rules = rule_set(self.direction)
+        skip = {} if self.in_program else dict.fromkeys(QUANTIZED_PATTERNS, _OUTSIDE_A_PROGRAM)
+        self.sites = Rewriter(graph_module, rules, self.exclude, skip=skip).run()
         modified = any(s.status == "rewritten" for s in self.sites)  # a failed site's nodes are removed by the engine
         if modified:  # what the replaced ops read and nothing else reads (the flatten, the weight's transpose)
             graph_module.graph.eliminate_dead_code()
@@ -68,11 +80,22 @@ class ConvToLinearPass(_EnginePass):
     direction = "conv_to_linear"
 
 
+#: the pass of each direction
+PASSES: dict[str, type[_EnginePass]] = {"linear_to_conv": LinearToConvPass, "conv_to_linear": ConvToLinearPass}
+
+
 def transform(program: torch.export.ExportedProgram, *passes: PassBase) -> torch.export.ExportedProgram:
     """A new ``ExportedProgram``: ``passes`` run on a copy of ``program``'s graph (``program`` is left as it is);
-    both programs share the weight tensors."""
+    both programs share the weight tensors. In a quantized program, each int8 weight the passes reshaped becomes a
+    constant of its own (a view of the same tensor: :mod:`fxsurgery.engine.constants`), as ExecuTorch's partitioners
+    need; run quantized programs through this, not through ``to_edge_transform_and_lower(transform_passes=...)``."""
     import copy
 
     tensors = [*program.state_dict.values(), *program.constants.values()]
     memo: dict[int, Any] = {id(t): t for t in tensors if isinstance(t, torch.Tensor)}
-    return copy.deepcopy(program, memo)._transform_do_not_use(*passes)
+    for p in passes:
+        if isinstance(p, _EnginePass):
+            p.in_program = True
+    new = copy.deepcopy(program, memo)._transform_do_not_use(*passes)
+    fold_constant_views(new, DEQUANTIZE)
+    return new

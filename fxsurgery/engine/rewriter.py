@@ -129,6 +129,8 @@ class Rewriter:
         """Visit every node once, in order: a claimed node is a site, any other may be propagated; then clean up."""
         with provenance.recording(self.graph) as created:
             for node in list(self.graph.nodes):
+                if node._erased:  # (a rule removed it with its site: the end of a quantized island)
+                    continue
                 if node not in self.alt:  # (else already carried: an item of a rewritten call's output)
                     self._visit(node)
                 provenance.inherit(created, node)  # what the rule or propagator added, in place of ``node``

@@ -168,6 +168,12 @@ def module_skip_reason(name: str, mod: nn.Module, exact_types: tuple[type, ...],
         return f"{type(mod).__name__} is a subclass of {exact_types[0].__name__} whose forward may differ"
     for attr in ("weight", "bias"):
         value = getattr(mod, attr, None)
+        if isinstance(value, torch.Tensor) and type(value) not in (torch.Tensor, nn.Parameter):
+            return (
+                f"its {attr} is a quantized tensor subclass ({type(value).__name__}, as torchao's quantize_ makes): "
+                "quantize with PT2E and rewrite the converted program, or rewrite the float model and quantize "
+                "it after with PT2E (quantize_ quantizes nn.Linear only; docs/quantization.md)"
+            )
         if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
             return f"its {attr} is a buffer or a plain tensor, not an nn.Parameter (a frozen or quantised layer?)"
     if rw.module_calls[name] > 1:

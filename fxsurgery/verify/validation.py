@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["validate", "random_inputs", "run_no_grad", "kept_state"]
+__all__ = ["validate", "random_inputs", "run_no_grad", "kept_state", "identical_values"]
 
 _CONSTANT_NOTE = (
     "the original's outputs do not depend on the input ({which} the same on every validation input, "
@@ -86,6 +86,16 @@ def run_no_grad(model: nn.Module, inputs: Sequence[torch.Tensor]) -> Any:
     """``model`` on clones of ``inputs`` (so a model that writes to its input cannot change them), without grad."""
     with torch.no_grad():
         return model(*[t.clone() for t in inputs])
+
+
+def identical_values(original: nn.Module, rewritten: nn.Module, inputs: Sequence[torch.Tensor]) -> str:
+    """How many output values of ``rewritten`` equal ``original``'s bit for bit on ``inputs``, said in words."""
+    ref, got = (_floating_leaves(run_no_grad(m, inputs)) for m in (original, rewritten))
+    if len(ref) != len(got) or any(a.shape != b.shape for a, b in zip(ref, got)):
+        return "the outputs differ in structure"
+    same = sum(int((a == b).sum()) for a, b in zip(ref, got))
+    total = sum(a.numel() for a in ref)
+    return "the outputs are bit-identical" if same == total else f"{same} of {total} output values are bit-identical"
 
 
 def _cast(inputs: Sequence[torch.Tensor], precision: Precision) -> tuple:

@@ -32,6 +32,23 @@ def conv_parts(node: fx.Node) -> tuple[fx.Node, fx.Node, Any, tuple[Any, ...]] |
     return x, w, b, step
 
 
+def pointwise_match(node: fx.Node) -> OpMatch | Skip:
+    """The operands of a plain pointwise convolution ``node`` with shapes ``(O, C, H, W)``, or why it is not one."""
+    parts = conv_parts(node)
+    assert parts is not None
+    x, w, b, step = parts
+    x_shape, w_shape = val_shape(x), val_shape(w)
+    if x_shape is None or w_shape is None or len(x_shape) != 4 or len(w_shape) != 4:
+        return Skip("not a 2-D convolution on an (N, C, H, W) map")
+    if tuple(w_shape[2:]) != (1, 1):
+        return Skip(f"kernel {w_shape[2]}x{w_shape[3]} is not pointwise")
+    if not _plain(step):
+        return Skip("stride, padding, dilation, groups or a transposed conv: not a plain pointwise conv")
+    if any(not isinstance(d, int) for d in x_shape[1:]):
+        return Skip("symbolic channels or spatial size")
+    return OpMatch(node, site_name(node), x, w, b, (w_shape[0], w_shape[1], x_shape[2], x_shape[3]))
+
+
 def _plain(step: tuple[Any, ...]) -> bool:
     as_lists = [list(s) if isinstance(s, (list, tuple)) else s for s in step]
     return as_lists == [list(s) if isinstance(s, (list, tuple)) else s for s in STEP]
@@ -48,19 +65,9 @@ class ConvToLinear:
     def match(self, node: fx.Node, rw: RuleContext) -> OpMatch | Skip:
         parts = conv_parts(node)
         assert parts is not None
-        x, w, b, step = parts
-        x_shape, w_shape = val_shape(x), val_shape(w)
-        if x_shape is None or w_shape is None or len(x_shape) != 4 or len(w_shape) != 4:
-            return Skip("not a 2-D convolution on an (N, C, H, W) map")
-        if tuple(w_shape[2:]) != (1, 1):
-            return Skip(f"kernel {w_shape[2]}x{w_shape[3]} is not pointwise")
-        if not _plain(step):
-            return Skip("stride, padding, dilation, groups or a transposed conv: not a plain pointwise conv")
-        if w.op not in ("placeholder", "get_attr"):
+        if parts[1].op not in ("placeholder", "get_attr"):
             return Skip("the weight is computed in the graph, not a parameter")
-        if any(not isinstance(d, int) for d in x_shape[1:]):
-            return Skip("symbolic channels or spatial size")
-        return OpMatch(node, site_name(node), x, w, b, (w_shape[0], w_shape[1], x_shape[2], x_shape[3]))
+        return pointwise_match(node)
 
     def apply(self, m: OpMatch, rw: RuleContext) -> Site:
         emit = DialectEmitter(rw.graph, m.node)

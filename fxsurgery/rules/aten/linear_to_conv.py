@@ -13,10 +13,10 @@ from fxsurgery.engine.rule import RuleContext, Skip
 from fxsurgery.report import Site
 from fxsurgery.rules.aten._common import STEP, OpMatch, site_name
 
-__all__ = ["LinearToConv", "PATTERN"]
+__all__ = ["LinearToConv", "PATTERN", "VIEWS", "flattened_map", "linear_parts"]
 
 PATTERN = "linear->conv"
-_VIEWS = ("aten::view", "aten::view_copy", "aten::reshape", "aten::flatten", "aten::_unsafe_view")
+VIEWS = ("aten::view", "aten::view_copy", "aten::reshape", "aten::flatten", "aten::_unsafe_view")
 
 
 def linear_parts(node: fx.Node) -> tuple[fx.Node, fx.Node, Any] | None:
@@ -39,7 +39,7 @@ def linear_parts(node: fx.Node) -> tuple[fx.Node, fx.Node, Any] | None:
 
 def flattened_map(x: fx.Node) -> fx.Node | None:
     """``m`` when ``x`` is ``m`` ``(N, C, H, W)`` viewed as ``(N, C*H*W)``."""
-    if op_name(x.target) not in _VIEWS:
+    if op_name(x.target) not in VIEWS:
         return None
     m, shape, out = x.args[0], val_shape(x.args[0]), val_shape(x)
     if not isinstance(m, fx.Node) or shape is None or out is None or len(shape) != 4 or len(out) != 2:
