@@ -165,20 +165,21 @@ def run_quantized(model: Any, inputs: tuple[torch.Tensor, ...], direction: str, 
     except Exception as e:
         raise SurgeryError(f"internal error while rewriting ({type(e).__name__}: {e}); please report it") from e
     original = given.module() if given is not None else model
-    notes = [
-        "quantized graph: rewritten as the exported graph it is, every int8 island (dq -> op -> q) kept whole; "
-        f"validated in native precision to {options.rtol or QUANTIZED_RTOL:g} of each output's scale (a float sum "
-        "may round a requantization the other way); on the example inputs, "
-        + identical_values(original, new.module(), inputs)
-    ]
+    note = "quantized graph: rewritten as the exported graph it is, every int8 island (dq -> op -> q) kept whole"
     program_out = new if given is not None else None
     result = SurgeryResult(
-        new.module(), rewriter.sites, None, direction, tuple(notes), frontend="export", program=program_out
+        new.module(), rewriter.sites, None, direction, (note,), frontend="export", program=program_out
     )
     if not options.validate:
         return result
-    settings = dataclasses.replace(options, precision="native", rtol=options.rtol or QUANTIZED_RTOL)
-    result, _ = validated(original, None, inputs, settings, result)
+    rtol = options.rtol or QUANTIZED_RTOL
+    note += (
+        f"; validated in native precision to {rtol:g} of each output's scale (a float sum may round a "
+        "requantization the other way); on the example inputs, "
+        + identical_values(working_copy(original).eval(), result.module, inputs)
+    )
+    result = dataclasses.replace(result, notes=(note,))
+    result, _ = validated(original, None, inputs, dataclasses.replace(options, precision="native", rtol=rtol), result)
     check = result.validation
     if check is not None and not check:
         raise ValidationError(f"validation failed: {check.failure}", result=result)

@@ -18,12 +18,14 @@ __all__ = ["quantized_program", "refuse_observers"]
 _OBSERVERS = ("ObserverBase", "FakeQuantizeBase")
 
 
-def quantized_program(model: Any) -> fx.GraphModule | torch.export.ExportedProgram | None:
-    """``model`` when it is a quantized graph (an ExportedProgram or a GraphModule holding quantize/dequantize ops),
-    else None."""
+def quantized_program(model: Any) -> nn.Module | torch.export.ExportedProgram | None:
+    """``model`` when it is or holds a quantized graph (an ExportedProgram, or a GraphModule anywhere in the model,
+    holding quantize/dequantize ops), else None."""
     if isinstance(model, torch.export.ExportedProgram):
         return model if holds_quantized_ops(model.graph) else None
-    if isinstance(model, fx.GraphModule) and holds_quantized_ops(model.graph):
+    if isinstance(model, nn.Module) and any(
+        isinstance(m, fx.GraphModule) and holds_quantized_ops(m.graph) for m in model.modules()
+    ):
         return model
     return None
 

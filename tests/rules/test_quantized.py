@@ -269,3 +269,25 @@ def test_a_pass_run_outside_a_program_skips_quantized_sites_and_says_where_to_ru
     new = transform(program, inside)
     assert len([s for s in inside.sites if s.rewritten]) == 3
     assert torch.equal(new.module()(x), program.module()(x))
+
+
+def test_a_model_holding_a_quantized_graph_is_rewritten_as_one():
+    """A converted graph inside a wrapper module: not the fx front end's 0 sites and "passed"."""
+
+    class Wrapper(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x) * 2
+
+    x = torch.randn(2, 3, 32, 32)
+    torch.manual_seed(0)
+    prepared = _prepared(demo_model().eval(), x)
+    prepared(x)
+    wrapped = Wrapper(convert_pt2e(prepared))
+    res = fxsurgery.linear_to_conv(wrapped, x)
+    assert len(res.rewritten) == 3 and torch.equal(res.module(x), wrapped(x))
+    plain = fxsurgery.linear_to_conv(wrapped, x, validate=False)
+    assert plain.validation is None and "validated" not in plain.notes[0]
