@@ -8,9 +8,10 @@ example inputs are never modified.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -158,12 +159,8 @@ def run_quantized(model: Any, inputs: tuple[torch.Tensor, ...], direction: str, 
     given = model if isinstance(model, torch.export.ExportedProgram) else None
     program = given if given is not None else export_model(working_copy(model).eval(), inputs)
     rewriter = PASSES[direction](options.exclude)
-    try:
+    with _reported_as_internal():
         new = transform(program, rewriter)
-    except SurgeryError:
-        raise
-    except Exception as e:
-        raise SurgeryError(f"internal error while rewriting ({type(e).__name__}: {e}); please report it") from e
     original = given.module() if given is not None else model
     note = "quantized graph: rewritten as the exported graph it is, every int8 island (dq -> op -> q) kept whole"
     program_out = new if given is not None else None
@@ -196,15 +193,22 @@ def _apply(traced: fx.GraphModule, inputs: tuple[torch.Tensor, ...], job: _Job) 
     except TraceError:
         check_devices(gm, inputs)  # the likeliest cause, said plainly
         raise
-    try:
+    with _reported_as_internal():
         rw = Rewriter(gm, job.rules, job.exclude, job.tied, job.skip)
         sites = rw.run()
+    record_module_layouts(gm, rw.modules, rw.new_modules)
+    return gm, sites
+
+
+@contextlib.contextmanager
+def _reported_as_internal() -> Iterator[None]:
+    """A rewrite's own failure (not a SurgeryError it raised on purpose) as a SurgeryError asking for a report."""
+    try:
+        yield
     except SurgeryError:
         raise
     except Exception as e:
         raise SurgeryError(f"internal error while rewriting ({type(e).__name__}: {e}); please report it") from e
-    record_module_layouts(gm, rw.modules, rw.new_modules)
-    return gm, sites
 
 
 def _rewrite_exported(

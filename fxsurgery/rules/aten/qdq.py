@@ -21,6 +21,7 @@ __all__ = [
     "holds_quantized_ops",
     "weight_dequantize",
     "island_exit",
+    "requantized",
     "PER_TENSOR",
 ]
 
@@ -67,6 +68,14 @@ def weight_dequantize(w: Any) -> tuple[fx.Node, fx.Node] | None:
     if op_name(w.target) == "quantized_decomposed::dequantize_per_channel" and w.args[3] != 0:
         return None
     return w, src
+
+
+def requantized(x: Any) -> fx.Node | None:
+    """The per-tensor quantize ``q`` when ``x`` is ``dq(q(...))`` per tensor (a value entering an island), else None."""
+    if not isinstance(x, fx.Node) or op_name(x.target) != PER_TENSOR[1]:
+        return None
+    q = x.args[0]
+    return q if isinstance(q, fx.Node) and op_name(q.target) == PER_TENSOR[0] else None
 
 
 def island_exit(node: fx.Node) -> tuple[list[fx.Node], fx.Node] | None:

@@ -16,6 +16,7 @@ The weight is never copied or rewritten, so tied weights need no special case.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -26,9 +27,9 @@ from fxsurgery.engine.emit import DialectEmitter, op_name, val_shape
 from fxsurgery.engine.rule import RuleContext, Skip
 from fxsurgery.report import Site
 from fxsurgery.rules.aten._common import STEP, OpMatch, site_name
-from fxsurgery.rules.aten.conv_to_linear import ConvToLinear, conv_parts, pointwise_match
+from fxsurgery.rules.aten.conv_to_linear import conv_parts, pointwise_match
 from fxsurgery.rules.aten.linear_to_conv import VIEWS, flattened_map, linear_parts
-from fxsurgery.rules.aten.qdq import PER_TENSOR, is_dequantize, island_exit, weight_dequantize
+from fxsurgery.rules.aten.qdq import PER_TENSOR, is_dequantize, island_exit, requantized, weight_dequantize
 
 __all__ = ["QuantizedLinearToConv", "QuantizedConvToLinear", "LINEAR_PATTERN", "CONV_PATTERN"]
 
@@ -93,7 +94,7 @@ class QuantizedLinearToConv:
         return Site(m.name, LINEAR_PATTERN, "rewritten")
 
 
-class QuantizedConvToLinear(ConvToLinear):
+class QuantizedConvToLinear:
     """A quantized pointwise Conv2d -> Linear on channels-last rows, on an exported graph."""
 
     pattern = CONV_PATTERN
@@ -115,7 +116,7 @@ class QuantizedConvToLinear(ConvToLinear):
         block = _block(weight[0], [o, c])
         return QuantizedMatch(node, plain.name, plain.x, plain.w, plain.b, plain.shapes, weight[0], weight[1], block)
 
-    def apply(self, m: QuantizedMatch, rw: RuleContext) -> Site:  # type: ignore[override]
+    def apply(self, m: QuantizedMatch, rw: RuleContext) -> Site:
         emit = DialectEmitter(rw.graph, m.node)
         o, c, h, wd = m.shapes
         rows = _int8_side(emit, m.x, lambda v: emit.op("view_copy", emit.op("permute_copy", v, [0, 2, 3, 1]), [-1, c]))
@@ -128,9 +129,8 @@ class QuantizedConvToLinear(ConvToLinear):
 def _flattened(x: fx.Node) -> tuple[fx.Node, fx.Node | None, fx.Node | None] | None:
     """``(m, q, dq)``: the map ``m`` ``(N, C, H, W)`` that ``x`` flattens, directly (``q``, ``dq`` None) or through
     a per-tensor quantize/dequantize pair after the flatten."""
-    if op_name(x.target) == PER_TENSOR[1] and op_name(getattr(x.args[0], "target", None)) == PER_TENSOR[0]:
-        q = x.args[0]
-        assert isinstance(q, fx.Node)
+    q = requantized(x)
+    if q is not None:
         m = flattened_map(q.args[0]) if isinstance(q.args[0], fx.Node) else None
         return (m, q, x) if m is not None else None
     m = flattened_map(x)
@@ -151,8 +151,8 @@ def _rows(emit: DialectEmitter, x: fx.Node, channels: int) -> fx.Node:
     (the merged heads), else on the int8 side."""
     rank = len(val_shape(x) or ())
     fresh = (lambda v: emit.contiguous(v)) if rank > 2 else (lambda v: v)
-    q = x.args[0] if op_name(x.target) == PER_TENSOR[1] else None
-    if isinstance(q, fx.Node) and op_name(q.target) == PER_TENSOR[0]:
+    q = requantized(x)
+    if q is not None:
         merged = q.args[0]
         if isinstance(merged, fx.Node) and op_name(merged.target) in VIEWS:
             rows = emit.op("view_copy", fresh(merged), [-1, channels, 1, 1])
@@ -207,14 +207,10 @@ def _block(dq: fx.Node, kernel: list[int]) -> list[int] | None:
         return block[: len(kernel)]
     rows, run = block[0], block[-1]
     inner = kernel[1:]  # the dims the K axis is reshaped into, outermost first
-    out: list[int] = []
     for i in range(len(inner)):  # the run covers whole trailing dims and part of one dim
-        trailing = 1
-        for d in inner[i + 1 :]:
-            trailing *= d
+        trailing = math.prod(inner[i + 1 :])
         if run % trailing == 0 and inner[i] % (run // trailing) == 0:
-            out = [1] * i + [run // trailing] + inner[i + 1 :]
-            return [rows, *out]
+            return [rows, *[1] * i, run // trailing, *inner[i + 1 :]]
     raise Skip(
         f"quantized weight with block size {block}: its blocks of {run} elements are not whole rows of the "
         f"{'x'.join(map(str, kernel[1:]))} kernel; use a block size that divides the channel count"
