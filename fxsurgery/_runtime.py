@@ -95,7 +95,9 @@ def batch_to_width(x: torch.Tensor, channels: int) -> torch.Tensor:
     """
     if x.shape[0] == 0:
         return x.reshape(0, channels, 1, 1)
-    return x.permute(1, 0).reshape(1, channels, 1, -1)  # (permute, not t: quantizers share qparams through it)
+    # permute and view, not t and reshape: quantizers share qparams through them (XNNPACKQuantizer does not through
+    # t or reshape, and requantizes there); inserting unit dims is a view of any strides
+    return x.permute(1, 0).view(1, channels, 1, -1)
 
 
 def maps_side_by_side(y: torch.Tensor, channels: int, height: int) -> torch.Tensor:
@@ -105,8 +107,9 @@ def maps_side_by_side(y: torch.Tensor, channels: int, height: int) -> torch.Tens
     if y.shape[0] == 0:
         return y
     if y.shape[2:] == (1, 1):
-        return y.flatten(1).permute(1, 0).reshape(1, channels, 1, -1)
-    return y.permute(1, 2, 0, 3).reshape(1, channels, height, -1)
+        return y.flatten(1).permute(1, 0).view(1, channels, 1, -1)
+    # flatten, not reshape, makes the one copy (see batch_to_width)
+    return y.permute(1, 2, 0, 3).flatten(2).view(1, channels, height, -1)
 
 
 def batch_from_width(y: torch.Tensor) -> torch.Tensor:
@@ -171,6 +174,22 @@ def layer_norm_channels(
     return y
 
 
+def layer_norm_moved(
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
+) -> torch.Tensor:
+    """:func:`layer_norm_channels` as one ``F.layer_norm`` between two permutes (the channels moved last and back):
+    the form quantizers leave whole (the reductions' adds and multiplies would each be quantized), for
+    ``quantize=``."""
+    last = (0, *range(2, x.dim()), 1)
+    back = (0, x.dim() - 1, *range(1, x.dim() - 1))
+    return F.layer_norm(x.permute(last), (x.shape[1],), weight, bias, eps).permute(back)
+
+
+def swap_last(x: torch.Tensor) -> torch.Tensor:
+    """The last two dims of a 4-D value swapped, as a permute (which quantizers share qparams through)."""
+    return x.permute(0, 1, 3, 2)
+
+
 def attention_channels(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -180,25 +199,40 @@ def attention_channels(
     scale: float | None,
     keys: str = "bhdt",
     values: str = "bhdt",
+    sdpa: bool = False,
 ) -> torch.Tensor:
     """``F.scaled_dot_product_attention`` on queries, keys and values carried as ``(B, H, D, S)`` (head_dim before
     the tokens), returning ``(B, H, D, S)``: no transpose of the activations. Keys or values held in SDPA's own
     ``(B, H, T, D)`` (a static KV cache's buffers) are read as they are: ``keys``/``values`` ``"bhtd"``.
 
     ``scores[b,h,s,t] = scale * sum_d q[b,h,d,s] k[b,h,d,t]`` (``scale`` defaults to ``D ** -0.5``), ``mask``
-    broadcast onto ``(B, H, S, T)`` as SDPA does (a boolean False is -inf, a float is added), ``is_causal`` keeps
-    ``t <= s``; ``p = softmax_t(scores)``, with rows masked entirely giving 0 as SDPA gives;
+    broadcast onto ``(B, H, S, T)`` as SDPA does (a boolean False is the lowest finite value, a float is added),
+    ``is_causal`` keeps ``t <= s``; ``p = softmax_t(scores)``, with rows masked entirely giving 0 as SDPA gives;
     ``out[b,h,d,s] = sum_t p[b,h,s,t] v[b,h,d,t]``.
+
+    ``sdpa=True`` (``quantize=``) runs SDPA itself on permuted views instead: the one op quantizers leave whole, as
+    they leave the original's (its scaling multiply, written out, would be quantized; onnxruntime quantizes MatMul,
+    not Einsum).
     """
+    if sdpa:
+        k, v = (t if own == "bhtd" else swap_last(t) for t, own in ((k, keys), (v, values)))
+        return swap_last(F.scaled_dot_product_attention(swap_last(q), k, v, mask, is_causal=is_causal, scale=scale))
     scores = torch.einsum(f"bhds,{keys}->bhst", q, k) * (q.shape[-2] ** -0.5 if scale is None else scale)
+    keep = None  # the keys each query reads, where causality or a boolean mask says
     if is_causal:
         keep = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril()
-        scores = scores.masked_fill(~keep, float("-inf"))
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    if mask is not None and mask.dtype == torch.bool:
+        keep = mask if keep is None else keep & mask
+    if keep is not None:  # the lowest finite value, not -inf (softmax gives 0 either way): a quantizer calibrates on it
+        scores = scores.masked_fill(~keep, torch.finfo(scores.dtype).min)
+    if mask is not None and mask.dtype != torch.bool:
+        scores = scores + mask
     p = torch.softmax(scores, dim=-1)
-    if mask is not None:  # a row with every key masked: SDPA returns zeros, softmax NaN
-        p = p.masked_fill(torch.isneginf(scores).all(-1, keepdim=True), 0.0)
+    if mask is not None:  # a row with every key masked: SDPA returns zeros, softmax NaN or a uniform row
+        kept = ~torch.isneginf(scores) if keep is None else keep & ~torch.isneginf(scores)
+        # (a count of the keys kept, not .all(): onnxruntime's symbolic shape inference, which its quantization tools
+        # run, knows ReduceSum and not ReduceMin)
+        p = p.masked_fill(kept.sum(-1, keepdim=True) == 0, 0.0)
     return torch.einsum(f"bhst,{values}->bhds", p, v)
 
 

@@ -42,6 +42,7 @@ class Options:
     target: str | None = None
     batch_layout: str = ""  # "": the target's, else "spatial"
     token_layout: bool = False
+    quantize: Any = field(default=None, compare=False)  # None, "int8" or a PT2E quantizer
     rules: RuleSet | None = field(default=None, compare=False)
     # validation
     validate: bool = True
@@ -78,6 +79,10 @@ class Options:
             )
         if self.batch_layout not in BATCH_LAYOUTS:
             raise InputError(f"batch_layout must be one of {sorted(BATCH_LAYOUTS)}, got {self.batch_layout!r}")
+        if not (self.quantize is None or self.quantize == "int8" or callable(getattr(self.quantize, "annotate", None))):
+            raise InputError(
+                f"quantize must be None, 'int8' or a PT2E quantizer (an object with .annotate), got {self.quantize!r}"
+            )
         if not isinstance(self.token_layout, bool):
             raise InputError(f"token_layout must be True or False, got {self.token_layout!r}")
         if self.precision not in ("native", "float64"):
@@ -129,6 +134,11 @@ Options (keywords, or one ``options=fxsurgery.Options(...)``):
   ``(B, S, C)`` as ``(B, C, 1, S)`` (ViT, MLP-Mixer, ``nn.MultiheadAttention`` self-attention) and channels-last
   ``(N, H, W, C)`` maps as NCHW (Swin), from the LayerNorm that starts a block, so every Linear in the block
   becomes a 1x1 conv.
+* ``quantize=None``: the rewritten model will be quantized: ``"int8"`` (PT2E with XNNPACKQuantizer, symmetric
+  per-channel; onnxruntime's static QDQ, per-channel, for the ONNX files) or a PT2E quantizer object. The rewrite
+  emits the forms quantizers keep whole (a LayerNorm carried over channels as one ``layer_norm`` between permutes,
+  not 9 reductions each quantized; attention products as MatMuls, not Einsums); ``check`` quantizes both versions
+  with that recipe and compares them (:mod:`fxsurgery.verify.quantized`).
 * ``rules=None``: a :class:`~fxsurgery.RuleSet` to use instead of the direction's own.
 * ``runtime="onnxruntime"`` (``to="auto"`` only): where to measure, ``"onnxruntime"``, ``"torch"`` or
   ``"openvino"`` (its CPU plugin in float32; ``pip install "fxsurgery[openvino]"``).

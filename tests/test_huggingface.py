@@ -87,7 +87,8 @@ def test_decoder_blocks_run_in_the_token_layout_without_a_transpose(family):
     assert _runtime.attention_channels in {n.target for n in res.module.graph.nodes}
 
 
-def test_a_decode_step_with_a_static_kv_cache_reads_the_cache_in_its_own_layout():
+@pytest.mark.parametrize("quantize", [None, "int8"])  # int8: SDPA itself on permuted views, the cache as it is
+def test_a_decode_step_with_a_static_kv_cache_reads_the_cache_in_its_own_layout(quantize):
     from transformers import GenerationConfig
     from transformers.integrations.executorch import TorchExportableModuleWithStaticCache
 
@@ -97,10 +98,11 @@ def test_a_decode_step_with_a_static_kv_cache_reads_the_cache_in_its_own_layout(
     step = TorchExportableModuleWithStaticCache(model).eval()  # transformers' ExecuTorch export recipe
     reference = copy.deepcopy(step)
     ids, position = torch.tensor([[5]]), torch.tensor([0])
-    res = fxsurgery.linear_to_conv(step, ({"input_ids": ids, "cache_position": position},), token_layout=True)
+    inputs = ({"input_ids": ids, "cache_position": position},)
+    res = fxsurgery.linear_to_conv(step, inputs, token_layout=True, quantize=quantize)
     assert {f"model.{n}" for n in block_linears(model, blocks)} <= {s.name for s in res.rewritten}
     attention = [n for n in res.module.graph.nodes if n.target is _runtime.attention_channels]
-    assert len(attention) == 2 and all(n.args[6:] == ("bhtd", "bhtd") for n in attention)  # the cache as it is
+    assert len(attention) == 2 and all(n.args[6:] == ("bhtd", "bhtd", quantize is not None) for n in attention)
     with torch.no_grad():  # a short generation, token by token, the caches of both filled as they go
         for pos, token in enumerate([3, 17, 42, 7, 99]):
             kw = {"input_ids": torch.tensor([[token]]), "cache_position": torch.tensor([pos])}

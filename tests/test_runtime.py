@@ -19,14 +19,14 @@ def test_check_spatial_size_passes_the_traced_size_and_names_the_site_otherwise(
         _runtime.check_spatial_size(torch.randn(2, 3, 6, 5), (4, 5), "conv", original_rejects=False)
 
 
+@pytest.mark.parametrize("norm", [_runtime.layer_norm_channels, _runtime.layer_norm_moved])
 @pytest.mark.parametrize("affine", [True, False])
-@pytest.mark.parametrize("shape", [(2, 6, 3, 4), (2, 6, 1, 7), (3, 6, 1, 1)])
-def test_layer_norm_channels_is_a_layer_norm_over_dim_1(shape, affine):
+@pytest.mark.parametrize("shape", [(2, 6, 3, 4), (2, 6, 1, 7), (3, 6, 1, 1), (2, 6, 5)])
+def test_layer_norm_channels_is_a_layer_norm_over_dim_1(shape, affine, norm):
     rng = np.random.default_rng(0)
     x = rng.standard_normal(shape) * 3 + 1
     w, b = (rng.standard_normal(shape[1]), rng.standard_normal(shape[1])) if affine else (None, None)
-    got = _runtime.layer_norm_channels(torch.from_numpy(x), *(None if t is None else torch.from_numpy(t) for t in (w, b)),
-                                       1e-5)  # fmt: skip
+    got = norm(torch.from_numpy(x), *(None if t is None else torch.from_numpy(t) for t in (w, b)), 1e-5)
     np.testing.assert_allclose(got.numpy(), reference.layer_norm(x, 1, w, b, 1e-5), rtol=0, atol=1e-12)
 
 

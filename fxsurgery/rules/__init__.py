@@ -34,7 +34,7 @@ def rule_set(direction: str, options: Options) -> RuleSet:
     if options.rules is not None:
         return options.rules
     if direction == linear_to_conv.DIRECTION:
-        return linear_to_conv.rule_set(options.batch_layout, options.token_layout)
+        return linear_to_conv.rule_set(options.batch_layout, options.token_layout, options.quantize is not None)
     if direction == conv_to_linear.DIRECTION:
         return conv_to_linear.rule_set()
     raise InputError(

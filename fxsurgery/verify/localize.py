@@ -50,13 +50,18 @@ def first_divergence(module: nn.Module, inputs: tuple[torch.Tensor, ...], path: 
 
 def _intermediates(module: nn.Module, inputs: tuple[torch.Tensor, ...], path: str | Path) -> list[Any]:
     import onnx_ir as ir
+    from torch.onnx._internal.exporter._core import _prepare_exported_program_for_export
     from torch.onnx._internal.exporter._onnx_program import ONNXProgram
+    from torch.onnx._internal.exporter._registration import ONNXRegistry
     from torch.onnx.verification import verify_onnx_program
 
     quiet = quiet_loggers("torch.onnx")  # it logs every value it compares
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torchlib_registry_once(), quiet:
         warnings.simplefilter("ignore")
         program = torch.export.export(module, tuple(t.clone() for t in inputs), strict=False)
+        # decomposed as the exporter decomposes it, so that the values are named as the file's are (a flatten that
+        # becomes a view would otherwise take the name of a later view)
+        program = _prepare_exported_program_for_export(program, registry=ONNXRegistry.from_torchlib())
         onnx_program = ONNXProgram(ir.load(str(path)), program)
         return list(
             verify_onnx_program(onnx_program, args=tuple(t.clone() for t in inputs), compare_intermediates=True)

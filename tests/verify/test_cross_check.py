@@ -186,7 +186,7 @@ def test_the_empty_batch_path_adds_no_onnx_op(tmp_path):
             self.conv, self.fc1, self.fc2 = model[0], nn.Conv2d(4, 7, 4, stride=4), nn.Conv2d(7, 5, 1)
 
         def forward(self, x):
-            y = self.conv(x).permute(1, 2, 0, 3).reshape(1, 4, 4, -1)
+            y = self.conv(x).permute(1, 2, 0, 3).flatten(2).view(1, 4, 4, -1)  # the ops quantizers share qparams
             return self.fc2(torch.relu(self.fc1(y))).flatten(0, 2).t()
 
     rewritten = fxsurgery.linear_to_conv(model, torch.randn(2, 3, 8, 8)).module

@@ -58,8 +58,9 @@ __all__ = ["rule_set", "DIRECTION"]
 DIRECTION = "linear_to_conv"
 
 
-def rule_set(batch_layout: str = "spatial", token_layout: bool = False) -> RuleSet:
-    """The Linear -> conv rules for these options."""
+def rule_set(batch_layout: str = "spatial", token_layout: bool = False, quantize: bool = False) -> RuleSet:
+    """The Linear -> conv rules for these options (``quantize``: LayerNorms and attention products in the forms
+    quantizers keep whole)."""
     point = BATCH_LAYOUTS[batch_layout]
     rules: list[Rule] = [SelfAttention(), WindowAttention()] if token_layout else []
     rules += [
@@ -75,7 +76,7 @@ def rule_set(batch_layout: str = "spatial", token_layout: bool = False) -> RuleS
         PermuteSeed(),
         SelectToken(),
         StochasticDepth(),
-        LayerNormChannels(token_layout),
+        LayerNormChannels(token_layout, one_op=quantize),
     )
     if token_layout:  # attention carried per head (HuggingFace's view -> transpose -> SDPA)
         propagators += (
@@ -85,8 +86,8 @@ def rule_set(batch_layout: str = "spatial", token_layout: bool = False) -> RuleS
             HeadMerge(),
             SameShape(),
             HeadCat(),
-            ChannelAttention(),
-            ChannelMatmul(),
+            ChannelAttention(sdpa=quantize),
+            ChannelMatmul(matmul=quantize),
         )
         # decoders: RMSNorm over channels, rotary embeddings, grouped-query heads
         propagators += (

@@ -19,11 +19,13 @@ always exact.
 * :class:`ChannelAttention`: SDPA whose queries (and keys and values, or these as SDPA reads them: a static KV cache)
   are carried as ``(B, H, D, S)``
   (:func:`~fxsurgery._runtime.attention_channels`): ``scores[b,h,s,t] = scale * sum_d q[b,h,d,s] k[b,h,d,t]``, the
-  mask added (a boolean False is -inf; ``is_causal`` keeps ``t <= s``), softmax over ``t``,
-  ``out[b,h,d,s] = sum_t p[b,h,s,t] v[b,h,d,t]``: the output is carried as ``(B, H, D, S)``.
+  mask applied (a boolean False is the lowest finite value; ``is_causal`` keeps ``t <= s``), softmax over ``t``,
+  ``out[b,h,d,s] = sum_t p[b,h,s,t] v[b,h,d,t]``: the output is carried as ``(B, H, D, S)``. With ``quantize=``,
+  SDPA itself on permuted views (the one op quantizers leave whole).
 * :class:`ChannelMatmul`: the same attention written out (``q @ k.transpose(-2, -1)``, softmax, ``p @ v``, the
   "eager" implementation): ``q @ k^T`` of queries and keys carried per head is the scores (an Einsum, in the
-  original layout); ``p @ v`` with values carried per head is the output carried per head.
+  original layout); ``p @ v`` with values carried per head is the output carried per head. With ``quantize=``,
+  both are MatMuls of permuted operands (onnxruntime quantizes MatMul, not Einsum).
 * :class:`HeadMerge`: ``reshape(B, S, H*D)`` of ``(B, S, H, D)`` carried as ``(B, H, D, S)`` is tokens
   ``(B, C, 1, S)`` again, where the output projection (a 1x1 conv) reads them.
 """
@@ -243,6 +245,9 @@ _SDPA = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale"
 
 
 class ChannelAttention:
+    def __init__(self, sdpa: bool = False) -> None:
+        self.sdpa = sdpa  # quantize=: SDPA itself on permuted views
+
     def propagate(self, node: fx.Node, rw: RuleContext) -> bool:
         if not (node.op == "call_function" and node.target is F.scaled_dot_product_attention):
             return False
@@ -280,6 +285,7 @@ class ChannelAttention:
                     bool(args.get("is_causal", False)),
                     args.get("scale"),
                     *("bhtd" if o else "bhdt" for o in own),
+                    self.sdpa,
                 ),
             )
         rw.set_alt(node, out, layout)
@@ -304,6 +310,9 @@ def _key_transposed(node: object, rw: RuleContext) -> fx.Node | None:
 
 
 class ChannelMatmul:
+    def __init__(self, matmul: bool = False) -> None:
+        self.matmul = matmul  # quantize=: matrix products of permuted operands, not Einsums
+
     def propagate(self, node: fx.Node, rw: RuleContext) -> bool:
         if not (node.op == "call_function" and node.target is torch.matmul and len(node.args) == 2) or node.kwargs:
             return False
@@ -315,11 +324,21 @@ class ChannelMatmul:
         left, key = rw.carried(a), _key_transposed(b, rw)
         with rw.graph.inserting_before(node):
             if left is not None and left[1] is per_head and key is not None:  # scores = q @ k^T
-                rw.set_alt(node, rw.graph.call_function(torch.einsum, ("bhds,bhdt->bhst", left[0], key)), _SAME)
+                scores = (
+                    rw.graph.call_function(torch.matmul, (rw.graph.call_function(_runtime.swap_last, (left[0],)), key))
+                    if self.matmul
+                    else rw.graph.call_function(torch.einsum, ("bhds,bhdt->bhst", left[0], key))
+                )
+                rw.set_alt(node, scores, _SAME)
                 return True
             right = rw.carried(b)
             if right is not None and right[1] is per_head:  # out = p @ v, carried per head
                 p = rw.exit_of(a)
-                rw.set_alt(node, rw.graph.call_function(torch.einsum, ("bhst,bhdt->bhds", p, right[0])), per_head)
+                out = (
+                    rw.graph.call_function(torch.matmul, (right[0], rw.graph.call_function(_runtime.swap_last, (p,))))
+                    if self.matmul
+                    else rw.graph.call_function(torch.einsum, ("bhst,bhdt->bhds", p, right[0]))
+                )
+                rw.set_alt(node, out, per_head)
                 return True
         return False

@@ -63,9 +63,10 @@ def _moves_in_attention(gm):
     return sum(n.target in _MOVES for n in nodes), sum(n.target is _runtime.attention_channels for n in nodes)
 
 
+@pytest.mark.parametrize("quantize", [None, "int8"])  # int8: SDPA itself on permuted views (quantizers keep it)
 @pytest.mark.parametrize("fused", [False, True], ids=["q-k-v", "fused-qkv"])
 @pytest.mark.parametrize("mask", [None, "bool", "float", "causal"])
-def test_carried_without_transposes_and_equal_to_numpy(fused, mask):
+def test_carried_without_transposes_and_equal_to_numpy(fused, mask, quantize):
     torch.manual_seed(0)
     model = HFAttention(fused=fused, causal=mask == "causal").eval().double()
     x = torch.randn(2, 5, 8, dtype=torch.float64)
@@ -77,21 +78,30 @@ def test_carried_without_transposes_and_equal_to_numpy(fused, mask):
         m = torch.randn(2, 1, 1, 5, dtype=torch.float64)
     args = (x,) if m is None else (x, m)
     names = ["qkv", "o"] if fused else ["q", "k", "v", "o"]
-    res = run_surgery("linear_to_conv", model, args, rewritten=names, token_layout=True)
+    res = run_surgery("linear_to_conv", model, args, rewritten=names, token_layout=True, quantize=quantize)
     assert _moves_in_attention(res.module) == (2, 1)  # the tokens enter (B, C, 1, S) once and leave once
     expected = _numpy_attention(x.numpy(), model, None if m is None else m.numpy(), causal=mask == "causal")
     with torch.no_grad():
         np.testing.assert_allclose(res.module(*args).numpy(), expected, rtol=0, atol=1e-12)
 
 
-def test_a_query_row_with_every_key_masked_gives_zeros_as_sdpa():
+@pytest.mark.parametrize("sdpa", [False, True])
+@pytest.mark.parametrize("kind", ["bool", "-inf", "finfo.min"])
+def test_a_query_row_with_every_key_masked_gives_what_sdpa_gives(kind, sdpa):
+    """A boolean False row, or a float row of -inf: zeros (SDPA's safe softmax); a float row of the lowest finite
+    value (transformers' padding masks): a uniform row, as SDPA's. The boolean mask fills with that lowest value, not
+    -inf (a quantizer calibrates on it), and the row is still found by the keys kept."""
     q, k, v = (torch.randn(1, 2, 4, 3, dtype=torch.float64) for _ in range(3))  # (B, H, D, S)
-    mask = torch.ones(1, 1, 3, 3, dtype=torch.bool)
-    mask[0, 0, 1] = False
-    got = _runtime.attention_channels(q, k, v, mask, False, None)
+    if kind == "bool":
+        mask = torch.ones(1, 1, 3, 3, dtype=torch.bool)
+        mask[0, 0, 1] = False
+    else:
+        mask = torch.zeros(1, 1, 3, 3, dtype=torch.float64)
+        mask[0, 0, 1] = float("-inf") if kind == "-inf" else torch.finfo(torch.float64).min
+    got = _runtime.attention_channels(q, k, v, mask, False, None, sdpa=sdpa)
     expected = F.scaled_dot_product_attention(*(t.transpose(-1, -2) for t in (q, k, v)), attn_mask=mask)
     torch.testing.assert_close(got, expected.transpose(-1, -2), rtol=0, atol=1e-12)
-    assert torch.equal(got[..., 1], torch.zeros(1, 2, 4, dtype=torch.float64))
+    assert torch.equal(got[..., 1], torch.zeros(1, 2, 4, dtype=torch.float64)) == (kind != "finfo.min")
 
 
 class EagerAttention(HFAttention):
@@ -106,13 +116,17 @@ class EagerAttention(HFAttention):
         return x + self.o(y.transpose(1, 2).contiguous().reshape(b, s, c))
 
 
-def test_eager_attention_is_carried_too():
+@pytest.mark.parametrize("quantize", [None, "int8"])  # int8: MatMuls of permuted operands, not Einsums
+def test_eager_attention_is_carried_too(quantize):
     torch.manual_seed(0)
     model = EagerAttention().eval().double()
     x, mask = torch.randn(2, 5, 8, dtype=torch.float64), torch.randn(2, 1, 1, 5, dtype=torch.float64)
-    res = run_surgery("linear_to_conv", model, (x, mask), rewritten=["q", "k", "v", "o"], token_layout=True)
+    res = run_surgery(
+        "linear_to_conv", model, (x, mask), rewritten=["q", "k", "v", "o"], token_layout=True, quantize=quantize
+    )
     nodes = [n for n in res.module.graph.nodes if n.op in ("call_function", "call_method")]
-    assert sum(n.target in _MOVES for n in nodes) == 2 and sum(n.target is torch.einsum for n in nodes) == 2
+    products = torch.matmul if quantize else torch.einsum
+    assert sum(n.target in _MOVES for n in nodes) == 2 and sum(n.target is products for n in nodes) == 2
     with torch.no_grad():
         np.testing.assert_allclose(res.module(x, mask).numpy(), _numpy_attention(x.numpy(), model, mask.numpy()),
                                    rtol=0, atol=1e-12)  # fmt: skip
