@@ -4,7 +4,11 @@ per-channel, calibrated on the example inputs) on the demo model, resnet18 and t
 whether the rewritten program's outputs are bit-identical to the quantized original's, the transposes
 (permute/transpose/t) and views in both graphs, and the broken islands: a layout op between a dequantize and the
 linear/conv it feeds (0 is what a backend's int8 lowering needs). Where ExecuTorch is installed: whether both lower
-with the XNNPACK partitioner, and whether the ``.pte`` programs' outputs are identical.
+with the XNNPACK partitioner, and whether the ``.pte`` programs' outputs are identical. Rewrite, then quantize:
+``fxsurgery.check(model, x, quantize="int8", ...)`` quantizes the float model and its rewrite with one recipe (PT2E;
+onnxruntime static QDQ on the ONNX files) and compares them on 8 fresh batches: the share of int8 outputs within one
+output step of the original's, the requantizations (quantizes that round anew), the error of each against the float
+model, and whether both lower to XNNPACK; rows marked "no quantize=" are rewrites made without the hint.
 
 Run: ``python -m benchmarks.quantized [--out benchmarks/quantized.md]`` (needs ``pip install -e ".[quant]"``;
 torchvision and transformers from the test extra).
@@ -13,6 +17,7 @@ torchvision and transformers from the test extra).
 from __future__ import annotations
 
 import argparse
+import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -24,11 +29,9 @@ from torch import nn
 import fxsurgery
 from fxsurgery.engine.emit import op_name
 from fxsurgery.rules.aten.qdq import is_dequantize
+from fxsurgery.verify.quantized import compare_quantized, layout_census, lowered_outputs, quantize_pt2e, quantizer_of
 
-_TRANSPOSES = ("aten::permute", "aten::permute_copy", "aten::transpose", "aten::t")
-_VIEWS = ("aten::view", "aten::view_copy", "aten::reshape", "aten::_unsafe_view", "aten::flatten")
-_COPIES = ("aten::clone", "dim_order_ops::_clone_dim_order")
-_OPS = ("aten::linear", "aten::convolution", "aten::conv2d", "aten::addmm", "aten::mm")
+Build = Callable[[], tuple[nn.Module, tuple[torch.Tensor, ...]]]
 
 
 class Logits(nn.Module):
@@ -42,7 +45,7 @@ class Logits(nn.Module):
         return self.model(ids, **self.fixed).logits
 
 
-def models() -> dict[str, Callable[[], tuple[nn.Module, tuple[torch.Tensor, ...]]]]:
+def models() -> dict[str, Build]:
     def demo() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
         from fxsurgery.models import demo_model
 
@@ -72,58 +75,20 @@ def models() -> dict[str, Callable[[], tuple[nn.Module, tuple[torch.Tensor, ...]
         fixed = {"attention_mask": mask, "position_ids": torch.arange(8).expand(2, 8), "use_cache": False}
         return Logits(T.LlamaForCausalLM(config), **fixed), (ids,)
 
-    return {"demo": demo, "resnet18": resnet18, "bert": bert, "llama": llama}
+    def seeded(build: Build) -> Build:
+        return lambda: (torch.manual_seed(0), build())[1]  # the same weights in every table
+
+    return {name: seeded(b) for name, b in (("demo", demo), ("resnet18", resnet18), ("bert", bert), ("llama", llama))}
 
 
 def quantize(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> torch.export.ExportedProgram:
     """``model`` quantized with PT2E (XNNPACKQuantizer, symmetric per-channel), calibrated on ``inputs``, exported."""
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-    from torchao.testing.pt2e._xnnpack_quantizer import XNNPACKQuantizer, get_symmetric_quantization_config
-
     torch.manual_seed(0)
-    model.eval()
-    quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
-    prepared = prepare_pt2e(torch.export.export(model, inputs, strict=False).module(), quantizer)
-    prepared(*inputs)
-    return torch.export.export(convert_pt2e(prepared), inputs, strict=False)
+    return quantize_pt2e(model.eval(), quantizer_of("int8")[1], [inputs])
 
 
 def census(program: torch.export.ExportedProgram) -> dict[str, int]:
-    """Quantized linears, transposes, views and broken islands (a layout op between a dequantize and its op)."""
-    nodes = [n for n in program.graph.nodes if n.op == "call_function"]
-    names = [op_name(n.target) for n in nodes]
-    broken = 0
-    for n in nodes:
-        if op_name(n.target) not in _OPS:
-            continue
-        for a in n.all_input_nodes:
-            if op_name(a.target) in (*_TRANSPOSES, *_VIEWS) and is_dequantize(a.args[0]):
-                broken += 1
-    linears = sum(op_name(n.target) in ("aten::linear", "aten::addmm", "aten::mm") and any(
-        is_dequantize(a) for a in n.all_input_nodes) for n in nodes)  # fmt: skip
-    return {
-        "linears": linears,
-        "transposes": sum(n in _TRANSPOSES for n in names),
-        "views": sum(n in _VIEWS for n in names),
-        "copies": sum(n in _COPIES for n in names),
-        "broken": broken,
-    }
-
-
-def lowered_outputs(program: torch.export.ExportedProgram, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor | str:
-    """The outputs of ``program`` lowered to XNNPACK (``.pte`` run by ExecuTorch's runtime), or why not."""
-    try:
-        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-        from executorch.exir import to_edge_transform_and_lower
-        from executorch.runtime import Runtime
-    except ImportError:
-        return "ExecuTorch not installed"
-    try:
-        pte = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()]).to_executorch().buffer
-        method = Runtime.get().load_program(pte).load_method("forward")
-        return method.execute(list(inputs))[0]
-    except Exception as e:
-        return f"does not lower: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
+    return layout_census(program.graph)
 
 
 def row(name: str, build: Callable[[], tuple[nn.Module, tuple[torch.Tensor, ...]]]) -> dict[str, Any]:
@@ -135,17 +100,17 @@ def row(name: str, build: Callable[[], tuple[nn.Module, tuple[torch.Tensor, ...]
     before, after = census(program), census(new)
     out: dict[str, Any] = {
         "model": name,
-        "quantized linears": before["linears"],
+        "quantized linears": _linears(program),
         "rewritten": len(result.rewritten),
         "bit-identical": bool(torch.equal(ref, got)),
         "transposes": f"{before['transposes']} -> {after['transposes']}",
         "views": f"{before['views']} -> {after['views']}",
         "copies": f"{before['copies']} -> {after['copies']}",
-        "broken islands": f"{before['broken']} -> {after['broken']}",
+        "broken islands": f"{before['broken islands']} -> {after['broken islands']}",
     }
     lowered = [lowered_outputs(p, inputs) for p in (program, new)]
-    if all(isinstance(v, torch.Tensor) for v in lowered):
-        diff = float((lowered[0] - lowered[1]).abs().max())
+    if all(isinstance(v, list) for v in lowered):
+        diff = float((lowered[0][0] - lowered[1][0]).abs().max())
         out["XNNPACK .pte"] = "identical" if diff == 0 else f"max diff {diff:.3g}"
     else:
         out["XNNPACK .pte"] = next(v for v in lowered if isinstance(v, str))
@@ -174,47 +139,52 @@ def against_qnn(name: str, build: Build) -> dict[str, Any] | None:
     return {
         "model": name,
         "Linears rewritten: QNN / fxsurgery": f"{convs(qnn) - convs(original)} / {convs(ours) - convs(original)} "
-        f"of {base['linears']}",
+        f"of {_linears(program)}",
         "permutes added": f"{added['transposes']['QNN']} / {added['transposes']['fxsurgery']}",
         "views added": f"{added['views']['QNN']} / {added['views']['fxsurgery']}",
         "copies added": f"{added['copies']['QNN']} / {added['copies']['fxsurgery']}",
-        "broken islands": f"{census(qnn)['broken']} / {census(ours)['broken']}",
+        "broken islands": f"{census(qnn)['broken islands']} / {census(ours)['broken islands']}",
         "bit-identical": f"{same(qnn)} / {same(ours)}",
     }
 
 
-def _output_scale(program: torch.export.ExportedProgram) -> float:
-    """The scale of the dequantize that makes the program's (first) output."""
-    out = next(n for n in program.graph.nodes if n.op == "output").args[0]
-    node = out[0] if isinstance(out, (tuple, list)) else out
-    return float(node.args[1]) if is_dequantize(node) else float("nan")
+def _linears(program: torch.export.ExportedProgram) -> int:
+    """The quantized Linears of ``program`` (a linear fed a dequantized weight)."""
+    return sum(
+        op_name(n.target) in ("aten::linear", "aten::addmm", "aten::mm") and any(map(is_dequantize, n.all_input_nodes))
+        for n in program.graph.nodes
+    )
 
 
-Build = Callable[[], tuple[nn.Module, tuple[torch.Tensor, ...]]]
-
-
-def then_quantized(name: str, build: Build, **options: Any) -> dict[str, Any]:
-    """Rewrite the float model, then quantize both it and the original with the same recipe and calibration."""
+def then_quantized(name: str, build: Build, hint: bool = True, **options: Any) -> dict[str, Any]:
+    """Rewrite the float model, then quantize both it and the original with the same recipe and calibration:
+    ``fxsurgery.check(..., quantize="int8")`` (PT2E and onnxruntime static QDQ); ``hint=False``: the rewrite made
+    without ``quantize=`` (its forms not chosen for quantization), compared by PT2E only."""
     model, inputs = build()
     model.eval()
-    rewritten = fxsurgery.linear_to_conv(model, inputs, **options)
-    original_q, rewritten_q = quantize(model, inputs), quantize(rewritten.module, inputs)
-    x = tuple(torch.randn_like(t) if t.is_floating_point() else t for t in inputs)  # not the calibration data
-    float_out, a, b = model(*x), original_q.module()(*x), rewritten_q.module()(*x)
-    if not isinstance(float_out, torch.Tensor):
-        float_out = float_out[0]
-    step = _output_scale(original_q)
-    err = lambda q: float((q - float_out).norm() / float_out.norm())  # noqa: E731
-    requant = lambda p: sum(op_name(n.target) == "quantized_decomposed::quantize_per_tensor" for n in p.graph.nodes)  # noqa: E731
+    if hint:
+        with tempfile.TemporaryDirectory() as tmp:
+            report = fxsurgery.check(model, inputs, out_dir=tmp, quantize="int8", **options)
+        sites, q = len(report.surgery.rewritten), report.quantized
+    else:
+        rewritten = fxsurgery.linear_to_conv(model, inputs, **options)
+        sites, q = len(rewritten.rewritten), compare_quantized(model, rewritten.module, inputs, "int8")
+    a, b = q.census["original"]["requantizations"], q.census["rewritten"]["requantizations"]
     return {
-        "model": name + "".join(f" ({k}={v})" for k, v in options.items()),
-        "sites rewritten": len(rewritten.rewritten),
-        "within 1 LSB": f"{float(((a - b).abs() <= step * 1.001).float().mean()):.1%}",
-        "bit-identical": f"{float((a == b).float().mean()):.1%}",
-        "quantizes": f"{requant(original_q)} -> {requant(rewritten_q)}",
-        "error vs float: original": f"{err(a):.4f}",
-        "rewritten": f"{err(b):.4f} ({err(b) / err(a) - 1:+.0%})",
+        "model": name + "".join(f" {k}={v}" for k, v in options.items()) + ("" if hint else " (no quantize=)"),
+        "sites rewritten": sites,
+        "within 1 step": "n/a" if q.within_one_step is None else f"{q.within_one_step:.1%}",
+        "identical": f"{q.identical:.1%}",
+        "requantizations": f"{a} -> {b}",
+        "PT2E error vs float": _pair(q.error),
+        "ORT QDQ error vs float": _pair(q.onnx_error) if q.onnx_error else "-",
+        "XNNPACK": q.lowering.split(" (pip")[0],
     }
+
+
+def _pair(errors: dict[str, float]) -> str:
+    a, b = errors["original"], errors["rewritten"]
+    return f"{a:.4f} -> {b:.4f} ({b / a - 1:+.1%})"
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
@@ -226,6 +196,8 @@ def _table(rows: list[dict[str, Any]]) -> str:
 #: the rewrite-then-quantize rows with other options than the defaults
 _OPTIONS = [("demo", {"batch_layout": "batch"}), ("resnet18", {"batch_layout": "batch"}),
             ("bert", {"token_layout": True}), ("llama", {"token_layout": True})]  # fmt: skip
+#: the same without quantize= (the forms the rewrite emits for float deployment)
+_PLAIN = [("demo", {}), ("bert", {"token_layout": True}), ("llama", {"token_layout": True})]
 
 
 def main() -> None:
@@ -238,6 +210,7 @@ def main() -> None:
     print(first)
     later = [then_quantized(name, models()[name]) for name in args.models]
     later += [then_quantized(name, models()[name], **opts) for name, opts in _OPTIONS if name in args.models]
+    later += [then_quantized(name, models()[name], False, **opts) for name, opts in _PLAIN if name in args.models]
     second = _table(later)
     print(second)
     table = f"Quantize, then rewrite:\n\n{first}\n\nRewrite, then quantize:\n\n{second}"

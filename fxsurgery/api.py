@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,6 +27,7 @@ from fxsurgery.rules import DIRECTIONS
 from fxsurgery.runtimes.census import census
 from fxsurgery.verify.cross_check import cross_check
 from fxsurgery.verify.policy import QUANTIZED_RTOL
+from fxsurgery.verify.quantized import compare_quantized
 
 __all__ = ["linear_to_conv", "conv_to_linear", "rewrite", "check"]
 
@@ -147,16 +149,25 @@ def check(
     to ONNX in ``out_dir`` and cross-check them in onnxruntime with the cross-check options below (``exporter``,
     ``providers``, ``opset``, ``dynamic_batch``, ``runtimes``: also OpenVINO and/or ExecuTorch-XNNPACK, with their
     extras installed); the cross-check compares with the validation's ``rtol`` when one is given. ``onnx=False``
-    skips the cross-check. A quantized model is compared to ``QUANTIZED_RTOL`` unless ``rtol`` is given
-    (onnxruntime runs its q/dq pairs as int8 kernels, which round as the float reference may not).
+    skips the cross-check. With ``quantize=`` (``"int8"`` or a PT2E quantizer) both versions are also quantized
+    with that recipe (and both ONNX files with onnxruntime's static QDQ) and compared
+    (:func:`fxsurgery.verify.quantized.compare_quantized`). A quantized model is compared to ``QUANTIZED_RTOL``
+    unless ``rtol`` is given (onnxruntime runs its q/dq pairs as int8 kernels, which round as the float reference may
+    not).
 
     A validation mismatch does not stop the export: the report carries both results and ``passed`` is False.
     ``model`` may be an ExportedProgram (``example_inputs=None``: its own); the cross-check then compares against
     ``program.module()``.
     """
     opts = resolve(options, overrides)
-    if opts.rtol is None and quantized_program(model) is not None:  # int8 kernels round as the float reference may not
-        opts = dataclasses.replace(opts, rtol=QUANTIZED_RTOL)
+    if quantized_program(model) is not None:
+        if opts.quantize is not None:
+            raise InputError(
+                "quantize= quantizes a float model and its rewrite with one recipe; this model is already quantized "
+                "(its rewrite is compared with it as it is): drop quantize=, or pass the float model"
+            )
+        if opts.rtol is None:  # int8 kernels round as the float reference may not
+            opts = dataclasses.replace(opts, rtol=QUANTIZED_RTOL)
     program = model if isinstance(model, torch.export.ExportedProgram) else None
     if program is not None:
         example_inputs = _program_inputs(program) if example_inputs is None else example_inputs
@@ -180,7 +191,16 @@ def check(
         onnx_check = cross_check(
             model, result.module, inputs, out_dir, options=opts, direction=direction, rewritten_sites=sites
         )
-    return CheckReport(result, onnx_check, _target_census(opts.target, model, result, inputs, onnx_check))
+    quantized = None
+    if opts.quantize is not None:
+        paths = (
+            {"original": Path(onnx_check.original_path), "rewritten": Path(onnx_check.rewritten_path)}
+            if onnx_check
+            else None
+        )
+        quantized = compare_quantized(model, result.module, inputs, opts.quantize, paths, seed=opts.seed)
+    census = _target_census(opts.target, model, result, inputs, onnx_check)
+    return CheckReport(result, onnx_check, census, quantized)
 
 
 def _target_census(

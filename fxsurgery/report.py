@@ -10,9 +10,12 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from torch import nn
+
+if TYPE_CHECKING:
+    from fxsurgery.verify.quantized import QuantizedCheck
 
 __all__ = [
     "Site",
@@ -299,10 +302,12 @@ class CheckReport:
     surgery: SurgeryResult
     onnx: OnnxCheck | None
     target: dict[str, Any] | None = None  # {"name", "census"}: the target's census
+    quantized: QuantizedCheck | None = None  # check(..., quantize=...): both versions quantized and compared
 
     @property
     def passed(self) -> bool:
-        return self.surgery.passed and (self.onnx is None or self.onnx.passed)
+        quantized = self.quantized is None or self.quantized.passed
+        return self.surgery.passed and (self.onnx is None or self.onnx.passed) and quantized
 
     def __bool__(self) -> bool:
         return self.passed
@@ -312,6 +317,8 @@ class CheckReport:
         parts.append(self.onnx.summary() if self.onnx is not None else "ONNX cross-check: not run")
         if self.target is not None:
             parts.append(_census_summary(self.target))
+        if self.quantized is not None:
+            parts.append(self.quantized.summary())
         parts.append(f"overall: {'PASSED' if self.passed else 'FAILED'}")
         return "\n\n".join(parts)
 
@@ -327,6 +334,7 @@ class CheckReport:
             "timings": d["timings"],
             "onnx": None if self.onnx is None else self.onnx.to_dict(),
             "target": self.target,
+            "quantized": None if self.quantized is None else self.quantized.to_dict(),
         }
 
 
@@ -373,7 +381,7 @@ def report_file(
     import sys
 
     versions: dict[str, str | None] = {}
-    for package in ("fxsurgery", "torch", "onnx", "onnxruntime", "onnxscript", "transformers"):
+    for package in ("fxsurgery", "torch", "onnx", "onnxruntime", "onnxscript", "transformers", "torchao"):
         loaded = getattr(sys.modules.get(package), "__version__", None)  # torch's carries its build: 2.14.1+cu130
         try:
             versions[package] = str(loaded) if loaded else importlib.metadata.version(package)

@@ -73,6 +73,7 @@ def _render(data: dict[str, Any]) -> str:
         _validation(data.get("validation")),
         _onnx(data.get("onnx")),
         _target(data.get("target")),
+        _quantized(data.get("quantized")),
         _timings(data.get("timings")),
         _notes(data.get("notes", [])),
     ]
@@ -316,6 +317,33 @@ def _target(t: dict[str, Any] | None) -> str:
     if "skipped" in census:
         return head + f"<p>not taken: {_e(census['skipped'])}</p>"
     return head + _census_table(census["original"], census["rewritten"])
+
+
+def _quantized(q: dict[str, Any] | None) -> str:
+    """``check(..., quantize=...)``: both versions quantized with one recipe, compared."""
+    if not q:
+        return ""
+    verdict = '<span class="pass">passed</span>' if q["passed"] else '<span class="fail">FAILED</span>'
+    share = q["within_one_step"]
+    rows = [
+        ("int8 outputs within one step of the original's", "n/a" if share is None else f"{float(share):.1%}"),
+        ("int8 outputs identical", f"{float(q['identical']):.1%}"),
+        ("error against the float original (PT2E)", _errors(q["error"])),
+        ("error against the float original (onnxruntime QDQ)", _errors(q["onnx_error"]) if q["onnx_error"] else ""),
+        ("XNNPACK", q["lowering"]),
+    ]
+    census = q["census"]
+    return (
+        f"<h2>Quantized cross-check ({_e(q['recipe'])}): {verdict}</h2>"
+        + _table(("", ""), rows)
+        + _census_table(census["original"], census["rewritten"])
+        + "".join(f'<p class="fail">{_e(f)}</p>' for f in q["failures"])
+        + "".join(f"<p>skipped: {_e(s)}</p>" for s in q["skipped"])
+    )
+
+
+def _errors(e: dict[str, Any]) -> str:
+    return f"original {float(e['original']):.4g}, rewritten {float(e['rewritten']):.4g}"
 
 
 def _timings(t: dict[str, Any] | None) -> str:

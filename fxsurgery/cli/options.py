@@ -18,6 +18,7 @@ _OPTIONS = {
     "target": "target",
     "batch_layout": "batch_layout",
     "token_layout": "token_layout",
+    "quantize": "quantize",
     "precision": "precision",
     "rtol": "rtol",
     "runtime": "runtime",

@@ -184,6 +184,14 @@ def _rule_arguments(p: argparse.ArgumentParser) -> None:
         "maps as NCHW, so Linears in ViT/Swin/MLP-Mixer blocks and their attention become 1x1 "
         "convs",
     )
+    p.add_argument(
+        "--quantize",
+        choices=("int8",),
+        default=None,
+        help="the rewritten model will be quantized: emit the forms quantizers keep whole (LayerNorm and attention "
+        "as one op each); check also quantizes both versions (PT2E XNNPACKQuantizer, per-channel; onnxruntime "
+        "static QDQ for the ONNX files) and compares them (needs fxsurgery[quant])",
+    )
 
 
 def _add_convert(sub: Any) -> None:
