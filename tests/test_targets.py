@@ -75,7 +75,8 @@ def test_check_reports_the_onnxruntime_census_after_its_optimizations(tmp_path):
     assert sum(census["original"].get(op, 0) for op in linear_ops) >= 3
     assert sum(census["rewritten"].get(op, 0) for op in linear_ops) == 0
     assert sum(v for k, v in census["rewritten"].items() if "Conv" in k) > sum(
-        v for k, v in census["original"].items() if "Conv" in k)
+        v for k, v in census["original"].items() if "Conv" in k
+    )
     assert "op census after onnxruntime's conversion" in report.summary()
 
 
@@ -87,7 +88,10 @@ def test_a_missing_toolchain_is_said_not_raised(monkeypatch, tmp_path):
     real = importlib.util.find_spec
     monkeypatch.setattr(registry.importlib.util, "find_spec", lambda n, *a: None if n == "coremltools" else real(n, *a))
     out = census.census("coreml", demo_model(), demo_model(), (torch.randn(1, 3, 32, 32),))
-    assert out == {"toolchain": "coremltools", "skipped": 'coremltools is not installed: pip install "fxsurgery[coreml]"'}
+    assert out == {
+        "toolchain": "coremltools",
+        "skipped": 'coremltools is not installed: pip install "fxsurgery[coreml]"',
+    }
 
 
 def test_the_cli_target_is_in_report_json(tmp_path):
@@ -125,6 +129,30 @@ def test_the_xnnpack_census_has_no_slice_outside_the_delegates_where_the_target_
     assert "skipped" not in a and "skipped" not in b, (a, b)
     assert a["rewritten"].get("slice_copy", 0) > 0, a  # the strided rewrite's slices stay outside XNNPACK
     assert b["rewritten"] == b["original"], b  # left as convs, the strided layers stay inside the delegates
+
+
+class FixedMask(nn.Module):
+    """A wrapper holding a fixed, expanded mask (not a buffer): torch.export lifts it as a constant."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.fixed = nn.Linear(8, 4), {"mask": torch.ones(1, 6, 8).expand(2, 6, 8)}
+
+    def forward(self, x):
+        return self.fc(x * self.fixed["mask"])
+
+
+def test_a_constant_the_export_lifted_lowers_to_xnnpack_as_the_original_does():
+    """The raised graph keeps it as a buffer, made dense (ExecuTorch's constant pass fails on an expanded one)."""
+    pytest.importorskip("executorch", reason="ExecuTorch is optional: pip install fxsurgery[executorch]")
+    from fxsurgery.verify.quantized import lowered_outputs
+
+    model, x = FixedMask().eval(), torch.randn(2, 6, 8)
+    res = fxsurgery.linear_to_conv(model, x, frontend="export", token_layout=True)
+    assert res.frontend == "export" and res.rewritten
+    got = lowered_outputs(torch.export.export(res.module, (x,), strict=False), (x,))
+    assert not isinstance(got, str), got
+    torch.testing.assert_close(got[0], model(x), rtol=1e-5, atol=1e-6)
 
 
 def test_the_openvino_census_shows_the_linears_became_convolutions():

@@ -243,7 +243,7 @@ def raise_program(ep: torch.export.ExportedProgram, root: nn.Module, batch_one: 
                 raise InputError(f"the exported program reads {target}, which the model does not have")
             value, holder = _get_attr(gm, target), root.get_submodule(owner)
             if isinstance(value, torch.Tensor):  # a buffer, so .double() / .to() convert it as they do the model
-                holder.register_buffer(attr, value, persistent=False)
+                holder.register_buffer(attr, _dense(value), persistent=False)
             else:
                 setattr(holder, attr, value)
     modal = [name or type(root).__name__ for name, m in root.named_modules() if TRAINING in mode_reads(type(m))]
@@ -253,6 +253,14 @@ def raise_program(ep: torch.export.ExportedProgram, root: nn.Module, batch_one: 
     keep_unused(raised, root)  # every key of the state dict, and the names a tied weight has (lm_head, wte)
     raised.meta["frontend"] = "export"
     return raised
+
+
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    """A lifted constant with strides of no memory format (an expanded mask) as a contiguous copy: ExecuTorch makes
+    such constants contiguous, and on a non-persistent buffer its pass fails ("Missing input spec for lifted
+    tensor"), where the original's constant lowers."""
+    dense = t.is_contiguous() or t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)
+    return t if dense else t.contiguous()
 
 
 def _kept(node: fx.Node) -> bool:

@@ -15,6 +15,7 @@ from fxsurgery.models import demo_model
 from fxsurgery.rules.aten.qdq import is_dequantize
 
 pytest.importorskip("torchao", reason="quantization is optional: pip install fxsurgery[quant]")
+from torchao.quantization.pt2e import move_exported_model_to_eval  # noqa: E402
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e, prepare_qat_pt2e  # noqa: E402
 from torchao.testing.pt2e._xnnpack_quantizer import (  # noqa: E402
     XNNPACKQuantizer,
@@ -189,6 +190,24 @@ def test_a_prepared_model_is_refused_with_what_to_do(qat):
     assert "convert_pt2e" in str(e.value)
 
 
+def test_a_qat_model_trained_then_converted_is_rewritten_as_any_quantized_graph():
+    """QAT: prepare_qat_pt2e, a few training steps (fake-quant learns its ranges), convert_pt2e: then the same
+    rules, and the quantized original's outputs bit for bit."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 32, 32)
+    prepared = _prepared(demo_model(), x, qat=True)
+    optimizer = torch.optim.SGD(prepared.parameters(), lr=1e-3)
+    for _ in range(3):
+        optimizer.zero_grad()
+        prepared(x).square().mean().backward()
+        optimizer.step()
+    move_exported_model_to_eval(prepared)
+    program = torch.export.export(convert_pt2e(prepared), (x,), strict=False)
+    res = fxsurgery.linear_to_conv(program, x)
+    assert {s.name for s in res.rewritten} >= {"classifier.1", "classifier.4", "aux"}
+    assert torch.equal(res.program.module()(x), program.module()(x)) and _broken_islands(res.program) == []
+
+
 def test_torchao_tensor_subclass_weights_are_a_reason_not_an_internal_error():
     from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
@@ -244,8 +263,17 @@ def test_the_cli_rewrites_a_quantized_pt2_and_cross_checks_it_in_onnxruntime(tmp
     x = torch.randn(2, 3, 32, 32)
     torch.export.save(quantized(demo_model(), x), str(tmp_path / "q.pt2"))
     proc = subprocess.run(
-        [sys.executable, "-m", "fxsurgery", "rewrite", str(tmp_path / "q.pt2"), "--to", "conv", "--out",
-         str(tmp_path / "out")],  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "fxsurgery",
+            "rewrite",
+            str(tmp_path / "q.pt2"),
+            "--to",
+            "conv",
+            "--out",
+            str(tmp_path / "out"),
+        ],  # fmt: skip
         capture_output=True,
         text=True,
         timeout=600,

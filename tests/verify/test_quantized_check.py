@@ -154,6 +154,16 @@ def test_check_quantize_refuses_a_model_already_quantized():
         fxsurgery.check(program, None, quantize="int8", onnx=False)
 
 
+def test_check_quantize_takes_the_users_quantizer():
+    """A PT2E quantizer object (here per-tensor weights) is the recipe for both versions."""
+    quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=False))
+    x = torch.randn(2, 3, 32, 32)
+    report = fxsurgery.check(demo_model(), x, onnx=False, quantize=quantizer)
+    q = report.quantized
+    assert q is not None and q.recipe == "XNNPACKQuantizer" and q.passed, report.summary()
+    assert not q.onnx_error  # no ONNX files to quantize
+
+
 def test_quantize_takes_int8_or_a_quantizer():
     with pytest.raises(fxsurgery.InputError, match="quantize must be None, 'int8' or a PT2E quantizer"):
         fxsurgery.Options(quantize="int4")
