@@ -229,9 +229,10 @@ def attention_channels(
         scores = scores + mask
     p = torch.softmax(scores, dim=-1)
     if mask is not None:  # a row with every key masked: SDPA returns zeros, softmax NaN or a uniform row
-        kept = ~torch.isneginf(scores) if keep is None else keep & ~torch.isneginf(scores)
-        # (a count of the keys kept, not .all(): onnxruntime's symbolic shape inference, which its quantization tools
-        # run, knows ReduceSum and not ReduceMin)
+        # (== -inf, not isneginf: OpenVINO's and coremltools' PyTorch frontends have no isneginf; a count of the keys
+        # kept, not .all(): onnxruntime's symbolic shape inference, which its quantization tools run, knows ReduceSum
+        # and not ReduceMin)
+        kept = scores != float("-inf") if keep is None else keep & (scores != float("-inf"))
         p = p.masked_fill(kept.sum(-1, keepdim=True) == 0, 0.0)
     return torch.einsum(f"bhst,{values}->bhds", p, v)
 
