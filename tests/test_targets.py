@@ -155,6 +155,37 @@ def test_a_constant_the_export_lifted_lowers_to_xnnpack_as_the_original_does():
     torch.testing.assert_close(got[0], model(x), rtol=1e-5, atol=1e-6)
 
 
+def test_a_masked_bert_in_the_token_layout_converts_in_openvino():
+    """The attention's fully-masked-row guard is written with ops OpenVINO converts (it called isneginf, which
+    OpenVINO's PyTorch frontend does not know). (coremltools 9 cannot convert transformers' own mask building,
+    ``new_ones``, in the original either.)"""
+    pytest.importorskip("openvino", reason='OpenVINO is optional: pip install "fxsurgery[openvino]"')
+    transformers = pytest.importorskip("transformers")
+    from fxsurgery.runtimes.census import census
+
+    config = transformers.BertConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, num_labels=3
+    )
+    torch.manual_seed(0)
+
+    class Masked(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bert = transformers.BertForSequenceClassification(config).eval()
+
+        def forward(self, ids, mask):
+            return self.bert(ids, attention_mask=mask).logits
+
+    model = Masked().eval()
+    ids, mask = torch.randint(0, 100, (2, 8)), torch.ones(2, 8, dtype=torch.long)
+    mask[1, 5:] = 0  # one padded sequence
+    res = fxsurgery.linear_to_conv(model, (ids, mask), token_layout=True)
+    assert len(res.rewritten) == 12
+    out = census("openvino", model, res.module, (ids, mask))
+    assert "skipped" not in out, out
+    assert out["rewritten"]["Convolution"] >= 12 > out["original"].get("Convolution", 0)
+
+
 def test_the_openvino_census_shows_the_linears_became_convolutions():
     pytest.importorskip("openvino", reason='OpenVINO is optional: pip install "fxsurgery[openvino]"')
     from fxsurgery.runtimes.census import census
