@@ -32,6 +32,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch import nn
 
+from fxsurgery.capture.copies import eval_copy
 from fxsurgery.engine.emit import op_name
 from fxsurgery.errors import InputError, one_line
 from fxsurgery.rules.aten.qdq import is_dequantize, is_quantize
@@ -221,6 +222,7 @@ def compare_quantized(
     ``inputs`` and one random batch like them, and compare them on fresh batches; with ``onnx_paths`` (the
     cross-check's files) also quantize those with onnxruntime's static QDQ and compare their errors."""
     name, quantizer = quantizer_of(recipe)
+    original, rewritten = eval_copy(original), eval_copy(rewritten)  # PT2E folds and observes: never the user's
     g = torch.Generator().manual_seed(seed)
     calibration = [inputs, random_inputs(inputs, g)]
     fresh = [random_inputs(inputs, g) for _ in range(_FRESH)]
@@ -283,7 +285,11 @@ def _judge(report: QuantizedCheck) -> None:
 
 
 def _onnx_errors(
-    paths: dict[str, Path], calibration: list[tuple], fresh: list[tuple], ref: list[list[torch.Tensor]], report: Any
+    paths: dict[str, Path],
+    calibration: list[tuple],
+    fresh: list[tuple],
+    ref: list[list[torch.Tensor]],
+    report: QuantizedCheck,
 ) -> dict[str, float]:
     """Each ONNX file quantized with onnxruntime's static QDQ (after ``quant_pre_process``), beside it as
     ``<name>.int8.onnx``, and its error against the float original on ``fresh``; a file that cannot be quantized

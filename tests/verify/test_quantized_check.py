@@ -157,8 +157,10 @@ def test_check_quantize_refuses_a_model_already_quantized():
 def test_check_quantize_takes_the_users_quantizer():
     """A PT2E quantizer object (here per-tensor weights) is the recipe for both versions."""
     quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=False))
-    x = torch.randn(2, 3, 32, 32)
-    report = fxsurgery.check(demo_model(), x, onnx=False, quantize=quantizer)
+    x, model = torch.randn(2, 3, 32, 32), demo_model()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    report = fxsurgery.check(model, x, onnx=False, quantize=quantizer)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # quantized copies, not the model
     q = report.quantized
     assert q is not None and q.recipe == "XNNPACKQuantizer" and q.passed, report.summary()
     assert not q.onnx_error  # no ONNX files to quantize
