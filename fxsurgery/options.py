@@ -137,8 +137,9 @@ Options (keywords, or one ``options=fxsurgery.Options(...)``):
 * ``quantize=None``: the rewritten model will be quantized: ``"int8"`` (PT2E with XNNPACKQuantizer, symmetric
   per-channel; onnxruntime's static QDQ, per-channel, for the ONNX files) or a PT2E quantizer object. The rewrite
   emits the forms quantizers keep whole (a LayerNorm carried over channels as one ``layer_norm`` between permutes,
-  not 9 reductions each quantized; attention products as MatMuls, not Einsums); ``check`` quantizes both versions
-  with that recipe and compares them (:mod:`fxsurgery.verify.quantized`).
+  not 9 reductions each quantized; per-head attention as SDPA itself on permuted views, eager attention as MatMuls,
+  not Einsums); ``check`` quantizes both versions with that recipe and compares them
+  (:mod:`fxsurgery.verify.quantized`).
 * ``rules=None``: a :class:`~fxsurgery.RuleSet` to use instead of the direction's own.
 * ``runtime="onnxruntime"`` (``to="auto"`` only): where to measure, ``"onnxruntime"``, ``"torch"`` or
   ``"openvino"`` (its CPU plugin in float32; ``pip install "fxsurgery[openvino]"``).
