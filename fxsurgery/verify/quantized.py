@@ -35,8 +35,10 @@ from torch import nn
 from fxsurgery.capture.copies import eval_copy
 from fxsurgery.engine.emit import op_name
 from fxsurgery.errors import InputError, one_line
+from fxsurgery.rules.aten.linear_to_conv import VIEWS
 from fxsurgery.rules.aten.qdq import is_dequantize, is_quantize
 from fxsurgery.runtimes.ort import run_session, session
+from fxsurgery.verify.cross_check import NAMES
 from fxsurgery.verify.validation import random_inputs
 
 __all__ = ["QuantizedCheck", "compare_quantized", "quantize_pt2e", "layout_census", "lowered_outputs", "AGREEMENT"]
@@ -49,10 +51,8 @@ ERROR_MARGIN = 0.05
 _FRESH = 8
 
 _TRANSPOSES = ("aten::permute", "aten::permute_copy", "aten::transpose", "aten::t")
-_VIEWS = ("aten::view", "aten::view_copy", "aten::reshape", "aten::_unsafe_view", "aten::flatten")
 _COPIES = ("aten::clone", "dim_order_ops::_clone_dim_order")
 _PRODUCTS = ("aten::linear", "aten::convolution", "aten::conv2d", "aten::conv1d", "aten::addmm", "aten::mm")
-NAMES = ("original", "rewritten")
 
 
 def quantizer_of(recipe: Any) -> tuple[str, Any]:
@@ -89,7 +89,7 @@ def layout_census(graph: fx.Graph) -> dict[str, int]:
     """Quantized products, transposes, views, copies, requantizations and broken islands of a quantized graph."""
     nodes = [n for n in graph.nodes if n.op == "call_function"]
     names = [op_name(n.target) for n in nodes]
-    layout = (*_TRANSPOSES, *_VIEWS)
+    layout = (*_TRANSPOSES, *VIEWS)
     broken = sum(
         op_name(a.target) in layout and is_dequantize(a.args[0])
         for n in nodes
@@ -106,7 +106,7 @@ def layout_census(graph: fx.Graph) -> dict[str, int]:
             op_name(n.target) in _PRODUCTS and any(is_dequantize(a) for a in n.all_input_nodes) for n in nodes
         ),
         "transposes": sum(n in _TRANSPOSES for n in names),
-        "views": sum(n in _VIEWS for n in names),
+        "views": sum(n in VIEWS for n in names),
         "copies": sum(n in _COPIES for n in names),
         "requantizations": requant,
         "broken islands": broken,

@@ -173,21 +173,17 @@ def test_quantize_takes_int8_or_a_quantizer():
 
 
 def test_the_cli_quantize_flag_writes_the_comparison(tmp_path):
-    out = tmp_path / "out"
-    code = main(
-        [
-            "rewrite",
-            "fxsurgery.models:demo_model",
-            "--input-shape",
-            "2,3,32,32",
-            "--to",
-            "conv",
-            "--quantize",
-            "int8",
-            "--out",
-            str(out),
-        ]  # fmt: skip
-    )
+    import logging
+
+    onnx_logger = logging.getLogger("torch.onnx")  # the command line quiets it for its process, not for the tests'
+    level, out = onnx_logger.level, tmp_path / "out"
+    try:
+        code = main(
+            ["rewrite", "fxsurgery.models:demo_model", "--input-shape", "2,3,32,32", "--to", "conv", "--quantize",
+             "int8", "--out", str(out)]  # fmt: skip
+        )
+    finally:
+        onnx_logger.setLevel(level)
     data = json.loads((out / "report.json").read_text())
     assert code == 0 and data["quantized"]["passed"] and (out / "rewritten.int8.onnx").exists()
     assert "Quantized cross-check" in (out / "report.html").read_text()
