@@ -7,17 +7,53 @@ onnxruntime.
 
 from __future__ import annotations
 
-from fxsurgery.api import check, conv_to_linear, linear_to_conv, rewrite
-from fxsurgery.artifacts.checkpoint import load_state_dict, original_state_dict
-from fxsurgery.artifacts.convert import convert_checkpoint
-from fxsurgery.engine.rule import Match, Rule, RuleSet, Skip
-from fxsurgery.errors import InputError, SurgeryError, TraceError, ValidationError
-from fxsurgery.options import Options
-from fxsurgery.report import CheckReport, Comparison, OnnxCheck, Site, SurgeryResult, Validation
-from fxsurgery.runtimes.bench import BenchReport, benchmark
-from fxsurgery.verify.cross_check import cross_check
-from fxsurgery.verify.policy import RTOL
-from fxsurgery.verify.validation import validate
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from fxsurgery.api import check, conv_to_linear, linear_to_conv, rewrite
+    from fxsurgery.artifacts.checkpoint import load_state_dict, original_state_dict
+    from fxsurgery.artifacts.convert import convert_checkpoint
+    from fxsurgery.engine.rule import Match, Rule, RuleSet, Skip
+    from fxsurgery.errors import InputError, SurgeryError, TraceError, ValidationError
+    from fxsurgery.options import Options
+    from fxsurgery.report import CheckReport, Comparison, OnnxCheck, Site, SurgeryResult, Validation
+    from fxsurgery.runtimes.bench import BenchReport, benchmark
+    from fxsurgery.verify.cross_check import cross_check
+    from fxsurgery.verify.policy import RTOL
+    from fxsurgery.verify.validation import validate
+
+#: Where each public name lives: imported on first use (PEP 562), so that ``fxsurgery --help`` and tools that only
+#: need a submodule do not pay for importing torch.
+_LAZY = {
+    **dict.fromkeys(("check", "conv_to_linear", "linear_to_conv", "rewrite"), "fxsurgery.api"),
+    **dict.fromkeys(("load_state_dict", "original_state_dict"), "fxsurgery.artifacts.checkpoint"),
+    "convert_checkpoint": "fxsurgery.artifacts.convert",
+    **dict.fromkeys(("Match", "Rule", "RuleSet", "Skip"), "fxsurgery.engine.rule"),
+    **dict.fromkeys(("InputError", "SurgeryError", "TraceError", "ValidationError"), "fxsurgery.errors"),
+    "Options": "fxsurgery.options",
+    **dict.fromkeys(
+        ("CheckReport", "Comparison", "OnnxCheck", "Site", "SurgeryResult", "Validation"), "fxsurgery.report"
+    ),
+    **dict.fromkeys(("BenchReport", "benchmark"), "fxsurgery.runtimes.bench"),
+    "cross_check": "fxsurgery.verify.cross_check",
+    "RTOL": "fxsurgery.verify.policy",
+    "validate": "fxsurgery.verify.validation",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'fxsurgery' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])
+
 
 __all__ = [
     "linear_to_conv",

@@ -222,9 +222,9 @@ def attention_channels(
     if is_causal:
         keep = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril()
     if mask is not None and mask.dtype == torch.bool:
-        keep = mask if keep is None else keep & mask
+        keep = mask if keep is None else torch.logical_and(keep, mask)  # (coremltools knows no aten.__and__)
     if keep is not None:  # the lowest finite value, not -inf (softmax gives 0 either way): a quantizer calibrates on it
-        scores = scores.masked_fill(~keep, torch.finfo(scores.dtype).min)
+        scores = scores.masked_fill(torch.logical_not(keep), torch.finfo(scores.dtype).min)
     if mask is not None and mask.dtype != torch.bool:
         scores = scores + mask
     p = torch.softmax(scores, dim=-1)
@@ -232,7 +232,7 @@ def attention_channels(
         # (== -inf, not isneginf: OpenVINO's and coremltools' PyTorch frontends have no isneginf; a count of the keys
         # kept, not .all(): onnxruntime's symbolic shape inference, which its quantization tools run, knows ReduceSum
         # and not ReduceMin)
-        kept = scores != float("-inf") if keep is None else keep & (scores != float("-inf"))
+        kept = scores != float("-inf") if keep is None else torch.logical_and(keep, scores != float("-inf"))
         p = p.masked_fill(kept.sum(-1, keepdim=True) == 0, 0.0)
     return torch.einsum(f"bhst,{values}->bhds", p, v)
 

@@ -17,11 +17,13 @@ import torch
 from torch import nn
 
 from fxsurgery.capture import keyword_call, normalize_inputs, prepare_model, refuse_meta, split_keywords
+from fxsurgery.capture.export import sequence_axis
 from fxsurgery.capture.programs import export_rewritten, module_of_program
 from fxsurgery.capture.quantized import quantized_program
 from fxsurgery.errors import InputError, ValidationError
 from fxsurgery.options import OPTIONS_DOC, Options, resolve
 from fxsurgery.pipeline import run_auto, run_pass, run_quantized
+from fxsurgery.progress import step
 from fxsurgery.report import CheckReport, SurgeryResult
 from fxsurgery.rules import DIRECTIONS
 from fxsurgery.runtimes.census import census
@@ -58,9 +60,10 @@ def rewrite(
     if isinstance(model, torch.export.ExportedProgram):
         return _rewrite_program(model, example_inputs, direction, opts)
     model, inputs = _with_keywords(model, example_inputs)
-    if direction == "auto":
-        return run_auto(prepare_model(model), inputs, opts)
-    return run_pass(model, inputs, direction, opts)
+    with sequence_axis(opts.dynamic_sequence):
+        if direction == "auto":
+            return run_auto(prepare_model(model), inputs, opts)
+        return run_pass(model, inputs, direction, opts)
 
 
 def _rewrite_program(
@@ -178,11 +181,12 @@ def check(
         refuse_meta(module, example_inputs, "check (the ONNX export and the onnxruntime cross-check)")
     model, inputs = _with_keywords(module, example_inputs)
     try:  # a program is rewritten as a program (its own graph, through the export front end)
-        result = (
-            rewrite(program, example_inputs, to, options=opts)
-            if program is not None
-            else rewrite(model, inputs, to, options=opts)
-        )
+        with step(f"rewriting towards {to} and validating ({opts.precision})"):
+            result = (
+                rewrite(program, example_inputs, to, options=opts)
+                if program is not None
+                else rewrite(model, inputs, to, options=opts)
+            )
     except ValidationError as e:
         result = e.result
     onnx_check = None
@@ -198,19 +202,27 @@ def check(
             if onnx_check
             else None
         )
-        quantized = compare_quantized(model, result.module, inputs, opts.quantize, paths, seed=opts.seed)
-    census = _target_census(opts.target, model, result, inputs, onnx_check)
+        with step("quantizing both versions and comparing them"):
+            quantized = compare_quantized(model, result.module, inputs, opts.quantize, paths, seed=opts.seed)
+    census = _target_census(opts.target, model, result, inputs, onnx_check, Path(out_dir))
     return CheckReport(result, onnx_check, census, quantized)
 
 
 def _target_census(
-    target: str | None, model: nn.Module, result: SurgeryResult, inputs: tuple[torch.Tensor, ...], onnx_check: Any
+    target: str | None,
+    model: nn.Module,
+    result: SurgeryResult,
+    inputs: tuple[torch.Tensor, ...],
+    onnx_check: Any,
+    out_dir: Path,
 ) -> dict[str, Any] | None:
-    """The op census of both models after the target's own conversion (None without a target)."""
+    """The op census of both models after the target's own conversion, each conversion written to ``out_dir`` as
+    the target deploys it (None without a target)."""
     if target is None:
         return None
     paths = (onnx_check.original_path, onnx_check.rewritten_path) if onnx_check is not None else None
-    return {"name": target, "census": census(target, model, result.module, inputs, paths)}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return {"name": target, "census": census(target, model, result.module, inputs, paths, out_dir)}
 
 
 for _f in (rewrite, linear_to_conv, conv_to_linear, check):

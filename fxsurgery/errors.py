@@ -10,7 +10,16 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from fxsurgery.report import SurgeryResult
 
-__all__ = ["SurgeryError", "TraceError", "ValidationError", "InputError", "one_line", "cause_of", "quiet_loggers"]
+__all__ = [
+    "SurgeryError",
+    "TraceError",
+    "ValidationError",
+    "InputError",
+    "one_line",
+    "full_text",
+    "cause_of",
+    "quiet_loggers",
+]
 
 
 class SurgeryError(Exception):
@@ -51,6 +60,14 @@ def one_line(e: BaseException, limit: int = 300) -> str:
     """``Type: first line of the message``, for one-line error reports."""
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")[:limit]
+
+
+def full_text(e: BaseException, limit: int = 4000) -> str:
+    """``Type: the whole message`` with blank lines dropped, cut at ``limit`` characters: for a toolchain's error,
+    whose cause is rarely on its first line (OpenVINO names the op it could not convert on the sixth)."""
+    lines = [line.rstrip() for line in str(e).strip().splitlines() if line.strip()]
+    text = f"{type(e).__name__}: " + "\n".join(lines) if lines else type(e).__name__
+    return text if len(text) <= limit else text[:limit] + f"... [{len(text) - limit} more characters]"
 
 
 def cause_of(e: BaseException) -> str:

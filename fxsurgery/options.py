@@ -57,6 +57,7 @@ class Options:
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
     opset: int | None = None
     dynamic_batch: bool = True
+    dynamic_sequence: bool = False
     runtimes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -96,8 +97,9 @@ class Options:
             raise InputError(f"unknown exporter {self.exporter!r}; use one of {', '.join(EXPORTERS)}")
         if self.opset is not None and (isinstance(self.opset, bool) or not isinstance(self.opset, int)):
             raise InputError(f"opset must be an int (or None: the exporter's), got {self.opset!r}")
-        if not isinstance(self.dynamic_batch, bool):
-            raise InputError(f"dynamic_batch must be True or False, got {self.dynamic_batch!r}")
+        for flag in ("dynamic_batch", "dynamic_sequence"):
+            if not isinstance(getattr(self, flag), bool):
+                raise InputError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
         for rt in self.runtimes:
             if rt not in named("run"):
                 raise InputError(f"unknown cross-check runtime {rt!r}: use one of {', '.join(named('run'))}")
@@ -150,6 +152,9 @@ The ONNX cross-check (``check``, ``cross_check``):
 * ``providers=("CPUExecutionProvider",)``: onnxruntime's execution providers.
 * ``opset=None``: the ONNX opset (None: the exporter's).
 * ``dynamic_batch=True``: export the batch axis dynamic (and compare at a second batch size); False: static.
+* ``dynamic_sequence=False``: True: also the sequence axis (dim 1 of integer ``(batch, sequence)`` inputs), traced
+  dynamic by the export front end and exported dynamic where both files keep it (the HuggingFace front door of the
+  command line sets it; decoders then carry their rotary tables with a transpose).
 * ``runtimes=()``: also cross-check on these runtimes, ``"openvino"`` and/or ``"executorch"`` (their extras).
 """
 

@@ -39,6 +39,7 @@ from fxsurgery.capture import (
     working_copy,
 )
 from fxsurgery.capture.frontends import choose_front_end
+from fxsurgery.engine import subgraph
 from fxsurgery.engine.passes import PASSES, transform
 from fxsurgery.engine.rewriter import Rewriter
 from fxsurgery.engine.rule import RuleSet
@@ -197,7 +198,7 @@ def _apply(traced: fx.GraphModule, inputs: tuple[torch.Tensor, ...], job: _Job) 
         rw = Rewriter(gm, job.rules, job.exclude, job.tied, job.skip)
         sites = rw.run()
     record_module_layouts(gm, rw.modules, rw.new_modules)
-    return gm, sites
+    return gm, subgraph.with_shapes(sites, gm, inputs)
 
 
 @contextlib.contextmanager

@@ -28,8 +28,6 @@ __all__ = [
     "json_float",
     "SCHEMA_VERSION",
     "HISTOGRAM_BINS",
-    "moved",
-    "report_file",
 ]
 
 #: The bins of validation's error histograms, per element: |got - ref| / output scale, by decade (0: equal).
@@ -113,6 +111,8 @@ class Validation:
     notes: tuple[str, ...] = field(default=())
     #: per output, element counts of |rewritten - original| / output scale per bin of ``HISTOGRAM_BINS``
     error_histograms: dict[str, list[int]] = field(default_factory=dict)
+    #: what makes a pass hollow ("" when nothing does): outputs below the comparison floor
+    warning: str = ""
 
     def __bool__(self) -> bool:
         return self.passed
@@ -126,6 +126,8 @@ class Validation:
         )
         if self.failure:
             text += f"\n  {self.failure}"
+        if self.warning:
+            text += f"\n  WARNING: {self.warning}"
         for n in self.notes:
             text += f"\n  note: {n}"
         return text
@@ -143,6 +145,7 @@ class Validation:
             "worst": self.worst,
             "failure": self.failure,
             "notes": list(self.notes),
+            "warning": self.warning,
             "error_histograms": {"bins": list(HISTOGRAM_BINS), "outputs": self.error_histograms},
         }
 
@@ -177,14 +180,30 @@ class SurgeryResult:
         """True unless validation ran and failed."""
         return self.validation is None or bool(self.validation)
 
-    def summary(self) -> str:
-        head = f"fxsurgery {self.direction}: {len(self.rewritten)} rewritten, {len(self.skipped)} skipped"
-        rows = [(s.name, s.pattern, s.status, s.after if s.rewritten else s.reason) for s in self.sites]
+    def unchanged(self, dry_run: bool = False) -> str:
+        """One line saying that no site was rewritten, or would be (``dry_run``); "" when some were."""
+        if self.rewritten:
+            return ""
+        found = f"{len(self.sites)} candidate(s), each skipped with its reason" if self.sites else "no candidate found"
+        said = "would be rewritten" if dry_run else "was rewritten"
+        return f"nothing {said} ({found}): the model {'would stay' if dry_run else 'is'} unchanged"
+
+    def summary(self, dry_run: bool = False) -> str:
+        """The sites and the validation as text; ``dry_run``: the sites as what a rewrite would do."""
+        n, k = len(self.rewritten), len(self.skipped)
+        if dry_run:
+            head = (
+                f"fxsurgery {self.direction} (dry run: nothing validated, nothing written): would rewrite {n}, "
+                f"would skip {k}"
+            )
+            status = {"rewritten": "would rewrite", "skipped": "would skip"}
+        else:
+            head = f"fxsurgery {self.direction}: {n} rewritten, {k} skipped"
+            status = {"rewritten": "rewritten", "skipped": "skipped"}
+        rows = [(s.name, s.pattern, status[s.status], s.after if s.rewritten else s.reason) for s in self.sites]
         lines = [head]
         if rows:
             lines.append(format_table(("site", "pattern", "status", "after / reason"), rows))
-        else:
-            lines.append("no candidate layers found")
         lines.extend(f"note: {n}" for n in self.notes)
         if self.timings:
             rows = [
@@ -193,7 +212,10 @@ class SurgeryResult:
             ]
             if rows:
                 lines.append(format_table(("site", "direction", "kept", "rewritten/original alone"), rows))
-        lines.append(self.validation.summary() if self.validation is not None else "validation: not run")
+        if self.unchanged():
+            lines.append(f"WARNING: {self.unchanged(dry_run)}")
+        if not dry_run:
+            lines.append(self.validation.summary() if self.validation is not None else "validation: not run")
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
@@ -275,7 +297,8 @@ class OnnxCheck:
         ]
         if rows2:
             lines.append(format_table(("candidate", "reference", "batch", "max abs", "max rel", ""), rows2))
-        lines += [f"skipped: {s}" for s in self.skipped] + [f"FAILED: {f}" for f in self.failures]
+        lines += [f"skipped: {s}" for s in self.skipped]
+        lines += ["FAILED: " + f.replace("\n", "\n  ") for f in self.failures]  # a toolchain's error, whole
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
@@ -306,8 +329,11 @@ class CheckReport:
 
     @property
     def passed(self) -> bool:
+        """Validation, the cross-check and the quantized comparison passed where they ran, and the target's
+        toolchain converts the rewritten model wherever it converts the original."""
         quantized = self.quantized is None or self.quantized.passed
-        return self.surgery.passed and (self.onnx is None or self.onnx.passed) and quantized
+        converts = self.target is None or not _regressed(self.target["census"])
+        return self.surgery.passed and (self.onnx is None or self.onnx.passed) and quantized and converts
 
     def __bool__(self) -> bool:
         return self.passed
@@ -338,62 +364,26 @@ class CheckReport:
         }
 
 
+def _regressed(census: dict[str, Any]) -> bool:
+    """The toolchain converts the original and not the rewritten model."""
+    return census.get("original") is not None and census.get("rewritten") is None and "skipped" not in census
+
+
 def _census_summary(target: dict[str, Any]) -> str:
     census = target["census"]
     head = f"target {target['name']}: op census after {census['toolchain']}'s conversion"
     if "skipped" in census:
         return f"{head}: not taken ({census['skipped']})"
-    ops = sorted(set(census["original"]) | set(census["rewritten"]))
-    rows = [(op, census["original"].get(op, 0), census["rewritten"].get(op, 0)) for op in ops]
-    return f"{head}\n{format_table(('op', 'original', 'rewritten'), rows)}"
+    lines = [f"{head}: {census.get('verdict', '')}"]
+    counts = {label: census[label] for label in ("original", "rewritten")}
+    ops = sorted({op for c in counts.values() if c for op in c})
+    if ops:
+        rows = [(op, *("-" if c is None else c.get(op, 0) for c in counts.values())) for op in ops]
+        lines.append(format_table(("op", "original", "rewritten"), rows))
+    for label, text in census.get("errors", {}).items():
+        lines.append(f"{census['toolchain']} on the {label} model:\n" + "\n".join(f"  {t}" for t in text.splitlines()))
+    return "\n".join(lines)
 
 
 #: The version of ``report.json``'s layout; raised when a key changes meaning or goes away.
 SCHEMA_VERSION = 1
-
-
-def moved(
-    report: CheckReport, folder: str | None, gone: str = "(removed: pass --out DIR to keep the files)"
-) -> CheckReport:
-    """``report`` with its ONNX paths in ``folder`` (where the CLI's staging folder ends up), or marked ``gone``
-    when ``folder`` is None (``fxsurgery demo`` without ``--out``, ``--artifacts`` without ``onnx``)."""
-    import dataclasses
-    from pathlib import Path
-
-    if report.onnx is None:
-        return report
-
-    def where(path: str) -> str:
-        return str(Path(folder) / Path(path).name) if folder else gone
-
-    onnx = dataclasses.replace(
-        report.onnx, original_path=where(report.onnx.original_path), rewritten_path=where(report.onnx.rewritten_path)
-    )
-    return dataclasses.replace(report, onnx=onnx)
-
-
-def report_file(
-    report: CheckReport, *, saved: dict[str, str], command: str, inputs: list[tuple[str, Any]]
-) -> dict[str, Any]:
-    """What ``report.json`` (and ``--json``) holds: the report, the files saved, the command, the schema version,
-    the versions of the tools, and the example inputs ``(name, tensor)`` as names, shapes and dtypes."""
-    import importlib.metadata
-    import sys
-
-    versions: dict[str, str | None] = {}
-    for package in ("fxsurgery", "torch", "onnx", "onnxruntime", "onnxscript", "transformers", "torchao"):
-        loaded = getattr(sys.modules.get(package), "__version__", None)  # torch's carries its build: 2.14.1+cu130
-        try:
-            versions[package] = str(loaded) if loaded else importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            versions[package] = None
-    return {
-        "schema_version": SCHEMA_VERSION,
-        **report.to_dict(),
-        "saved": saved,
-        "command": command,
-        "versions": versions,
-        "inputs": [
-            {"name": name, "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")} for name, t in inputs
-        ],
-    }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -225,7 +226,7 @@ def test_artifacts_none_writes_only_the_report_and_a_dry_run_writes_nothing(mode
     assert {p.name for p in out.iterdir()} == {"report.json", "report.html"}
     proc = run("rewrite", f"{models_file}:make", "--to", "conv", "--input-shape", "2,3,32,32", "--dry-run",
                "--quiet", cwd=tmp_path)  # fmt: skip
-    assert proc.returncode == 0 and "classifier.1" in proc.stdout and "rewritten" in proc.stdout, proc.stderr
+    assert proc.returncode == 0 and "classifier.1" in proc.stdout and "would rewrite" in proc.stdout, proc.stderr
     assert {p.name for p in tmp_path.iterdir()} == {"out"}  # nothing new written
     for bad, message in ((["--artifacts", "onnx,weights"], "unknown artifact 'weights'"),
                          (["--dry-run", "--to", "auto"], "--dry-run lists the sites of one direction"),
@@ -334,6 +335,34 @@ def test_example_scripts_run(script, tmp_path):
     assert (tmp_path / "rewritten.onnx").is_file()
 
 
+def test_check_is_rewrite_by_the_api_s_name_with_a_dotted_model_and_steps_timed(tmp_path):
+    """``fxsurgery check`` runs ``rewrite``; MODEL may be dotted (``torch.nn.Linear``); the long step shows its
+    sub-steps with their times; the command recorded in report.json is shell-quoted (it can be pasted back)."""
+    import shlex
+
+    kwargs = '{"in_features": 8, "out_features": 4}'
+    out = tmp_path / "o"
+    proc = run("check", "torch.nn.Linear", "--model-kwargs", kwargs, "--input-shape", "2,8", "--to", "conv",
+               "--artifacts", "none", "--out", str(out))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"^fxsurgery:   exporting the original model to ONNX \(dynamo, batch axes\) \.\.\. \d+\.\ds$",
+                     proc.stderr, re.M), proc.stderr  # fmt: skip
+    assert re.search(r"^fxsurgery:   running rewritten\.onnx in onnxruntime .* \d+\.\ds$", proc.stderr, re.M)
+    command = json.loads((out / "report.json").read_text())["command"]
+    assert shlex.split(command)[-12:] == ["check", "torch.nn.Linear", "--model-kwargs", kwargs, "--input-shape", "2,8",
+                                          "--to", "conv", "--artifacts", "none", "--out", str(out)]  # fmt: skip
+
+
+def test_a_bench_row_says_faster_slower_or_within_noise():
+    from fxsurgery.runtimes.bench import BenchRow
+    from fxsurgery.runtimes.timing import Ratio
+
+    noise = Ratio(1.0, 0.97, 1.03, 1.0, 1.0, 7)
+    row = lambda m, lo, hi: BenchRow("onnxruntime", 1, Ratio(m, lo, hi, 1.0, m, 7), noise)  # noqa: E731
+    assert row(0.8, 0.75, 0.9).verdict == "faster" and row(1.3, 1.2, 1.4).verdict == "slower"
+    assert row(0.98, 0.9, 1.05).verdict == "within noise" and row(0.96, 0.95, 0.98).verdict == "within noise"
+
+
 def test_model_specs_resolve_as_entry_points_do():
     """``package.module:callable`` (also a dotted attribute path after the colon) resolves as
     ``pkgutil.resolve_name`` reads entry points; a missing attribute is one usage error."""
@@ -343,6 +372,9 @@ def test_model_specs_resolve_as_entry_points_do():
     from fxsurgery.cli.model import load_factory
 
     assert load_factory("torch.nn:Sequential") is torch.nn.Sequential
+    assert load_factory("torch.nn.Sequential") is torch.nn.Sequential  # dotted, as it is written in Python
+    with pytest.raises(UsageError, match=r"cannot resolve 'torch\.nn\.Nope'.*e\.g\. torch\.nn:Nope"):
+        load_factory("torch.nn.Nope")
     assert load_factory("collections:OrderedDict.fromkeys") == collections.OrderedDict.fromkeys
     with pytest.raises(UsageError, match="has no attribute 'OrderedDict.nope'"):
         load_factory("collections:OrderedDict.nope")
@@ -383,3 +415,23 @@ def test_a_pt2_file_takes_other_inputs_and_refuses_factory_options(tmp_path):
                           timeout=600)  # fmt: skip
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "--weights applies to a model factory, not to a .pt2 file" in proc.stderr
+
+
+def test_third_party_logs_are_quieted_while_the_command_runs_and_restored_after(monkeypatch, capsys):
+    """Known-harmless logs (the exporter's, onnxscript's, the toolchains') are quieted during a command unless -v,
+    and every logger's level is what it was afterwards (an in-process caller keeps its logging set-up)."""
+    import logging
+
+    from fxsurgery.cli import _NOISY, main
+    from fxsurgery.cli import _third_party_quiet as quiet
+
+    levels = {name: logging.getLogger(name).level for name in _NOISY}
+    seen = {}
+    with quiet(False):
+        seen["quiet"] = {name: logging.getLogger(name).level for name in _NOISY}
+    with quiet(True):
+        seen["verbose"] = {name: logging.getLogger(name).level for name in _NOISY}
+    assert set(seen["quiet"].values()) == {logging.ERROR} and seen["verbose"] == levels
+    assert main(["list", "fxsurgery.models:demo_model", "--input-shape", "1,3,32,32", "--to", "conv", "--quiet"]) == 0
+    assert {name: logging.getLogger(name).level for name in _NOISY} == levels
+    assert "would rewrite 3" in capsys.readouterr().out

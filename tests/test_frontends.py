@@ -287,3 +287,24 @@ def test_check_takes_an_exported_program_and_its_example_inputs(tmp_path):
     assert len(report.surgery.rewritten) >= 3
     with torch.no_grad():
         torch.testing.assert_close(report.surgery.module(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+class VarArgs(nn.Module):
+    """A forward that takes its inputs as ``*inputs`` (a wrapper's usual signature)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, *inputs):
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(inputs[0] + inputs[1], 1), 1))
+
+
+def test_a_forward_taking_star_args_goes_through_torch_export_with_a_dynamic_batch():
+    """torch.export reads ``dynamic_shapes`` by the forward's parameters: the inputs a ``*inputs`` parameter takes
+    are one entry there (given one entry per input, it refused: "inputs has 1 elements")."""
+    model, xs = VarArgs().eval(), (torch.randn(2, 8, 4, 4), torch.randn(2, 8, 4, 4))
+    res = fxsurgery.linear_to_conv(model, xs, frontend="export")
+    assert res.frontend == "export" and len(res.rewritten) == 1 and res.validation.passed
+    x3 = (torch.randn(3, 8, 4, 4), torch.randn(3, 8, 4, 4))
+    torch.testing.assert_close(res.module(*x3), model(*x3), rtol=1e-5, atol=1e-6)

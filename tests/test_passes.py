@@ -110,7 +110,8 @@ def test_a_rewritten_program_saves_loads_and_exports_to_onnx(tmp_path):
 def test_to_edge_transform_and_lower_runs_the_passes(make_pass, partition):
     pytest.importorskip("executorch", reason="ExecuTorch is optional: pip install fxsurgery[executorch]")
     from executorch.exir import to_edge_transform_and_lower
-    from executorch.runtime import Runtime
+
+    from fxsurgery.runtimes.xnnpack import execute
 
     model = Net().eval()
     x = torch.randn(2, 3, 2, 2)
@@ -127,8 +128,7 @@ def test_to_edge_transform_and_lower_runs_the_passes(make_pass, partition):
         convs = sum("aten.convolution" in str(n.target) for n in edge.exported_program().graph.nodes)
         # (Edge decomposes tok's 3-D Linear into view -> addmm -> view: a 2-D Linear the pass rewrites too)
         assert convs == (5 if make_pass is LinearToConvPass else 1)
-    method = Runtime.get().load_program(edge.to_executorch().buffer).load_method("forward")
-    for got, expected in zip(method.execute([x]), model(x)):
+    for got, expected in zip(execute(edge.to_executorch().buffer, [x]), model(x)):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
@@ -139,9 +139,9 @@ def test_a_program_rewritten_by_the_engine_lowers_to_executorch(direction, parti
     fails XNNPACK's partitioner the same way, "pass through arguments, which are not supported".)"""
     pytest.importorskip("executorch", reason="ExecuTorch is optional: pip install fxsurgery[executorch]")
     from executorch.exir import to_edge_transform_and_lower
-    from executorch.runtime import Runtime
 
     import fxsurgery
+    from fxsurgery.runtimes.xnnpack import execute
 
     partitioner = []
     if partition:
@@ -153,6 +153,5 @@ def test_a_program_rewritten_by_the_engine_lowers_to_executorch(direction, parti
     res = fxsurgery.rewrite(torch.export.export(model, (x,)), None, direction)
     assert res.rewritten
     edge = to_edge_transform_and_lower(res.program, partitioner=partitioner)
-    method = Runtime.get().load_program(edge.to_executorch().buffer).load_method("forward")
-    for got, expected in zip(method.execute([x]), model(x)):
+    for got, expected in zip(execute(edge.to_executorch().buffer, [x]), model(x)):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)

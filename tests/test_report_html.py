@@ -44,11 +44,13 @@ def test_every_site_drawing_renders_in_headless_chromium(out):
     dom = _dom(out / "report.html")
     n = len(data["sites"])
     assert n == {"auto": 6, "conv_to_linear": 3}[data["direction"]]
-    assert f'data-sites="{n}"' in dom and f'data-sites-rendered="{n}"' in dom
     drawings = re.findall(r'<svg class="site-drawing" data-site="([^"]+)"[^>]*data-rendered="yes"', dom)
-    assert sorted(drawings) == sorted(s["name"] for s in data["sites"])
+    shared = re.findall(r'<a class="shared">([^<]+)</a>', dom)  # a block repeated is drawn once
+    assert f'data-sites="{len(drawings)}"' in dom and f'data-sites-rendered="{len(drawings)}"' in dom
+    assert len(drawings) + len(shared) == n and set(shared) <= set(drawings)
+    assert set(drawings) <= {s["name"] for s in data["sites"]}
     assert dom.count('class="histogram"') == len(data["validation"]["error_histograms"]["outputs"]) == 1
-    for site in data["sites"]:  # each drawing is the site's subgraph from report.json: every node drawn, in a box
+    for site in (s for s in data["sites"] if s["name"] in drawings):  # the site's subgraph: every node in a box
         svg = re.search(rf'<svg class="site-drawing" data-site="{re.escape(site["name"])}".*?</svg>', dom).group(0)
         nodes = site["subgraph"]["before"]["nodes"] + (site["subgraph"]["after"] or {"nodes": []})["nodes"]
         assert len(nodes) >= 2 and svg.count("<rect") == len(nodes) + (site["subgraph"]["after"] is None)
@@ -62,7 +64,7 @@ def test_the_page_is_self_contained_and_rebuilt_from_report_json(out):
     data = json.loads((out / "report.json").read_text())
     assert "report.html" in data["saved"]
     for s in data["sites"]:
-        assert f'data-site="{s["name"]}"' in page
+        assert f"<code>{html.escape(s['name'])}</code>" in page  # each site has its row
     (out / "report.html").unlink()
     proc = subprocess.run([sys.executable, "-m", "fxsurgery", "report", str(out)], capture_output=True, text=True,
                           cwd=ROOT, timeout=600)  # fmt: skip
@@ -142,3 +144,45 @@ def test_a_malformed_report_json_is_one_line_and_exit_2(out, tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert "not a report fxsurgery wrote" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "report.html").exists()
+
+
+@pytest.mark.skipif(BROWSER is None, reason="Chromium is not installed (apt-get install -y chromium)")
+def test_a_failing_run_opens_with_its_failure_and_where_it_starts(tmp_path, monkeypatch):
+    """A real failing check (the rewritten ONNX file's classifier weight scaled after export, as an exporter bug
+    would): the page, rendered in headless Chromium, opens with a summary that says FAILED, which check failed,
+    the comparison that failed, and the value the localization names first."""
+    import importlib
+
+    import onnx
+    import torch
+    from onnx import numpy_helper
+
+    import fxsurgery
+    from fxsurgery.artifacts.report_html import write_html
+    from fxsurgery.artifacts.report_json import report_file
+    from fxsurgery.models import demo_model
+
+    stage = importlib.import_module("fxsurgery.verify.export_stage")
+    export, tampered = stage.export_onnx, {}
+
+    def export_then_tamper(module, inputs, path, **kw):
+        export(module, inputs, path, **kw)
+        if path.name == "rewritten.onnx":
+            model = onnx.load(str(path))
+            init = next(i for i in model.graph.initializer if i.name.startswith("classifier.1"))
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * 1.5, init.name))
+            tampered["value"] = next(n for n in model.graph.node if init.name in n.input).output[0]
+            onnx.save(model, str(path))
+
+    monkeypatch.setattr(stage, "export_onnx", export_then_tamper)
+    x = torch.randn(2, 3, 32, 32)
+    report = fxsurgery.check(demo_model().eval(), x, "conv", tmp_path / "o")
+    assert not report.passed and report.surgery.passed  # the torch rewrite is right; its ONNX file is not
+    page = write_html(report_file(report, saved={}, command="test", inputs=[("x", x)]), tmp_path / "report.html")
+    dom = _dom(page)
+    summary = re.search(r'<section id="summary">.*?</section>', dom, re.S).group(0)
+    summary = html.unescape(re.sub(r"<[^>]+>", "", summary))  # the text a reader sees
+    assert dom.index('id="summary"') < dom.index("<h2>Sites")  # the page opens with it
+    assert "FAILED: see the failing checks below" in summary and "validation: passed" in summary
+    assert "ONNX cross-check: FAILED" in summary and "ORT rewritten [opt" in summary
+    assert f"the first value over the bound is {tampered['value']!r}" in summary

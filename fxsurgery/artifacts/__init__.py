@@ -4,4 +4,8 @@ all (:mod:`._staging`)."""
 
 from __future__ import annotations
 
-__all__: list[str] = []
+__all__ = ["ARTIFACTS"]
+
+#: What :func:`~fxsurgery.artifacts.checkpoint.save_rewritten` can write (the CLI's ``--artifacts``; ``onnx`` is the
+#: cross-check's two files).
+ARTIFACTS = ("onnx", "pt2", "safetensors", "code")

@@ -7,9 +7,10 @@ described by the two views' (shape, stride, offset) over the same storage. :func
 
 from __future__ import annotations
 
+import copy
 import json
 import os
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from fxsurgery.artifacts import ARTIFACTS
 from fxsurgery.capture.copies import working_copy
 from fxsurgery.engine.weights import shares_storage
 from fxsurgery.errors import InputError, one_line
@@ -165,8 +167,48 @@ def load_state_dict(rewritten: nn.Module, state_dict: dict[str, torch.Tensor], s
     return rewritten.load_state_dict(converted, strict=strict)
 
 
-#: What :func:`save_rewritten` can write (the CLI's ``--artifacts``; ``onnx`` is the cross-check's two files).
-ARTIFACTS = ("onnx", "pt2", "safetensors", "code")
+def _builtin(value: Any) -> Any:
+    """``value`` with every mapping that is not a ``dict`` made one (a ``ModelOutput``: its fields, in order)."""
+    if isinstance(value, Mapping):
+        return {k: _builtin(v) for k, v in value.items()}
+    if type(value) in (list, tuple):
+        return type(value)(_builtin(v) for v in value)
+    return value
+
+
+def _foreign(value: Any) -> bool:
+    """Whether ``value`` holds a mapping that is not a ``dict`` (which :func:`_builtin` makes one)."""
+    if isinstance(value, Mapping):
+        return type(value) is not dict or any(_foreign(v) for v in value.values())
+    return type(value) in (list, tuple) and any(_foreign(v) for v in value)
+
+
+def _plain_outputs(module: nn.Module, outputs: Any) -> nn.Module:
+    """``module`` returning ``outputs`` with plain dicts (:func:`_builtin`), parameters shared, names kept: a saved
+    program then loads without the output classes registered. A graph torch.export raised builds its outputs from
+    the out_spec of its code generator (which torch.export reads back): a copy of it gets the plain one; any other
+    module, a shallow copy whose forward converts."""
+    import torch.utils._pytree as pytree
+
+    codegen = getattr(getattr(module, "graph", None), "_codegen", None)
+    if isinstance(codegen, fx.graph._PyTreeCodeGen):
+        plain = working_copy(module)
+        spec = pytree.tree_flatten(_builtin(outputs))[1]
+        plain.graph._codegen = fx.graph._PyTreeCodeGen(codegen.pytree_info._replace(out_spec=spec))
+        plain.recompile()
+        return plain
+    cls = type(module)
+    view = copy.copy(module)
+    view.__class__ = type(
+        cls.__name__,
+        (cls,),
+        {
+            "forward": lambda self, *args, **kwargs: _builtin(cls.forward(self, *args, **kwargs)),
+            "__module__": cls.__module__,
+            "__qualname__": cls.__qualname__,
+        },
+    )
+    return view
 
 
 def save_rewritten(
@@ -208,9 +250,20 @@ def save_rewritten(
     try:
         from fxsurgery.capture.export import export_model  # (a dynamic batch, as the ONNX files have)
 
-        program = program if program is not None else export_model(working_copy(gm).eval(), inputs)
+        foreign = False
+        if program is None:
+            module = working_copy(gm).eval()
+            with torch.no_grad():
+                outputs = module(*inputs)
+            foreign = _foreign(outputs)
+            program = export_model(_plain_outputs(module, outputs) if foreign else module, inputs)
         torch.export.save(program, str(out / "rewritten.pt2"))
         saved["rewritten.pt2"] = "torch.export program: torch.export.load(path).module()"
+        if foreign:
+            saved["rewritten.pt2"] += (
+                " (its outputs as plain dicts: the model's own output classes, such as transformers' ModelOutput, "
+                "are not registered for loading a .pt2 in another process)"
+            )
     except Exception as e:  # an exportable fx graph is not guaranteed; the other files still hold everything
         saved["rewritten.pt2"] = f"not written: torch.export failed ({one_line(e, 200)})"
     return saved

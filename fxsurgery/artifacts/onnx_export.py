@@ -17,12 +17,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from fxsurgery.capture.inputs import is_tokens
+
 __all__ = [
     "EXPORTERS",
     "export_onnx",
     "torchlib_registry_once",
     "op_histogram",
     "batch_is_dynamic",
+    "sequence_is_dynamic",
     "io_names",
     "rename_outputs",
 ]
@@ -51,9 +54,13 @@ def export_onnx(
     exporter: str = "dynamo",
     dynamic_batch: bool = True,
     opset: int | None = None,
+    input_names: list[str] | None = None,
+    dynamic_sequence: bool = False,
 ) -> None:
-    """Export ``module`` (in eval mode) to ``path``; raises the exporter's exception on failure."""
-    names = [f"input_{i}" for i in range(len(inputs))]
+    """Export ``module`` (in eval mode) to ``path`` with its inputs named ``input_names`` (default ``input_0``, ...);
+    ``dynamic_sequence`` (with ``dynamic_batch``): dim 1 of token inputs (:func:`is_tokens`) named ``sequence``
+    and dynamic. Raises the exporter's exception on failure."""
+    names = list(input_names) if input_names else [f"input_{i}" for i in range(len(inputs))]
     big = sum(p.numel() * p.element_size() for p in module.parameters()) > _EXTERNAL_DATA_BYTES
     kwargs: dict[str, Any] = {"input_names": names, "verbose": False}
     if opset is not None:
@@ -61,13 +68,29 @@ def export_onnx(
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         if exporter == "dynamo":
-            dyn = tuple({0: torch.export.Dim("batch")} if t.dim() else None for t in inputs) if dynamic_batch else None
+            batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
+            dyn = (
+                tuple(
+                    ({0: batch, 1: sequence} if dynamic_sequence and is_tokens(t) else {0: batch}) if t.dim() else None
+                    for t in inputs
+                )
+                if dynamic_batch
+                else None
+            )
             with torchlib_registry_once():
                 torch.onnx.export(
                     module, inputs, str(path), dynamo=True, dynamic_shapes=dyn, external_data=big, **kwargs
                 )
         else:
-            axes = {n: {0: "batch"} for n, t in zip(names, inputs) if t.dim()} if dynamic_batch else None
+            axes = (
+                {
+                    n: {0: "batch", 1: "sequence"} if dynamic_sequence and is_tokens(t) else {0: "batch"}
+                    for n, t in zip(names, inputs)
+                    if t.dim()
+                }
+                if dynamic_batch
+                else None
+            )
             _export_torchscript(module, inputs, path, axes, kwargs)
 
 
@@ -187,3 +210,11 @@ def batch_is_dynamic(path: Path) -> bool:
     model = onnx.load(str(path), load_external_data=False)
     dims = [i.type.tensor_type.shape.dim for i in model.graph.input if i.type.tensor_type.shape.dim]
     return all(d[0].dim_param for d in dims)
+
+
+def sequence_is_dynamic(path: Path, tokens: list[bool]) -> bool:
+    """Whether dim 1 of every token input (``tokens``, per graph input) is symbolic in the exported file."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return all(bool(i.type.tensor_type.shape.dim[1].dim_param) for i, token in zip(model.graph.input, tokens) if token)

@@ -15,6 +15,8 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
+from fxsurgery.artifacts.site_drawings import LEGEND, drawing, signature
+
 __all__ = ["render", "write_html", "MalformedReport"]
 
 _CSS = """
@@ -23,8 +25,9 @@ h1{font-size:1.5em}h2{font-size:1.2em;margin-top:2em;border-bottom:1px solid #cc
 table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ddd;padding:3px 8px;text-align:left;
 vertical-align:top}th{background:#f4f4f4}.pass{color:#17803d;font-weight:600}.fail{color:#b3261e;font-weight:600}
 .changed{background:#fff6d6}code{font-size:12px}svg text{font:11px monospace}.skip{color:#666}
+pre.failure{white-space:pre-wrap;background:#fce8e6;padding:4px 8px;margin:4px 0;font-size:12px}
+#summary{border:1px solid #ccc;padding:0 1em;background:#fafafa}details.site-group{margin:.5em 0}
 """
-_CHAR = 6.7  # px per character of the 11px monospace font
 _RENDER_CHECK = """
 const drawings = document.querySelectorAll("svg.site-drawing");
 let rendered = 0;
@@ -68,6 +71,7 @@ def _render(data: dict[str, Any]) -> str:
     verdict = '<span class="pass">PASSED</span>' if data.get("passed") else '<span class="fail">FAILED</span>'
     parts = [
         f"<h1>fxsurgery report: {_e(data.get('direction', ''))} {verdict}</h1>",
+        _summary(data),
         _header(data),
         _sites(data.get("sites", [])),
         _validation(data.get("validation")),
@@ -80,6 +84,56 @@ def _render(data: dict[str, Any]) -> str:
     return (
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>fxsurgery report</title>'
         f"<style>{_CSS}</style></head><body>{''.join(parts)}<script>{_RENDER_CHECK}</script></body></html>"
+    )
+
+
+def _checks(data: dict[str, Any]) -> list[tuple[str, bool | None, list[str]]]:
+    """Each check of the report: (name, passed or None where it did not run, what it found wrong)."""
+    v, o, t, q = (data.get(k) for k in ("validation", "onnx", "target", "quantized"))
+    out: list[tuple[str, bool | None, list[str]]] = [
+        ("validation", None if not v else bool(v["passed"]), [v["failure"]] if v and v.get("failure") else []),
+        ("ONNX cross-check", None if not o else bool(o["passed"]), list(o.get("failures", [])) if o else []),
+    ]
+    if t:
+        census = t["census"]
+        converts = None if "skipped" in census else census.get("rewritten") is not None or not census.get("original")
+        errors = [f"{census['toolchain']} on the {k} model: {e}" for k, e in (census.get("errors") or {}).items()]
+        out.append((f"target {t['name']} ({census['toolchain']})", converts, errors))
+    if q:
+        out.append((f"quantized ({q['recipe']})", bool(q["passed"]), list(q.get("failures", []))))
+    return out
+
+
+def _warnings(data: dict[str, Any]) -> list[str]:
+    """What makes a passing report hollow: outputs below the comparison floor, no site rewritten."""
+    v = data.get("validation") or {}
+    out = [f"validation: {v['warning']}"] if v.get("warning") else []
+    if not any(s["status"] == "rewritten" for s in data.get("sites", [])):
+        out.append(
+            "nothing was rewritten: the model is unchanged" + (" (no candidate found)" if not data.get("sites") else "")
+        )
+    return out
+
+
+def _summary(data: dict[str, Any]) -> str:
+    """The top of the page: the outcome, each check's verdict, and for each failure what it says and where (the
+    localization), in full; then the warnings."""
+    items = []
+    for name, passed, found in _checks(data):
+        mark = (
+            '<span class="skip">not run</span>'
+            if passed is None
+            else '<span class="pass">passed</span>'
+            if passed
+            else '<span class="fail">FAILED</span>'
+        )
+        detail = "".join(f'<pre class="failure">{_e(f)}</pre>' for f in found)
+        items.append(f"<li>{_e(name)}: {mark}{detail}</li>")
+    warnings = "".join(f'<li class="fail">WARNING: {_e(w)}</li>' for w in _warnings(data))
+    outcome = "every check passed" if data.get("passed") else "FAILED: see the failing checks below"
+    return (
+        f'<section id="summary"><h2>Summary</h2><p class="{"pass" if data.get("passed") else "fail"}">{outcome}'
+        f"</p><ul>{''.join(items)}{warnings}</ul></section>"
     )
 
 
@@ -110,129 +164,38 @@ def _header(data: dict[str, Any]) -> str:
 
 
 def _sites(sites: list[dict[str, Any]]) -> str:
-    rows = []
+    """The sites grouped by pattern, each group collapsible; a site whose rewrite is the same as one drawn before in
+    its group (:func:`~fxsurgery.artifacts.site_drawings.signature`: the same block repeated, the layers of a
+    transformer) is not drawn again, and points to it."""
+    groups: dict[str, list[dict[str, Any]]] = {}
     for s in sites:
-        status = (
-            '<span class="pass">rewritten</span>'
-            if s["status"] == "rewritten"
-            else f'<span class="skip">skipped: {_e(s.get("reason", ""))}</span>'
+        groups.setdefault(s["pattern"], []).append(s)
+    parts = []
+    for pattern, members in groups.items():
+        drawn: dict[str, str] = {}
+        rows = []
+        for s in members:
+            status = (
+                '<span class="pass">rewritten</span>'
+                if s["status"] == "rewritten"
+                else f'<span class="skip">skipped: {_e(s.get("reason", ""))}</span>'
+            )
+            key = signature(s)
+            picture = (
+                f'<span class="skip">the same layer, rewritten the same way, as <a class="shared">{_e(drawn[key])}</a> '
+                "(drawn there; its neighbours may differ)</span>"
+                if key in drawn
+                else drawing(s)
+            )
+            drawn.setdefault(key, s["name"])
+            rows.append((_Html(f"<code>{_e(s['name'])}</code>"), _Html(status), _Html(picture)))
+        n = sum(s["status"] == "rewritten" for s in members)
+        parts.append(
+            f'<details open class="site-group"><summary><b>{_e(pattern)}</b>: {n} rewritten of {len(members)}'
+            f"</summary>{_table(('site', 'outcome', 'before / after'), rows)}</details>"
         )
-        rows.append((_Html(f"<code>{_e(s['name'])}</code>"), s["pattern"], _Html(status), _Html(_drawing(s))))
     n = sum(s["status"] == "rewritten" for s in sites)
-    return (
-        f"<h2>Sites ({n} rewritten of {len(sites)})</h2>"
-        + _LEGEND
-        + _table(("site", "pattern", "outcome", "before / after"), rows)
-    )
-
-
-_FILL = {"removed": "#fce8e6", "new": "#e6f4ea", "kept": "#f1f3f4"}
-_MARKER = (
-    '<defs><marker id="arrow" markerWidth="8" markerHeight="8" refX="6" refY="3" orient="auto">'
-    '<path d="M0,0 L6,3 L0,6 z" fill="#555"/></marker></defs>'
-)
-_LEGEND = (
-    "<p>Drawings: the site (blue frame) and its neighbourhood in the graph, before the pass and after it; "
-    f'<span style="background:{_FILL["removed"]}">removed by the pass</span>, '
-    f'<span style="background:{_FILL["new"]}">added by the pass</span>, '
-    f'<span style="background:{_FILL["kept"]}">unchanged</span>; parameters are not drawn.</p>'
-)
-
-
-def _drawing(site: dict[str, Any]) -> str:
-    """The site's subgraph before and after the pass, side by side (older reports: its two descriptions)."""
-    pictures = site.get("subgraph")
-    if not pictures:
-        return _described(site)
-    before = _panel(pictures["before"], "before", 0.0)
-    if pictures.get("after"):
-        after = _panel(pictures["after"], "after", before[0] + 36)
-    else:  # a skipped site, or a rewritten one whose counterpart the cleanup removed
-        text = "left as it is" if site["status"] != "rewritten" else "rewritten (not drawn)"
-        after = _panel(
-            {"nodes": [{"id": "-", "label": text, "role": "kept", "site": False}], "edges": []}, "after", before[0] + 36
-        )
-    width, height = after[0], max(before[1], after[1])
-    return (
-        f'<svg class="site-drawing" data-site="{_e(site["name"])}" width="{width:.0f}" height="{height:.0f}" '
-        f'xmlns="http://www.w3.org/2000/svg">{_MARKER}{before[2]}{after[2]}</svg>'
-        f'<div class="skip">{_e(site.get("before") or "")}{" &rarr; " if site.get("after") else ""}'
-        f"{_e(site.get('after') or '')}</div>"
-    )
-
-
-def _layers(picture: dict[str, Any]) -> list[list[dict[str, Any]]]:
-    """The nodes in rows, each below everything it reads (longest path from the picture's sources)."""
-    depth = {n["id"]: 0 for n in picture["nodes"]}
-    for _ in range(len(depth)):
-        for a, b in picture["edges"]:
-            depth[b] = max(depth[b], depth[a] + 1)
-    rows: list[list[dict[str, Any]]] = [[] for _ in range(max(depth.values(), default=0) + 1)]
-    for n in picture["nodes"]:
-        rows[depth[n["id"]]].append(n)
-    return rows
-
-
-def _panel(picture: dict[str, Any], title: str, x0: float) -> tuple[float, float, str]:
-    """One picture as boxes in rows with arrows, from ``x0``: (right edge, height, SVG items)."""
-    items, centre = [f'<text x="{x0:.0f}" y="12" font-weight="bold">{title}</text>'], {}
-    right, y = x0 + 60, 22
-    for row in _layers(picture):
-        x, tallest = x0, 0
-        for n in row:
-            text = [n["label"]] + ([n["shape"]] if n.get("shape") else [])
-            w, h = max(len(t) for t in text) * _CHAR + 12, 8 + 14 * len(text)
-            frame = 'stroke="#1a73e8" stroke-width="2"' if n.get("site") else 'stroke="#888"'
-            items.append(
-                f'<rect x="{x:.0f}" y="{y}" width="{w:.0f}" height="{h}" rx="4" fill="{_FILL[n["role"]]}" '
-                f"{frame}><title>{_e(n['id'])}</title></rect>"
-            )
-            items += [
-                f'<text x="{x + 6:.0f}" y="{y + 15 + 14 * k}" fill="{"#666" if k else "#222"}">{_e(t)}</text>'
-                for k, t in enumerate(text)
-            ]
-            centre[n["id"]] = (x + w / 2, y, y + h)
-            x, tallest = x + w + 14, max(tallest, h)
-        right, y = max(right, x), y + tallest + 22
-    for a, b in picture["edges"]:
-        (xa, _, ya), (xb, yb, _) = centre[a], centre[b]
-        items.append(
-            f'<path d="M{xa:.0f} {ya} L{xb:.0f} {yb - 2}" stroke="#555" fill="none" marker-end="url(#arrow)"/>'
-        )
-    return right, y, "".join(items)
-
-
-def _described(site: dict[str, Any]) -> str:
-    """Two lanes of boxes: the input map, then the layer before, and (rewritten sites) what replaced it."""
-    shape = site.get("input_shape")
-    source = "x".join(map(str, shape)) if shape else "input"
-    lanes = [("before", [source, site.get("before") or site["pattern"]])]
-    if site["status"] == "rewritten":
-        lanes.append(("after", [source, site.get("after") or "rewritten"]))
-    else:
-        lanes.append(("after", [source, "left as it is"]))
-    width = int(60 + max(sum(len(t) * _CHAR + 40 for t in boxes) for _, boxes in lanes))
-    items = []
-    for row, (label, boxes) in enumerate(lanes):
-        y, x = 8 + row * 34, 56.0
-        items.append(f'<text x="2" y="{y + 15}">{label}</text>')
-        for k, text in enumerate(boxes):
-            w = len(text) * _CHAR + 12
-            fill = (
-                "#e8f0fe" if k == 0 else "#e6f4ea" if label == "after" and site["status"] == "rewritten" else "#f1f3f4"
-            )
-            items.append(
-                f'<rect x="{x:.0f}" y="{y}" width="{w:.0f}" height="22" rx="4" fill="{fill}" '
-                f'stroke="#888"/><text x="{x + 6:.0f}" y="{y + 15}">{_e(text)}</text>'
-            )
-            if k + 1 < len(boxes):
-                items.append(f'<path d="M{x + w:.0f} {y + 11} h22" stroke="#555" marker-end="url(#arrow)"/>')
-            x += w + 28
-    size = f'width="{width}" height="{12 + 34 * len(lanes)}"'
-    return (
-        f'<svg class="site-drawing" data-site="{_e(site["name"])}" {size} xmlns="http://www.w3.org/2000/svg">'
-        f"{_MARKER}{''.join(items)}</svg>"
-    )
+    return f"<h2>Sites ({n} rewritten of {len(sites)})</h2>" + LEGEND + "".join(parts)
 
 
 def _validation(v: dict[str, Any] | None) -> str:
@@ -298,7 +261,8 @@ def _onnx(o: dict[str, Any] | None) -> str:
         )
         for c in o.get("comparisons", [])
     ]
-    extra = "".join(f"<p>skipped: {_e(s)}</p>" for s in o.get("skipped", []))
+    extra = "".join(f'<pre class="failure">FAILED: {_e(f)}</pre>' for f in o.get("failures", []))
+    extra += "".join(f"<p>skipped: {_e(s)}</p>" for s in o.get("skipped", []))
     return (
         f"<h2>ONNX cross-check ({_e(o['exporter'])} exporter): {verdict}</h2>"
         f"<p>{_e(o.get('rewrite_detail', ''))}</p><h3>Op census</h3>"
@@ -316,7 +280,18 @@ def _target(t: dict[str, Any] | None) -> str:
     head = f"<h2>Target {_e(t['name'])}: op census after {_e(census['toolchain'])}'s conversion</h2>"
     if "skipped" in census:
         return head + f"<p>not taken: {_e(census['skipped'])}</p>"
-    return head + _census_table(census["original"], census["rewritten"])
+    verdict = census.get("verdict", "")
+    cls = "fail" if verdict.startswith(("FAILED", "worse")) else "pass" if verdict.startswith("ok") else "skip"
+    errors = "".join(
+        f'<p>{_e(census["toolchain"])} on the {_e(label)} model:</p><pre class="failure">{_e(text)}</pre>'
+        for label, text in (census.get("errors") or {}).items()
+    )
+    return (
+        head
+        + f'<p class="{cls}">{_e(verdict)}</p>'
+        + _census_table(census.get("original") or {}, census.get("rewritten") or {})
+        + errors
+    )
 
 
 def _quantized(q: dict[str, Any] | None) -> str:

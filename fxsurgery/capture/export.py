@@ -13,7 +13,9 @@ treat as opaque (a layout is left before them).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import copy
+import inspect
 import io
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -25,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxsurgery.capture.guards import guard_sizes
+from fxsurgery.capture.inputs import is_tokens
 from fxsurgery.capture.layers import is_transposed_linear
 from fxsurgery.capture.modes import TRAINING, mode_reads
 from fxsurgery.capture.trace import guard_mode, keep_unused
@@ -116,14 +119,58 @@ def export_model(model: nn.Module, args: tuple[Any, ...], dynamic_shapes: Any = 
         return _export(model, args, None)
 
 
+#: ``Options.dynamic_sequence`` while a rewrite runs (:func:`sequence_axis`): dim 1 of token inputs traced dynamic.
+_SEQUENCE: contextvars.ContextVar[bool] = contextvars.ContextVar("fxsurgery_dynamic_sequence", default=False)
+
+
+@contextlib.contextmanager
+def sequence_axis(dynamic: bool) -> Iterator[None]:
+    """While the block runs, torch.export traces dim 1 of token inputs (ids, masks: the sequence) as dynamic too."""
+    token = _SEQUENCE.set(dynamic)
+    try:
+        yield
+    finally:
+        _SEQUENCE.reset(token)
+
+
 def _auto_batch(args: tuple[Any, ...]) -> tuple[Any, ...]:
-    return tuple({0: torch.export.Dim.AUTO} if isinstance(a, torch.Tensor) and a.dim() else None for a in args)
+    """Dim 0 of every tensor input dynamic and, under :func:`sequence_axis`, dim 1 of token inputs, each
+    ``Dim.AUTO``: kept static where the model fixes it."""
+    auto, sequence = torch.export.Dim.AUTO, _SEQUENCE.get()
+    return tuple(
+        ({0: auto, 1: auto} if sequence and is_tokens(a) else {0: auto})
+        if isinstance(a, torch.Tensor) and a.dim()
+        else None
+        for a in args
+    )
+
+
+def _by_signature(model: nn.Module, args: tuple[Any, ...], dynamic_shapes: Any) -> Any:
+    """``dynamic_shapes`` (one entry per input) laid out as ``model.forward``'s parameters, as torch.export reads
+    them: the entries of inputs that a ``*args`` parameter takes, one tuple (else torch.export counts one input)."""
+    try:
+        signature = inspect.signature(model.forward)
+        bound = signature.bind(*args).arguments
+    except (TypeError, ValueError):
+        return dynamic_shapes
+    if not isinstance(dynamic_shapes, tuple) or not any(
+        signature.parameters[name].kind is inspect.Parameter.VAR_POSITIONAL for name in bound
+    ):
+        return dynamic_shapes
+    out, i = {}, 0
+    for name, value in bound.items():
+        if signature.parameters[name].kind is inspect.Parameter.VAR_POSITIONAL:
+            out[name], i = tuple(dynamic_shapes[i : i + len(value)]), i + len(value)
+        else:
+            out[name], i = dynamic_shapes[i], i + 1
+    return out
 
 
 def _export(model: nn.Module, args: tuple[Any, ...], dynamic_shapes: Any) -> torch.export.ExportedProgram:
     try:
         with _quiet_torch():
-            return torch.export.export(model, args, dynamic_shapes=dynamic_shapes, strict=False)
+            shapes = _by_signature(model, args, dynamic_shapes)
+            return torch.export.export(model, args, dynamic_shapes=shapes, strict=False)
     except Exception as e:
         raise TraceError(f"torch.export cannot capture {type(model).__name__}: {one_line(e)}", cause=one_line(e)) from e
 

@@ -20,6 +20,7 @@ __all__ = [
     "normalize_inputs",
     "split_keywords",
     "keyword_call",
+    "is_tokens",
     "prepare_model",
     "unwrap",
     "check_devices",
@@ -65,6 +66,11 @@ def _keywords(given: Mapping[Any, Any]) -> dict[str, torch.Tensor]:
                 "other arguments with functools.partial on a wrapper module)"
             )
     return dict(given)
+
+
+def is_tokens(t: Any) -> bool:
+    """A token input, whose dim 1 is the sequence: integer ids or a mask, ``(batch, sequence)``."""
+    return isinstance(t, torch.Tensor) and t.dim() == 2 and not t.is_floating_point() and not t.is_complex()
 
 
 def keyword_call(model: nn.Module, n_positional: int, names: tuple[str, ...]) -> nn.Module:

@@ -11,7 +11,6 @@ import torch.fx as fx
 from torch import nn
 
 from fxsurgery.errors import InputError
-from fxsurgery.rules.aten.qdq import holds_quantized_ops
 
 __all__ = ["quantized_program", "refuse_observers"]
 
@@ -21,6 +20,8 @@ _OBSERVERS = ("ObserverBase", "FakeQuantizeBase")
 def quantized_program(model: Any) -> nn.Module | torch.export.ExportedProgram | None:
     """``model`` when it is or holds a quantized graph (an ExportedProgram, or a GraphModule anywhere in the model,
     holding quantize/dequantize ops), else None."""
+    from fxsurgery.rules.aten.qdq import holds_quantized_ops  # (capture comes before the rules: imported on use)
+
     if isinstance(model, torch.export.ExportedProgram):
         return model if holds_quantized_ops(model.graph) else None
     if isinstance(model, nn.Module) and any(

@@ -1,6 +1,7 @@
 """The ``fxsurgery`` command line.
 
-Exit codes: 0 everything passed, 1 validation or the ONNX cross-check found a mismatch, 2 bad usage or bad input.
+Exit codes: 0 everything passed, 1 validation or the ONNX cross-check found a mismatch, 2 bad usage or bad input,
+3 nothing was rewritten and ``--fail-if-unchanged`` was given.
 Errors are one line on stderr, without a traceback. Output is written to a temporary folder beside ``--out`` and
 renamed into place at the end, so a failed run leaves nothing that looks valid.
 """
@@ -11,6 +12,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import shutil
 import sys
 import tempfile
@@ -20,9 +22,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from fxsurgery.artifacts import ARTIFACTS
 from fxsurgery.artifacts._staging import file_mode, staged_folder
-from fxsurgery.artifacts.checkpoint import ARTIFACTS
-from fxsurgery.artifacts.report_html import write_html
+from fxsurgery.cli import huggingface as hf
 from fxsurgery.cli.bench import run_bench, run_report
 from fxsurgery.cli.inputs import (
     UsageError,
@@ -32,12 +34,11 @@ from fxsurgery.cli.inputs import (
     parse_input,
 )
 from fxsurgery.cli.model import build_model, load_program, load_weights
-from fxsurgery.cli.options import options_from
 from fxsurgery.cli.parser import build_parser
 
 __all__ = ["main"]
 
-EXIT_OK, EXIT_MISMATCH, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_MISMATCH, EXIT_USAGE, EXIT_UNCHANGED = 0, 1, 2, 3
 
 
 class _Progress:
@@ -65,10 +66,83 @@ def main(argv: Sequence[str] | None = None) -> int:
         build_parser().print_help(sys.stderr)
         return EXIT_USAGE
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" notices on every export
+    progress = _Progress(getattr(args, "quiet", False))
+    with _third_party_quiet(getattr(args, "verbose", False)), _sub_steps(progress.quiet):
+        return _dispatch(args, progress)
+
+
+#: Loggers whose messages are known to be harmless around the steps fxsurgery reports on itself: the exporter's
+#: "torchvision is not installed" and constant-folding notices, coremltools' and OpenVINO's progress. Shown with -v.
+_NOISY = ("torch.onnx", "onnxscript", "coremltools", "openvino", "executorch")
+
+
+@contextmanager
+def _third_party_quiet(verbose: bool) -> Iterator[None]:
+    """Known-harmless third-party logs and warnings quieted while the command runs (not with ``-v``); their levels
+    and the warning filters are restored afterwards."""
+    import warnings
+
+    from fxsurgery.errors import quiet_loggers
+
+    if verbose:
+        yield
+        return
+    with quiet_loggers(*_NOISY), warnings.catch_warnings():
+        for package in _NOISY:
+            warnings.filterwarnings("ignore", module=rf"{package}(\..*)?$")
+        yield
+
+
+@contextmanager
+def _sub_steps(quiet: bool) -> Iterator[None]:
+    """The library's sub-step progress (:mod:`fxsurgery.progress`) on stderr while the command runs."""
+    from fxsurgery.progress import log
+
+    if quiet:
+        yield
+        return
+    handler = _StepLines()
+    _SHOWN.append(handler)
+    level, propagate = log.level, log.propagate
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    try:
+        yield
+    finally:
+        _SHOWN.remove(handler)
+        log.removeHandler(handler)
+        log.setLevel(level)
+        log.propagate = propagate
+
+
+class _StepLines(logging.Handler):
+    """Each sub-step on one line of stderr: ``what ...`` when it starts, its time appended when it ends (on a line of
+    its own when something else was printed in between)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.open: str | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        what, seconds = getattr(record, "step", None), getattr(record, "seconds", None)
+        if seconds is not None and what == self.open:
+            text = f" {seconds:.1f}s\n"
+        else:
+            text = ("\n" if self.open else "") + f"fxsurgery:   {record.getMessage()}"
+            text += "" if seconds is None and what is not None else "\n"
+        self.open = what if seconds is None else None
+        sys.stderr.write(text)
+        sys.stderr.flush()
+
+
+#: The sub-step handlers showing now (one per running command).
+_SHOWN: list[_StepLines] = []
+
+
+def _dispatch(args: argparse.Namespace, progress: _Progress) -> int:
     from fxsurgery.errors import InputError, SurgeryError, TraceError
 
-    progress = _Progress(getattr(args, "quiet", False))
     try:
         if args.command == "demo":
             return _demo(args, progress)
@@ -117,6 +191,9 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _fail(message: str, code: int = EXIT_USAGE) -> int:
+    if _SHOWN and _SHOWN[-1].open:  # a sub-step's line the error cut short: the error starts a line of its own
+        print(file=sys.stderr)
+        _SHOWN[-1].open = None
     print(f"fxsurgery: error: {message}", file=sys.stderr)
     return code
 
@@ -142,15 +219,21 @@ def _model_and_inputs(args: argparse.Namespace, progress: _Progress) -> tuple[An
             args.unsafe_pickle,
         )
         return (program, *_split(specs)) if specs else (program, positional, named)
-    if not specs:
-        raise UsageError("no example input: give --input-shape N,C,H,W (and/or --input NAME=SHAPE[:DTYPE])")
     dtype = getattr(torch, args.dtype)
+    huggingface = hf.is_folder(args.model) or (args.task is not None and hf.is_hub_id(args.model))
+    if args.task is not None and not huggingface:
+        raise UsageError(f"--task applies to a HuggingFace model (a folder holding config.json), not {args.model!r}")
+    if not specs and not huggingface:
+        raise UsageError("no example input: give --input-shape N,C,H,W (and/or --input NAME=SHAPE[:DTYPE])")
     check_input_size([shape for _, shape, _ in specs], dtype)
     with progress.step(f"building {args.model}"):
-        model = build_model(args.model, args.model_kwargs)
+        model = hf.load(args.model, args.task, dtype) if huggingface else build_model(args.model, args.model_kwargs)
         if args.weights:
             load_weights(model, args.weights, args.unsafe_pickle)
         model = model.to(dtype).eval()
+    if not specs:  # a HuggingFace model: inputs made from its config, the sequence axis dynamic
+        args.dynamic_sequence = True
+        return model, (), hf.example_inputs(model)
     positional, named = _split(specs)
     check_input_dims(model, positional)
     return model, positional, named
@@ -166,7 +249,7 @@ def _split(specs: list[tuple[str | None, tuple[int, ...], str]]) -> tuple[tuple,
 
 
 def _rewrite(args: argparse.Namespace, progress: _Progress) -> int:
-    from fxsurgery.report import moved
+    from fxsurgery.artifacts.report_json import moved
 
     if args.dry_run:
         if args.to == "auto":
@@ -186,11 +269,17 @@ def _rewrite(args: argparse.Namespace, progress: _Progress) -> int:
         names = [f"input_{i}" for i in range(len(positional))] + list(named)
         data = _write_report(report, tmp, list(zip(names, (*positional, *named.values()))), progress, args.artifacts)
     print(json.dumps(data, indent=2) if args.json else report.summary())
-    return EXIT_OK if report.passed else EXIT_MISMATCH
+    if not report.passed:
+        return EXIT_MISMATCH
+    if report.surgery.unchanged():
+        print(f"fxsurgery: warning: {report.surgery.unchanged()}", file=sys.stderr)
+        return EXIT_UNCHANGED if args.fail_if_unchanged else EXIT_OK
+    return EXIT_OK
 
 
 def _list(args: argparse.Namespace, progress: _Progress) -> int:
     from fxsurgery.api import rewrite
+    from fxsurgery.cli.options import options_from
 
     model, positional, named = _model_and_inputs(args, progress)
     with progress.step(f"tracing and matching the rules towards {args.to} (no validation, no export)"):
@@ -199,11 +288,11 @@ def _list(args: argparse.Namespace, progress: _Progress) -> int:
         )
     data = res.to_dict()
     print(
-        json.dumps({k: data[k] for k in ("direction", "frontend", "sites", "notes")}, indent=2)
+        json.dumps({"dry_run": True, **{k: data[k] for k in ("direction", "frontend", "sites", "notes")}}, indent=2)
         if args.json
-        else res.summary()
+        else res.summary(dry_run=True)
     )
-    return EXIT_OK
+    return EXIT_UNCHANGED if res.unchanged() and getattr(args, "fail_if_unchanged", False) else EXIT_OK
 
 
 def _run_pipeline(
@@ -211,6 +300,7 @@ def _run_pipeline(
 ) -> Any:
     """:func:`fxsurgery.check` with the command line's options."""
     from fxsurgery.api import check
+    from fxsurgery.cli.options import options_from
 
     step = (
         f"rewriting towards {to}, validating ({args.precision}), exporting both versions to ONNX "
@@ -224,14 +314,18 @@ def _write_report(
     report: Any, out_dir: Path, inputs: list[tuple[str, Any]], progress: _Progress, artifacts: Sequence[str] = ARTIFACTS
 ) -> dict[str, Any]:
     from fxsurgery.artifacts.checkpoint import save_rewritten
-    from fxsurgery.report import report_file
+    from fxsurgery.artifacts.report_html import write_html
+    from fxsurgery.artifacts.report_json import report_file
 
     with progress.step("saving the rewritten model"):
         saved = save_rewritten(
             report.surgery.module, tuple(t for _, t in inputs), out_dir, artifacts, report.surgery.program
         )
+    census = report.target["census"] if report.target else {}
+    for label, name in census.get("files", {}).items():
+        saved[name] = f"the {label} model as {census['toolchain']} deploys it (the target's own conversion)"
     saved["report.html"] = "this report drawn (sites, error histograms, op census): fxsurgery report DIR rebuilds it"
-    data = report_file(report, saved=saved, command=" ".join(sys.argv), inputs=inputs)
+    data = report_file(report, saved=saved, command=shlex.join(sys.argv), inputs=inputs)
     (out_dir / "report.json").write_text(json.dumps(data, indent=2))
     write_html(data, out_dir / "report.html")
     mode = file_mode()
@@ -246,8 +340,8 @@ def _write_report(
 def _demo(args: argparse.Namespace, progress: _Progress) -> int:
     import torch
 
+    from fxsurgery.artifacts.report_json import moved
     from fxsurgery.models import DEMO_INPUT_SHAPE, demo_model
-    from fxsurgery.report import moved
 
     model = demo_model()
     inputs = (torch.randn(DEMO_INPUT_SHAPE, generator=torch.Generator().manual_seed(0)),)

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from fxsurgery.artifacts.checkpoint import ARTIFACTS
+from fxsurgery.artifacts import ARTIFACTS
 from fxsurgery.cli.inputs import UsageError
 from fxsurgery.runtimes.registry import named
 

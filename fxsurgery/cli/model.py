@@ -20,9 +20,9 @@ __all__ = ["load_factory", "build_model", "load_weights", "load_program"]
 
 
 def load_factory(spec: str) -> Callable[[], Any]:
-    """Resolve ``package.module:callable`` or ``path/to/file.py:callable``."""
+    """Resolve ``package.module:callable``, ``package.module.callable`` or ``path/to/file.py:callable``."""
     if ":" not in spec:
-        raise UsageError(f"MODEL must be package.module:callable or file.py:callable, got {spec!r}")
+        return _dotted(spec)
     where, _, name = spec.rpartition(":")
     if where.endswith(".py") or os.sep in where:
         path = Path(where)
@@ -44,6 +44,25 @@ def load_factory(spec: str) -> Callable[[], Any]:
             obj = getattr(obj, part)
     else:
         obj = _resolve(spec, where, name)
+    if not callable(obj):
+        raise UsageError(f"{spec} is not callable: expected a function or class returning an nn.Module")
+    return obj
+
+
+def _dotted(spec: str) -> Any:
+    """``package.module.callable`` (``torchvision.models.resnet18``): the longest importable prefix, then attributes."""
+    head, _, name = spec.rpartition(".")
+    if not head or not name.isidentifier() or os.sep in spec or spec.endswith(".py"):
+        raise UsageError(
+            f"MODEL must be package.module:callable, package.module.callable or file.py:callable, got {spec!r}"
+        )
+    try:
+        obj = pkgutil.resolve_name(spec)
+    except (Exception, SystemExit) as e:
+        raise UsageError(
+            f"cannot resolve {spec!r}: {type(e).__name__}: {e} (MODEL is package.module:callable, e.g. "
+            f"{head}:{name}, or file.py:callable)"
+        ) from e
     if not callable(obj):
         raise UsageError(f"{spec} is not callable: expected a function or class returning an nn.Module")
     return obj

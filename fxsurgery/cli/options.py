@@ -35,4 +35,6 @@ def options_from(args: argparse.Namespace, **more: Any) -> Options:
     given = {option: getattr(args, dest) for dest, option in _OPTIONS.items() if getattr(args, dest, None) is not None}
     if getattr(args, "static_batch", False):
         given["dynamic_batch"] = False
+    if getattr(args, "dynamic_sequence", False):  # (set for a HuggingFace MODEL whose inputs come from its config)
+        given["dynamic_sequence"] = True
     return resolve(None, {**given, **more})

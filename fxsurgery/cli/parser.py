@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 from typing import Any, NoReturn
 
-from fxsurgery.artifacts.checkpoint import ARTIFACTS
+from fxsurgery.artifacts import ARTIFACTS
 from fxsurgery.cli.bench import add_bench, add_report, artifacts_list, runtimes_list
+from fxsurgery.cli.huggingface import TASKS
 from fxsurgery.cli.inputs import DTYPES, UsageError
-from fxsurgery.plan.targets import TARGETS
-from fxsurgery.runtimes.registry import named
+from fxsurgery.runtimes.registry import RUNTIMES, named
 
 __all__ = ["build_parser"]
 
@@ -40,8 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _model_arguments(ls)
     ls.add_argument("--to", choices=("conv", "linear"), required=True, help="target layer type")
-    ls.add_argument("--quiet", action="store_true", help="no progress messages on stderr")
-    ls.add_argument("--json", action="store_true", help="print the sites as JSON")
+    _output(ls).add_argument("--fail-if-unchanged", action="store_true", help=_UNCHANGED_HELP)
     _add_convert(sub)
     add_bench(sub, _model_arguments)
     add_report(sub)
@@ -51,10 +50,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _output(p: argparse.ArgumentParser) -> Any:
+    """The group of options about what is printed; returned for the subcommand's own additions."""
+    g = p.add_argument_group("output")
+    g.add_argument("--quiet", action="store_true", help="no progress messages on stderr")
+    g.add_argument(
+        "-v", "--verbose", action="store_true", help="also the third-party logs fxsurgery quiets as known-harmless"
+    )
+    g.add_argument("--json", action="store_true", help="print the report as JSON instead of the summary table")
+    return g
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     """The options of every subcommand that validates and cross-checks."""
-    p.add_argument("--quiet", action="store_true", help="no progress messages on stderr")
-    p.add_argument("--json", action="store_true", help="print the report as JSON instead of the summary table")
+    _output(p)
+    p = p.add_argument_group("checks: validation, ONNX export and cross-check")  # type: ignore[assignment]
     p.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo", help="torch.onnx exporter")
     p.add_argument(
         "--provider",
@@ -74,9 +84,28 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--static-batch", action="store_true", help="export the ONNX files with a fixed batch size")
 
 
+_UNCHANGED_HELP = "exit with code 3 when no site is rewritten (the model would be returned unchanged)"
+
+_EXAMPLES = """examples:
+  fxsurgery rewrite torchvision.models.resnet18 --input-shape 1,3,224,224 --to conv --out out/
+  fxsurgery rewrite ./bert-dir --task text-classification --to conv --token-layout --target onnxruntime --out out/
+  fxsurgery rewrite my_models.py:build --weights trained.safetensors --input-shape 1,3,32,32 --to linear --out out/
+  fxsurgery rewrite exported.pt2 --to conv --target executorch-xnnpack --out out/
+  fxsurgery check ...   (the same command, by the API's name)"""
+
+
 def _add_rewrite(sub: Any) -> None:
-    rw = sub.add_parser("rewrite", help="rewrite a model, validate, export both versions and cross-check them")
-    _model_arguments(rw)
+    parser = sub.add_parser(
+        "rewrite",
+        aliases=["check"],
+        help="rewrite a model, validate, export both versions and cross-check them (alias: check)",
+        description="Rewrite a model towards --to, validate the rewrite numerically, export both versions to ONNX "
+        "and cross-check them in onnxruntime; the files and report.json/report.html land in --out.",
+        epilog=_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _model_arguments(parser)
+    rw = parser.add_argument_group("direction and output files")
     rw.add_argument(
         "--to",
         choices=("conv", "linear", "auto"),
@@ -106,7 +135,8 @@ def _add_rewrite(sub: Any) -> None:
         action="store_true",
         help="only list the sites and what would happen to each (as fxsurgery list); nothing is validated or written",
     )
-    _common(rw)
+    rw.add_argument("--fail-if-unchanged", action="store_true", help=_UNCHANGED_HELP)
+    _common(parser)
 
 
 def _model_arguments(p: argparse.ArgumentParser) -> None:
@@ -117,7 +147,16 @@ def _model_arguments(p: argparse.ArgumentParser) -> None:
         "(MODEL imports that module and calls that callable with --model-kwargs: it runs "
         "their code, as python -c would; give only code you trust), or a .pt2 file "
         "(torch.export.save; loaded without unpickling anything but tensors unless "
-        "--unsafe-pickle)",
+        "--unsafe-pickle), or a HuggingFace model folder (config.json and weights; a Hub id "
+        "needs network), with --task",
+    )
+    parser = p
+    p = p.add_argument_group("model and example inputs")  # type: ignore[assignment]
+    p.add_argument(
+        "--task",
+        choices=tuple(TASKS),
+        help="a HuggingFace MODEL: the Auto class to load it with (default: the architecture its config names); "
+        "example inputs are made from the config when no --input-shape/--input is given",
     )
     p.add_argument(
         "--model-kwargs",
@@ -155,16 +194,16 @@ def _model_arguments(p: argparse.ArgumentParser) -> None:
         help="allow --weights files and .pt2 models that need full unpickling (runs code from the file!); "
         "without it only tensors are unpickled and a file that needs more is refused",
     )
-    _rule_arguments(p)
+    _rule_arguments(parser.add_argument_group("what is rewritten, and how"))
 
 
-def _rule_arguments(p: argparse.ArgumentParser) -> None:
+def _rule_arguments(p: Any) -> None:
     """What is traced and rewritten, and how: leaves, exclusions, the target and the layouts."""
     p.add_argument("--leaf-module", action="append", default=[], help="qualified name fx must not trace into")
     p.add_argument("--exclude", action="append", default=[], help="site name to leave alone")
     p.add_argument(
         "--target",
-        choices=sorted(TARGETS),
+        choices=sorted(r.target for r in RUNTIMES.values() if r.target),
         default=None,
         help="the deployment target: picks the layouts and leaves alone the patterns it runs badly (each "
         "choice in the report); rewrite adds the op census after its own conversion where its "

@@ -11,6 +11,7 @@ holds at most :data:`MAX_NODES` nodes, nearest first.
 
 from __future__ import annotations
 
+import logging
 import operator
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, replace
@@ -20,9 +21,13 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from fxsurgery.capture.shapes import propagate_shapes
+from fxsurgery.errors import one_line
 from fxsurgery.report import Site
 
-__all__ = ["MAX_NODES", "Before", "label", "after", "attach", "left_alone"]
+log = logging.getLogger(__name__)
+
+__all__ = ["MAX_NODES", "Before", "label", "after", "attach", "left_alone", "with_shapes"]
 
 MAX_NODES = 14
 _MAX_LABEL = 44
@@ -194,3 +199,30 @@ def left_alone(pictures: Mapping[str, Any] | None) -> dict[str, Any] | None:
         return None
     before = pictures["before"]
     return {"before": {**before, "nodes": [{**n, "role": "kept"} for n in before["nodes"]]}, "after": None}
+
+
+def with_shapes(sites: list[Site], gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> list[Site]:
+    """``sites`` with the shapes of their *after* pictures' nodes (the nodes a pass adds carry none of their own),
+    propagated through the rewritten graph ``gm`` on ``inputs`` when some site was rewritten. Where propagation
+    fails, the drawings go without shapes: the rewrite itself is judged by validation."""
+    if not any(s.rewritten for s in sites):
+        return sites
+    try:
+        propagate_shapes(gm, inputs)
+    except Exception as e:
+        log.info("no shapes for the report's drawings after the pass: %s", one_line(e))
+        return sites
+    nodes = {n.name: n for n in gm.graph.nodes}
+    out = []
+    for site in sites:
+        pictures = site.subgraph
+        after = pictures.get("after") if pictures else None
+        if not after:
+            out.append(site)
+            continue
+        drawn = [
+            {**n, "shape": n.get("shape") or (_shape(nodes[n["id"]]) if n["id"] in nodes else None)}
+            for n in after["nodes"]
+        ]
+        out.append(replace(site, subgraph={**(pictures or {}), "after": {**after, "nodes": drawn}}))
+    return out

@@ -43,6 +43,16 @@ class BenchRow:
     ratio: Ratio
     noise: Ratio
 
+    @property
+    def verdict(self) -> str:
+        """``faster`` or ``slower`` where the ratio's whole spread lies beyond the noise floor's spread (the original
+        against itself) on that side; ``within noise`` otherwise."""
+        if self.ratio.high < min(self.noise.low, 1.0):
+            return "faster"
+        if self.ratio.low > max(self.noise.high, 1.0):
+            return "slower"
+        return "within noise"
+
 
 @dataclass(frozen=True)
 class BenchReport:
@@ -57,11 +67,22 @@ class BenchReport:
     rows: tuple[BenchRow, ...]
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        for row, r in zip(d["rows"], self.rows):
+            row["verdict"] = r.verdict
+        return d
 
     def summary(self) -> str:
         table = [
-            (r.runtime, r.batch, r.ratio.text(), r.noise.text(), f"{r.ratio.a_ms:.3g}", f"{r.ratio.b_ms:.3g}")
+            (
+                r.runtime,
+                r.batch,
+                r.ratio.text(),
+                r.noise.text(),
+                r.verdict,
+                f"{r.ratio.a_ms:.3g}",
+                f"{r.ratio.b_ms:.3g}",
+            )
             for r in self.rows
         ]
         head = (
@@ -72,7 +93,8 @@ class BenchReport:
             head
             + "\n"
             + format_table(
-                ("runtime", "batch", "rewritten/original", "noise floor", "original ms", "rewritten ms"), table
+                ("runtime", "batch", "rewritten/original", "noise floor", "verdict", "original ms", "rewritten ms"),
+                table,
             )
         )
 

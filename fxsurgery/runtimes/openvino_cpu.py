@@ -18,14 +18,19 @@ from fxsurgery.runtimes.registry import Backend
 __all__ = ["OpenVINO", "compiled"]
 
 
-def compiled(module: nn.Module, inputs: tuple[torch.Tensor, ...], threads: int | None = None) -> Any:
+def compiled(
+    module: nn.Module, inputs: tuple[torch.Tensor, ...], threads: int | None = None, save: Path | None = None
+) -> Any:
     """``module`` converted by ``openvino.convert_model`` and compiled for the CPU plugin in float32 (with
-    ``threads`` inference threads, or OpenVINO's default)."""
+    ``threads`` inference threads, or OpenVINO's default); with ``save``, the converted model written there as
+    OpenVINO IR (``.xml`` and its ``.bin``, ``ov.save_model``)."""
     import openvino as ov
 
     with warnings.catch_warnings():  # it traces with torch.jit, which warns that it is deprecated
         warnings.simplefilter("ignore")
         model = ov.convert_model(module, example_input=inputs if len(inputs) > 1 else inputs[0])
+    if save is not None:
+        ov.save_model(model, str(save))
     config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "f32"}
     if threads is not None:
         config["INFERENCE_NUM_THREADS"] = threads
@@ -42,8 +47,10 @@ class OpenVINO(Backend):
         request, feed = compiled(module, inputs, threads).create_infer_request(), [t.numpy() for t in inputs]
         return lambda: request.infer(feed)
 
-    def census(self, module: nn.Module, inputs: tuple[Any, ...], onnx_path: str | None) -> dict[str, int]:
-        """The layer types of OpenVINO's CPU execution graph (``f32`` inference precision)."""
-        model = compiled(module, tuple(inputs))
+    def census(
+        self, module: nn.Module, inputs: tuple[Any, ...], onnx_path: str | None, save: Path | None = None
+    ) -> dict[str, int]:
+        """The layer types of OpenVINO's CPU execution graph (``f32`` inference precision); with ``save``, the IR."""
+        model = compiled(module, tuple(inputs), save=save)
         ops = Counter(op.get_rt_info()["layerType"].astype(str) for op in model.get_runtime_model().get_ops())
         return dict(sorted((k, v) for k, v in ops.items() if k not in ("Input", "Output", "Const")))

@@ -71,14 +71,17 @@ class OnnxRuntime(Backend):
         feed = {i.name: t.numpy() for i, t in zip(sess.get_inputs(), inputs)}
         return lambda: sess.run(None, feed)
 
-    def census(self, module: nn.Module, inputs: tuple[Any, ...], onnx_path: str | None) -> dict[str, int]:
-        """The op histogram of the graph onnxruntime runs after its own optimizations (extended level, saved)."""
+    def census(
+        self, module: nn.Module, inputs: tuple[Any, ...], onnx_path: str | None, save: Path | None = None
+    ) -> dict[str, int]:
+        """The op histogram of the graph onnxruntime runs after its own optimizations (extended level, saved); the
+        file onnxruntime deploys is the ONNX file itself (``save`` is not used)."""
         import onnxruntime as ort
 
         with tempfile.TemporaryDirectory(prefix="fxsurgery-census-") as tmp:
             if onnx_path is None:
                 onnx_path = f"{tmp}/model.onnx"
-                export_onnx(module, inputs, Path(onnx_path))
+                export_onnx(module, inputs, Path(onnx_path), dynamic_batch=False)  # the example batch
             so = ort.SessionOptions()
             so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
             so.optimized_model_filepath = f"{tmp}/optimized.onnx"

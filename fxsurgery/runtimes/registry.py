@@ -37,9 +37,12 @@ class Backend:
         """A zero-argument callable that runs ``module`` converted for this runtime once on ``inputs``."""
         raise NotImplementedError
 
-    def census(self, module: Any, inputs: tuple[Any, ...], onnx_path: str | None) -> dict[str, int]:
+    def census(
+        self, module: Any, inputs: tuple[Any, ...], onnx_path: str | None, save: Path | None = None
+    ) -> dict[str, int]:
         """The op types, with counts, of ``module`` after this toolchain's conversion (``onnx_path``: the model's ONNX
-        file where one was written)."""
+        file where one was written); with ``save``, that conversion also written there, as the toolchain's own
+        export would write it (the path's suffix is the runtime's ``artifact``)."""
         raise NotImplementedError
 
 
@@ -52,6 +55,7 @@ class Runtime:
     backend: str  # "module:Class" of its Backend, imported when first used
     offers: frozenset[str]
     target: str | None = None  # its name as a deployment target; None where it is not one
+    artifact: str = ""  # the suffix of the file its toolchain deploys (".pte"); "": none beyond the ONNX file
 
     def available(self) -> bool:
         return importlib.util.find_spec(self.package) is not None
@@ -65,9 +69,18 @@ class Runtime:
 
 
 def _r(
-    name: str, label: str, package: str, extra: str, backend: str, offers: str, target: str | None = None
+    name: str,
+    label: str,
+    package: str,
+    extra: str,
+    backend: str,
+    offers: str,
+    target: str | None = None,
+    artifact: str = "",
 ) -> Runtime:
-    return Runtime(name, label, package, extra, f"fxsurgery.runtimes.{backend}", frozenset(offers.split()), target)
+    return Runtime(
+        name, label, package, extra, f"fxsurgery.runtimes.{backend}", frozenset(offers.split()), target, artifact
+    )
 
 
 RUNTIMES: dict[str, Runtime] = {
@@ -75,7 +88,16 @@ RUNTIMES: dict[str, Runtime] = {
     for r in (
         _r("onnxruntime", "ORT", "onnxruntime", "", "ort:OnnxRuntime", "time census", target="onnxruntime"),
         _r("torch", "torch", "torch", "", "eager:Eager", "time"),
-        _r("openvino", "OpenVINO", "openvino", "openvino", "openvino_cpu:OpenVINO", "run time census", "openvino"),
+        _r(
+            "openvino",
+            "OpenVINO",
+            "openvino",
+            "openvino",
+            "openvino_cpu:OpenVINO",
+            "run time census",
+            "openvino",
+            ".xml",
+        ),
         _r(
             "executorch",
             "ExecuTorch-XNNPACK",
@@ -84,8 +106,9 @@ RUNTIMES: dict[str, Runtime] = {
             "xnnpack:Xnnpack",
             "run census",
             target="executorch-xnnpack",
+            artifact=".pte",
         ),
-        _r("coreml", "Core ML", "coremltools", "coreml", "coreml:CoreML", "census", target="coreml"),
+        _r("coreml", "Core ML", "coremltools", "coreml", "coreml:CoreML", "census", "coreml", ".mlpackage"),
     )
 }
 

@@ -5,6 +5,7 @@ counted."""
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -12,7 +13,7 @@ from torch import nn
 
 from fxsurgery.runtimes.registry import Backend
 
-__all__ = ["Xnnpack", "lowered"]
+__all__ = ["Xnnpack", "lowered", "execute"]
 
 
 def lowered(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Any:
@@ -24,17 +25,32 @@ def lowered(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Any:
     return to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
 
 
+def execute(pte: bytes, inputs: tuple[Any, ...] | list[Any]) -> list[Any]:
+    """The ``.pte`` bytes ``pte`` loaded by ExecuTorch's pybindings and run once on ``inputs``: its outputs, copied.
+    The bytes, the program and the method are all held until the outputs are copied: the runtime borrows each
+    (pytorch/executorch#10725: a temporary ``bytes`` or ``Program`` is freed under it, and a later run reads
+    garbage: "Attempted to resize a static tensor")."""
+    from executorch.runtime import Runtime
+
+    program = Runtime.get().load_program(pte)
+    method = program.load_method("forward")
+    outputs = [t.clone() if isinstance(t, torch.Tensor) else t for t in method.execute(list(inputs))]
+    del method, program
+    return outputs
+
+
 class Xnnpack(Backend):
     def run(self, module: nn.Module, inputs: tuple[Any, ...]) -> list[Any]:
-        from executorch.runtime import Runtime
+        return execute(lowered(module, inputs).to_executorch().buffer, inputs)
 
-        program = lowered(module, inputs).to_executorch()
-        method = Runtime.get().load_program(program.buffer).load_method("forward")
-        return list(method.execute(list(inputs)))
-
-    def census(self, module: nn.Module, inputs: tuple[Any, ...], onnx_path: str | None) -> dict[str, int]:
-        """XNNPACK delegates and the ops left outside them, after ``to_edge_transform_and_lower``."""
+    def census(
+        self, module: nn.Module, inputs: tuple[Any, ...], onnx_path: str | None, save: Path | None = None
+    ) -> dict[str, int]:
+        """XNNPACK delegates and the ops left outside them, after ``to_edge_transform_and_lower``; with ``save``,
+        the ``.pte`` ExecuTorch runs, written there."""
         edge = lowered(module, tuple(inputs))
+        if save is not None:
+            save.write_bytes(edge.to_executorch().buffer)
         ops: Counter[str] = Counter()
         for node in edge.exported_program().graph.nodes:
             if node.op != "call_function":

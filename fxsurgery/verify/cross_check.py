@@ -10,10 +10,8 @@ the rewrite survived export: the rewritten sites' Gemm/MatMul nodes became Conv,
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,115 +19,33 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
-from fxsurgery.artifacts.onnx_export import (
-    batch_is_dynamic,
-    export_onnx,
-    io_names,
-    op_histogram,
-    rename_outputs,
-)
+from fxsurgery.artifacts.onnx_export import op_histogram
 from fxsurgery.capture.copies import eval_copy
-from fxsurgery.capture.inputs import normalize_inputs
-from fxsurgery.errors import InputError, SurgeryError, one_line
+from fxsurgery.capture.inputs import is_tokens, normalize_inputs
+from fxsurgery.errors import InputError, full_text
 from fxsurgery.options import Options, resolve
+from fxsurgery.progress import step
 from fxsurgery.report import Comparison, OnnxCheck
 from fxsurgery.runtimes.ort import OPT_LEVELS, run_session, session
 from fxsurgery.runtimes.registry import RUNTIMES, get, run
+from fxsurgery.verify.export_stage import NAMES, Findings, Settings, check_files, export_both, input_names, name_outputs
 from fxsurgery.verify.localize import first_divergence, first_failing_node
 from fxsurgery.verify.policy import SCALE_FLOOR, compare_leaves
 from fxsurgery.verify.validation import random_inputs, run_no_grad
 
 __all__ = ["cross_check"]
 
-log = logging.getLogger(__name__)
-
 #: Matrix products (attention carried per head computes its two products as Einsum where SDPA exports MatMul).
 _MATMUL_OPS = ("Gemm", "MatMul", "Einsum")
 _CONV_OPS = ("Conv", "ConvTranspose")
-NAMES = ("original", "rewritten")
 
 
-@dataclass
-class _Findings:
-    """What the stages found that is not a comparison: limits (skipped) and failures."""
-
-    inputs: tuple[torch.Tensor, ...]
-    skipped: list[str] = field(default_factory=list)
-    failures: list[str] = field(default_factory=list)
-
-    def limit_or_fail(self, message: str) -> None:
-        """Missing kernels for a dtype other than float32 are a reported limit, not a failure (onnxruntime CPU has
-        no float64 Conv and no bfloat16 Gemm; ONNX allows bfloat16 Conv only from opset 22)."""
-        dtypes = {t.dtype for t in self.inputs if t.is_floating_point()}
-        if dtypes - {torch.float32}:
-            names = ", ".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
-            self.skipped.append(f"{message} [dtype limit: {names}; bfloat16 Conv needs opset=22]")
-        else:
-            self.failures.append(message)
-
-
-def _export(
-    models: dict[str, nn.Module],
-    paths: dict[str, Path],
-    inputs: tuple[torch.Tensor, ...],
-    export_inputs: tuple[torch.Tensor, ...],
-    dynamic: bool,
-    found: _Findings,
-    exporter: str,
-    opset: int | None,
-) -> bool:
-    """Export both models; returns whether the batch axis is dynamic in both files."""
-    for name, module in models.items():
-        log.info("exporting %s model to %s", name, paths[name])
-        try:
-            export_onnx(
-                module, _clones(export_inputs), paths[name], exporter=exporter, dynamic_batch=dynamic, opset=opset
-            )
-        except Exception as e:
-            if not dynamic:
-                raise _export_error(name, exporter, e) from e
-            found.skipped.append(f"dynamic batch axis: export failed ({one_line(e)}); exported with a static batch")
-            dynamic = False
-            break
-    if dynamic:  # a drop-in replacement: the rewritten file's outputs get the original file's names
-        rename_outputs(paths["rewritten"], io_names(paths["original"])[1])
-    if dynamic and (static := [n for n, p in paths.items() if not batch_is_dynamic(p)]):
-        found.skipped.append(
-            f"dynamic batch axis: the exporter specialised the batch of {', '.join(static)}.onnx; "
-            "re-exported with a static batch"
-        )
-        dynamic = False
-    if not dynamic:
-        for name, module in models.items():
-            try:
-                export_onnx(module, _clones(inputs), paths[name], exporter=exporter, dynamic_batch=False, opset=opset)
-            except Exception as e:
-                raise _export_error(name, exporter, e) from e
-        rename_outputs(paths["rewritten"], io_names(paths["original"])[1])
-    return dynamic
-
-
-def _export_error(name: str, exporter: str, e: Exception) -> SurgeryError:
-    other = "torchscript" if exporter == "dynamo" else "dynamo"
-    return SurgeryError(
-        f"ONNX export of the {name} model failed ({exporter}): {one_line(e)}; try "
-        f"exporter={other!r} (--exporter {other}), or check(..., onnx=False) without the cross-check"
-    )
-
-
-def _clones(inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-    """Exporters run the model on the inputs they are given: never on the caller's tensors."""
-    return tuple(t.clone() for t in inputs)
-
-
-def _check_files(paths: dict[str, Path], found: _Findings) -> None:
-    import onnx
-
-    for name, path in paths.items():
-        try:
-            onnx.checker.check_model(str(path), full_check=True)
-        except Exception as e:
-            found.limit_or_fail(f"onnx.checker rejects {name}.onnx: {one_line(e)}")
+def _another_batch(inputs: tuple[torch.Tensor, ...], gen: torch.Generator, level: str) -> tuple[torch.Tensor, ...]:
+    """Fresh inputs at the next batch size and, where the sequence axis is dynamic, 3/4 of the sequence."""
+    other = random_inputs(inputs, gen, batch=_batch(inputs) + 1)
+    if level != "batch+sequence":
+        return other
+    return tuple(t[:, : max(1, t.shape[1] * 3 // 4)].contiguous() if is_tokens(t) else t for t in other)
 
 
 def _batch(inputs: Sequence[torch.Tensor]) -> int:
@@ -144,7 +60,7 @@ def _run_more(
     models: dict[str, nn.Module],
     batches: list[tuple],
     runtimes: Sequence[str],
-    found: _Findings,
+    found: Findings,
     outputs: list[dict[str, list[Any]]],
 ) -> None:
     """The optional runtimes' outputs (:mod:`~fxsurgery.runtimes.registry`): where one cannot run the original, that is
@@ -154,9 +70,10 @@ def _run_more(
         for name in NAMES:
             for batch_inputs, got in zip(batches, outputs):
                 try:
-                    got[f"{label} {name}"] = run(rt, models[name], batch_inputs)
+                    with step(f"running the {name} model on {label} (batch {_batch(batch_inputs)})"):
+                        got[f"{label} {name}"] = run(rt, models[name], batch_inputs)
                 except Exception as e:
-                    message = f"{label} cannot run the {name} model at batch {_batch(batch_inputs)}: {one_line(e)}"
+                    message = f"{label} cannot run the {name} model at batch {_batch(batch_inputs)}: {full_text(e)}"
                     if name == "rewritten" and f"{label} original" in got:
                         found.failures.append(f"{message}; {_runtime_localized(rt, models[name], batch_inputs)}")
                     else:
@@ -174,7 +91,7 @@ def _run(
     paths: dict[str, Path],
     batches: list[tuple],
     providers: Sequence[str],
-    found: _Findings,
+    found: Findings,
 ) -> list[dict[str, list[Any]]]:
     """Outputs per batch, by runner: torch first, then one onnxruntime session at a time (a large model's sessions
     each hold its weights)."""
@@ -184,17 +101,18 @@ def _run(
     for name in NAMES:
         for level in OPT_LEVELS:
             label = f"ORT {name} [opt {level}]"
-            try:
-                sess = session(paths[name], optimization=level, providers=providers)
-            except Exception as e:
-                found.limit_or_fail(f"onnxruntime cannot load {name}.onnx (opt {level}): {one_line(e)}")
-                continue
-            for batch_inputs, got in zip(batches, outputs):
+            with step(f"running {name}.onnx in onnxruntime (graph optimizations {level})"):
                 try:
-                    got[label] = run_session(sess, batch_inputs)
+                    sess = session(paths[name], optimization=level, providers=providers)
                 except Exception as e:
-                    found.limit_or_fail(f"{label} fails at batch {_batch(batch_inputs)}: {one_line(e)}")
-            del sess
+                    found.limit_or_fail(f"onnxruntime cannot load {name}.onnx (opt {level}): {full_text(e)}")
+                    continue
+                for batch_inputs, got in zip(batches, outputs):
+                    try:
+                        got[label] = run_session(sess, batch_inputs)
+                    except Exception as e:
+                        found.limit_or_fail(f"{label} fails at batch {_batch(batch_inputs)}: {full_text(e)}")
+                del sess
     return outputs
 
 
@@ -276,19 +194,23 @@ def cross_check(
     out.mkdir(parents=True, exist_ok=True)
     paths = {name: out / f"{name}.onnx" for name in NAMES}
     models = {"original": eval_copy(original), "rewritten": eval_copy(rewritten)}
-    found = _Findings(inputs)
+    found = Findings(inputs)
     dynamic = dynamic_batch and inputs[0].dim() > 0
     gen = torch.Generator().manual_seed(seed)
     # torch.export specialises a dimension of size 1: trace a dynamic batch with at least 2 samples.
     export_inputs = random_inputs(inputs, gen, batch=2) if dynamic and inputs[0].shape[0] < 2 else inputs
-    dynamic = _export(models, paths, inputs, export_inputs, dynamic, found, exporter, opset)
-    _check_files(paths, found)
+    tokens = [opts.dynamic_sequence and is_tokens(t) for t in inputs]
+    settings = Settings(exporter, opset, input_names(models["original"], len(inputs)), tokens)
+    level = export_both(models, paths, inputs, export_inputs, dynamic, found, settings)
+    dynamic = level != "static"
+    name_outputs(models["original"], inputs, paths)
+    check_files(paths, found)
     counts = {name: op_histogram(path) for name, path in paths.items()}
     visible, detail = _visibility(counts, direction, rewritten_sites)
     if visible is False:
         found.failures.append(f"the rewrite is not visible in the exported graph: {detail}")
     # the second batch is small: onnxruntime runs are a visible part of the cost
-    batches = [inputs] + ([random_inputs(inputs, gen, batch=_batch(inputs) + 1)] if dynamic else [])
+    batches = [inputs] + ([_another_batch(inputs, gen, level)] if dynamic else [])
     outputs = _run(models, paths, batches, providers, found)
     _run_more(models, batches, runtimes, found, outputs)
     comparisons, tol = _compare(batches, outputs, rtol)
@@ -323,7 +245,7 @@ def _localize(
     outputs: list[dict[str, list[Any]]],
     exporter: str,
     tol: float,
-    found: _Findings,
+    found: Findings,
 ) -> None:
     """For each ONNX file onnxruntime ran wrong (against torch), the first intermediate value that departs by more
     than the bound its outputs failed (``tol`` x the output scale of torch original, already run per batch)."""
@@ -342,7 +264,8 @@ def _localize(
         batch, reference = batches[k], outputs[k]["torch original"]
         scale = max([float(t.detach().abs().max()) for t in reference if t.is_floating_point() and t.numel()] + [0.0])
         bound = tol * max(scale, SCALE_FLOOR)
-        found.failures.append(f"{name}.onnx: " + first_divergence(models[name], batch, paths[name], bound))
+        with step(f"localizing where {name}.onnx departs from torch"):
+            found.failures.append(f"{name}.onnx: " + first_divergence(models[name], batch, paths[name], bound))
 
 
 def _localize_runtimes(
@@ -351,7 +274,7 @@ def _localize_runtimes(
     batches: list[tuple],
     runtimes: Sequence[str],
     rtol: float | None,
-    found: _Findings,
+    found: Findings,
 ) -> None:
     """For each optional runtime that runs the rewritten model wrong, the first node it computes wrong."""
     for rt in runtimes:
@@ -359,7 +282,8 @@ def _localize_runtimes(
         wrong = [c for c in comparisons if not c.passed and c.candidate == f"{label} rewritten"]
         if wrong:
             batch = next(b for b in batches if _batch(b) == wrong[0].batch)
-            found.failures.append(f"{label} rewritten: {_runtime_localized(rt, rewritten, batch, rtol)}")
+            with step(f"localizing where {label} departs from torch"):
+                found.failures.append(f"{label} rewritten: {_runtime_localized(rt, rewritten, batch, rtol)}")
 
 
 def _check_providers(providers: Sequence[str]) -> None:

@@ -20,8 +20,10 @@ original by more than :data:`ERROR_MARGIN` beyond the original's (PT2E or onnxru
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,7 @@ from fxsurgery.errors import InputError, one_line
 from fxsurgery.rules.aten.linear_to_conv import VIEWS
 from fxsurgery.rules.aten.qdq import is_dequantize, is_quantize
 from fxsurgery.runtimes.ort import run_session, session
+from fxsurgery.runtimes.xnnpack import execute
 from fxsurgery.verify.cross_check import NAMES
 from fxsurgery.verify.validation import random_inputs
 
@@ -118,13 +121,11 @@ def lowered_outputs(program: torch.export.ExportedProgram, inputs: tuple) -> lis
     try:
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
         from executorch.exir import to_edge_transform_and_lower
-        from executorch.runtime import Runtime
     except ImportError:
         return "ExecuTorch is not installed (pip install 'fxsurgery[executorch]')"
     try:
         pte = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()]).to_executorch().buffer
-        method = Runtime.get().load_program(pte).load_method("forward")
-        return [t for t in method.execute(list(inputs)) if isinstance(t, torch.Tensor)]
+        return [t for t in execute(pte, inputs) if isinstance(t, torch.Tensor)]
     except Exception as e:
         return f"does not lower: {one_line(e)[:200]}"
 
@@ -306,12 +307,32 @@ def _onnx_errors(
     return errors
 
 
+@contextlib.contextmanager
+def _in_folder(folder: Path) -> Iterator[None]:
+    """The working directory ``folder`` while the block runs, the caller's again after."""
+    before = os.getcwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
 def _quantize_onnx(path: Path, calibration: list[tuple]) -> Path:
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    path = path.resolve()
     pre, out = path.with_suffix(".pre.onnx"), path.with_suffix(".int8.onnx")
-    quant_pre_process(str(path), str(pre))  # symbolic shape inference and onnxruntime's graph optimisations
+    with _in_folder(path.parent):  # it writes sym_shape_infer_temp.onnx and <uuid>.data in the working directory
+        try:  # symbolic shape inference and onnxruntime's graph optimisations
+            quant_pre_process(str(path), str(pre))
+        except Exception:  # its symbolic inference gives up on some dynamic axes (transformers' Min(512, sequence))
+            quant_pre_process(str(path), str(pre), skip_symbolic_shape=True)
+    for leftover in path.parent.glob("*.data"):  # (the temporary's external data, which it leaves behind)
+        if leftover.stem.count("-") == 4:
+            leftover.unlink()
+    (path.parent / "sym_shape_infer_temp.onnx").unlink(missing_ok=True)
     names = [i.name for i in session(pre).get_inputs()]
 
     class Reader(CalibrationDataReader):

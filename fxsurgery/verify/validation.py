@@ -141,6 +141,27 @@ def _independence_note(refs: list[Any]) -> str | None:
     return _CONSTANT_NOTE.format(which=which, them="them" if len(fixed) == n else "those outputs")
 
 
+def _floor_warning(refs: list[Any], rtol: float) -> str:
+    """What the comparison floor hides when the original's float outputs are all below it ("" when they are not):
+    errors are measured against ``SCALE_FLOOR``, so outputs far below it are compared loosely, or not at all."""
+    finite = [t.detach()[torch.isfinite(t)] for r in refs for t in _floating_leaves(r)]
+    finite = [t for t in finite if t.numel()]
+    if not finite:
+        return ""
+    scale = max(float(t.abs().max()) for t in finite)
+    if scale >= SCALE_FLOOR:
+        return ""
+    if scale <= rtol * SCALE_FLOOR:
+        what = "an output of zeros would pass: this validation tested nothing"
+    else:
+        what = f"the tolerance is {SCALE_FLOOR / scale:.3g}x looser than stated"
+    return (
+        f"the original's outputs are at most {scale:.3g} in magnitude, below the comparison floor {SCALE_FLOOR:g} "
+        f"errors are measured against: {what}; validate with trained weights (--weights, load_state_dict) or inputs "
+        "that give outputs of real size"
+    )
+
+
 def _batches(
     orig: nn.Module, example: Sequence[torch.Tensor], num_random: int, precision: Precision, seed: int, notes: list[str]
 ) -> tuple[list[tuple], tuple | None]:
@@ -339,6 +360,9 @@ def validate(
     if note:
         notes.append(note)
         log.warning("validation: %s", note)
+    warning = _floor_warning(refs, errors.rtol or rtol or 0.0) if not errors.failure else ""
+    if warning:
+        log.warning("validation: %s", warning)
     return Validation(
         passed=not errors.failure,
         max_abs_error=errors.max_abs,
@@ -352,4 +376,5 @@ def validate(
         failure=errors.failure,
         notes=tuple(notes),
         error_histograms=histograms,
+        warning=warning,
     )

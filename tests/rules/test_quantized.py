@@ -223,13 +223,14 @@ def test_quantize_then_rewrite_lowers_to_xnnpack_as_the_original_does():
     pytest.importorskip("executorch", reason="ExecuTorch is optional: pip install fxsurgery[executorch]")
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
-    from executorch.runtime import Runtime
+
+    from fxsurgery.runtimes.xnnpack import execute
 
     def run_pte(program):
         lowered = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
         delegated = [n for n in lowered.exported_program().graph.nodes if "quantized_decomposed" in str(n.target)]
         pte = lowered.to_executorch().buffer
-        return Runtime.get().load_program(pte).load_method("forward").execute([x])[0], delegated
+        return execute(pte, [x])[0], delegated
 
     x = torch.randn(2, 8, 4, 4)
     program = quantized(Tokens(), x)

@@ -250,7 +250,8 @@ def test_a_wrong_onnx_file_is_localized_to_its_first_diverging_value(tmp_path, m
     from fxsurgery.models import demo_model
 
     cc = importlib.import_module("fxsurgery.verify.cross_check")  # the module (the package exports the function)
-    export = cc.export_onnx
+    stage = importlib.import_module("fxsurgery.verify.export_stage")
+    export = stage.export_onnx
     tampered = {}
 
     def export_then_tamper(module, inputs, path, **kw):
@@ -264,7 +265,7 @@ def test_a_wrong_onnx_file_is_localized_to_its_first_diverging_value(tmp_path, m
         tampered["value"] = reader.output[0]
         onnx.save(model, str(path))
 
-    monkeypatch.setattr(cc, "export_onnx", export_then_tamper)
+    monkeypatch.setattr(stage, "export_onnx", export_then_tamper)
     model = demo_model().eval()
     res = fxsurgery.linear_to_conv(model, torch.randn(2, 3, 32, 32))
     check = cc.cross_check(model, res.module, (torch.randn(2, 3, 32, 32),), tmp_path)

@@ -6,8 +6,10 @@ never from the tool's output."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
+
 import pytest
 import torch
 from torch import nn
@@ -111,7 +113,7 @@ def test_token_layout_for_quantization_keeps_layer_norm_and_attention_whole():
     assert within >= 0.99 and err_b <= err_a * 1.05
 
 
-def test_check_quantize_compares_both_versions_quantized(tmp_path):
+def test_check_quantize_compares_both_versions_quantized(tmp_path, monkeypatch):
     """PT2E and onnxruntime's static QDQ (quant_pre_process with symbolic shape inference, then quantize_static)
     on both versions; the errors against the float model are measured here too, from onnxruntime's own tools."""
     import onnxruntime as ort
@@ -119,7 +121,11 @@ def test_check_quantize_compares_both_versions_quantized(tmp_path):
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     model, x = _bert()
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
     report = fxsurgery.check(model, x, out_dir=tmp_path, token_layout=True, quantize="int8")
+    assert not list(Path.cwd().iterdir())  # nothing written where the caller runs
+    assert not [p for p in tmp_path.iterdir() if p.suffix == ".data" or p.name.startswith("sym_shape")]
     q = report.quantized
     assert report.passed and q is not None and q.passed, report.summary()
     assert q.census["rewritten"]["requantizations"] == q.census["original"]["requantizations"]
@@ -135,16 +141,23 @@ def test_check_quantize_compares_both_versions_quantized(tmp_path):
 
     probe = torch.randint(0, 100, (4, 8), generator=torch.Generator().manual_seed(3))
     ref = model(probe).logits.detach().numpy()
-    errors = []
+    # (quant_pre_process below leaves sym_shape_infer_temp.onnx and <uuid>.data in the working directory: tmp's)
+    errors, inferred = [], {}
     for name in ("original", "rewritten"):
         pre, out = tmp_path / f"{name}.pre2.onnx", tmp_path / f"{name}.q2.onnx"
-        quant_pre_process(str(tmp_path / f"{name}.onnx"), str(pre))  # raised on the rewrite's attention before
+        try:  # its symbolic shape inference raised on the rewrite's attention before (ReduceMin)
+            quant_pre_process(str(tmp_path / f"{name}.onnx"), str(pre))
+            inferred[name] = True
+        except Exception:  # it gives up on transformers' Min(512, sequence) of a dynamic sequence axis
+            quant_pre_process(str(tmp_path / f"{name}.onnx"), str(pre), skip_symbolic_shape=True)
+            inferred[name] = False
         name_in = ort.InferenceSession(str(pre), providers=["CPUExecutionProvider"]).get_inputs()[0].name
         quantize_static(str(pre), str(out), Reader(name_in), per_channel=True, weight_type=QuantType.QInt8)
         sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
         got = sess.run(None, {sess.get_inputs()[0].name: probe.numpy()})[0]
         errors.append(float(np.linalg.norm(got - ref) / np.linalg.norm(ref)))
     assert errors[1] <= errors[0] * 1.05
+    assert inferred["rewritten"] or not inferred["original"]  # wherever it infers the original's shapes
 
 
 def test_check_quantize_refuses_a_model_already_quantized():
