@@ -203,10 +203,10 @@ def left_alone(pictures: Mapping[str, Any] | None) -> dict[str, Any] | None:
 
 def with_shapes(sites: list[Site], gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> list[Site]:
     """``sites`` with the shapes of their *after* pictures' nodes (the nodes a pass adds carry none of their own),
-    propagated through the rewritten graph ``gm`` on ``inputs`` when some site was rewritten. Where propagation
-    fails, the drawings go without shapes: the rewrite itself is judged by validation."""
-    if not any(s.rewritten for s in sites):
-        return sites
+    propagated through the rewritten graph ``gm`` on ``inputs`` when some site was rewritten and the inputs are not
+    on the meta device. Where propagation fails, the drawings go without shapes: validation judges the rewrite."""
+    if not any(s.rewritten for s in sites) or any(t.device.type == "meta" for t in inputs):
+        return sites  # (on meta, a 7B model's rewrite is the product: no second pass over its graph for a drawing)
     try:
         propagate_shapes(gm, inputs)
     except Exception as e:
