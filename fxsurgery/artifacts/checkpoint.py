@@ -253,8 +253,12 @@ def save_rewritten(
         foreign = False
         if program is None:
             module = working_copy(gm).eval()
-            with torch.no_grad():
-                outputs = module(*inputs)
+            buffers = [(b, b.clone()) for b in module.buffers() if b.device.type != "meta"]
+            with torch.no_grad():  # one run, to see the outputs' types; the state it leaves is put back
+                outputs = module(*[t.clone() for t in inputs])
+                for b, before in buffers:
+                    if not torch.equal(b, before):  # (a buffer expanded from one row cannot be written, nor changes)
+                        b.copy_(before)
             foreign = _foreign(outputs)
             program = export_model(_plain_outputs(module, outputs) if foreign else module, inputs)
         torch.export.save(program, str(out / "rewritten.pt2"))
