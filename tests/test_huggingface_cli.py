@@ -133,3 +133,13 @@ def test_rewritten_pt2_loads_in_a_fresh_process_without_transformers(out):
                           text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split("\n")[-2] == "['logits'] (2, 3) False"
+
+
+def test_model_kwargs_reach_from_pretrained(bert_dir):
+    """``--model-kwargs`` are ``from_pretrained``'s: a head of another size than the checkpoint's is refused by
+    transformers, in one line (and a value that is not a JSON object by fxsurgery)."""
+    proc = _cli("list", str(bert_dir), "--to", "conv", "--model-kwargs", '{"num_labels": 5}', "--quiet")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "cannot load" in proc.stderr and "ignore_mismatched_sizes" in proc.stderr
+    proc = _cli("list", str(bert_dir), "--to", "conv", "--model-kwargs", "[1]", "--quiet")
+    assert proc.returncode == 2 and "--model-kwargs must be a JSON object of from_pretrained arguments" in proc.stderr

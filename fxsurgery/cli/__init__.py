@@ -72,8 +72,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 #: Loggers whose messages are known to be harmless around the steps fxsurgery reports on itself: the exporter's
-#: "torchvision is not installed" and constant-folding notices, coremltools' and OpenVINO's progress. Shown with -v.
-_NOISY = ("torch.onnx", "onnxscript", "coremltools", "openvino", "executorch")
+#: "torchvision is not installed" and constant-folding notices, coremltools' and OpenVINO's progress, torchao's
+#: enum registrations ("is now natively supported by torch.compile", on importing transformers). Shown with -v.
+_NOISY = ("torch.onnx", "torch.utils._pytree", "onnxscript", "coremltools", "openvino", "executorch")
 
 
 @contextmanager
@@ -164,6 +165,9 @@ def _dispatch(args: argparse.Namespace, progress: _Progress) -> int:
         return _fail(f"the model's code exited (SystemExit: {e.code}) before the rewrite finished")
     except KeyboardInterrupt:
         return _fail("interrupted", 130)
+    except BrokenPipeError:  # the reader stopped reading (| head): not a failure of the run, and nothing to say
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - the interpreter flushes stdout at exit
+        return 141
     except Exception as e:  # not foreseen: still one line, never a traceback, unless asked for one
         if os.environ.get("FXSURGERY_TRACEBACK"):
             raise
@@ -227,7 +231,11 @@ def _model_and_inputs(args: argparse.Namespace, progress: _Progress) -> tuple[An
         raise UsageError("no example input: give --input-shape N,C,H,W (and/or --input NAME=SHAPE[:DTYPE])")
     check_input_size([shape for _, shape, _ in specs], dtype)
     with progress.step(f"building {args.model}"):
-        model = hf.load(args.model, args.task, dtype) if huggingface else build_model(args.model, args.model_kwargs)
+        model = (
+            hf.load(args.model, args.task, dtype, args.model_kwargs)
+            if huggingface
+            else build_model(args.model, args.model_kwargs)
+        )
         if args.weights:
             load_weights(model, args.weights, args.unsafe_pickle)
         model = model.to(dtype).eval()

@@ -6,6 +6,7 @@ vocabulary and an attention mask with one padded sequence, or pixel values of th
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -39,9 +40,16 @@ def is_hub_id(spec: str) -> bool:
     return re.fullmatch(r"[\w.-]+/[\w.-]+", spec) is not None and not Path(spec).exists()
 
 
-def load(spec: str, task: str | None, dtype: Any) -> Any:
-    """The model in ``spec`` (folder or Hub id) for ``task``, in ``dtype`` and eval mode; causal LMs without their
-    key/value cache (the rewrite and the ONNX files are of the forward over a whole sequence)."""
+def load(spec: str, task: str | None, dtype: Any, kwargs_json: str = "{}") -> Any:
+    """The model in ``spec`` (folder or Hub id) for ``task``, in ``dtype`` and eval mode, ``from_pretrained`` given
+    ``kwargs_json`` too (``--model-kwargs``); causal LMs without their key/value cache (the rewrite and the ONNX
+    files are of the forward over a whole sequence) unless those say otherwise."""
+    try:
+        extra = json.loads(kwargs_json)
+    except ValueError as e:
+        raise UsageError(f"--model-kwargs is not JSON: {e}") from e
+    if not isinstance(extra, dict):
+        raise UsageError(f"--model-kwargs must be a JSON object of from_pretrained arguments, got {kwargs_json!r}")
     try:
         import transformers
     except ImportError as e:
@@ -52,6 +60,7 @@ def load(spec: str, task: str | None, dtype: Any) -> Any:
     kwargs: dict[str, Any] = {"local_files_only": local, "dtype": dtype}
     if cls.__name__.endswith("ForCausalLM") or task in ("causal-lm", "text-generation"):
         kwargs["use_cache"] = False
+    kwargs.update(extra)
     bar = transformers.utils.logging.is_progress_bar_enabled()
     transformers.utils.logging.disable_progress_bar()  # "Loading weights": fxsurgery says what it is building
     try:
