@@ -6,12 +6,13 @@ vocabulary and an attention mask with one padded sequence, or pixel values of th
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
 
 from fxsurgery.cli.inputs import UsageError
+from fxsurgery.cli.model import model_kwargs
+from fxsurgery.errors import one_line
 
 __all__ = ["TASKS", "is_folder", "is_hub_id", "load", "example_inputs"]
 
@@ -44,12 +45,7 @@ def load(spec: str, task: str | None, dtype: Any, kwargs_json: str = "{}") -> An
     """The model in ``spec`` (folder or Hub id) for ``task``, in ``dtype`` and eval mode, ``from_pretrained`` given
     ``kwargs_json`` too (``--model-kwargs``); causal LMs without their key/value cache (the rewrite and the ONNX
     files are of the forward over a whole sequence) unless those say otherwise."""
-    try:
-        extra = json.loads(kwargs_json)
-    except ValueError as e:
-        raise UsageError(f"--model-kwargs is not JSON: {e}") from e
-    if not isinstance(extra, dict):
-        raise UsageError(f"--model-kwargs must be a JSON object of from_pretrained arguments, got {kwargs_json!r}")
+    extra = model_kwargs(kwargs_json, "from_pretrained arguments")
     try:
         import transformers
     except ImportError as e:
@@ -66,7 +62,7 @@ def load(spec: str, task: str | None, dtype: Any, kwargs_json: str = "{}") -> An
     try:
         model = cls.from_pretrained(spec, **kwargs)
     except Exception as e:
-        raise UsageError(f"cannot load {spec} with transformers.{cls.__name__}: {_first_line(e)}") from e
+        raise UsageError(f"cannot load {spec} with transformers.{cls.__name__}: {one_line(e)}") from e
     finally:
         if bar:
             transformers.utils.logging.enable_progress_bar()
@@ -78,9 +74,9 @@ def _config(transformers: Any, spec: str, local: bool) -> Any:
         return transformers.AutoConfig.from_pretrained(spec, local_files_only=local)
     except Exception as e:
         if local:
-            raise UsageError(f"{spec}/config.json is not a HuggingFace config: {_first_line(e)}") from e
+            raise UsageError(f"{spec}/config.json is not a HuggingFace config: {one_line(e)}") from e
         raise UsageError(
-            f"{spec} is not a folder here, and as a HuggingFace Hub id it could not be fetched ({_first_line(e)}): "
+            f"{spec} is not a folder here, and as a HuggingFace Hub id it could not be fetched ({one_line(e)}): "
             f"without network, download it first (hf download {spec} --local-dir DIR) and give DIR"
         ) from e
 
@@ -95,11 +91,6 @@ def _model_class(transformers: Any, config: Any, task: str | None, spec: str) ->
             f"{spec}: the config names no architecture transformers has; give --task (one of {', '.join(TASKS)})"
         )
     return getattr(transformers, names[0])
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}"
 
 
 def example_inputs(model: Any, seed: int = 0) -> dict[str, Any]:

@@ -16,15 +16,15 @@ from typing import Any
 
 from fxsurgery.cli.inputs import UsageError
 
-__all__ = ["load_factory", "build_model", "load_weights", "load_program"]
+__all__ = ["load_factory", "model_kwargs", "build_model", "load_weights", "load_program"]
 
 
 def load_factory(spec: str) -> Callable[[], Any]:
     """Resolve ``package.module:callable``, ``package.module.callable`` or ``path/to/file.py:callable``."""
-    if ":" not in spec:
-        return _dotted(spec)
     where, _, name = spec.rpartition(":")
-    if where.endswith(".py") or os.sep in where:
+    if ":" not in spec:
+        obj = _dotted(spec)
+    elif where.endswith(".py") or os.sep in where:
         path = Path(where)
         if not path.is_file():
             raise UsageError(f"model file not found: {where}")
@@ -63,8 +63,6 @@ def _dotted(spec: str) -> Any:
             f"cannot resolve {spec!r}: {type(e).__name__}: {e} (MODEL is package.module:callable, e.g. "
             f"{head}:{name}, or file.py:callable)"
         ) from e
-    if not callable(obj):
-        raise UsageError(f"{spec} is not callable: expected a function or class returning an nn.Module")
     return obj
 
 
@@ -82,15 +80,21 @@ def _resolve(spec: str, where: str, name: str) -> Any:
         raise UsageError(f"cannot resolve {spec!r}: {type(e).__name__}: {e}") from e
 
 
-def build_model(spec: str, kwargs_json: str = "{}") -> Any:
-    from torch import nn
-
+def model_kwargs(text: str, of: str = "keyword arguments") -> dict[str, Any]:
+    """``--model-kwargs``: a JSON object (of the factory's keyword arguments, or ``of`` what else takes them)."""
     try:
-        kwargs = json.loads(kwargs_json)
+        kwargs = json.loads(text)
     except ValueError as e:
         raise UsageError(f"--model-kwargs is not JSON: {e}") from e
     if not isinstance(kwargs, dict):
-        raise UsageError(f"--model-kwargs must be a JSON object of keyword arguments, got {kwargs_json!r}")
+        raise UsageError(f"--model-kwargs must be a JSON object of {of}, got {text!r}")
+    return kwargs
+
+
+def build_model(spec: str, kwargs_json: str = "{}") -> Any:
+    from torch import nn
+
+    kwargs = model_kwargs(kwargs_json)
     factory = load_factory(spec)
     try:
         model = factory(**kwargs)
