@@ -72,6 +72,23 @@ def _zoo(T: Any) -> dict[str, tuple[Callable[[], nn.Module], Callable[[], tuple[
         "convnext": (lambda: T.ConvNextForImageClassification(T.ConvNextConfig(
             hidden_sizes=[8, 16], depths=[1, 1], num_stages=2, num_labels=3, image_size=32)), _image,
             r"stages\.\d+\.layers\."),
+        # encoder-decoders as users call them: the decoder's inputs too, and an EncoderDecoderCache in the output
+        "bart": (lambda: T.BartForConditionalGeneration(T.BartConfig(
+            vocab_size=100, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+            decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64)),
+            lambda: (_ids(), {"attention_mask": _mask(), "decoder_input_ids": _ids(s=5)}),
+            r"(encoder|decoder)\.layers\.\d+\."),
+        "t5": (lambda: T.T5ForConditionalGeneration(T.T5Config(
+            vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)),
+            lambda: (_ids(), {"attention_mask": _mask(), "decoder_input_ids": _ids(s=5)}), r"block\.\d+\.layer\."),
+        # its Linears are FalconLinear, a subclass computing x @ W.T + b
+        "falcon": (lambda: T.FalconForCausalLM(T.FalconConfig(
+            vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4)), lambda: (_ids(),),
+            r"h\.\d+\."),
+        # its MLP runs on rows: hidden_states.reshape(-1, C) before fc1, viewed back as (B, S, C) after fc2
+        "opt": (lambda: T.OPTForCausalLM(T.OPTConfig(
+            vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64,
+            word_embed_proj_dim=32, max_position_embeddings=64)), text, r"layers\.\d+\."),
     }  # fmt: skip
 
 
@@ -82,7 +99,8 @@ def zoo() -> dict[str, tuple[Callable[[], nn.Module], Callable[[], tuple[Any, ..
 
 
 ZOO = ("bert", "roberta", "distilbert", "gpt2", "llama", "mistral", "qwen2", "phi3", "gemma", "vit", "whisper-encoder",
-       "segformer", "resnet", "mobilenet_v2", "convnext")  # fmt: skip
+       "segformer", "resnet", "mobilenet_v2", "convnext", "bart", "t5", "falcon",
+       "opt")  # fmt: skip
 
 
 def build(name: str) -> tuple[nn.Module, tuple[Any, ...], str]:

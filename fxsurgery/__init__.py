@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from fxsurgery.api import check, conv_to_linear, linear_to_conv, rewrite
     from fxsurgery.artifacts.checkpoint import load_state_dict, original_state_dict
     from fxsurgery.artifacts.convert import convert_checkpoint
+    from fxsurgery.artifacts.generation import generation_model
     from fxsurgery.engine.rule import Match, Rule, RuleSet, Skip
     from fxsurgery.errors import InputError, SurgeryError, TraceError, ValidationError
     from fxsurgery.options import Options
@@ -28,6 +29,7 @@ _LAZY = {
     **dict.fromkeys(("check", "conv_to_linear", "linear_to_conv", "rewrite"), "fxsurgery.api"),
     **dict.fromkeys(("load_state_dict", "original_state_dict"), "fxsurgery.artifacts.checkpoint"),
     "convert_checkpoint": "fxsurgery.artifacts.convert",
+    "generation_model": "fxsurgery.artifacts.generation",
     **dict.fromkeys(("Match", "Rule", "RuleSet", "Skip"), "fxsurgery.engine.rule"),
     **dict.fromkeys(("InputError", "SurgeryError", "TraceError", "ValidationError"), "fxsurgery.errors"),
     "Options": "fxsurgery.options",
@@ -56,6 +58,7 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "generation_model",
     "linear_to_conv",
     "conv_to_linear",
     "rewrite",

@@ -11,6 +11,7 @@ if TYPE_CHECKING:
     from fxsurgery.report import SurgeryResult
 
 __all__ = [
+    "reported_as_internal",
     "SurgeryError",
     "TraceError",
     "ValidationError",
@@ -93,3 +94,14 @@ def quiet_loggers(*prefixes: str) -> Iterator[None]:
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
+
+
+@contextmanager
+def reported_as_internal() -> Iterator[None]:
+    """A rewrite's own failure (not a SurgeryError it raised on purpose) as a SurgeryError asking for a report."""
+    try:
+        yield
+    except SurgeryError:
+        raise
+    except Exception as e:
+        raise SurgeryError(f"internal error while rewriting ({type(e).__name__}: {e}); please report it") from e

@@ -8,10 +8,9 @@ example inputs are never modified.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,16 +38,17 @@ from fxsurgery.capture import (
     working_copy,
 )
 from fxsurgery.capture.frontends import choose_front_end
+from fxsurgery.capture.layers import plain_linears
 from fxsurgery.engine import subgraph
 from fxsurgery.engine.passes import PASSES, transform
 from fxsurgery.engine.rewriter import Rewriter
 from fxsurgery.engine.rule import RuleSet
-from fxsurgery.errors import InputError, SurgeryError, TraceError, ValidationError, cause_of
+from fxsurgery.errors import InputError, SurgeryError, TraceError, ValidationError, cause_of, reported_as_internal
 from fxsurgery.options import LeafSpec, Options
 from fxsurgery.plan.auto import DIRECTIONS, plan_auto
 from fxsurgery.plan.targets import target_notes, target_skips
 from fxsurgery.report import Site, SurgeryResult
-from fxsurgery.rules import bare_candidate, rule_set
+from fxsurgery.rules import bare_candidate, rule_set, unlisted_linears
 from fxsurgery.verify.culprits import failure_of
 from fxsurgery.verify.policy import QUANTIZED_RTOL
 from fxsurgery.verify.reference import batch_one_admitted, validated
@@ -78,6 +78,8 @@ class _Job:
     # (front end, path) -> what capturing that module gave, taken once per run: the culprit search rewrites again
     # with sites left out, from the same captured graphs (tracing does not depend on the sites)
     captured: dict[tuple[str, str], Any] = field(default_factory=dict, compare=False)
+    # submodule path (from the root) -> why it was left untouched: the Linears inside are listed with that reason
+    untouched: dict[str, str] = field(default_factory=dict, compare=False)
 
     def below(self, name: str, source: nn.Module) -> _Job:
         """The job for submodule ``name`` of ``source``: its names relative to it, and the parameters it shares
@@ -110,17 +112,24 @@ def run_pass(
     model = prepare_model(model)
     if options.validate:
         refuse_meta(model, inputs, "validation")
+    structure, subclasses, plain_notes = plain_linears(model)  # the user's model stays the reference
     module_names = [n for n, _ in model.named_modules() if n]
     check_names("leaf_modules entry", [x for x in options.leaf_modules if isinstance(x, str)], module_names)
     log.info("tracing %s", type(model).__name__)
     job = _Job(rules, options.leaf_modules, options.exclude, program=program, skip=target_skips(options.target))
+    untouched: dict[str, dict[str, str]] = {}  # per front end tried
     frontend, (gm, sites, notes) = choose_front_end(
-        options.frontend, lambda name: _rewrite_structure(model, inputs, dataclasses.replace(job, frontend=name))
+        options.frontend,
+        lambda name: _rewrite_structure(
+            structure, inputs, dataclasses.replace(job, frontend=name, untouched=untouched.setdefault(name, {}))
+        ),
     )
-    job = dataclasses.replace(job, frontend=frontend)
+    job = dataclasses.replace(job, frontend=frontend, untouched=untouched.get(frontend, {}))
+    if direction == "linear_to_conv":
+        sites = [*sites, *unlisted_linears(model, gm, sites, {**job.untouched, **subclasses}, options.token_layout)]
     captured = gm.meta.pop("captured", None) if isinstance(gm, fx.GraphModule) else None  # the export, unrewritten
     check_names("exclude entry", options.exclude, [*module_names, *(s.name for s in sites)])
-    notes = [*target_notes(options.target, options.batch_layout, direction), *notes]
+    notes = [*target_notes(options.target, options.batch_layout, direction), *plain_notes, *notes]
     result = SurgeryResult(gm, sites, None, direction, (*wrappers, *notes), frontend=job.frontend)
     if not options.validate:
         return result
@@ -129,7 +138,7 @@ def run_pass(
         raise failure_of(
             result,
             job.frontend,
-            lambda group: _error_with(model, inputs, job, result.rewritten, group, original, options),
+            lambda group: _error_with(structure, inputs, job, result.rewritten, group, original, options),
         )
     return result
 
@@ -160,7 +169,7 @@ def run_quantized(model: Any, inputs: tuple[torch.Tensor, ...], direction: str, 
     given = model if isinstance(model, torch.export.ExportedProgram) else None
     program = given if given is not None else export_model(working_copy(model).eval(), inputs)
     rewriter = PASSES[direction](options.exclude)
-    with _reported_as_internal():
+    with reported_as_internal():
         new = transform(program, rewriter)
     original = given.module() if given is not None else model
     note = "quantized graph: rewritten as the exported graph it is, every int8 island (dq -> op -> q) kept whole"
@@ -194,22 +203,11 @@ def _apply(traced: fx.GraphModule, inputs: tuple[torch.Tensor, ...], job: _Job) 
     except TraceError:
         check_devices(gm, inputs)  # the likeliest cause, said plainly
         raise
-    with _reported_as_internal():
+    with reported_as_internal():
         rw = Rewriter(gm, job.rules, job.exclude, job.tied, job.skip)
         sites = rw.run()
     record_module_layouts(gm, rw.modules, rw.new_modules)
     return gm, subgraph.with_shapes(sites, gm, inputs)
-
-
-@contextlib.contextmanager
-def _reported_as_internal() -> Iterator[None]:
-    """A rewrite's own failure (not a SurgeryError it raised on purpose) as a SurgeryError asking for a report."""
-    try:
-        yield
-    except SurgeryError:
-        raise
-    except Exception as e:
-        raise SurgeryError(f"internal error while rewriting ({type(e).__name__}: {e}); please report it") from e
 
 
 def _rewrite_exported(
@@ -351,6 +349,7 @@ def _rewrite_children(
     adding to ``sites`` and ``notes``; returns how many were rewritten (the others are noted as untouched)."""
     captured, skipped = capture_submodule_inputs(source, inputs, names)
     notes += [f"{name} left untouched: {why}" for name, why in skipped.items()]
+    job.untouched.update({f"{job.path}{name}": why for name, why in skipped.items()})
     done = 0
     for name, sub_inputs in captured.items():
         child = target.get_submodule(name)
@@ -362,6 +361,7 @@ def _rewrite_children(
             new, sub_sites, sub_notes = _rewrite_structure(child, sub_inputs, job.below(name, source))
         except SurgeryError as e:
             notes.append(f"{name} left untouched: {cause_of(e)}")
+            job.untouched[f"{job.path}{name}"] = cause_of(e)
             continue
         done += 1
         single = bare and len(sub_sites) == 1

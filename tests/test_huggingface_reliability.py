@@ -61,7 +61,11 @@ def test_gpt2_lm_head_tied_to_the_embedding_stays_tied(frontend):
 def test_a_layer_of_an_untraceable_root_is_named_by_its_path_and_can_be_excluded():
     m, ids = _gpt2()
     res = l2c(m, ids, token_layout=True, exclude=["lm_head"], frontend="fx")
-    assert [(s.name, s.reason) for s in res.sites] == [("lm_head", "excluded by the caller")]
+    assert (res.sites[0].name, res.sites[0].reason) == ("lm_head", "excluded by the caller")
+    # the Linears of the untraceable transformer are listed too, with why
+    linears = {n for n, x in m.named_modules() if n.startswith("transformer.") and type(x).__name__ == "Conv1D"}
+    assert {s.name for s in res.sites[1:]} == linears
+    assert all(s.reason.startswith("inside transformer, which was left untouched: ") for s in res.sites[1:])
 
 
 def test_levit_tracing_leaves_the_models_caches_alone_and_a_second_call_works():

@@ -238,5 +238,5 @@ def test_excluding_a_window_attention_by_its_qkv_name_keeps_it():
     kept = {"features.1.1.attn.qkv", "features.1.1.attn.proj"}
     res = run_surgery("linear_to_conv", model, torch.randn(2, 3, 32, 32), token_layout=True,
                       exclude=["features.1.1.attn.qkv"], rewritten=[n for n in linears if n not in kept],
-                      skipped={"features.1.1.attn.qkv": "excluded"})  # fmt: skip
+                      skipped={"features.1.1.attn.qkv": "excluded", "features.1.1.attn.proj": "reads its weight"})  # fmt: skip
     assert type(res.module.get_submodule("features.1.1.attn.qkv")) is not nn.Conv2d

@@ -108,7 +108,7 @@ def export_model(model: nn.Module, args: tuple[Any, ...], dynamic_shapes: Any = 
     ``Dim.AUTO``: kept static where the model fixes it) unless ``dynamic_shapes`` says otherwise. A model that
     cannot run at another batch than the given one of 1 (it holds state of that batch: a static KV cache) is
     exported at that batch. Keyword inputs reach it as positional ones (:mod:`fxsurgery.capture.inputs`)."""
-    _register_hf_caches()
+    _register_hf_caches(model)
     if dynamic_shapes is not None:
         return _export(model, args, dynamic_shapes)
     if not _batch_of_one(args):
@@ -183,9 +183,12 @@ def _quiet_torch() -> Iterator[None]:
         yield  # the graph a failed export prints
 
 
-def _register_hf_caches() -> None:
-    """HuggingFace decoders return a ``DynamicCache``, which ``torch.export`` can output only once transformers has
-    registered it as a pytree node (its own ``register_dynamic_cache_export_support``, idempotent, process-wide)."""
+def _register_hf_caches(model: nn.Module) -> None:
+    """HuggingFace models return cache objects (a decoder's ``DynamicCache``, an encoder-decoder's
+    ``EncoderDecoderCache``, Mamba's cache), which ``torch.export`` can output only once transformers has registered
+    them as pytree nodes: ``DynamicCache`` by ``register_dynamic_cache_export_support``, every other cache class
+    (and those of ``model``'s own modeling module) by its exporter's ``register_cache_pytrees_for_model``. Both
+    idempotent and process-wide; the rewritten model returns the same cache type."""
     if "transformers" not in sys.modules:
         return
     try:
@@ -193,6 +196,13 @@ def _register_hf_caches() -> None:
     except ImportError:
         return
     register_dynamic_cache_export_support()
+    try:
+        from transformers.exporters.exporter_dynamo import register_cache_pytrees_for_model
+    except ImportError:  # transformers before its exporters package: DynamicCache only
+        return
+    hf = next((m for m in model.modules() if type(m).__module__.startswith("transformers.")), None)
+    if hf is not None:  # a user's wrapper reaches it too; the classes of a user's own module are left alone
+        register_cache_pytrees_for_model(cast(Any, hf))
 
 
 def inert_hook(hook: Any) -> bool:

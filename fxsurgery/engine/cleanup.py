@@ -11,6 +11,7 @@ from __future__ import annotations
 import operator
 from typing import TYPE_CHECKING
 
+import torch
 import torch.fx as fx
 from torch import nn
 
@@ -79,6 +80,15 @@ def convert_back(rw: Rewriter) -> None:
             for u in outside:
                 if u is not back:
                     u.replace_input_with(node, back)
+                    _view_as_reshape(u, back)
+
+
+def _view_as_reshape(user: fx.Node, back: fx.Node) -> None:
+    """``back.view(shape)`` becomes ``back.reshape(shape)``: the original value was contiguous, the conversion back
+    may not be (a transpose), and ``view`` refuses strides it cannot merge; ``reshape`` gives the same values."""
+    sizes = not any(isinstance(a, torch.dtype) for a in user.args[1:])  # view(dtype) reinterprets: kept
+    if user.op == "call_method" and user.target == "view" and user.args[:1] == (back,) and sizes:
+        user.target = "reshape"
 
 
 def _erased_originals(rw: Rewriter) -> list[fx.Node]:

@@ -6,23 +6,26 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import torch
+import torch.fx as fx
 from torch import nn
 
+from fxsurgery.capture.layers import fused_experts, linear_layers
 from fxsurgery.engine.nodes import CONV_TYPES
 from fxsurgery.engine.rule import RuleSet
 from fxsurgery.errors import InputError
 from fxsurgery.report import Site
 from fxsurgery.rules import conv_to_linear, linear_to_conv
 from fxsurgery.rules.conv_to_linear import full_extent, pointwise
-from fxsurgery.rules.linear_to_conv import flatten_head
+from fxsurgery.rules.linear_to_conv import flatten_head, token_linear
 
 if TYPE_CHECKING:
     from fxsurgery.options import Options
 
-__all__ = ["DIRECTIONS", "rule_set", "bare_candidate"]
+__all__ = ["DIRECTIONS", "rule_set", "bare_candidate", "unlisted_linears", "EXPERTS"]
 
 #: The passes, and the target names the CLI and ``check`` accept for them.
 DIRECTIONS = {"conv": linear_to_conv.DIRECTION, "linear": conv_to_linear.DIRECTION}
@@ -65,3 +68,62 @@ def bare_candidate(
     conv_pattern = pointwise.PATTERN if all(k == 1 for k in kernel) else full_extent.PATTERN
     pattern = flatten_head.PATTERN if linear else conv_pattern
     return [Site(name, pattern, "skipped", why)]
+
+
+#: Why a Linear no rule listed stays, when nothing more specific is known.
+UNSEEN = "not called in the captured graph: the forward does not use it on the example inputs"
+#: ... and when the graph reads its weight.
+WEIGHT_ONLY = (
+    "not called as a layer: the graph reads its weight in an operation of its own (a functional attention, a "
+    "custom product), which no rule rewrites"
+)
+
+#: The pattern name of fused mixture-of-experts weights, which no rule rewrites yet.
+EXPERTS = "moe-experts"
+#: ... and why.
+EXPERTS_WHY = (
+    "fused expert weights ({}), applied per token through indexed or grouped products that no rule rewrites "
+    "yet; the router and the attention around them are rewritten where their rules match"
+)
+#: ... and when a module around it is called as one layer of the graph (``nn.MultiheadAttention``'s ``out_proj``).
+INSIDE_CALL = "inside {} ({}), which the graph calls as one layer: no rule rewrote that layer"
+#: ... and when it is a Linear subclass torch.fx traced through.
+TRACED_THROUGH = "its forward is traced through, and its operations are listed as the graph's own"
+
+
+def unlisted_linears(
+    model: nn.Module, rewritten: nn.Module, sites: list[Site], why: Mapping[str, str], token_layout: bool
+) -> list[Site]:
+    """Every Linear of ``model`` (subclasses and transformers' ``Conv1D`` too) that no listed site is or contains,
+    and every layer of fused mixture-of-experts weights (:data:`EXPERTS`), as a skipped site: its reason from
+    ``why`` (the layer's own path, or a submodule around it that was left untouched), else :data:`WEIGHT_ONLY` when
+    a graph of ``rewritten`` reads its weight, else :data:`UNSEEN`. Every Linear is a site, always."""
+    listed = {s.name for s in sites}
+    graph_nodes = [
+        (prefix, n)
+        for prefix, gm in rewritten.named_modules()
+        if isinstance(gm, fx.GraphModule)
+        for n in gm.graph.nodes
+    ]
+    read = {f"{prefix}.{n.target}".lstrip(".") for prefix, n in graph_nodes if n.op == "get_attr"}
+    called = {f"{prefix}.{n.target}".lstrip(".") for prefix, n in graph_nodes if n.op == "call_module"}
+    kinds = dict(model.named_modules())
+    pattern = token_linear.PATTERN if token_layout else flatten_head.PATTERN
+    out = []
+    for name in linear_layers(model):
+        paths = [".".join(name.split(".")[:i]) for i in range(name.count(".") + 1, 0, -1)]  # itself, then outwards
+        if any(p in listed for p in paths):
+            continue
+        weight_read = f"{name}.weight" in read
+        reason = next(
+            (f"inside {p}, which was left untouched: {why[p]}" for p in paths[1:] if p in why),
+            next(
+                (INSIDE_CALL.format(p, type(kinds[p]).__name__) for p in paths[1:] if p in called),
+                WEIGHT_ONLY if weight_read else UNSEEN,
+            ),
+        )
+        if name in why:  # a subclass kept as it is: torch.fx traced through its forward
+            reason = f"{why[name]}; " + (TRACED_THROUGH if weight_read else reason)
+        out.append(Site(name, pattern, "skipped", reason))
+    out += [Site(name, EXPERTS, "skipped", EXPERTS_WHY.format(w)) for name, w in fused_experts(model).items()]
+    return out

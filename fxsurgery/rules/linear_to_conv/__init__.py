@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from fxsurgery.engine.propagate import Elementwise, StaticRank
 from fxsurgery.engine.rule import Propagator, Rule, RuleSet
-from fxsurgery.rules.linear_to_conv.carry import PermuteSeed, SelectToken, StochasticDepth
+from fxsurgery.rules.linear_to_conv.carry import PermuteSeed, SelectToken, StochasticDepth, TokenRows
 from fxsurgery.rules.linear_to_conv.chain import ChainLinear
 from fxsurgery.rules.linear_to_conv.channels_last import ChannelsLastLinear
 from fxsurgery.rules.linear_to_conv.decoder import (
@@ -35,6 +35,7 @@ from fxsurgery.rules.linear_to_conv.decoder import (
 )
 from fxsurgery.rules.linear_to_conv.decoder_heads import HeadExpand, HeadReshape, HeadUnsqueeze
 from fxsurgery.rules.linear_to_conv.flatten_head import FlattenHead
+from fxsurgery.rules.linear_to_conv.fused_heads import HeadUnbind
 from fxsurgery.rules.linear_to_conv.heads import (
     ChannelAttention,
     ChannelMatmul,
@@ -76,12 +77,14 @@ def rule_set(batch_layout: str = "spatial", token_layout: bool = False, quantize
         PermuteSeed(),
         SelectToken(),
         StochasticDepth(),
+        TokenRows(),
         LayerNormChannels(token_layout, one_op=quantize),
     )
     if token_layout:  # attention carried per head (HuggingFace's view -> transpose -> SDPA)
         propagators += (
             SplitChannels(),
             HeadSplit(),
+            HeadUnbind(),
             HeadPermute(),
             HeadMerge(),
             SameShape(),

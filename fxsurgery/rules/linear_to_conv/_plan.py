@@ -24,7 +24,7 @@ from fxsurgery.engine.nodes import EXACT_LINEAR, LinearOp, as_linear, static_sha
 from fxsurgery.engine.rule import Match, RuleContext, Skip, module_skip_reason, weight_skip_reason
 from fxsurgery.engine.weights import linear_to_conv_weight
 from fxsurgery.report import Site
-from fxsurgery.rules.linear_to_conv.layouts import CONV_LAYOUTS, NCHW_LAYOUT, TOKEN_LAYOUT
+from fxsurgery.rules.linear_to_conv.layouts import NCHW_LAYOUT, TOKEN_LAYOUT, conv_layout, tokens_of_rows
 
 __all__ = [
     "ConvPlan",
@@ -93,7 +93,7 @@ def carried_plan(node: fx.Node, rw: RuleContext, name: str, on: str | None = Non
     input for the report (default: the layout it is carried in)."""
     op, in_f, out_f, x_shape = check_linear(node, rw)
     alt, layout = rw.alt[op.input]
-    if layout not in CONV_LAYOUTS:
+    if not conv_layout(layout):
         raise Skip(f"the input is carried in layout {layout.name}")
     before = f"Linear({in_f}->{out_f}) {on or f'on a value already carried as {layout.name}'}"
     return ConvPlan(node, name, op, in_f, out_f, x_shape, layout, (in_f, 1, 1), before, lambda rw: alt)
@@ -147,7 +147,7 @@ def emit_conv(plan: ConvPlan, rw: RuleContext, pattern: str, weight_map: WeightM
         (x_shape[0], plan.in_features, *x_shape[1:3])
         if plan.layout is NCHW_LAYOUT
         else tuple(x_shape)
-        if plan.layout is TOKEN_LAYOUT
+        if plan.layout is TOKEN_LAYOUT or tokens_of_rows(plan.layout)
         else (x_shape[0], *feature)
     )
     return Site(plan.name, pattern, "rewritten", before=plan.before, after=after, input_shape=tuple(reads))

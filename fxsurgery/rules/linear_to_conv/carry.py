@@ -3,6 +3,8 @@
 * :class:`PermuteSeed`: ``z.permute(0, 2, 3, 1)`` that leads to a Linear (through LayerNorms) *is* ``z`` in NCHW.
 * :class:`SelectToken`: ``x[:, i]`` of tokens carried as ``(B, C, 1, S)`` (ViT's class token) reads
   ``alt[:, :, 0, i]``.
+* :class:`TokenRows`: tokens carried as ``(B, C, 1, S)`` reshaped to rows ``(B*S, C)`` stay carried (the rows are
+  the same values), and rows viewed back as ``(B, S, C)`` are the tokens again: OPT's MLP runs on rows.
 * :class:`StochasticDepth`: torchvision's ``stochastic_depth`` scales per sample (or the whole batch), so it runs in
   any layout that keeps the batch on dim 0.
 """
@@ -18,9 +20,9 @@ from fxsurgery.capture.shapes import shape_of
 from fxsurgery.engine.layout import permute_dims
 from fxsurgery.engine.nodes import is_torchvision
 from fxsurgery.engine.rule import RuleContext, feeds_candidate
-from fxsurgery.rules.linear_to_conv.layouts import NCHW_LAYOUT, TOKEN_LAYOUT
+from fxsurgery.rules.linear_to_conv.layouts import NCHW_LAYOUT, TOKEN_LAYOUT, rows_of_tokens, tokens_of_rows
 
-__all__ = ["PermuteSeed", "SelectToken", "StochasticDepth"]
+__all__ = ["PermuteSeed", "SelectToken", "StochasticDepth", "TokenRows"]
 
 
 class PermuteSeed:
@@ -62,3 +64,34 @@ class StochasticDepth:
         new.meta = {}
         rw.set_alt(node, new, layout)
         return True
+
+
+def _known_equal(a: object, b: object) -> bool:
+    """``a == b`` for sizes that may be symbolic (a dynamic batch): False where it cannot be decided."""
+    try:
+        return bool(a == b)
+    except Exception:  # a size whose relation to the other is not known
+        return False
+
+
+class TokenRows:
+    def propagate(self, node: fx.Node, rw: RuleContext) -> bool:
+        if not (node.op == "call_method" and node.target in ("reshape", "view") and node.args):
+            return False
+        carried = rw.carried(node.args[0])
+        shape, source = shape_of(node), shape_of(node.args[0])
+        if carried is None or shape is None or source is None:
+            return False
+        alt, layout = carried
+        rows = tokens_of_rows(layout)
+        if layout is TOKEN_LAYOUT and len(source) == 3 and len(shape) == 2 and isinstance(source[1], int):
+            if not (_known_equal(shape[0], source[0] * source[1]) and _known_equal(shape[1], source[2])):
+                return False
+            rw.set_alt(node, alt, rows_of_tokens(source[0], source[1]))
+            return True
+        if rows is not None and len(source) == 2 and len(shape) == 3:
+            if not (_known_equal(shape[0], rows[0]) and shape[1] == rows[1] and _known_equal(shape[2], source[1])):
+                return False
+            rw.set_alt(node, alt, TOKEN_LAYOUT)
+            return True
+        return False

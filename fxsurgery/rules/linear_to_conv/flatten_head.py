@@ -127,7 +127,9 @@ class FlattenHead(LinearRule):
         y_shape = static_shape(y, "the flattened map")
         order = None
         dims = permute_dims(y)
-        if dims is not None and len(dims) == 4 and dims[0] == 0:
+        # a flatten of a permuted map reads the map before the permute; but a permute to NCHW of a channels-last
+        # value (timm's LayerNorm2d: permute(0, 2, 3, 1), LayerNorm, permute(0, 3, 1, 2)) *is* the map
+        if dims is not None and len(dims) == 4 and dims[0] == 0 and dims != (0, 3, 1, 2):
             order = tuple(d - 1 for d in dims[1:])
             y = y.args[0]  # type: ignore[assignment]
             y_shape = static_shape(y, "the permuted map")

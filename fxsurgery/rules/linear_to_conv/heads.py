@@ -33,6 +33,7 @@ always exact.
 from __future__ import annotations
 
 import functools
+import math
 import operator
 
 import torch
@@ -59,6 +60,8 @@ __all__ = [
 
 #: ``(B, S, H, D)`` (heads split, before the transpose) carried as ``(B, H, D, S)``.
 _SPLIT = (0, 2, 3, 1)
+#: ... and ``(B, S, K, H, D)`` (q, k and v split from a fused projection, timm's) as ``(B, K, H, D, S)``.
+_SPLIT_BY_RANK = {4: _SPLIT, 5: (0, 2, 3, 4, 1)}
 #: ``(B, H, S, D)`` (what SDPA reads and returns) carried as ``(B, H, D, S)``.
 _PER_HEAD = (0, 1, 3, 2)
 _RESHAPES = ("view", "reshape")
@@ -88,19 +91,23 @@ def _reshape_input(node: fx.Node) -> fx.Node | None:
 
 
 class HeadSplit:
+    """Tokens carried as ``(B, C, 1, S)`` viewed as heads ``(B, S, H, D)`` are ``(B, H, D, S)``; viewed as
+    ``(B, S, K, H, D)`` (timm's fused q/k/v, ``K`` = 3) they are ``(B, K, H, D, S)``."""
+
     def propagate(self, node: fx.Node, rw: RuleContext) -> bool:
         x = _reshape_input(node)
         carried = rw.carried(x)
         if carried is None or carried[1] is not TOKEN_LAYOUT:
             return False
         shape, out = shape_of(x), shape_of(node)
-        if shape is None or out is None or len(shape) != 3 or len(out) != 4 or out[:2] != shape[:2]:
+        if shape is None or out is None or len(shape) != 3 or len(out) not in _SPLIT_BY_RANK:
             return False
-        if out[2] * out[3] != shape[2]:
+        if tuple(out[:2]) != tuple(shape[:2]) or math.prod(out[2:]) != shape[2]:
             return False
         with rw.graph.inserting_before(node):
             flat = rw.graph.call_function(torch.flatten, (carried[0], 2))  # (B, C, S)
-            rw.set_alt(node, rw.graph.call_method("unflatten", (flat, 1, (out[2], out[3]))), heads_layout(_SPLIT))
+            alt = rw.graph.call_method("unflatten", (flat, 1, tuple(out[2:])))
+        rw.set_alt(node, alt, heads_layout(_SPLIT_BY_RANK[len(out)]))
         return True
 
 
@@ -131,7 +138,7 @@ class HeadPermute:
         dims = permute_dims(node) or _transpose_dims(node)
         before = carried[1].to_alt
         assert before is not None
-        if dims is None or len(dims) != 4:
+        if dims is None or len(dims) != len(before):
             return False
         # alt = x.permute(before) and node = x.permute(dims): alt = node.permute(r) with dims[r[i]] = before[i]
         after = tuple(dims.index(d) for d in before)

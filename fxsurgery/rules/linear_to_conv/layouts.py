@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.fx as fx
 
@@ -17,6 +19,9 @@ __all__ = [
     "NCHW_LAYOUT",
     "TOKEN_LAYOUT",
     "CONV_LAYOUTS",
+    "conv_layout",
+    "rows_of_tokens",
+    "tokens_of_rows",
     "region_layout",
     "from_map",
 ]
@@ -60,8 +65,40 @@ def _exit_tokens(graph: fx.Graph, alt: fx.Node, orig: fx.Node) -> fx.Node:
 #: Tokens ``(B, S, C)`` carried as ``(B, C, 1, S)`` (opt-in, ``token_layout=True``): every Linear on them is a 1x1
 #: conv, and self-attention runs per head on ``(B, heads, head_dim, S)``.
 TOKEN_LAYOUT = Layout("(B,C,1,S)", _enter_tokens, _exit_tokens, dims=(0, 2, None, 1))
-#: Layouts in which a Linear on the carried value is a 1x1 conv.
+#: Layouts in which a Linear on the carried value is a 1x1 conv (and those of :func:`rows_of_tokens`).
 CONV_LAYOUTS = (POINT_LAYOUT, SPATIAL_LAYOUT, NCHW_LAYOUT, TOKEN_LAYOUT)
+
+#: Each layout of :func:`rows_of_tokens`, and the (batch, sequence) its rows come from; and the reverse, by name.
+_ROWS: dict[Layout, tuple[Any, int]] = {}
+_BY_SIZES: dict[tuple[str, int], Layout] = {}
+
+
+def rows_of_tokens(batch: Any, sequence: int) -> Layout:
+    """Tokens flattened to rows ``(B*S, C)`` (OPT's ``x.reshape(-1, C)`` before its MLP), carried as the tokens
+    ``(B, C, 1, S)`` they came from: the same layout for every value of one ``(B, S)``."""
+    key = (str(batch), sequence)
+    if key in _BY_SIZES:
+        return _BY_SIZES[key]
+
+    def enter(graph: fx.Graph, x: fx.Node, site: str) -> fx.Node:
+        return _enter_tokens(graph, graph.call_method("unflatten", (x, 0, (-1, sequence))), site)
+
+    def exit(graph: fx.Graph, alt: fx.Node, orig: fx.Node) -> fx.Node:
+        return graph.call_method("flatten", (_exit_tokens(graph, alt, orig), 0, 1))
+
+    layout = Layout(f"(B,C,1,S) of (B*S,C) rows, B={batch}, S={sequence}", enter, exit)
+    _ROWS[layout], _BY_SIZES[key] = (batch, sequence), layout
+    return layout
+
+
+def tokens_of_rows(layout: Layout) -> tuple[Any, int] | None:
+    """``(B, S)`` when ``layout`` carries rows of tokens (:func:`rows_of_tokens`), else None."""
+    return _ROWS.get(layout)
+
+
+def conv_layout(layout: Layout) -> bool:
+    """Whether a Linear on a value carried in ``layout`` is a 1x1 conv on its counterpart."""
+    return layout in CONV_LAYOUTS or layout in _ROWS
 
 
 def region_layout(x: object) -> Layout | None:

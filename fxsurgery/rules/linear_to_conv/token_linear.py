@@ -16,7 +16,7 @@ from fxsurgery.rules.linear_to_conv._plan import (
     linear_name,
     region_plan,
 )
-from fxsurgery.rules.linear_to_conv.layouts import TOKEN_LAYOUT
+from fxsurgery.rules.linear_to_conv.layouts import TOKEN_LAYOUT, tokens_of_rows
 
 __all__ = ["TokenLinear", "PATTERN"]
 
@@ -37,7 +37,7 @@ class TokenLinear(LinearRule):
         x = linear_input(node, rw)
         carried = rw.carried(x)
         if carried is not None:
-            return linear_name(node) if carried[1] is TOKEN_LAYOUT else None
+            return linear_name(node) if carried[1] is TOKEN_LAYOUT or tokens_of_rows(carried[1]) else None
         return linear_name(node) if self.token_layout and len(shape_of(x) or ()) == 3 else None
 
     def match(self, node: fx.Node, rw: RuleContext) -> ConvPlan:

@@ -28,5 +28,6 @@ def test_swin_block_rewritten_exactly():
 
 def test_excluding_the_qkv_linear_keeps_the_window_attention():
     res = run_surgery("linear_to_conv", _block(), torch.randn(2, 8, 8, 16), rewritten=["mlp.0", "mlp.3"],
-                      token_layout=True, exclude=["attn.qkv"], skipped={"attn.qkv": "excluded by the caller"})  # fmt: skip
+                      token_layout=True, exclude=["attn.qkv"],
+                      skipped={"attn.qkv": "excluded by the caller", "attn.proj": "reads its weight"})  # fmt: skip
     assert not any(isinstance(m, nn.Conv2d) for n, m in res.module.named_modules() if n.startswith("attn"))

@@ -1,0 +1,104 @@
+"""A rewritten language model that ``generate()``s: the original's class, its forward swapped for the rewritten
+graph's (:func:`generation_model`).
+
+The rewritten graph has no KV cache input, so each step runs on the whole sequence (``use_cache=False``, forced):
+the tokens are those the original generates with its cache, step for step, as long as the graph admits every length
+on the way (``dynamic_sequence=True``; checked here at a length it was not traced at).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from torch import nn
+
+from fxsurgery.capture.copies import working_copy
+from fxsurgery.errors import InputError, SurgeryError, one_line
+from fxsurgery.report import SurgeryResult
+
+__all__ = ["generation_model"]
+
+
+def generation_model(result: SurgeryResult, model: nn.Module, example_inputs: Any) -> nn.Module:
+    """``model``'s class (a HuggingFace causal LM) with its forward running ``result.module``: ``.generate()`` works
+    on it, greedy and sampled, with the original's generation settings (the cache off: the graph takes none).
+
+    ``example_inputs`` are those of the rewrite (token ids, and a mask if the graph takes one). The graph must admit
+    other sequence lengths (rewrite with ``dynamic_sequence=True``): it is run at one token more than the example and
+    compared with ``model``, and an ``InputError`` says so where it is specialised to the example's length. The user's
+    model is not touched: the copy's parameters are views of its weights.
+    """
+    if not hasattr(model, "generate") or not isinstance(result.module, nn.Module):
+        raise InputError(
+            f"{type(model).__name__} has no generate(): generation_model takes a HuggingFace model with generation"
+        )
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        raise InputError(
+            f"{type(model).__name__} is an encoder-decoder: its generate() runs the encoder once and the decoder on "
+            "a cache, which the rewritten graph does not split; generation_model takes decoder-only LMs"
+        )
+    ids = example_inputs[0] if isinstance(example_inputs, (tuple, list)) else example_inputs
+    if not (isinstance(ids, torch.Tensor) and ids.dim() == 2 and not ids.is_floating_point()):
+        raise InputError("example_inputs must start with token ids (batch, sequence), as the rewrite was given")
+    _check_lengths(result.module, model, ids)
+    lm = working_copy(model).eval()
+    lm.__class__ = type(
+        f"Rewritten{type(model).__name__}", (type(model),), {"forward": _forward, "generate": _generate}
+    )
+    lm.fxsurgery_graph = result.module
+    lm.fxsurgery_inputs = tuple(inspect.signature(result.module.forward).parameters)
+    if getattr(lm, "generation_config", None) is not None:
+        lm.generation_config.use_cache = False
+    return lm
+
+
+def _check_lengths(graph: nn.Module, model: nn.Module, ids: torch.Tensor) -> None:
+    """The graph run at one token more than ``ids`` gives the model's logits there."""
+    longer = torch.cat([ids, ids[:, -1:]], dim=1)
+    try:
+        with torch.no_grad():
+            got, want = graph(longer).logits, working_copy(model).eval()(longer, use_cache=False).logits
+    except Exception as e:
+        raise InputError(
+            f"the rewritten graph does not run at sequence length {longer.shape[1]} ({one_line(e)}): it is "
+            f"specialised to the example's {ids.shape[1]}; rewrite with dynamic_sequence=True (CLI --task with a "
+            "HuggingFace model sets it) so that generation can run at every length"
+        ) from e
+    scale = want.abs().max().clamp_min(1e-12)
+    if ((got - want).abs().max() / scale).item() > 1e-4:
+        raise InputError(
+            f"the rewritten graph computes something else at sequence length {longer.shape[1]} than at the "
+            f"example's {ids.shape[1]} (a length baked into the graph); rewrite with dynamic_sequence=True"
+        )
+
+
+def _generate(self: Any, *args: Any, **kwargs: Any) -> Any:
+    kwargs["use_cache"] = False  # the graph takes no cache: every step runs on the whole sequence
+    return super(type(self), self).generate(*args, **kwargs)
+
+
+def _forward(self: Any, input_ids: Any = None, attention_mask: Any = None, position_ids: Any = None, **kwargs: Any):
+    """The rewritten graph on the whole sequence; the cache of the output dropped (the graph keeps none)."""
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    if cache is not None and getattr(cache, "get_seq_length", lambda: 0)() > 0:
+        raise SurgeryError("the rewritten graph takes no KV cache: call generate() on it (it turns the cache off)")
+    length = input_ids.shape[1]
+    if position_ids is not None and not torch.equal(position_ids, torch.arange(length).expand_as(position_ids)):
+        raise SurgeryError(
+            "position ids other than 0..S-1 (a left-padded batch): the rewritten graph computes its own; generate "
+            "each prompt alone, or unpadded"
+        )
+    feed = {"input_ids": input_ids}
+    if "attention_mask" in self.fxsurgery_inputs:
+        feed["attention_mask"] = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+    elif attention_mask is not None and not bool(attention_mask.all()):
+        raise SurgeryError(
+            "a padding mask, and the rewritten graph takes none: rewrite with an attention_mask among the inputs"
+        )
+    out = self.fxsurgery_graph(**feed)
+    for key in ("cache", "past_key_values"):  # transformers 5 names it cache (past_key_values before)
+        if isinstance(out, dict) and out.get(key) is not None:
+            out[key] = None
+    return out

@@ -1,0 +1,267 @@
+"""Reach, round 3: every Linear of the model is a listed site, Linear subclasses that compute a Linear are rewritten,
+and encoder-decoders are captured with their cache, as users call them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import fxsurgery
+from fxsurgery.rules import UNSEEN, WEIGHT_ONLY
+
+
+class ExplicitLinear(nn.Linear):
+    """Falcon's ``FalconLinear``: its own forward, computing exactly what nn.Linear computes."""
+
+    def forward(self, x):
+        out = x @ self.weight.T
+        return out if self.bias is None else out + self.bias
+
+
+class ScaledLinear(nn.Linear):
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+class WithMethod(nn.Linear):
+    def extra(self):
+        return self.weight.sum()
+
+
+def _head(fc: nn.Linear) -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), fc).eval()
+
+
+def _image():
+    return torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_a_linear_subclass_computing_a_linear_is_rewritten_and_the_users_layer_keeps_its_class(frontend):
+    model = _head(ExplicitLinear(64, 5))
+    res = fxsurgery.linear_to_conv(model, _image(), frontend=frontend, precision="float64")
+    assert [s.name for s in res.rewritten] == ["3"], res.summary()
+    assert isinstance(res.module.get_submodule("3"), nn.Conv2d)
+    assert res.validation.max_rel_error < 1e-12
+    assert type(model[3]) is ExplicitLinear  # the user's model is not touched
+    assert any("ExplicitLinear (1 layer(s))" in n for n in res.notes), res.notes
+    torch.testing.assert_close(res.module(_image()), model(_image()))
+
+
+@pytest.mark.parametrize(
+    "fc, reason",
+    [
+        (ScaledLinear(64, 5), "does not compute x @ W.T + b"),
+        (WithMethod(64, 5), "a Linear subclass that defines extra"),
+    ],
+    ids=["other-forward", "other-methods"],
+)
+def test_a_linear_subclass_that_is_not_a_plain_linear_is_listed_with_why_and_left(fc, reason):
+    """torch.fx traces through it (torch.export too, where its F.linear is raised to a call of the layer and may be
+    rewritten: what is around the F.linear stays in the graph)."""
+    model = _head(fc)
+    res = fxsurgery.linear_to_conv(model, _image(), frontend="fx")
+    site = {s.name: s for s in res.sites}["3"]
+    assert site.status == "skipped" and reason in site.reason and type(fc).__name__ in site.reason, res.summary()
+    assert "traced through" in site.reason
+    torch.testing.assert_close(res.module(_image()), model(_image()))
+
+
+class Untraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x, *, scale=1.0):
+        if x.sum() > 0:  # data-dependent control flow: fx cannot trace it
+            x = x * scale
+        return self.fc(x)
+
+
+class Outer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = Untraceable()
+        self.unused = nn.Linear(8, 8)
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x):
+        y = self.inner(x, scale=2.0)  # a keyword argument: the submodule cannot be rewritten alone either
+        return torch.nn.functional.linear(y, self.proj.weight)  # the layer's weight, not the layer
+
+
+def test_every_linear_is_a_listed_site_even_where_the_pass_does_not_reach():
+    model = Outer().eval()
+    res = fxsurgery.linear_to_conv(model, torch.randn(2, 8), frontend="fx")
+    reasons = {s.name: s.reason for s in res.skipped}
+    names = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    assert names <= {s.name for s in res.sites}, res.summary()
+    assert reasons["inner.fc"].startswith("inside inner, which was left untouched: "), reasons
+    assert reasons["unused"] == UNSEEN
+    assert reasons["proj"] == WEIGHT_ONLY
+
+
+class RowsMLP(nn.Module):
+    """OPT's block: the MLP runs on rows ``(B*S, C)`` and is viewed back as tokens."""
+
+    def __init__(self, c=16):
+        super().__init__()
+        self.inp, self.norm, self.out = nn.Linear(c, c), nn.LayerNorm(c), nn.Linear(c, c)
+        self.fc1, self.fc2 = nn.Linear(c, 2 * c), nn.Linear(2 * c, c)
+
+    def forward(self, x):
+        b, s, c = x.shape
+        rows = self.inp(x).reshape(-1, c)
+        y = (rows + self.fc2(torch.relu(self.fc1(self.norm(rows))))).view(b, s, c)
+        return self.out(y)
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_tokens_flattened_to_rows_stay_carried_through_the_mlp(frontend):
+    model = RowsMLP().eval()
+    x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(0))
+    res = fxsurgery.linear_to_conv(model, x, token_layout=True, frontend=frontend, precision="float64")
+    assert {s.name for s in res.rewritten} == {"inp", "fc1", "fc2", "out"}, res.summary()
+    assert res.validation.max_rel_error < 1e-12
+    moves = [n for n in res.module.graph.nodes if n.target in ("transpose", "permute", torch.permute)]
+    assert len(moves) <= 2, res.module.code  # into the layout once, out once: none around the rows
+
+
+class LayerNorm2dHead(nn.Module):
+    """timm's ConvNeXt head: pooled map, LayerNorm2d (permute to channels-last, LayerNorm, permute back), flatten."""
+
+    def __init__(self, c=12):
+        super().__init__()
+        self.conv, self.norm, self.fc = nn.Conv2d(3, c, 3), nn.LayerNorm(c), nn.Linear(c, 5)
+
+    def forward(self, x):
+        y = torch.nn.functional.adaptive_avg_pool2d(self.conv(x), 1)
+        y = self.norm(y.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self.fc(y.flatten(1))
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_a_channels_last_head_permuted_back_to_nchw_is_read_as_the_nchw_map(frontend):
+    model = LayerNorm2dHead().eval()
+    res = fxsurgery.linear_to_conv(model, _image(), frontend=frontend, precision="float64")
+    conv = res.module.get_submodule("fc")
+    assert isinstance(conv, nn.Conv2d) and (conv.in_channels, conv.kernel_size) == (12, (1, 1)), res.summary()
+    assert res.validation.max_rel_error < 1e-12
+
+
+class ViewAfter(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm, self.fc = nn.LayerNorm(16), nn.Linear(16, 16)
+
+    def forward(self, x):
+        x = x.transpose(1, 2).contiguous().transpose(1, 2)  # channels-first in memory: the conv's output is NCHW
+        return self.fc(self.norm(x)).view(x.shape[0], -1)  # a view of the Linear's (contiguous) output
+
+
+def test_a_view_of_a_value_converted_back_from_the_token_layout_still_runs():
+    """The conversion back is a transpose, whose strides ``view`` cannot always merge: it becomes a reshape."""
+    model = ViewAfter().eval()
+    res = fxsurgery.linear_to_conv(model, torch.randn(2, 5, 16), token_layout=True, precision="float64")
+    assert [s.name for s in res.rewritten] == ["fc"] and res.validation.max_rel_error < 1e-12
+
+
+def _moves(gm: torch.fx.GraphModule) -> int:
+    return sum(str(n.target) in ("permute", "transpose") or n.target in (torch.permute, torch.transpose)
+               for n in gm.graph.nodes)  # fmt: skip
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_timm_vit_attention_is_carried_per_head_with_fewer_transposes_than_the_original(frontend):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=64, depth=2).eval()
+    res = fxsurgery.linear_to_conv(model, torch.randn(2, 3, 64, 64), token_layout=True, frontend=frontend,
+                                   precision="float64")  # fmt: skip
+    blocks = {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("blocks.")}
+    assert len(blocks) == 8 and blocks <= {s.name for s in res.rewritten}, res.summary()
+    assert res.validation.max_rel_error < 1e-12
+    assert _moves(res.module) <= _moves(torch.fx.symbolic_trace(model)), res.module.code
+
+
+T = pytest.importorskip("transformers")
+from benchmarks.hf_models import block_linears, build  # noqa: E402  (needs transformers)
+
+
+@pytest.mark.parametrize("family", ["bart", "t5"])
+def test_encoder_decoders_are_captured_with_their_cache_and_return_it(family):
+    model, x, blocks = build(family)
+    res = fxsurgery.linear_to_conv(model, x, token_layout=True, precision="float64")
+    assert res.frontend == "export"
+    assert block_linears(model, blocks) <= {s.name for s in res.rewritten}, res.summary()
+    assert res.validation.max_rel_error < 1e-12
+    ids, kw = x
+    out, ref = res.module(ids, **kw), model(ids, **kw)
+    assert type(out) is type(ref) and type(out.past_key_values) is type(ref.past_key_values)  # EncoderDecoderCache
+    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-4, atol=1e-5)
+    layer = ref.past_key_values.self_attention_cache.layers[0]
+    got = out.past_key_values.self_attention_cache.layers[0]
+    torch.testing.assert_close(got.keys, layer.keys, rtol=1e-4, atol=1e-5)  # the cache carries the same keys
+
+
+
+@pytest.fixture(scope="module")
+def llama():
+    model, (ids,), blocks = build("llama")
+    res = fxsurgery.linear_to_conv(model, ids, token_layout=True, dynamic_sequence=True)
+    assert block_linears(model, blocks) <= {s.name for s in res.rewritten}
+    return model, ids, res
+
+
+@pytest.mark.parametrize("prompt", [5, 11])
+def test_the_rewritten_lm_generates_what_the_original_generates(llama, prompt):
+    model, ids, res = llama
+    lm = fxsurgery.generation_model(res, model, ids)
+    assert isinstance(lm, type(model)) and lm.fxsurgery_graph is res.module
+    x = torch.randint(1, 100, (2, prompt), generator=torch.Generator().manual_seed(prompt))  # 0 is the pad token
+    greedy = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    torch.testing.assert_close(lm.generate(x, **greedy), model.generate(x, **greedy), rtol=0, atol=0)
+    sampled = dict(max_new_tokens=8, do_sample=True, top_k=0, pad_token_id=0)
+    torch.manual_seed(7)
+    want = model.generate(x, **sampled)
+    torch.manual_seed(7)
+    assert torch.equal(lm.generate(x, **sampled), want)
+    assert model.generation_config.use_cache  # the user's model keeps its settings
+
+
+def test_a_graph_specialised_to_one_length_is_refused_for_generation():
+    model, (ids,), _ = build("llama")
+    res = fxsurgery.linear_to_conv(model, ids, token_layout=True)  # the sequence traced static
+    with pytest.raises(fxsurgery.InputError, match="dynamic_sequence=True"):
+        fxsurgery.generation_model(res, model, ids)
+
+
+def test_an_encoder_decoder_is_refused_for_generation_with_why():
+    model, x, _ = build("t5")
+    res = fxsurgery.linear_to_conv(model, x, token_layout=True, validate=False)
+    with pytest.raises(fxsurgery.InputError, match="encoder-decoder"):
+        fxsurgery.generation_model(res, model, x)
+
+
+def test_fused_moe_experts_are_listed_with_why_and_the_model_stays_right():
+    config = T.MixtralConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, intermediate_size=64, num_local_experts=4, num_experts_per_tok=2)  # fmt: skip
+    torch.manual_seed(0)
+    model = T.MixtralForCausalLM(config).eval()
+    res = fxsurgery.linear_to_conv(model, torch.randint(0, 100, (2, 8)), token_layout=True)
+    experts = {s.name: s for s in res.sites if s.pattern == "moe-experts"}
+    assert set(experts) == {"model.layers.0.mlp.experts", "model.layers.1.mlp.experts"}, res.summary()
+    assert all(s.status == "skipped" and "gate_up_proj (4, 128, 32)" in s.reason for s in experts.values())
+    assert {f"model.layers.{i}.self_attn.{p}_proj" for i in (0, 1) for p in "qkvo"} <= {s.name for s in res.rewritten}
+    assert res.validation.passed
+
+
+def test_siglip_attention_pooling_head_is_rewritten_and_right():
+    config = T.SiglipVisionConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                                  num_attention_heads=4, intermediate_size=64)  # fmt: skip
+    torch.manual_seed(0)
+    model = T.SiglipVisionModel(config).eval()
+    res = fxsurgery.linear_to_conv(model, torch.randn(2, 3, 32, 32), token_layout=True)
+    assert {"head.mlp.fc1", "head.mlp.fc2"} <= {s.name for s in res.rewritten}, res.summary()
+    assert res.validation.passed
