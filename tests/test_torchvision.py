@@ -70,6 +70,7 @@ def test_sampled_models_both_directions(name):
     assert res.validation.passed and 2 in res.validation.batch_sizes
 
 
+@pytest.mark.slow  # the ONNX cross-check of CNNs runs in the coverage table and the conversion matrix too
 def test_resnet18_onnx_cross_check(tmp_path):
     model, x = build("resnet18")
     for to in ("conv", "linear"):

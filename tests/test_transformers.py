@@ -194,6 +194,7 @@ def test_swin_every_linear_becomes_a_conv_window_attention_included(version):
         assert conv.weight.data_ptr() == model.get_submodule(name).weight.data_ptr()
 
 
+@pytest.mark.slow  # Swin's ONNX cross-check runs in the coverage table (benchmarks/coverage.md) too
 def test_swin_onnx_cross_check(tmp_path):
     model = torchvision.models.SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 2],
                                                window_size=[4, 4]).eval()  # fmt: skip
