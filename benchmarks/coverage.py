@@ -242,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rerun", action="store_true",
                         help="run the records of OUT.json again (same model, direction and exporter), in place; all "
                              "of them, or those of the models named")  # fmt: skip
+    parser.add_argument("--direction", choices=("linear_to_conv", TOKENS, "conv_to_linear"),
+                        help="with --rerun: only the rows of this direction")
     parser.add_argument("--frontend", choices=("auto", "fx", "export"), default="auto",
                         help="the front end every run asks for (default: auto); --rerun keeps each row's")
     parser.add_argument("--hf", action="store_true",
@@ -275,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
         records = json.loads(out.with_suffix(".json").read_text())
         for i, old in enumerate(records):
             if args.models and old["model"] not in args.models or args.token_layout and old["direction"] != TOKENS:
+                continue
+            if args.direction and old["direction"] != args.direction:
                 continue
             to = "conv" if old["direction"].startswith("linear_to_conv") else "linear"
             records[i] = run_one(old["model"], to, onnx=not args.no_onnx, exporter=old.get("exporter") or "dynamo",
