@@ -85,7 +85,9 @@ def _forward(self: Any, input_ids: Any = None, attention_mask: Any = None, posit
     if cache is not None and getattr(cache, "get_seq_length", lambda: 0)() > 0:
         raise SurgeryError("the rewritten graph takes no KV cache: call generate() on it (it turns the cache off)")
     length = input_ids.shape[1]
-    if position_ids is not None and not torch.equal(position_ids, torch.arange(length).expand_as(position_ids)):
+    if position_ids is not None and not torch.equal(
+        position_ids, torch.arange(length, device=position_ids.device).expand_as(position_ids)
+    ):
         raise SurgeryError(
             "position ids other than 0..S-1 (a left-padded batch): the rewritten graph computes its own; generate "
             "each prompt alone, or unpadded"

@@ -77,18 +77,17 @@ WEIGHT_ONLY = (
     "not called as a layer: the graph reads its weight in an operation of its own (a functional attention, a "
     "custom product), which no rule rewrites"
 )
-
-#: The pattern name of fused mixture-of-experts weights, which no rule rewrites yet.
-EXPERTS = "moe-experts"
-#: ... and why.
-EXPERTS_WHY = (
-    "fused expert weights ({}), applied per token through indexed or grouped products that no rule rewrites "
-    "yet; the router and the attention around them are rewritten where their rules match"
-)
 #: ... and when a module around it is called as one layer of the graph (``nn.MultiheadAttention``'s ``out_proj``).
 INSIDE_CALL = "inside {} ({}), which the graph calls as one layer: no rule rewrote that layer"
 #: ... and when it is a Linear subclass torch.fx traced through.
 TRACED_THROUGH = "its forward is traced through, and its operations are listed as the graph's own"
+
+#: The pattern name of fused mixture-of-experts weights, which no rule rewrites yet, and why.
+EXPERTS = "moe-experts"
+EXPERTS_WHY = (
+    "fused expert weights ({}), applied per token through indexed or grouped products that no rule rewrites "
+    "yet; the router and the attention around them are rewritten where their rules match"
+)
 
 
 def unlisted_linears(
@@ -125,5 +124,6 @@ def unlisted_linears(
         if name in why:  # a subclass kept as it is: torch.fx traced through its forward
             reason = f"{why[name]}; " + (TRACED_THROUGH if weight_read else reason)
         out.append(Site(name, pattern, "skipped", reason))
-    out += [Site(name, EXPERTS, "skipped", EXPERTS_WHY.format(w)) for name, w in fused_experts(model).items()]
+    experts = fused_experts(model)
+    out += [Site(name, EXPERTS, "skipped", EXPERTS_WHY.format(w)) for name, w in experts.items() if name not in listed]
     return out
