@@ -67,11 +67,11 @@ class StochasticDepth:
 
 
 def _known_equal(a: object, b: object) -> bool:
-    """``a == b`` for sizes that may be symbolic (a dynamic batch): False where it cannot be decided."""
-    try:
-        return bool(a == b)
-    except Exception:  # a size whose relation to the other is not known
-        return False
+    """``a == b`` for sizes that may be symbolic (a dynamic batch: ``s0``, ``8*s0``), compared by their expression
+    so that no guard is added and sizes of another capture compare by name."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    return str(a) == str(b)
 
 
 class TokenRows:

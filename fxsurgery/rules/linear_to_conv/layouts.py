@@ -87,7 +87,7 @@ def rows_of_tokens(batch: Any, sequence: int) -> Layout:
         return graph.call_method("flatten", (_exit_tokens(graph, alt, orig), 0, 1))
 
     layout = Layout(f"(B,C,1,S) of (B*S,C) rows, B={batch}, S={sequence}", enter, exit)
-    _ROWS[layout], _BY_SIZES[key] = (batch, sequence), layout
+    _ROWS[layout], _BY_SIZES[key] = (batch if isinstance(batch, int) else key[0], sequence), layout
     return layout
 
 
