@@ -135,8 +135,12 @@ def test_eager_attention_is_carried_per_head_as_well():
     assert not any(n.target is torch.matmul for n in nodes)
 
 
-#: The slowest family (38 pointwise convs, validated in both directions) runs with -m slow.
-@pytest.mark.parametrize("family", [pytest.param(f, marks=pytest.mark.slow) if f == "mobilenet_v2" else f for f in ZOO])
+#: The slowest families (MobileNetV2's 38 pointwise convs; the encoder-decoders, whose token-layout rewrite is tested
+#: above and whose default modes run in benchmarks/coverage-hf.md) run with -m slow.
+SLOW_DEFAULTS = ("mobilenet_v2", "bart", "t5")
+
+
+@pytest.mark.parametrize("family", [pytest.param(f, marks=pytest.mark.slow) if f in SLOW_DEFAULTS else f for f in ZOO])
 def test_the_default_modes_never_break_the_model_and_list_every_pointwise_conv(family):
     model, x, _ = build(family)
     for surgery in (fxsurgery.linear_to_conv, fxsurgery.conv_to_linear):
