@@ -42,8 +42,8 @@ def generation_model(result: SurgeryResult, model: nn.Module, example_inputs: An
     ids = example_inputs[0] if isinstance(example_inputs, (tuple, list)) else example_inputs
     if not (isinstance(ids, torch.Tensor) and ids.dim() == 2 and not ids.is_floating_point()):
         raise InputError("example_inputs must start with token ids (batch, sequence), as the rewrite was given")
-    _check_lengths(result.module, model, ids)
     lm = working_copy(model).eval()
+    _check_lengths(result.module, lm, ids)  # against the copy, while it is still the original's class
     lm.__class__ = type(
         f"Rewritten{type(model).__name__}", (type(model),), {"forward": _forward, "generate": _generate}
     )
@@ -55,11 +55,11 @@ def generation_model(result: SurgeryResult, model: nn.Module, example_inputs: An
 
 
 def _check_lengths(graph: nn.Module, model: nn.Module, ids: torch.Tensor) -> None:
-    """The graph run at one token more than ``ids`` gives the model's logits there."""
+    """The graph run at one token more than ``ids`` gives the logits of ``model`` (a copy of the user's) there."""
     longer = torch.cat([ids, ids[:, -1:]], dim=1)
     try:
         with torch.no_grad():
-            got, want = graph(longer).logits, working_copy(model).eval()(longer, use_cache=False).logits
+            got, want = graph(longer).logits, model(longer, use_cache=False).logits
     except Exception as e:
         raise InputError(
             f"the rewritten graph does not run at sequence length {longer.shape[1]} ({one_line(e)}): it is "

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fxsurgery.capture.copies import working_copy
 from fxsurgery.errors import one_line
 
 __all__ = ["is_transposed_linear", "linear_layers", "plain_linears", "fused_experts"]
@@ -67,8 +68,6 @@ def plain_linears(model: nn.Module) -> tuple[nn.Module, dict[str, str], list[str
     plain = [n for n in own if n not in kept]
     if not plain:
         return model, kept, []
-    from fxsurgery.capture.copies import working_copy
-
     copy_ = working_copy(model)
     for name in plain:
         copy_.get_submodule(name).__class__ = nn.Linear
