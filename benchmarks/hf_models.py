@@ -89,6 +89,13 @@ def _zoo(T: Any) -> dict[str, tuple[Callable[[], nn.Module], Callable[[], tuple[
         "opt": (lambda: T.OPTForCausalLM(T.OPTConfig(
             vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64,
             word_embed_proj_dim=32, max_position_embeddings=64)), text, r"layers\.\d+\."),
+        # one layer called at every depth: each of its Linears is one conv called three times
+        "albert": (lambda: T.AlbertForSequenceClassification(T.AlbertConfig(
+            **_TEXT | dict(num_hidden_layers=3), embedding_size=16, num_labels=3)), text, r"albert_layers\.\d+\."),
+        # share_att_key: the key and query projections also read the relative-position table (a constant)
+        "deberta-v2": (lambda: T.DebertaV2ForSequenceClassification(T.DebertaV2Config(
+            **_TEXT, relative_attention=True, position_buckets=8, max_relative_positions=16,
+            pos_att_type=["p2c", "c2p"], share_att_key=True, num_labels=3)), text, r"encoder\.layer\.\d+\."),
     }  # fmt: skip
 
 
@@ -99,8 +106,8 @@ def zoo() -> dict[str, tuple[Callable[[], nn.Module], Callable[[], tuple[Any, ..
 
 
 ZOO = ("bert", "roberta", "distilbert", "gpt2", "llama", "mistral", "qwen2", "phi3", "gemma", "vit", "whisper-encoder",
-       "segformer", "resnet", "mobilenet_v2", "convnext", "bart", "t5", "falcon",
-       "opt")  # fmt: skip
+       "segformer", "resnet", "mobilenet_v2", "convnext", "bart", "t5", "falcon", "opt", "albert",
+       "deberta-v2")  # fmt: skip
 
 
 def build(name: str) -> tuple[nn.Module, tuple[Any, ...], str]:

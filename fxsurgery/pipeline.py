@@ -41,7 +41,7 @@ from fxsurgery.capture.frontends import choose_front_end
 from fxsurgery.capture.layers import plain_linears
 from fxsurgery.engine import subgraph
 from fxsurgery.engine.passes import PASSES, transform
-from fxsurgery.engine.rewriter import Rewriter
+from fxsurgery.engine.rewriter import rewrite_alike
 from fxsurgery.engine.rule import RuleSet
 from fxsurgery.errors import InputError, SurgeryError, TraceError, ValidationError, cause_of, reported_as_internal
 from fxsurgery.options import LeafSpec, Options
@@ -174,9 +174,7 @@ def run_quantized(model: Any, inputs: tuple[torch.Tensor, ...], direction: str, 
     original = given.module() if given is not None else model
     note = "quantized graph: rewritten as the exported graph it is, every int8 island (dq -> op -> q) kept whole"
     program_out = new if given is not None else None
-    result = SurgeryResult(
-        new.module(), rewriter.sites, None, direction, (note,), frontend="export", program=program_out
-    )
+    result = SurgeryResult(new.module(), rewriter.sites, None, direction, (note,), None, "export", program_out)
     if not options.validate:
         return result
     rtol = options.rtol or QUANTIZED_RTOL
@@ -194,20 +192,22 @@ def run_quantized(model: Any, inputs: tuple[torch.Tensor, ...], direction: str, 
 
 
 def _apply(traced: fx.GraphModule, inputs: tuple[torch.Tensor, ...], job: _Job) -> tuple[fx.GraphModule, list[Site]]:
-    """The rule set over a working copy of ``traced`` (parameters shared, graph its own): ``traced`` stays as it was
-    captured, for the next rewrite of the same module."""
-    gm = working_copy(traced)
-    gm.training = traced.training  # the root's flag only: every submodule keeps its own
-    try:
-        propagate_shapes(gm, inputs)
-    except TraceError:
-        check_devices(gm, inputs)  # the likeliest cause, said plainly
-        raise
+    """The rule set over a working copy of ``traced`` (parameters shared, graph its own); ``traced`` stays as is."""
+
+    def fresh() -> fx.GraphModule:
+        gm = working_copy(traced)
+        gm.training = traced.training  # the root's flag only: every submodule keeps its own
+        try:
+            propagate_shapes(gm, inputs)
+        except TraceError:
+            check_devices(gm, inputs)  # the likeliest cause, said plainly
+            raise
+        return gm
+
     with reported_as_internal():
-        rw = Rewriter(gm, job.rules, job.exclude, job.tied, job.skip)
-        sites = rw.run()
-    record_module_layouts(gm, rw.modules, rw.new_modules)
-    return gm, subgraph.with_shapes(sites, gm, inputs)
+        rw = rewrite_alike(fresh, job.rules, job.exclude, job.tied, job.skip)
+    record_module_layouts(rw.gm, rw.modules, rw.new_modules)
+    return rw.gm, subgraph.with_shapes(rw.sites, rw.gm, inputs)
 
 
 def _rewrite_exported(

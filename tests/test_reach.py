@@ -173,10 +173,11 @@ def _moves(gm: torch.fx.GraphModule) -> int:
 
 
 @pytest.mark.parametrize("frontend", ["fx", "export"])
-def test_timm_vit_attention_is_carried_per_head_with_fewer_transposes_than_the_original(frontend):
+@pytest.mark.parametrize("arch", ["vit_tiny_patch16_224", "deit_tiny_patch16_224"])
+def test_timm_vit_attention_is_carried_per_head_with_fewer_transposes_than_the_original(arch, frontend):
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=64, depth=2).eval()
+    model = timm.create_model(arch, pretrained=False, num_classes=10, img_size=64, depth=2).eval()
     res = fxsurgery.linear_to_conv(model, torch.randn(2, 3, 64, 64), token_layout=True, frontend=frontend,
                                    precision="float64")  # fmt: skip
     blocks = {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("blocks.")}
@@ -204,6 +205,26 @@ def test_encoder_decoders_are_captured_with_their_cache_and_return_it(family):
     got = out.past_key_values.self_attention_cache.layers[0]
     torch.testing.assert_close(got.keys, layer.keys, rtol=1e-4, atol=1e-5)  # the cache carries the same keys
 
+
+
+
+def test_albert_shared_layer_is_rewritten_once_for_all_its_calls():
+    """ALBERT calls one layer for every depth: each of its Linears becomes one conv called at every depth."""
+    config = T.AlbertConfig(vocab_size=100, embedding_size=16, hidden_size=32, num_hidden_layers=3,
+                            num_attention_heads=4, intermediate_size=64, num_labels=3)  # fmt: skip
+    torch.manual_seed(0)
+    model = T.AlbertForSequenceClassification(config).eval()
+    ids = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[0, 5:] = 0
+    res = fxsurgery.linear_to_conv(model, (ids, {"attention_mask": mask}), token_layout=True, precision="float64")
+    shared = block_linears(model, r"albert_layers\.0\.")
+    assert len(shared) == 6 and shared <= {s.name for s in res.rewritten}, res.summary()
+    assert all("(the same at each of its 3 calls)" in s.after for s in res.rewritten if s.name in shared)
+    assert res.validation.max_rel_error < 1e-12
+    convs = [n for n in res.module.graph.nodes if n.op == "call_module" and n.target in shared]
+    assert len(convs) == 18  # six convs, each called at the three depths
+    torch.testing.assert_close(res.module(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits)
 
 
 @pytest.fixture(scope="module")

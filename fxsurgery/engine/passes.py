@@ -59,7 +59,10 @@ class _EnginePass(PassBase):
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         rules = rule_set(self.direction)
         skip = {} if self.in_program else dict.fromkeys(QUANTIZED_PATTERNS, _OUTSIDE_A_PROGRAM)
-        self.sites = Rewriter(graph_module, rules, self.exclude, skip=skip).run()
+        rw = Rewriter(graph_module, rules, self.exclude, skip=skip)
+        self.sites = rw.run()
+        if rw.unevenly_shared():  # (an ATen graph calls no module: layers are ops on their own weights)
+            raise RuntimeError(f"modules replaced at some calls only: {sorted(rw.unevenly_shared())}")
         modified = any(s.status == "rewritten" for s in self.sites)  # a failed site's nodes are removed by the engine
         if modified:  # what the replaced ops read and nothing else reads (the flatten, the weight's transpose)
             graph_module.graph.eliminate_dead_code()

@@ -8,11 +8,13 @@ consumer outside the region needs the original layout and removes the original n
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
 from fxsurgery.engine import cleanup, provenance, subgraph
@@ -21,7 +23,7 @@ from fxsurgery.engine.nodes import NoShape, first_input, reader_name
 from fxsurgery.engine.rule import Rule, RuleSet, Skip
 from fxsurgery.report import Site
 
-__all__ = ["Rewriter", "CONSTANT_INPUT"]
+__all__ = ["Rewriter", "CONSTANT_INPUT", "rewrite_alike"]
 
 log = logging.getLogger(__name__)
 
@@ -41,20 +43,23 @@ class Rewriter:
         exclude: Sequence[str] = (),
         tied: Mapping[str, str] | None = None,
         skip: Mapping[str, str] | None = None,
+        held: Mapping[str, str] | None = None,
     ) -> None:
         """``tied`` names parameters of ``gm`` shared with modules outside it (an untraceable parent's other
         children), by the owner outside: their layers are left alone like any other tied weight. ``skip`` maps
-        the patterns to leave alone (a deployment target's) to the reason their sites report."""
+        the patterns to leave alone (a deployment target's) to the reason their sites report; ``held`` maps
+        modules to leave alone to theirs (shared modules whose calls cannot all be rewritten alike)."""
         self.gm = gm
         self.graph = gm.graph
         self.rules = rules
         self.modules: dict[str, nn.Module] = dict(gm.named_modules())
         self.exclude = set(exclude)
         self.skip = dict(skip or {})
+        self.held = dict(held or {})
         self.alt: dict[fx.Node, tuple[fx.Node, Layout]] = {}
         self.sites: list[Site] = []
         self._pictures: list[tuple[int, int, subgraph.Before]] = []  # per rule call: first site, count, neighbourhood
-        self.new_modules: dict[str, nn.Module] = {}
+        self.new_modules: dict[str, nn.Module] = _Installs()
         self.exits: dict[fx.Node, fx.Node] = {}
         self._enters: dict[tuple[fx.Node, str], fx.Node] = {}
         self.original_nodes = set(self.graph.nodes)
@@ -72,7 +77,9 @@ class Rewriter:
             if n.op == "get_attr" and str(n.target) in params:
                 for user in n.users:
                     self.param_readers.setdefault(id(params[str(n.target)]), []).append((reader_name(user), user))
-        self._seen_modules: set[str] = set()
+        self._listed: dict[str, int] = {}  # a module's site (listed at its first call): its place in ``sites``
+        self._call_skips: dict[str, str] = {}  # a module's first skipped call: why
+        self._as_linear: Counter[str] = Counter()  # calls of a replaced Linear left as F.linear on its new weight
         # values that depend on a model input (the rest is constant: parameters and buffers only)
         self.dynamic: set[fx.Node] = set()
         for n in self.graph.nodes:
@@ -134,12 +141,58 @@ class Rewriter:
                 if node not in self.alt:  # (else already carried: an item of a rewritten call's output)
                     self._visit(node)
                 provenance.inherit(created, node)  # what the rule or propagator added, in place of ``node``
+            self._linear_where_left()
             cleanup.finish(self)
             provenance.from_neighbours(created, self.original_nodes)
+        sites = [self._shared_site(s) for s in self.sites]
         self.sites = subgraph.attach(
-            self.sites, self._pictures, self.alt, self.original_nodes, dict(self.gm.named_modules())
+            sites, self._pictures, self.alt, self.original_nodes, dict(self.gm.named_modules())
         )
         return self.sites
+
+    def unevenly_shared(self) -> dict[str, str]:
+        """After :meth:`run`: the shared modules (called more than once) this pass replaced at some of their calls
+        but not all, or by different layers at different calls (the graph is then wrong), each with why. A pass on a
+        fresh graph that holds them (``held``) is right: :func:`rewrite_alike`."""
+        left = {str(n.target) for n in self.original_nodes if n.op == "call_module" and not n._erased}
+        out = {}
+        for name in sorted((left & self.new_modules.keys()) | getattr(self.new_modules, "conflicts", set())):
+            why = self._call_skips.get(name)
+            detail = f"one of them cannot be: {why}" if why else "they would need different layers"
+            out[name] = (
+                f"called {self.module_calls[name]} times in forward (a shared layer), and not every call can be "
+                f"rewritten alike ({detail}); left as it is"
+            )
+        return out
+
+    def _linear_where_left(self) -> None:
+        """A shared Linear replaced by a 1x1 conv at some calls and left at others (DeBERTa's shared key projection
+        also reads the relative-position table, a constant): each call left becomes the Linear computed on the
+        conv's weight viewed back, ``F.linear(x, weight.flatten(1), bias)``, so that the name holds one layer."""
+        left = [n for n in self.original_nodes if n.op == "call_module" and not n._erased and n not in self.alt]
+        for node in left:
+            name = str(node.target)
+            new = self.new_modules.get(name)
+            if type(self.modules.get(name)) is not nn.Linear or not _pointwise_conv(new) or node.kwargs:
+                continue
+            with self.graph.inserting_before(node):
+                weight = self.graph.call_method("flatten", (self.graph.get_attr(f"{name}.weight"), 1))
+                bias = self.graph.get_attr(f"{name}.bias") if new.bias is not None else None  # type: ignore[union-attr]
+                linear = self.graph.call_function(F.linear, (*node.args, weight, bias))
+            linear.meta = dict(node.meta)
+            node.replace_all_uses_with(linear)
+            self.graph.erase_node(node)
+            self._as_linear[name] += 1
+
+    def _shared_site(self, site: Site) -> Site:
+        calls, left = self.module_calls.get(site.name, 1), self._as_linear[site.name]
+        if not site.rewritten or calls < 2:
+            return site
+        if not left:
+            return dataclasses.replace(site, after=f"{site.after} (the same at each of its {calls} calls)")
+        why = self._call_skips.get(site.name, "")
+        after = f"{site.after} (one layer for its {calls} calls; {left} not rewritten, F.linear on its weight: {why})"
+        return dataclasses.replace(site, after=after)
 
     def _visit(self, node: fx.Node) -> None:
         claimed = self.rules.claim(node, self)
@@ -151,10 +204,9 @@ class Rewriter:
                 return
 
     def _site(self, node: fx.Node, rule: Rule, name: str) -> None:
-        if node.op == "call_module":
-            if name in self._seen_modules:
-                return  # one Site per module; a module called twice was skipped at its first call
-            self._seen_modules.add(name)
+        """Match and apply ``rule`` at ``node``, listing the outcome; a shared module is listed at its first call
+        only, each later call is rewritten the same way (or the pass is redone holding it: :func:`rewrite_alike`)."""
+        again = self._listed.get(name) if node.op == "call_module" else None
         reason = self._common_skip(node, name) or self.skip.get(rule.pattern)
         before = subgraph.Before.record(node, self.modules)
         if reason is None:
@@ -164,26 +216,88 @@ class Rewriter:
                     raise match
                 done = rule.apply(match, self)
                 sites = done if isinstance(done, tuple) else (done,)
-                self._pictures.append((len(self.sites), len(sites), before))
-                self.sites.extend(sites)
+                if again is None:
+                    self._list(node, name, sites, before)
+                elif len(sites) == 1 and not self.sites[again].rewritten:
+                    self.sites[again] = sites[0]  # listed at a call left as it is, rewritten at this one
                 return
             except (Skip, NoShape) as s:
                 reason = str(s)
             except Exception as e:  # a rule bug must not become a wrong model: leave the site as it is, say why
                 log.warning("rule %s failed on %s", type(rule).__name__, name, exc_info=True)
                 reason = f"internal error while matching ({type(e).__name__}: {e}); please report it"
-        self._pictures.append((len(self.sites), 1, before))
-        self.sites.append(Site(name, rule.pattern, "skipped", reason))
+        self._call_skips.setdefault(name, reason)
+        if again is None:
+            self._list(node, name, (Site(name, rule.pattern, "skipped", reason),), before)
+
+    def _list(self, node: fx.Node, name: str, sites: Sequence[Site], before: subgraph.Before) -> None:
+        if node.op == "call_module":
+            self._listed[name] = len(self.sites)
+        self._pictures.append((len(self.sites), len(sites), before))
+        self.sites.extend(sites)
 
     def _common_skip(self, node: fx.Node, name: str) -> str | None:
-        """Why any site must be left alone, whatever its rule: excluded, constant, or a module called twice (a rule
-        would replace both calls by one layout's layer)."""
+        """Why any site must be left alone, whatever its rule: excluded, held (a shared module whose calls differ),
+        or constant."""
         if name in self.exclude:
             return "excluded by the caller"
-        first = first_input(node)
-        if isinstance(first, fx.Node) and first not in self.dynamic:
+        if name in self.held:
+            return self.held[name]
+        first = first_input(node)  # (a node a rule added computes from a model input: rules rewrite only those)
+        if isinstance(first, fx.Node) and first not in self.dynamic and first in self.original_nodes:
             return CONSTANT_INPUT
-        calls = self.module_calls[str(node.target)] if node.op == "call_module" else 1
-        if calls > 1:
-            return f"called {calls} times in forward (a shared layer); left as it is"
         return None
+
+
+class _Installs(dict[str, nn.Module]):
+    """The new modules of a pass, by the name they replace; a name given two different layers (a shared module whose
+    calls would each need another) is remembered in ``conflicts``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conflicts: set[str] = set()
+
+    def __setitem__(self, name: str, mod: nn.Module) -> None:
+        if name in self and _signature(self[name]) != _signature(mod):
+            self.conflicts.add(name)
+        super().__setitem__(name, mod)
+
+
+def _pointwise_conv(mod: object) -> bool:
+    """A plain 1x1 ``Conv2d`` (what a Linear becomes on a value carried with its features on dim 1)."""
+    return (
+        type(mod) is nn.Conv2d
+        and mod.kernel_size == (1, 1)
+        and mod.stride == (1, 1)
+        and mod.padding == (0, 0)
+        and mod.dilation == (1, 1)
+        and mod.groups == 1
+    )
+
+
+def _signature(mod: nn.Module) -> tuple[object, ...]:
+    """What makes two replacement layers the same layer: class, hyperparameters, and tensors viewing the same memory
+    the same way."""
+    tensors = mod.state_dict(keep_vars=True).items()
+    return type(mod), repr(mod), tuple((k, t.shape, t.stride(), t.dtype, t.data_ptr()) for k, t in tensors)
+
+
+def rewrite_alike(
+    fresh: Callable[[], fx.GraphModule],
+    rules: RuleSet,
+    exclude: Sequence[str] = (),
+    tied: Mapping[str, str] | None = None,
+    skip: Mapping[str, str] | None = None,
+) -> Rewriter:
+    """A finished pass over ``fresh()``; where a shared module's calls came out unalike, again over a new
+    ``fresh()`` holding those modules (each pass holds more, so this ends)."""
+    held: dict[str, str] = {}
+    while True:
+        rw = Rewriter(fresh(), rules, exclude, tied, skip, held)
+        rw.run()
+        uneven = rw.unevenly_shared()
+        if not uneven:
+            return rw
+        if uneven.keys() <= held.keys():
+            raise RuntimeError(f"shared modules held and still replaced: {sorted(uneven)}")
+        held |= uneven

@@ -176,8 +176,6 @@ def module_skip_reason(name: str, mod: nn.Module, exact_types: tuple[type, ...],
             )
         if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
             return f"its {attr} is a buffer or a plain tensor, not an nn.Parameter (a frozen or quantised layer?)"
-    if rw.module_calls[name] > 1:
-        return f"called {rw.module_calls[name]} times in forward (a shared layer); left as it is"
     for pname, p in mod.named_parameters(recurse=False):
         reason = shared_reason(p, f"{name}.{pname}", rw)
         if reason:

@@ -8,7 +8,7 @@ import torch.fx as fx
 from torch import nn
 
 from fxsurgery.capture import propagate_shapes, trace
-from fxsurgery.engine.rewriter import CONSTANT_INPUT, Rewriter
+from fxsurgery.engine.rewriter import CONSTANT_INPUT, Rewriter, rewrite_alike
 from fxsurgery.engine.rule import Match, RuleSet, Skip
 from fxsurgery.report import Site
 from fxsurgery.rules.linear_to_conv.layouts import TOKEN_LAYOUT
@@ -67,10 +67,10 @@ def test_every_claimed_node_is_a_site_with_its_outcome():
     assert by_name["a"].rewritten
     assert by_name["skip"].reason == "told to"
     assert by_name["boom"].reason == "internal error while matching (RuntimeError: a bug in the rule); please report it"
-    assert by_name["twice"].reason == "called 2 times in forward (a shared layer); left as it is"
+    assert by_name["twice"].rewritten and by_name["twice"].after == "torch.neg (the same at each of its 2 calls)"
     assert by_name["const"].reason == CONSTANT_INPUT  # its input is a parameter: no model input reaches it
     calls = [n.target for n in gm.graph.nodes if n.op == "call_module"]
-    assert calls == ["skip", "boom", "twice", "twice", "const"]  # rewritten sites left the graph; skipped ones are untouched
+    assert calls == ["skip", "boom", "const"]  # rewritten sites left the graph (both calls of "twice"); skipped ones stay
 
 
 def test_rewritten_graph_computes_the_same():
@@ -102,3 +102,93 @@ def test_conversions_are_built_once_per_value():
     rw.set_alt(relu, first, TOKEN_LAYOUT)
     assert rw.exit_of(relu) is rw.exit_of(relu)
     assert rw.exit_of(x) is x  # not carried: itself
+
+
+class Scaled(nn.Module):
+    """What ``ScaleRule`` installs in place of a ``Negate``: ``-k * x`` (``k = 1``: the same function)."""
+
+    def __init__(self, k: float) -> None:
+        super().__init__()
+        self.k = k
+
+    def forward(self, x):
+        return -self.k * x
+
+    def extra_repr(self) -> str:
+        return f"k={self.k}"
+
+
+class ScaleRule(NegateRule):
+    """Replaces a ``Negate`` by a ``Scaled`` module of the same name, one call at a time: skips a call on a graph
+    input; with ``k_of`` a function of the call's input, installs a ``Scaled(k)`` that differs per call."""
+
+    def __init__(self, k_of=lambda x: 1.0):
+        self.k_of = k_of
+
+    def match(self, node, rw):
+        if node.args[0].op == "placeholder":
+            return Skip("its input is a graph input")
+        return Match(node, str(node.target))
+
+    def apply(self, m, rw):
+        rw.new_modules[m.name] = Scaled(self.k_of(m.node.args[0]))
+        with rw.graph.inserting_before(m.node):
+            new = rw.graph.call_module(m.name, m.node.args)
+        m.node.replace_all_uses_with(new)
+        rw.graph.erase_node(m.node)
+        return Site(m.name, self.pattern, "rewritten", before="Negate", after="Scaled")
+
+
+class Shared(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.n = Negate()
+
+    def forward(self, x, y):
+        return self.n(self.n(x.relu())) + self.n(y * 2)  # three calls of one module
+
+
+def _shared_pass(rule, inputs):
+    def fresh():
+        gm = trace(Shared(), leaf_modules=(Negate,))
+        propagate_shapes(gm, inputs)
+        return gm
+
+    rw = rewrite_alike(fresh, RuleSet("test", (rule,)))
+    return rw, {s.name: s for s in rw.sites}
+
+
+def test_a_shared_module_is_replaced_at_every_call_by_one_layer():
+    inputs = (torch.randn(2, 3), torch.randn(2, 3))
+    rw, sites = _shared_pass(ScaleRule(), inputs)
+    assert sites["n"].rewritten and sites["n"].after == "Scaled (the same at each of its 3 calls)"
+    assert [type(rw.gm.get_submodule(n.target)) for n in rw.gm.graph.nodes if n.op == "call_module"] == [Scaled] * 3
+    x, y = inputs
+    torch.testing.assert_close(rw.gm(x, y), x.relu() - 2 * y, rtol=0, atol=0)
+
+
+def test_a_shared_module_whose_calls_differ_is_held_and_the_pass_redone():
+    x = torch.randn(2, 3)
+
+    class OnInput(Shared):
+        def forward(self, x, y):
+            return self.n(x) + self.n(y.relu())  # the first call reads a graph input: the rule skips it
+
+    def fresh():
+        gm = trace(OnInput(), leaf_modules=(Negate,))
+        propagate_shapes(gm, (x, x))
+        return gm
+
+    rw = rewrite_alike(fresh, RuleSet("test", (ScaleRule(),)))
+    (site,) = rw.sites
+    assert site.reason == (
+        "called 2 times in forward (a shared layer), and not every call can be rewritten alike (one of them cannot "
+        "be: its input is a graph input); left as it is"
+    )
+    assert [type(rw.gm.get_submodule(n.target)) for n in rw.gm.graph.nodes if n.op == "call_module"] == [Negate] * 2
+    torch.testing.assert_close(rw.gm(x, x), -x - x.relu(), rtol=0, atol=0)
+
+    differing = iter([1.0, 2.0, 3.0])  # a different layer at each call
+    rw, sites = _shared_pass(ScaleRule(lambda _: next(differing)), (torch.randn(2, 3), torch.randn(2, 3)))
+    assert sites["n"].reason.endswith("(they would need different layers); left as it is")
+    assert not rw.new_modules
