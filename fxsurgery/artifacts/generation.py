@@ -3,7 +3,10 @@ graph's (:func:`generation_model`).
 
 The rewritten graph has no KV cache input, so each step runs on the whole sequence (``use_cache=False``, forced):
 the tokens are those the original generates with its cache, step for step, as long as the graph admits every length
-on the way (``dynamic_sequence=True``; checked here at a length it was not traced at).
+on the way (``dynamic_sequence=True``; checked here at a length it was not traced at). An encoder-decoder's graph
+takes the prompt and the tokens decoded so far (``input_ids``, ``attention_mask``, ``decoder_input_ids``): each
+step runs the rewritten encoder and decoder on them (``generate()`` still runs the original's encoder once for its
+own bookkeeping; the logits are the graph's).
 """
 
 from __future__ import annotations
@@ -34,49 +37,70 @@ def generation_model(result: SurgeryResult, model: nn.Module, example_inputs: An
         raise InputError(
             f"{type(model).__name__} has no generate(): generation_model takes a HuggingFace model with generation"
         )
-    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
-        raise InputError(
-            f"{type(model).__name__} is an encoder-decoder: its generate() runs the encoder once and the decoder on "
-            "a cache, which the rewritten graph does not split; generation_model takes decoder-only LMs"
-        )
     ids = example_inputs[0] if isinstance(example_inputs, (tuple, list)) else example_inputs
     if not (isinstance(ids, torch.Tensor) and ids.dim() == 2 and not ids.is_floating_point()):
         raise InputError("example_inputs must start with token ids (batch, sequence), as the rewrite was given")
+    inputs = tuple(inspect.signature(result.module.forward).parameters)
+    two_parts = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+    if two_parts and "decoder_input_ids" not in inputs:
+        raise InputError(
+            f"{type(model).__name__} is an encoder-decoder and the rewritten graph takes no decoder_input_ids: "
+            "rewrite it with them among the inputs, (ids, {'attention_mask': mask, 'decoder_input_ids': start})"
+        )
     lm = working_copy(model).eval()
-    _check_lengths(result.module, lm, ids)  # against the copy, while it is still the original's class
+    _check_lengths(result.module, lm, _longer(ids, example_inputs, inputs))  # on the copy, still the original's class
     lm.__class__ = type(
         f"Rewritten{type(model).__name__}", (type(model),), {"forward": _forward, "generate": _generate}
     )
-    lm.fxsurgery_graph = result.module
-    lm.fxsurgery_inputs = tuple(inspect.signature(result.module.forward).parameters)
+    lm.fxsurgery_graph, lm.fxsurgery_inputs, lm.fxsurgery_prompt = result.module, inputs, None
     if getattr(lm, "generation_config", None) is not None:
         lm.generation_config.use_cache = False
     return lm
 
 
-def _check_lengths(graph: nn.Module, model: nn.Module, ids: torch.Tensor) -> None:
-    """The graph run at one token more than ``ids`` gives the logits of ``model`` (a copy of the user's) there."""
-    longer = torch.cat([ids, ids[:, -1:]], dim=1)
+def _longer(ids: torch.Tensor, example_inputs: Any, inputs: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """The graph's token inputs one token longer than the example's (a mask of ones where it takes one)."""
+    given = (
+        example_inputs[-1] if isinstance(example_inputs, (tuple, list)) and isinstance(example_inputs[-1], dict) else {}
+    )
+    feed = {"input_ids": torch.cat([ids, ids[:, -1:]], dim=1)}
+    if "attention_mask" in inputs:
+        feed["attention_mask"] = torch.ones_like(feed["input_ids"])
+    start = given.get("decoder_input_ids")
+    if "decoder_input_ids" in inputs and isinstance(start, torch.Tensor):
+        feed["decoder_input_ids"] = torch.cat([start, start[:, -1:]], dim=1)
+    return feed
+
+
+def _check_lengths(graph: nn.Module, model: nn.Module, feed: dict[str, torch.Tensor]) -> None:
+    """The graph run on ``feed`` (one token longer than the example) gives the logits of ``model`` (a copy of the
+    user's) there."""
+    length = feed["input_ids"].shape[1]
     try:
         with torch.no_grad():
-            got, want = graph(longer).logits, model(longer, use_cache=False).logits
+            got, want = graph(**feed).logits, model(**feed, use_cache=False).logits
     except Exception as e:
         raise InputError(
-            f"the rewritten graph does not run at sequence length {longer.shape[1]} ({one_line(e)}): it is "
-            f"specialised to the example's {ids.shape[1]}; rewrite with dynamic_sequence=True (CLI --task with a "
-            "HuggingFace model sets it) so that generation can run at every length"
+            f"the rewritten graph does not run at sequence length {length} ({one_line(e)}): it is specialised to "
+            f"the example's {length - 1}; rewrite with dynamic_sequence=True (CLI --task with a HuggingFace model "
+            "sets it) so that generation can run at every length"
         ) from e
     scale = want.abs().max().clamp_min(1e-12)
     if ((got - want).abs().max() / scale).item() > 1e-4:
         raise InputError(
-            f"the rewritten graph computes something else at sequence length {longer.shape[1]} than at the "
-            f"example's {ids.shape[1]} (a length baked into the graph); rewrite with dynamic_sequence=True"
+            f"the rewritten graph computes something else at sequence length {length} than at the example's "
+            f"{length - 1} (a length baked into the graph); rewrite with dynamic_sequence=True"
         )
 
 
 def _generate(self: Any, *args: Any, **kwargs: Any) -> Any:
     kwargs["use_cache"] = False  # the graph takes no cache: every step runs on the whole sequence
-    return super(type(self), self).generate(*args, **kwargs)
+    prompt = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
+    self.fxsurgery_prompt = (prompt, kwargs.get("attention_mask"))  # an encoder-decoder's steps see only the decoder's
+    try:
+        return super(type(self), self).generate(*args, **kwargs)
+    finally:
+        self.fxsurgery_prompt = None
 
 
 def _forward(self: Any, input_ids: Any = None, attention_mask: Any = None, position_ids: Any = None, **kwargs: Any):
@@ -84,6 +108,9 @@ def _forward(self: Any, input_ids: Any = None, attention_mask: Any = None, posit
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
     if cache is not None and getattr(cache, "get_seq_length", lambda: 0)() > 0:
         raise SurgeryError("the rewritten graph takes no KV cache: call generate() on it (it turns the cache off)")
+    feed = {}
+    if "decoder_input_ids" in self.fxsurgery_inputs:  # an encoder-decoder: the prompt, and the tokens decoded so far
+        input_ids, attention_mask, feed = _encoder_decoder_step(self, input_ids, attention_mask, kwargs)
     length = input_ids.shape[1]
     if position_ids is not None and not torch.equal(
         position_ids, torch.arange(length, device=position_ids.device).expand_as(position_ids)
@@ -92,7 +119,7 @@ def _forward(self: Any, input_ids: Any = None, attention_mask: Any = None, posit
             "position ids other than 0..S-1 (a left-padded batch): the rewritten graph computes its own; generate "
             "each prompt alone, or unpadded"
         )
-    feed = {"input_ids": input_ids}
+    feed["input_ids"] = input_ids
     if "attention_mask" in self.fxsurgery_inputs:
         feed["attention_mask"] = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
     elif attention_mask is not None and not bool(attention_mask.all()):
@@ -104,3 +131,17 @@ def _forward(self: Any, input_ids: Any = None, attention_mask: Any = None, posit
         if isinstance(out, dict) and out.get(key) is not None:
             out[key] = None
     return out
+
+
+def _encoder_decoder_step(self: Any, input_ids: Any, attention_mask: Any, kwargs: dict[str, Any]) -> tuple[Any, ...]:
+    """An encoder-decoder's step: its prompt (given, or the one ``generate()`` was called with) and mask, and the
+    graph's decoder input."""
+    decoder_mask = kwargs.get("decoder_attention_mask")
+    if decoder_mask is not None and not bool(decoder_mask.all()):
+        raise SurgeryError("a decoder padding mask, and the rewritten graph takes none: decode each sequence alone")
+    prompt, prompt_mask = self.fxsurgery_prompt or (None, None)
+    input_ids = input_ids if input_ids is not None else prompt
+    if input_ids is None or kwargs.get("decoder_input_ids") is None:
+        raise SurgeryError("the rewritten encoder-decoder runs on input_ids and decoder_input_ids together")
+    mask = attention_mask if attention_mask is not None else prompt_mask
+    return input_ids, mask, {"decoder_input_ids": kwargs["decoder_input_ids"]}
