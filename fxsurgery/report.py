@@ -26,6 +26,7 @@ __all__ = [
     "CheckReport",
     "format_table",
     "json_float",
+    "regressed",
     "SCHEMA_VERSION",
     "HISTOGRAM_BINS",
 ]
@@ -332,7 +333,7 @@ class CheckReport:
         """Validation, the cross-check and the quantized comparison passed where they ran, and the target's
         toolchain converts the rewritten model wherever it converts the original."""
         quantized = self.quantized is None or self.quantized.passed
-        converts = self.target is None or not _regressed(self.target["census"])
+        converts = self.target is None or not regressed(self.target["census"])
         return self.surgery.passed and (self.onnx is None or self.onnx.passed) and quantized and converts
 
     def __bool__(self) -> bool:
@@ -364,8 +365,8 @@ class CheckReport:
         }
 
 
-def _regressed(census: dict[str, Any]) -> bool:
-    """The toolchain converts the original and not the rewritten model."""
+def regressed(census: dict[str, Any]) -> bool:
+    """The toolchain converts the original and not the rewritten model (a target's census: the check fails)."""
     return census.get("original") is not None and census.get("rewritten") is None and "skipped" not in census
 
 

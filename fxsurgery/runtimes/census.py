@@ -14,6 +14,7 @@ from torch import nn
 from fxsurgery.capture.copies import eval_copy
 from fxsurgery.errors import full_text
 from fxsurgery.progress import step
+from fxsurgery.report import regressed
 from fxsurgery.runtimes.registry import of_target
 
 __all__ = ["census", "verdict"]
@@ -70,11 +71,10 @@ def verdict(census: dict[str, Any]) -> str:
     if "skipped" in census:
         return f"not taken: {census['skipped']}"
     original, rewritten, errors = census["original"], census["rewritten"], census["errors"]
+    if regressed(census):  # (the condition the check's outcome reads: SurgeryCheck.passed)
+        return f"FAILED: the rewritten model does not convert ({_first_cause(errors['rewritten'])}); the original does"
     if rewritten is None:
-        cause = _first_cause(errors["rewritten"])
-        if original is None:
-            return f"neither model converts (the original fails as well: {_first_cause(errors['original'])})"
-        return f"FAILED: the rewritten model does not convert ({cause}); the original does"
+        return f"neither model converts (the original fails as well: {_first_cause(errors['original'])})"
     if original is None:
         return f"the rewritten model converts; the original does not ({_first_cause(errors['original'])})"
     worse, parts = [], []
