@@ -68,6 +68,7 @@ class Site:
     after: str = ""
     input_shape: tuple[int, ...] | None = None  # the map the rewritten layer reads, e.g. (N, C, H, W)
     direction: str = ""  # which pass considered it, where a result has both (``to="auto"``)
+    calls: int = 1  # the calls of the layer rewritten as the new one (a shared layer's: more than one)
     # the site's neighbourhood before and after the pass (:mod:`fxsurgery.engine.subgraph`), for the drawings
     subgraph: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
 
@@ -91,6 +92,7 @@ class Site:
             "after": self.after,
             "input_shape": None if self.input_shape is None else list(self.input_shape),
             "direction": self.direction,
+            "calls": self.calls,
             "subgraph": self.subgraph,
         }
 

@@ -88,7 +88,7 @@ def test_rewrite_success_writes_everything(models_file, tmp_path):
     assert report["passed"] is True and report["onnx"]["passed"] is True
     assert {s["name"] for s in report["sites"] if s["status"] == "rewritten"} == {"classifier.1", "classifier.4", "aux"}
     assert set(report["sites"][0]) == {"name", "pattern", "status", "reason", "before", "after", "input_shape",
-                                      "direction", "subgraph"}
+                                      "direction", "calls", "subgraph"}
     assert set(report["sites"][0]["subgraph"]) == {"before", "after"}
     # the saved program loads back and computes what the original computes
     program = torch.export.load(str(out / "rewritten.pt2")).module()

@@ -99,7 +99,7 @@ def test_summary_and_to_dict_are_json():
     data = json.loads(json.dumps(res.to_dict()))
     assert data["passed"] is True and len(data["sites"]) == len(res.sites)
     assert set(data["sites"][0]) == {"name", "pattern", "status", "reason", "before", "after", "input_shape", "direction",
-                                    "subgraph"}
+                                    "calls", "subgraph"}
 
 
 # ---- clear errors -----------------------------------------------------------------------------------------------

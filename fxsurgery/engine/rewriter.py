@@ -189,10 +189,10 @@ class Rewriter:
         if not site.rewritten or calls < 2:
             return site
         if not left:
-            return dataclasses.replace(site, after=f"{site.after} (the same at each of its {calls} calls)")
+            return dataclasses.replace(site, after=f"{site.after} (the same at each of its {calls} calls)", calls=calls)
         why = self._call_skips.get(site.name, "")
         after = f"{site.after} (one layer for its {calls} calls; {left} not rewritten, F.linear on its weight: {why})"
-        return dataclasses.replace(site, after=after)
+        return dataclasses.replace(site, after=after, calls=calls - left)
 
     def _visit(self, node: fx.Node) -> None:
         claimed = self.rules.claim(node, self)

@@ -180,8 +180,9 @@ def cross_check(
     ``providers``, ``opset``, ``dynamic_batch``, ``runtimes``, ``rtol``, ``seed``) are options, as keywords or one
     ``options=fxsurgery.Options(...)``.
 
-    ``direction`` and ``rewritten_sites`` (taken from a :class:`~fxsurgery.SurgeryResult` by :func:`fxsurgery.check`)
-    enable the check that the rewrite is visible in the exported op histogram.
+    ``direction`` and ``rewritten_sites`` (taken from a :class:`~fxsurgery.SurgeryResult` by :func:`fxsurgery.check`:
+    the calls of rewritten layers, each call of a shared one) enable the check that the rewrite is visible in the
+    exported op histogram.
     """
     opts = resolve(options, overrides)
     exporter, providers, opset, rtol, runtimes = opts.exporter, opts.providers, opts.opset, opts.rtol, opts.runtimes
