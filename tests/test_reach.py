@@ -220,7 +220,7 @@ def test_albert_shared_layer_is_rewritten_once_for_all_its_calls():
     res = fxsurgery.linear_to_conv(model, (ids, {"attention_mask": mask}), token_layout=True, precision="float64")
     shared = block_linears(model, r"albert_layers\.0\.")
     assert len(shared) == 6 and shared <= {s.name for s in res.rewritten}, res.summary()
-    assert all("(the same at each of its 3 calls)" in s.after for s in res.rewritten if s.name in shared)
+    assert all("(the same at each of its 3 calls)" in s.after and s.calls == 3 for s in res.rewritten if s.name in shared)
     assert res.validation.max_rel_error < 1e-12
     convs = [n for n in res.module.graph.nodes if n.op == "call_module" and n.target in shared]
     assert len(convs) == 18  # six convs, each called at the three depths

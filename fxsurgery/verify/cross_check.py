@@ -156,7 +156,7 @@ def _visibility(
     mm_delta = sum(rew.get(op, 0) for op in _MATMUL_OPS) - sum(orig.get(op, 0) for op in _MATMUL_OPS)
     sign = 1 if direction == "linear_to_conv" else -1
     ok = conv_delta == sign * n_sites and mm_delta == -sign * n_sites
-    detail = f"Conv+ConvTranspose {conv_delta:+d}, Gemm+MatMul+Einsum {mm_delta:+d} for {n_sites} rewritten site(s)"
+    detail = f"Conv+ConvTranspose {conv_delta:+d}, Gemm+MatMul+Einsum {mm_delta:+d} for {n_sites} rewritten call(s)"
     if not ok:
         detail += f" (expected Conv+ConvTranspose {sign * n_sites:+d}, Gemm+MatMul+Einsum {-sign * n_sites:+d})"
     return ok, detail

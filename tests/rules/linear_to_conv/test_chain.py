@@ -6,6 +6,7 @@ import numpy as np
 import torch
 from torch import nn
 
+import fxsurgery
 from tests import reference
 from tests.conftest import layout_ops, run_surgery
 
@@ -42,7 +43,18 @@ def test_a_shared_linear_in_the_chain_is_one_conv_called_twice():
     site = {s.name: s for s in res.sites}["fc2"]
     assert site.pattern == "chain-linear" and site.after.endswith("(the same at each of its 2 calls)")
     calls = [n.target for n in res.module.graph.nodes if n.op == "call_module"]
-    assert calls.count("fc2") == 2 and isinstance(res.module.fc2, nn.Conv2d)
+    assert calls.count("fc2") == 2 and isinstance(res.module.fc2, nn.Conv2d) and site.calls == 2
+
+
+def test_the_onnx_check_counts_each_call_of_a_shared_layer(tmp_path):
+    class Shared(Classifier):
+        def forward(self, x):
+            h = self.act(self.fc1(x.flatten(1)))
+            return self.fc2(h) + self.fc2(h * 2)
+
+    report = fxsurgery.check(Shared().eval(), torch.randn(3, 8, 2, 2), "conv", tmp_path, batch_layout="batch")
+    assert report.onnx.passed and report.passed, report.summary()
+    assert "Conv+ConvTranspose +3, Gemm+MatMul+Einsum -3 for 3 rewritten call(s)" in report.onnx.summary()  # fc1 once, fc2 twice
 
 
 def test_a_shared_linear_also_called_on_a_constant_is_one_conv_and_a_linear_on_its_weight():
