@@ -218,8 +218,11 @@ class Rewriter:
                 sites = done if isinstance(done, tuple) else (done,)
                 if again is None:
                     self._list(node, name, sites, before)
-                elif len(sites) == 1 and not self.sites[again].rewritten:
-                    self.sites[again] = sites[0]  # listed at a call left as it is, rewritten at this one
+                else:  # a later call of a listed module: a site listed as left at an earlier call is rewritten here
+                    for site in sites:
+                        at = self._listed.get(site.name)
+                        if at is not None and not self.sites[at].rewritten:
+                            self.sites[at] = site
                 return
             except (Skip, NoShape) as s:
                 reason = str(s)
@@ -231,8 +234,12 @@ class Rewriter:
             self._list(node, name, (Site(name, rule.pattern, "skipped", reason),), before)
 
     def _list(self, node: fx.Node, name: str, sites: Sequence[Site], before: subgraph.Before) -> None:
+        """Add the sites of one rule call at ``node`` (claimed as ``name``): a module's sites are listed once, at
+        its first call."""
         if node.op == "call_module":
-            self._listed[name] = len(self.sites)
+            at = len(self.sites)
+            self._listed.setdefault(name, at)
+            self._listed.update({s.name: at + i for i, s in enumerate(sites) if s.name not in self._listed})
         self._pictures.append((len(self.sites), len(sites), before))
         self.sites.extend(sites)
 
