@@ -251,6 +251,15 @@ def test_the_rewritten_lm_generates_what_the_original_generates(llama, prompt):
     assert model.generation_config.use_cache  # the user's model keeps its settings
 
 
+def test_a_graph_that_computes_another_model_is_refused_for_generation(llama):
+    model, ids, res = llama
+    other, _, _ = build("llama")
+    with torch.no_grad():
+        other.lm_head.weight.mul_(2)  # (a copy of its own: build makes a new model)
+    with pytest.raises(fxsurgery.InputError, match=r"computes something else .*logits: max abs error"):
+        fxsurgery.generation_model(res, other, ids)
+
+
 def test_a_graph_specialised_to_one_length_is_refused_for_generation():
     model, (ids,), _ = build("llama")
     res = fxsurgery.linear_to_conv(model, ids, token_layout=True)  # the sequence traced static

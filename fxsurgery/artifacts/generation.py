@@ -20,6 +20,7 @@ from torch import nn
 from fxsurgery.capture.copies import working_copy
 from fxsurgery.errors import InputError, SurgeryError, one_line
 from fxsurgery.report import SurgeryResult
+from fxsurgery.verify.policy import compare_leaves
 
 __all__ = ["generation_model"]
 
@@ -85,11 +86,11 @@ def _check_lengths(graph: nn.Module, model: nn.Module, feed: dict[str, torch.Ten
             f"the example's {length - 1}; rewrite with dynamic_sequence=True (CLI --task with a HuggingFace model "
             "sets it) so that generation can run at every length"
         ) from e
-    scale = want.abs().max().clamp_min(1e-12)
-    if ((got - want).abs().max() / scale).item() > 1e-4:
+    errors = compare_leaves([want], [got], label="logits")  # validation's policy: the dtype's tolerance x scale
+    if errors.failure:
         raise InputError(
             f"the rewritten graph computes something else at sequence length {length} than at the example's "
-            f"{length - 1} (a length baked into the graph); rewrite with dynamic_sequence=True"
+            f"{length - 1} ({errors.failure}: a length baked into the graph); rewrite with dynamic_sequence=True"
         )
 
 
