@@ -89,8 +89,9 @@ def _check_lengths(graph: nn.Module, model: nn.Module, feed: dict[str, torch.Ten
     errors = compare_leaves([want], [got], label="logits")  # validation's policy: the dtype's tolerance x scale
     if errors.failure:
         raise InputError(
-            f"the rewritten graph computes something else at sequence length {length} than at the example's "
-            f"{length - 1} ({errors.failure}: a length baked into the graph); rewrite with dynamic_sequence=True"
+            f"the rewritten graph computes something else than the model at sequence length {length} "
+            f"({errors.failure}): a length baked into the graph (rewrite with dynamic_sequence=True), or the graph "
+            "of another model"
         )
 
 
