@@ -61,8 +61,9 @@ class _EnginePass(PassBase):
         skip = {} if self.in_program else dict.fromkeys(QUANTIZED_PATTERNS, _OUTSIDE_A_PROGRAM)
         rw = Rewriter(graph_module, rules, self.exclude, skip=skip)
         self.sites = rw.run()
-        if rw.unevenly_shared():  # (an ATen graph calls no module: layers are ops on their own weights)
-            raise RuntimeError(f"modules replaced at some calls only: {sorted(rw.unevenly_shared())}")
+        uneven = rw.unevenly_shared()  # (an ATen graph calls no module: layers are ops on their own weights)
+        if uneven:
+            raise RuntimeError(f"modules replaced at some calls only: {sorted(uneven)}")
         modified = any(s.status == "rewritten" for s in self.sites)  # a failed site's nodes are removed by the engine
         if modified:  # what the replaced ops read and nothing else reads (the flatten, the weight's transpose)
             graph_module.graph.eliminate_dead_code()

@@ -59,7 +59,8 @@ class Rewriter:
         self.alt: dict[fx.Node, tuple[fx.Node, Layout]] = {}
         self.sites: list[Site] = []
         self._pictures: list[tuple[int, int, subgraph.Before]] = []  # per rule call: first site, count, neighbourhood
-        self.new_modules: dict[str, nn.Module] = _Installs()
+        self._installs = _Installs()  # (rules see a dict: RuleContext)
+        self.new_modules: dict[str, nn.Module] = self._installs
         self.exits: dict[fx.Node, fx.Node] = {}
         self._enters: dict[tuple[fx.Node, str], fx.Node] = {}
         self.original_nodes = set(self.graph.nodes)
@@ -156,7 +157,7 @@ class Rewriter:
         fresh graph that holds them (``held``) is right: :func:`rewrite_alike`."""
         left = {str(n.target) for n in self.original_nodes if n.op == "call_module" and not n._erased}
         out = {}
-        for name in sorted((left & self.new_modules.keys()) | getattr(self.new_modules, "conflicts", set())):
+        for name in sorted((left & self.new_modules.keys()) | self._installs.conflicts):
             why = self._call_skips.get(name)
             detail = f"one of them cannot be: {why}" if why else "they would need different layers"
             out[name] = (
