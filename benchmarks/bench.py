@@ -577,7 +577,7 @@ def main(argv: list[str] | None = None) -> int:
         runtimes = tuple("torch eager" if r == "torch" else r for r in args.runtimes.split(","))
         results["auto"] = auto(cases, pairs, args.threads, runtimes)
     if "meta" in suites:
-        names = ["tiny"] if args.quick else ["llama-2-7b", "llama-3-8b", "llama-3-70b"]
+        names = ["tiny"] if args.quick else ["llama-2-7b", "llama-3-8b", "llama-3-70b", "mixtral-8x7b"]
         results["meta"] = [llm.meta_rewrite(n, pairs=1 if args.quick else 2) for n in names]
     if "convert" in suites:
         results["convert"] = [llm.streamed_convert("tiny" if args.quick else "llama-3.2-1b", 1 if args.quick else 3)]

@@ -96,6 +96,14 @@ def _zoo(T: Any) -> dict[str, tuple[Callable[[], nn.Module], Callable[[], tuple[
         "deberta-v2": (lambda: T.DebertaV2ForSequenceClassification(T.DebertaV2Config(
             **_TEXT, relative_attention=True, position_buckets=8, max_relative_positions=16,
             pos_att_type=["p2c", "c2p"], share_att_key=True, num_labels=3)), text, r"encoder\.layer\.\d+\."),
+        # fused experts (gate_up_proj (E, 2I, C), down_proj (E, C, I)) behind a top-k router
+        "mixtral": (lambda: T.MixtralForCausalLM(T.MixtralConfig(**_DECODER, num_local_experts=4,
+                                                                 num_experts_per_tok=2)), lambda: (_ids(),),
+                    r"layers\.\d+\."),
+        # ... and a shared expert (an MLP of Linears on the rows) with a sigmoid gate of its own
+        "qwen2-moe": (lambda: T.Qwen2MoeForCausalLM(T.Qwen2MoeConfig(
+            **_DECODER, moe_intermediate_size=16, shared_expert_intermediate_size=48, num_experts=4,
+            num_experts_per_tok=2)), lambda: (_ids(),), r"layers\.\d+\."),
     }  # fmt: skip
 
 
@@ -107,7 +115,7 @@ def zoo() -> dict[str, tuple[Callable[[], nn.Module], Callable[[], tuple[Any, ..
 
 ZOO = ("bert", "roberta", "distilbert", "gpt2", "llama", "mistral", "qwen2", "phi3", "gemma", "vit", "whisper-encoder",
        "segformer", "resnet", "mobilenet_v2", "convnext", "bart", "t5", "falcon", "opt", "albert",
-       "deberta-v2")  # fmt: skip
+       "deberta-v2", "mixtral", "qwen2-moe")  # fmt: skip
 
 
 def build(name: str) -> tuple[nn.Module, tuple[Any, ...], str]:

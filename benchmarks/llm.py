@@ -7,7 +7,8 @@ Each measurement runs in a fresh subprocess (peak RSS from ``/proc/self/status``
 measured step alternating (A B B A ...), side by side in one run:
 
 * ``meta``: ``linear_to_conv(model_on_meta, meta_ids, validate=False, token_layout=True)`` against the bare
-  ``torch.export.export(model, (ids,), strict=False)`` it starts from, on Llama-2-7B, Llama-3-8B and Llama-3-70B shapes.
+  ``torch.export.export(model, (ids,), strict=False)`` it starts from, on Llama-2-7B, Llama-3-8B, Llama-3-70B and
+  Mixtral-8x7B shapes (its sites: the attention's Linears, the router, the fused experts).
 * ``convert``: ``fxsurgery.convert_checkpoint`` of a Llama-3.2-1B-shaped checkpoint (random bf16 weights written
   here, in two shards) against a plain ``safetensors`` ``load_file`` + ``save_file`` of the same files.
 """
@@ -34,6 +35,10 @@ CONFIGS = {
                        num_key_value_heads=8, vocab_size=128256),
     "llama-3-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
                         num_key_value_heads=8, vocab_size=128256),
+    # Mixtral-8x7B: 8 experts (top 2) per layer, fused; each layer's sites: q/k/v/o, the router, the experts
+    "mixtral-8x7b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=32000, num_local_experts=8, num_experts_per_tok=2,
+                         arch="Mixtral"),
     "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                          num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -60,15 +65,20 @@ def measured(step):
 
 _META = _PRELUDE + """
 import fxsurgery
-config = transformers.LlamaConfig(**{config})
+kw = {config}
+arch = kw.pop("arch", "Llama")
+config = getattr(transformers, arch + "Config")(**kw)
 with torch.device("meta"):
-    model = transformers.LlamaForCausalLM(config).eval()
+    model = getattr(transformers, arch + "ForCausalLM")(config).eval()
 ids = torch.zeros(1, 16, dtype=torch.long, device="meta")
 from transformers.integrations.executorch import register_dynamic_cache_export_support
 register_dynamic_cache_export_support()  # so that the bare export can return the DynamicCache (fxsurgery does too)
+ids2, auto = torch.zeros(2, 16, dtype=torch.long, device="meta"), torch.export.Dim.AUTO
+linears = lambda ep: len([n for n in ep.graph.nodes if n.op == "call_function" and "linear" in str(n.target)])
 if {which!r} == "export":
-    step = lambda: len([n for n in torch.export.export(model, (ids,), strict=False).graph.nodes
-                        if n.op == "call_function" and "linear" in str(n.target)])
+    step = lambda: linears(torch.export.export(model, (ids,), strict=False))
+elif {which!r} == "dynamic":  # what fxsurgery captures: a batch of 2, the batch dynamic (a batch-1 graph is static)
+    step = lambda: linears(torch.export.export(model, (ids2,), dynamic_shapes=({{0: auto}},), strict=False))
 else:
     step = lambda: len(fxsurgery.linear_to_conv(model, (ids,), validate=False, token_layout=True).rewritten)
 seconds, growth, peak, count = measured(step)
@@ -98,13 +108,14 @@ def _child(code: str) -> dict[str, Any]:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def _alternate(code_a: str, code_b: str, pairs: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    a, b = [], []
+def _alternate(*codes: str, pairs: int) -> list[list[dict[str, Any]]]:
+    """Each code run ``pairs`` times, in fresh processes, in the order A B C, C B A, ...: one list of results per code."""
+    out: list[list[dict[str, Any]]] = [[] for _ in codes]
     for i in range(pairs):
-        first, second = (code_a, code_b) if i % 2 == 0 else (code_b, code_a)
-        r1, r2 = _child(first), _child(second)
-        (a.append(r1), b.append(r2)) if i % 2 == 0 else (b.append(r1), a.append(r2))
-    return a, b
+        order = range(len(codes)) if i % 2 == 0 else reversed(range(len(codes)))
+        for k in order:
+            out[k].append(_child(codes[k]))
+    return out
 
 
 def _summary(rows: list[dict[str, Any]], key: str) -> float:
@@ -114,16 +125,18 @@ def _summary(rows: list[dict[str, Any]], key: str) -> float:
 def meta_rewrite(name: str, pairs: int = 2) -> dict[str, Any]:
     """The meta-device rewrite of one config against its bare export, ``pairs`` of each, alternating."""
     root, config = str(HERE.parent), repr(CONFIGS[name])
-    export, rewrite = _alternate(_META.format(root=root, config=config, which="export"),
-                                 _META.format(root=root, config=config, which="rewrite"), pairs)  # fmt: skip
-    blocks = CONFIGS[name]["num_hidden_layers"] * 7
+    export, dynamic, rewrite = _alternate(*(_META.format(root=root, config=config, which=w)
+                                            for w in ("export", "dynamic", "rewrite")), pairs=pairs)  # fmt: skip
+    per_layer = 6 if "num_local_experts" in CONFIGS[name] else 7  # an experts layer and a router for the MLP's 3
+    blocks = CONFIGS[name]["num_hidden_layers"] * per_layer
     out = {"model": name, "export_s": _summary(export, "seconds"), "rewrite_s": _summary(rewrite, "seconds"),
            "export_peak_rss": _summary(export, "peak_rss"), "rewrite_peak_rss": _summary(rewrite, "peak_rss"),
            "rewrite_rss_growth": _summary(rewrite, "rss_growth"), "linear_nodes": export[0]["count"],
            "rewritten": rewrite[0]["count"], "block_linears": blocks, "pairs": pairs,
-           "rewrite_s_all": [r["seconds"] for r in rewrite], "export_s_all": [r["seconds"] for r in export]}  # fmt: skip
+           "rewrite_s_all": [r["seconds"] for r in rewrite], "export_s_all": [r["seconds"] for r in export],
+           "dynamic_export_s": _summary(dynamic, "seconds"), "dynamic_export_s_all": [r["seconds"] for r in dynamic]}  # fmt: skip
     print(f"  meta {name}: rewrite {out['rewrite_s']:.1f}s, peak RSS {out['rewrite_peak_rss'] / 2**30:.2f} GiB "
-          f"({out['rewritten']} Linears rewritten; {blocks} in the blocks); bare export {out['export_s']:.1f}s, "
+          f"({out['rewritten']} sites rewritten; {blocks} in the blocks); bare export {out['export_s']:.1f}s, "
           f"{out['export_peak_rss'] / 2**30:.2f} GiB", flush=True)
     return out
 
@@ -181,7 +194,7 @@ def streamed_convert(name: str = "llama-3.2-1b", pairs: int = 2) -> dict[str, An
         rewritten = _layouts(config, layouts)
         args = {"root": str(HERE.parent), "src": str(src), "dst": str(dst), "layouts": str(layouts)}
         plain, streamed = _alternate(_CONVERT.format(which="plain", **args), _CONVERT.format(which="streamed", **args),
-                                     pairs)  # fmt: skip
+                                     pairs=pairs)  # fmt: skip
         shutil.rmtree(dst, ignore_errors=True)
     out = {"model": name, "bytes": total, "largest_tensor_bytes": largest, "rewritten": rewritten, "pairs": pairs,
            "plain_s": _summary(plain, "seconds"), "streamed_s": _summary(streamed, "seconds"),
@@ -199,15 +212,20 @@ def markdown(results: dict[str, Any]) -> list[str]:
     if results.get("meta"):
         lines += ["", "## Language models on the meta device", "",
                   "`linear_to_conv(model_on_meta, ids_on_meta, validate=False, token_layout=True)` against the bare "
-                  "`torch.export.export` it starts from (fresh process each, alternating; targets: under 20 s and "
-                  "1.5 GB peak RSS; the rewrite at most 1.5x the bare export's time, #25).", "",
-                  "| config | rewritten Linears | rewrite s | peak RSS | bare export s | export peak RSS | x export |",
-                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+                  "`torch.export.export` (fresh process each, alternating; targets: under 20 s and 1.5 GB peak RSS; "
+                  "the rewrite at most 1.5x the bare export's time, #25). Two bare exports: the batch-1 example "
+                  "static, and what fxsurgery captures (a batch of 2, the batch dynamic, as its graph runs any "
+                  "batch).", "",
+                  "| config | rewritten sites | rewrite s | peak RSS | bare export s (static / dynamic batch) | "
+                  "export peak RSS | x static | x dynamic |",
+                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for r in results["meta"]:
+            dynamic = r.get("dynamic_export_s")
             lines.append(f"| {r['model']} | {r['rewritten']} (the blocks hold {r['block_linears']}; the rest: LM head) | "
                          f"**{r['rewrite_s']:.1f}** | **{r['rewrite_peak_rss'] / 2**30:.2f} GiB** | "
-                         f"{r['export_s']:.1f} | {r['export_peak_rss'] / 2**30:.2f} GiB | "
-                         f"{r['rewrite_s'] / r['export_s']:.2f} |")  # fmt: skip
+                         f"{r['export_s']:.1f} / {dynamic or float('nan'):.1f} | "
+                         f"{r['export_peak_rss'] / 2**30:.2f} GiB | {r['rewrite_s'] / r['export_s']:.2f} | "
+                         f"{r['rewrite_s'] / dynamic if dynamic else float('nan'):.2f} |")  # fmt: skip
     if results.get("convert"):
         lines += ["", "## Streamed checkpoint conversion", ""]
         for r in results["convert"]:

@@ -97,11 +97,13 @@ def quiet_loggers(*prefixes: str) -> Iterator[None]:
 
 
 @contextmanager
-def reported_as_internal() -> Iterator[None]:
-    """A rewrite's own failure (not a SurgeryError it raised on purpose) as a SurgeryError asking for a report."""
+def reported_as_internal(doing: str = "rewriting", meanwhile: str = "") -> Iterator[None]:
+    """A rewrite's own failure (not a SurgeryError it raised on purpose) as a SurgeryError asking for a report
+    (``meanwhile``: what to do until it is mended)."""
     try:
         yield
     except SurgeryError:
         raise
     except Exception as e:
-        raise SurgeryError(f"internal error while rewriting ({type(e).__name__}: {e}); please report it") from e
+        hint = f", and {meanwhile} meanwhile" if meanwhile else ""
+        raise SurgeryError(f"internal error while {doing} ({type(e).__name__}: {e}); please report it{hint}") from e

@@ -49,6 +49,7 @@ from fxsurgery.plan.auto import DIRECTIONS, plan_auto
 from fxsurgery.plan.targets import target_notes, target_skips
 from fxsurgery.report import Site, SurgeryResult
 from fxsurgery.rules import bare_candidate, rule_set, unlisted_linears
+from fxsurgery.rules.linear_to_conv import experts as moe
 from fxsurgery.verify.culprits import failure_of
 from fxsurgery.verify.policy import QUANTIZED_RTOL
 from fxsurgery.verify.reference import batch_one_admitted, validated
@@ -117,19 +118,21 @@ def run_pass(
     check_names("leaf_modules entry", [x for x in options.leaf_modules if isinstance(x, str)], module_names)
     log.info("tracing %s", type(model).__name__)
     job = _Job(rules, options.leaf_modules, options.exclude, program=program, skip=target_skips(options.target))
+    experts = moe.dense_experts(structure, direction, options.token_layout, options.exclude, job.skip)
     untouched: dict[str, dict[str, str]] = {}  # per front end tried
     frontend, (gm, sites, notes) = choose_front_end(
         options.frontend,
         lambda name: _rewrite_structure(
-            structure, inputs, dataclasses.replace(job, frontend=name, untouched=untouched.setdefault(name, {}))
+            experts[0], inputs, dataclasses.replace(job, frontend=name, untouched=untouched.setdefault(name, {}))
         ),
     )
     job = dataclasses.replace(job, frontend=frontend, untouched=untouched.get(frontend, {}))
     if direction == "linear_to_conv":
-        sites = [*sites, *unlisted_linears(model, gm, sites, {**job.untouched, **subclasses}, options.token_layout)]
+        sites = [*sites, *experts[1]]
+        sites += unlisted_linears(model, gm, sites, {**job.untouched, **subclasses}, options.token_layout)
     captured = gm.meta.pop("captured", None) if isinstance(gm, fx.GraphModule) else None  # the export, unrewritten
     check_names("exclude entry", options.exclude, [*module_names, *(s.name for s in sites)])
-    notes = [*target_notes(options.target, options.batch_layout, direction), *plain_notes, *notes]
+    notes = [*target_notes(options.target, options.batch_layout, direction), *plain_notes, *experts[2], *notes]
     result = SurgeryResult(gm, sites, None, direction, (*wrappers, *notes), frontend=job.frontend)
     if not options.validate:
         return result
@@ -243,15 +246,8 @@ def _export_and_raise(
     batch_one = job.program is not None or batch_one_admitted(model, program, inputs)
     if not batch_one and inputs[0].shape[0] == 1:  # traced at 2 for a batch-1 example, and wrong at 1: export at 1
         program = export_model(working_copy(model), inputs, tuple(None for _ in inputs))
-    try:
+    with reported_as_internal("raising the exported graph", meanwhile="use frontend='fx'"):
         traced = raise_program(program, working_copy(model), batch_one)
-    except SurgeryError:
-        raise
-    except Exception as e:
-        raise SurgeryError(
-            f"internal error while raising the exported graph ({type(e).__name__}: {e}); please "
-            "report it, and use frontend='fx' meanwhile"
-        ) from e
     traced.training = model.training  # the root's flag only: every submodule keeps its own
     notes = (
         []
@@ -386,7 +382,10 @@ def _error_with(
 ) -> float | None:
     """The validation error with only the sites of ``group`` rewritten (None: it passes)."""
     others = [s.name for s in rewritten if s not in group]
-    gm, _, _ = _rewrite_structure(model, inputs, dataclasses.replace(job, exclude=[*job.exclude, *others]))
+    job = dataclasses.replace(job, exclude=[*job.exclude, *others])
+    model, again = moe.for_group(model, rewritten, job.exclude, job.skip)  # dense experts: replaced before capture
+    job = dataclasses.replace(job, captured={}) if again else job
+    gm, _, _ = _rewrite_structure(model, inputs, job)
     check = validate(
         original,
         gm,

@@ -96,3 +96,16 @@ def window_attention(x, qkv_w, proj_w, rel_bias, window, heads, shift, qkv_b, pr
     if sum(shift):
         out = np.roll(out, shift, axis=(1, 2))
     return out[:, :h, :w, :]
+
+
+def routed_experts(x: np.ndarray, index: np.ndarray, weights: np.ndarray, gate_up: np.ndarray, down: np.ndarray):
+    """A mixture of SiLU-gated experts, token by token as routed: x (T, C), index and weights (T, k), gate_up
+    (E, 2I, C) (gate rows first), down (E, C, I) -> (T, C)."""
+    out = np.zeros_like(x)
+    inner = down.shape[2]
+    for t in range(x.shape[0]):
+        for e, w in zip(index[t], weights[t]):
+            h = gate_up[e] @ x[t]
+            gate, up = h[:inner], h[inner:]
+            out[t] += w * (down[e] @ (gate / (1.0 + np.exp(-gate)) * up))
+    return out

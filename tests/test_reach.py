@@ -292,16 +292,40 @@ def test_an_encoder_decoder_graph_without_the_decoder_input_is_refused_for_gener
         fxsurgery.generation_model(res, model, x)
 
 
-def test_fused_moe_experts_are_listed_with_why_and_the_model_stays_right():
-    config = T.MixtralConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                             num_key_value_heads=2, intermediate_size=64, num_local_experts=4, num_experts_per_tok=2)  # fmt: skip
+@pytest.mark.parametrize("implementation", ["eager", "batched_mm", "grouped_mm"])
+def test_mixtral_experts_router_and_attention_are_rewritten_whatever_the_experts_dispatch(implementation):
+    model, x, _ = build("mixtral")
+    model.config._experts_implementation = implementation  # how transformers runs the routed experts
+    res = fxsurgery.linear_to_conv(model, x, token_layout=True, precision="float64")
+    assert not res.skipped, res.summary()  # attention, router (F.linear on the rows), experts, lm_head
+    experts = {s.name for s in res.rewritten if s.pattern == "moe-experts"}
+    assert experts == {"model.layers.0.mlp.experts", "model.layers.1.mlp.experts"}
+    assert res.validation.passed and res.validation.max_rel_error < 1e-12
+    torch.testing.assert_close(res.module(*x).logits, model(*x).logits, rtol=1e-4, atol=1e-5)  # as the user runs it
+    state = fxsurgery.original_state_dict(res.module)  # the fused weights keep their names and shapes
+    assert {k: v.shape for k, v in state.items()} == {k: v.shape for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("family", ["qwen2-moe", "olmoe", "deepseek-v3"])
+def test_other_moe_families_are_rewritten_shared_experts_too(family):
+    configs = {
+        "qwen2-moe": None,
+        "olmoe": lambda: T.OlmoeForCausalLM(T.OlmoeConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, intermediate_size=16, num_experts=4, num_experts_per_tok=2,
+            eos_token_id=0, pad_token_id=0)),
+        "deepseek-v3": lambda: T.DeepseekV3ForCausalLM(T.DeepseekV3Config(vocab_size=100, hidden_size=32,
+            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, intermediate_size=64,
+            moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1,
+            first_k_dense_replace=1, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4,
+            v_head_dim=8, n_shared_experts=1)),
+    }  # fmt: skip
     torch.manual_seed(0)
-    model = T.MixtralForCausalLM(config).eval()
-    res = fxsurgery.linear_to_conv(model, torch.randint(0, 100, (2, 8)), token_layout=True)
-    experts = {s.name: s for s in res.sites if s.pattern == "moe-experts"}
-    assert set(experts) == {"model.layers.0.mlp.experts", "model.layers.1.mlp.experts"}, res.summary()
-    assert all(s.status == "skipped" and "gate_up_proj (4, 128, 32)" in s.reason for s in experts.values())
-    assert {f"model.layers.{i}.self_attn.{p}_proj" for i in (0, 1) for p in "qkvo"} <= {s.name for s in res.rewritten}
+    model = build(family)[0] if configs[family] is None else configs[family]().eval()
+    x = (torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(0)),)
+    res = fxsurgery.linear_to_conv(model, x, token_layout=True)
+    wanted = {n for n, m in model.named_modules() if type(m).__name__.endswith("Experts")}
+    wanted |= {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and "shared_expert" in n}
+    assert wanted and wanted <= {s.name for s in res.rewritten}, res.summary()
     assert res.validation.passed
 
 

@@ -89,6 +89,11 @@ class TokenRows:
                 return False
             rw.set_alt(node, alt, rows_of_tokens(source[0], source[1]))
             return True
+        if rows is not None and len(source) == 2 and len(shape) == 2:  # rows as rows again (a router's reshape)
+            if not (_known_equal(shape[0], source[0]) and shape[1] == source[1]):
+                return False
+            rw.set_alt(node, alt, layout)
+            return True
         if rows is not None and len(source) == 2 and len(shape) == 3:
             if not (_known_equal(shape[0], rows[0]) and shape[1] == rows[1] and _known_equal(shape[2], source[1])):
                 return False
