@@ -13,7 +13,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from fxsurgery.capture.layers import fused_experts, linear_layers
+from fxsurgery.capture.layers import linear_layers
 from fxsurgery.engine.nodes import CONV_TYPES
 from fxsurgery.engine.rule import RuleSet
 from fxsurgery.errors import InputError
@@ -25,7 +25,7 @@ from fxsurgery.rules.linear_to_conv import flatten_head, token_linear
 if TYPE_CHECKING:
     from fxsurgery.options import Options
 
-__all__ = ["DIRECTIONS", "rule_set", "bare_candidate", "unlisted_linears", "EXPERTS"]
+__all__ = ["DIRECTIONS", "rule_set", "bare_candidate", "unlisted_linears"]
 
 #: The passes, and the target names the CLI and ``check`` accept for them.
 DIRECTIONS = {"conv": linear_to_conv.DIRECTION, "linear": conv_to_linear.DIRECTION}
@@ -82,19 +82,12 @@ INSIDE_CALL = "inside {} ({}), which the graph calls as one layer: no rule rewro
 #: ... and when it is a Linear subclass torch.fx traced through.
 TRACED_THROUGH = "its forward is traced through, and its operations are listed as the graph's own"
 
-#: The pattern name of fused mixture-of-experts weights, which no rule rewrites yet, and why.
-EXPERTS = "moe-experts"
-EXPERTS_WHY = (
-    "fused expert weights ({}), applied per token through indexed or grouped products that no rule rewrites "
-    "yet; the router and the attention around them are rewritten where their rules match"
-)
-
 
 def unlisted_linears(
     model: nn.Module, rewritten: nn.Module, sites: list[Site], why: Mapping[str, str], token_layout: bool
 ) -> list[Site]:
     """Every Linear of ``model`` (subclasses and transformers' ``Conv1D`` too) that no listed site is or contains,
-    and every layer of fused mixture-of-experts weights (:data:`EXPERTS`), as a skipped site: its reason from
+    as a skipped site (fused mixture-of-experts layers are listed by :mod:`.linear_to_conv.experts`): its reason from
     ``why`` (the layer's own path, or a submodule around it that was left untouched), else :data:`WEIGHT_ONLY` when
     a graph of ``rewritten`` reads its weight, else :data:`UNSEEN`. Every Linear is a site, always."""
     listed = {s.name for s in sites}
@@ -124,6 +117,4 @@ def unlisted_linears(
         if name in why:  # a subclass kept as it is: torch.fx traced through its forward
             reason = f"{why[name]}; " + (TRACED_THROUGH if weight_read else reason)
         out.append(Site(name, pattern, "skipped", reason))
-    experts = fused_experts(model)
-    out += [Site(name, EXPERTS, "skipped", EXPERTS_WHY.format(w)) for name, w in experts.items() if name not in listed]
     return out
