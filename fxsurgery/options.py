@@ -131,7 +131,7 @@ Options (keywords, or one ``options=fxsurgery.Options(...)``):
   census after the target's own conversion where its toolchain is installed (:mod:`fxsurgery.plan.targets`).
 * ``batch_layout`` (Linear -> conv; the target's, else ``"spatial"``): carry a rewritten head as ``(1, C, 1, N)``,
   the batch side by side on the width axis, so each conv is one matrix product; ``"batch"`` keeps ``(N, C, 1, 1)``
-  (N small products).
+  (N small products). Dense MoE experts read their tokens the same way: ``(1, C, 1, T)`` or ``(T, C, 1, 1)``.
 * ``token_layout=False`` (Linear -> conv, opt-in): also carry transformer activations in conv layouts, tokens
   ``(B, S, C)`` as ``(B, C, 1, S)`` (ViT, MLP-Mixer, ``nn.MultiheadAttention`` self-attention) and channels-last
   ``(N, H, W, C)`` maps as NCHW (Swin), from the LayerNorm that starts a block, so every Linear in the block

@@ -118,7 +118,7 @@ def run_pass(
     check_names("leaf_modules entry", [x for x in options.leaf_modules if isinstance(x, str)], module_names)
     log.info("tracing %s", type(model).__name__)
     job = _Job(rules, options.leaf_modules, options.exclude, program=program, skip=target_skips(options.target))
-    experts = moe.dense_experts(structure, direction, options.token_layout, options.exclude, job.skip)
+    experts = moe.dense_experts(structure, direction, options, job.skip)  # made dense before capture
     untouched: dict[str, dict[str, str]] = {}  # per front end tried
     frontend, (gm, sites, notes) = choose_front_end(
         options.frontend,
@@ -383,7 +383,7 @@ def _error_with(
     """The validation error with only the sites of ``group`` rewritten (None: it passes)."""
     others = [s.name for s in rewritten if s not in group]
     job = dataclasses.replace(job, exclude=[*job.exclude, *others])
-    model, again = moe.for_group(model, rewritten, job.exclude, job.skip)  # dense experts: replaced before capture
+    model, again = moe.for_group(model, rewritten, options, job.exclude, job.skip)  # experts: dense before capture
     job = dataclasses.replace(job, captured={}) if again else job
     gm, _, _ = _rewrite_structure(model, inputs, job)
     check = validate(

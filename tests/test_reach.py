@@ -306,10 +306,11 @@ def test_mixtral_experts_router_and_attention_are_rewritten_whatever_the_experts
     assert {k: v.shape for k, v in state.items()} == {k: v.shape for k, v in model.state_dict().items()}
 
 
-def test_dense_experts_export_to_onnx_and_onnxruntime_agrees(tmp_path):
+@pytest.mark.parametrize("layout", ["spatial", "batch"])
+def test_dense_experts_export_to_onnx_and_onnxruntime_agrees(tmp_path, layout):
     model, x, _ = build("mixtral")
     model.config._experts_implementation = "batched_mm"  # the dispatch whose original exports to ONNX
-    report = fxsurgery.check(model, x, to="conv", token_layout=True, out_dir=tmp_path)
+    report = fxsurgery.check(model, x, to="conv", token_layout=True, batch_layout=layout, out_dir=tmp_path)
     assert report.onnx.passed, report.onnx.failures
     assert report.onnx.rewrite_visible, report.onnx.rewrite_detail  # each experts layer: 2 convs for 2 batched mms
     assert "for 15 rewritten call(s)" in report.onnx.rewrite_detail  # 11 one-call sites, 2 experts layers x 2 convs

@@ -20,7 +20,8 @@ def _routing(tokens: int, experts: int, k: int, seed: int = 0):
     return index, torch.rand(tokens, k, dtype=torch.float64, generator=gen)
 
 
-def test_the_dense_form_equals_the_numpy_routed_experts():
+@pytest.mark.parametrize("layout", ["spatial", "batch"])
+def test_the_dense_form_equals_the_numpy_routed_experts(layout):
     e, c, i, t = 5, 6, 3, 7
     gen = torch.Generator().manual_seed(1)
     gate_up = nn.Parameter(torch.randn(e, 2 * i, c, dtype=torch.float64, generator=gen))
@@ -28,7 +29,7 @@ def test_the_dense_form_equals_the_numpy_routed_experts():
     x = torch.randn(t, c, dtype=torch.float64, generator=gen)
     index, weights = _routing(t, e, 2)
     with torch.no_grad():
-        got = DenseExperts(gate_up, down, F.silu)(x, index, weights)
+        got = DenseExperts(gate_up, down, F.silu, layout)(x, index, weights)
     want = reference.routed_experts(x.numpy(), index.numpy(), weights.numpy(), gate_up.detach().numpy(),
                                     down.detach().numpy())  # fmt: skip
     assert got.shape == (t, c)
@@ -120,10 +121,25 @@ def test_experts_stay_routed_when_excluded_or_outside_the_token_layout(options, 
 
 
 def test_the_culprit_search_captures_again_when_it_leaves_an_experts_site_out():
-    model = Block(ToyExperts()).eval()
+    model, options = Block(ToyExperts()).eval(), fxsurgery.Options(token_layout=True)
     sites = [Site("experts", PATTERN, "rewritten"), Site("norm", "token-linear", "rewritten")]
-    kept, again = for_group(model, sites, ["norm"], {})
+    kept, again = for_group(model, sites, options, ["norm"], {})
     assert isinstance(kept.get_submodule("experts"), DenseExperts) and not again
-    left, again = for_group(model, sites, ["experts"], {})
+    left, again = for_group(model, sites, options, ["experts"], {})
     assert isinstance(left.get_submodule("experts"), ToyExperts) and again
-    assert for_group(model, sites[1:], ["experts"], {}) == (model, False)  # no experts rewritten: nothing to do
+    assert for_group(model, sites[1:], options, ["experts"], {}) == (model, False)  # no experts rewritten: as it is
+
+
+def test_the_batch_layout_reads_the_rows_without_a_transpose():
+    torch.manual_seed(0)
+    model, x = Block(ToyExperts()).eval(), torch.randn(2, 5, 8)
+    res = {
+        layout: fxsurgery.linear_to_conv(model, x, token_layout=True, batch_layout=layout, precision="float64")
+        for layout in ("spatial", "batch")
+    }
+    for layout, r in res.items():
+        site = {s.name: s for s in r.sites}["experts"]
+        assert site.rewritten and site.after.endswith("(T,C,1,1)" if layout == "batch" else "(1,C,1,T)")
+        assert r.validation.passed and r.validation.max_rel_error < 1e-12
+    moves = {k: sum(n.target in ("t", "transpose", "permute") for n in r.module.graph.nodes) for k, r in res.items()}
+    assert moves["spatial"] - moves["batch"] == 3, moves  # the rows in, the routing, the sum out: none of them
