@@ -169,3 +169,30 @@ def test_auto_measures_on_openvino():
     res = fxsurgery.rewrite(model, x, "auto", runtime="openvino")
     assert res.timings["runtime"] == "openvino" and res.validation.passed
     assert all(c["chosen"] == ("rewritten" if c["ratio"] < 1.0 else "original") for c in res.timings["sites"])
+
+
+@torch.library.custom_op("fxsurgery_test::doubled", mutates_args=())
+def _doubled(x: torch.Tensor) -> torch.Tensor:
+    return 2 * x
+
+
+@_doubled.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+class NoOnnx(torch.nn.Module):
+    """A conv head around an op that has no ONNX function: onnxruntime cannot run it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = torch.nn.Conv2d(3, 4, 1), torch.nn.Linear(4 * 4 * 4, 5)
+
+    def forward(self, x):
+        return self.fc(_doubled(self.conv(x)).flatten(1))
+
+
+def test_auto_on_a_model_its_runtime_cannot_convert_says_so_instead_of_a_traceback():
+    model = NoOnnx().eval()
+    with pytest.raises(fxsurgery.SurgeryError, match="onnxruntime cannot run NoOnnx.*runtime='torch'"):
+        fxsurgery.rewrite(model, torch.randn(2, 3, 4, 4), "auto")

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from fxsurgery.capture.copies import eval_copy
+from fxsurgery.errors import SurgeryError, one_line
 from fxsurgery.runtimes.registry import get
 
 __all__ = ["Ratio", "interleaved", "runner"]
@@ -110,4 +111,12 @@ def runner(
     backend = get(runtime, "time", "timing").impl()
     module = eval_copy(module, "native")  # its own parameters and buffers: a forward that writes stays local
     inputs = tuple(t.clone() for t in (x if isinstance(x, tuple) else (x,)))  # the caller's tensors never change
-    return backend.timer(module, inputs, workdir, threads, exporter)
+    try:
+        return backend.timer(module, inputs, workdir, threads, exporter)
+    except SurgeryError:
+        raise
+    except Exception as e:  # the runtime's conversion (an ONNX export, a toolchain's lowering) refused the model
+        raise SurgeryError(
+            f"{runtime} cannot run {type(module).__name__}, so it cannot be timed there: converting it failed "
+            f"({one_line(e)}); time it on another runtime (runtime='torch')"
+        ) from e
