@@ -4,7 +4,7 @@
 
 Each measurement runs in a fresh subprocess (peak RSS from ``/proc/self/status``: the high-water mark is reset with
 ``/proc/self/clear_refs`` once the model is built, so the figure is the step's own growth), the baseline and the
-measured step alternating (A B B A ...), side by side in one run:
+measured step alternating (A B, B A ...; three steps: A B C, C B A ...), side by side in one run:
 
 * ``meta``: ``linear_to_conv(model_on_meta, meta_ids, validate=False, token_layout=True)`` against the bare
   ``torch.export.export(model, (ids,), strict=False)`` it starts from, on Llama-2-7B, Llama-3-8B, Llama-3-70B and
