@@ -118,21 +118,21 @@ def run_pass(
     check_names("leaf_modules entry", [x for x in options.leaf_modules if isinstance(x, str)], module_names)
     log.info("tracing %s", type(model).__name__)
     job = _Job(rules, options.leaf_modules, options.exclude, program=program, skip=target_skips(options.target))
-    experts = moe.dense_experts(structure, direction, options, job.skip)  # made dense before capture
+    dense, expert_sites, expert_notes = moe.dense_experts(structure, direction, options, job.skip)  # before capture
     untouched: dict[str, dict[str, str]] = {}  # per front end tried
     frontend, (gm, sites, notes) = choose_front_end(
         options.frontend,
         lambda name: _rewrite_structure(
-            experts[0], inputs, dataclasses.replace(job, frontend=name, untouched=untouched.setdefault(name, {}))
+            dense, inputs, dataclasses.replace(job, frontend=name, untouched=untouched.setdefault(name, {}))
         ),
     )
     job = dataclasses.replace(job, frontend=frontend, untouched=untouched.get(frontend, {}))
     if direction == "linear_to_conv":
-        sites = [*sites, *experts[1]]
+        sites = [*sites, *expert_sites]
         sites += unlisted_linears(model, gm, sites, {**job.untouched, **subclasses}, options.token_layout)
     captured = gm.meta.pop("captured", None) if isinstance(gm, fx.GraphModule) else None  # the export, unrewritten
     check_names("exclude entry", options.exclude, [*module_names, *(s.name for s in sites)])
-    notes = [*target_notes(options.target, options.batch_layout, direction), *plain_notes, *experts[2], *notes]
+    notes = [*target_notes(options.target, options.batch_layout, direction), *plain_notes, *expert_notes, *notes]
     result = SurgeryResult(gm, sites, None, direction, (*wrappers, *notes), frontend=job.frontend)
     if not options.validate:
         return result

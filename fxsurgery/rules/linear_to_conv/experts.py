@@ -83,11 +83,6 @@ class DenseExperts(nn.Module):
         y = F.conv2d(h, self.down_proj.view(e * c, i, 1, 1), groups=e).view(e, c, -1)
         return (y * route.t().unsqueeze(1)).sum(0).t().to(hidden_states.dtype)
 
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        """``(experts, channels, inner)``."""
-        return self.experts, self.channels, self.inner
-
     def extra_repr(self) -> str:
         e, c, i = self.experts, self.channels, self.inner
         convs = f"gate_up: Conv2d({c}, {e * 2 * i}, kernel=1x1), down: Conv2d({e * i}, {e * c}, kernel=1x1, groups={e})"
@@ -103,7 +98,7 @@ def dense_experts(
     (``options.exclude``: the caller's; ``skip``: pattern -> why, a deployment target's), and :data:`NOTE` when one
     was replaced. Only ``direction`` ``"linear_to_conv"`` lists and replaces them, with ``options.token_layout``."""
     sites: list[Site] = []
-    dense = {}
+    dense: list[str] = []
     if direction != "linear_to_conv":
         return model, sites, []
     layout = options.batch_layout
@@ -119,12 +114,12 @@ def dense_experts(
         if why:
             sites.append(Site(name, PATTERN, "skipped", f"fused expert weights ({weights}): {why}"))
             continue
-        e, c, i = _dense_of(mod).shape
+        e, c, i = _shape(mod)
         k = getattr(getattr(mod, "config", None), "num_experts_per_tok", None)
         cost = f"every expert on every token ({e}/{k} times the routed FLOPs)" if k else "every expert on every token"
         after = f"Conv2d({c}, {e * 2 * i}, 1x1) + Conv2d({e * i}, {e * c}, 1x1, groups={e}), {cost} {_TOKENS[layout]}"
         sites.append(Site(name, PATTERN, "rewritten", before=weights, after=after, calls=2))
-        dense[name] = mod
+        dense.append(name)
     if not dense:
         return model, sites, []
     out = working_copy(model)
@@ -156,7 +151,7 @@ def _not_dense(mod: nn.Module, layout: str) -> str | None:
     flags = [f"{k}={getattr(mod, k)!r}" for k, v in _FLAGS.items() if getattr(mod, k, v) != v]
     if flags:
         return f"{', '.join(flags)}: the dense form is written for gated, concatenated, untransposed experts"
-    e, _, i = params["down_proj"].shape
+    e, _, i = _shape(mod)
     if params["gate_up_proj"].shape[:2] != (e, 2 * i) or not callable(getattr(mod, "act_fn", 0)):
         return "gate_up_proj is not (E, 2I, C) for a down_proj (E, C, I), or the layer has no act_fn"
     try:
@@ -172,7 +167,7 @@ def _not_dense(mod: nn.Module, layout: str) -> str | None:
 def _same_on_probe(mod: nn.Module, layout: str, dtype: torch.dtype) -> bool:
     """Whether ``mod``'s own forward equals :class:`DenseExperts` on a probe: its class, attributes and number of
     experts, small random weights (8 channels, 4 inner) in ``dtype``, 6 tokens routed to 2 experts each."""
-    e = _dense_of(mod).experts
+    e = _shape(mod)[0]
     probe = copy.copy(mod)
     gen = torch.Generator().manual_seed(0)
     probe._parameters = {
@@ -188,6 +183,12 @@ def _same_on_probe(mod: nn.Module, layout: str, dtype: torch.dtype) -> bool:
         got = _dense_of(probe, layout)(x, index, weights)
     tol = (1e-10, 1e-12) if dtype == torch.float64 else (1e-5, 1e-6)
     return isinstance(want, torch.Tensor) and want.shape == got.shape and torch.allclose(got, want, *tol)
+
+
+def _shape(mod: nn.Module) -> tuple[int, int, int]:
+    """``(experts, channels, inner)`` of the fused-experts layer ``mod``: its ``down_proj`` is ``(E, C, I)``."""
+    e, c, i = mod._parameters["down_proj"].shape  # type: ignore[union-attr]
+    return e, c, i
 
 
 def _dense_of(mod: nn.Module, layout: str = "spatial") -> DenseExperts:
