@@ -34,12 +34,18 @@ class NegateRule:
             raise RuntimeError("a bug in the rule")
         return Match(node, str(node.target))
 
+    after = "torch.neg"
+
+    def emit(self, m, rw):
+        """The node computing the call ``m`` anew (inserted before it)."""
+        return rw.graph.call_function(torch.neg, (m.node.args[0],))
+
     def apply(self, m, rw):
         with rw.graph.inserting_before(m.node):
-            new = rw.graph.call_function(torch.neg, (m.node.args[0],))
+            new = self.emit(m, rw)
         m.node.replace_all_uses_with(new)
         rw.graph.erase_node(m.node)
-        return Site(m.name, self.pattern, "rewritten", before="Negate", after="torch.neg")
+        return Site(m.name, self.pattern, "rewritten", before="Negate", after=self.after)
 
 
 class Model(nn.Module):
@@ -130,13 +136,11 @@ class ScaleRule(NegateRule):
             return Skip("its input is a graph input")
         return Match(node, str(node.target))
 
-    def apply(self, m, rw):
+    after = "Scaled"
+
+    def emit(self, m, rw):
         rw.new_modules[m.name] = Scaled(self.k_of(m.node.args[0]))
-        with rw.graph.inserting_before(m.node):
-            new = rw.graph.call_module(m.name, m.node.args)
-        m.node.replace_all_uses_with(new)
-        rw.graph.erase_node(m.node)
-        return Site(m.name, self.pattern, "rewritten", before="Negate", after="Scaled")
+        return rw.graph.call_module(m.name, m.node.args)
 
 
 class Shared(nn.Module):
