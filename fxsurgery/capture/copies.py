@@ -7,11 +7,20 @@ import copy
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.utils._pytree as pytree
 from torch import nn
 
 from fxsurgery.errors import InputError, one_line
 
-__all__ = ["working_copy", "eval_copy", "tensor_attributes", "keep_attributes", "hooked_containers", "HOOK_DICTS"]
+__all__ = [
+    "working_copy",
+    "eval_copy",
+    "widen_casts",
+    "tensor_attributes",
+    "keep_attributes",
+    "hooked_containers",
+    "HOOK_DICTS",
+]
 
 
 def tensor_attributes(module: nn.Module) -> list[tuple[nn.Module, str, torch.Tensor]]:
@@ -53,6 +62,48 @@ def _to_float64(t: torch.Tensor) -> torch.Tensor:
     if t.is_complex():
         return t.to(torch.complex128)
     return t.to(torch.float64) if t.is_floating_point() else t
+
+
+#: Float dtypes a graph may cast to, narrower than float64, and the methods that cast to them.
+_NARROW = (torch.float32, torch.float16, torch.bfloat16)
+_NARROW_METHODS = ("float", "half", "bfloat16")
+
+
+def widen_casts(module: nn.Module) -> int:
+    """Make every cast to a narrower float in the graphs of ``module`` (a float64 copy) a cast to float64, in place;
+    the number of nodes changed.
+
+    A captured graph holds the casts the model made at its own dtype as constants (``x.to(torch.float32)``, a
+    ``dtype=`` of a factory op): in a float64 copy they would mix float32 with float64, or round the proof to float32.
+    Both graphs of a float64 proof are widened alike, so they still compute the same program; reinterpreting views
+    (``view(dtype)``) are left as they are."""
+    changed = 0
+    for graph_module in module.modules():
+        if not isinstance(graph_module, torch.fx.GraphModule):
+            continue
+        for node in graph_module.graph.nodes:
+            if node.op == "call_method" and node.target in _NARROW_METHODS:
+                node.target, changed = "double", changed + 1
+            elif _casts_narrow(node):
+                node.args, node.kwargs = torch.fx.node.map_aggregate((node.args, node.kwargs), _wide)
+                changed += 1
+        graph_module.recompile()
+    return changed
+
+
+def _casts_narrow(node: torch.fx.Node) -> bool:
+    """A call given a narrower float dtype (a cast, a factory's ``dtype=``), other than a reinterpreting view."""
+    if node.op not in ("call_function", "call_method") or "view" in str(node.target):
+        return False
+    return any(_narrow(v) for v in pytree.tree_leaves((node.args, node.kwargs)))
+
+
+def _narrow(value: Any) -> bool:
+    return isinstance(value, torch.dtype) and value in _NARROW
+
+
+def _wide(value: Any) -> Any:
+    return torch.float64 if _narrow(value) else value
 
 
 def hooked_containers(model: nn.Module) -> list[str]:

@@ -26,9 +26,8 @@ log = logging.getLogger(__name__)
 __all__ = ["validation_reference", "check_mode_for_validation", "CAPTURED_NOTE", "batch_one_admitted", "validated"]
 
 CAPTURED_NOTE = (
-    "float64 proof against the graph torch.export captured (its dtype casts are the export's, so the "
-    "model itself would differ in float64 wherever it casts to its own dtype); that graph matches the "
-    "model in native precision"
+    "float64 proof against the graph torch.export captured (its casts to the model's dtype are constants of the "
+    "graph: in both graphs they cast to float64), and that graph matches the model in native precision"
 )
 
 

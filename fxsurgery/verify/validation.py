@@ -19,7 +19,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from fxsurgery._runtime import OutsideExportedRange
-from fxsurgery.capture.copies import eval_copy
+from fxsurgery.capture.copies import eval_copy, widen_casts
 from fxsurgery.errors import InputError, one_line
 from fxsurgery.report import Validation
 from fxsurgery.verify.policy import SCALE_FLOOR, Errors, compare_outputs
@@ -333,10 +333,13 @@ def validate(
     """Run ``original`` and ``rewritten`` (as eval-mode copies, without grad) on the example inputs, ``num_random``
     fresh inputs and, where the batch axis is free, another batch size; compare under the tolerance policy the
     outputs and the state each forward leaves behind (buffers of the same name, shape and dtype in both, and inputs
-    a forward writes to). Both sides run the same inputs in the same order from the same state.
+    a forward writes to). Both sides run the same inputs in the same order from the same state. In float64, two
+    graphs (a captured program and its rewrite) run with their casts to a narrower float widened (``widen_casts``).
     ``original_copy`` is an eval copy of ``original`` made before (it is reused, not copied again)."""
     orig = original_copy if original_copy is not None else eval_copy(original, precision)
     rew = eval_copy(rewritten, precision)
+    if precision == "float64" and isinstance(orig, fx.GraphModule) and isinstance(rew, fx.GraphModule):
+        widen_casts(orig), widen_casts(rew)  # two graphs of one program: their casts at the capture's dtype too
     histograms: dict[str, list[int]] = {}
     live, loose = _comparable_state(orig, rew)
     with kept_state(orig) as before:  # a copy reused by the caller starts the next comparison where this one started
