@@ -23,7 +23,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["validation_reference", "check_mode_for_validation", "CAPTURED_NOTE", "batch_one_admitted", "validated"]
+__all__ = [
+    "validation_reference",
+    "check_mode_for_validation",
+    "CAPTURED_NOTE",
+    "batch_one_admitted",
+    "validated",
+    "refuse_random",
+]
 
 CAPTURED_NOTE = (
     "float64 proof against the graph torch.export captured (its casts to the model's dtype are constants of the "
@@ -45,6 +52,7 @@ def validation_reference(
         return model
     faithful = validate(model, captured, inputs, num_random=options.num_random, precision="native", seed=options.seed)
     if not faithful:
+        refuse_random(model, inputs)
         raise ValidationError(
             f"validation failed: the graph torch.export captured differs from the model "
             f"({faithful.failure}; no site is responsible): try frontend='fx', and please report "
@@ -119,6 +127,26 @@ def validated(
         seed=options.seed,
         original_copy=original,
     )
+    if not check:
+        refuse_random(model, inputs)
     if reference is not model:
         check = dataclasses.replace(check, notes=(*check.notes, CAPTURED_NOTE))
     return dataclasses.replace(result, validation=check), original
+
+
+def refuse_random(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+    """A failed validation of a model that gives other outputs each time it runs the same inputs (from the same
+    state) is no rewrite's fault: an ``InputError`` says so (ViTMAE's random masking, a dropout kept active)."""
+    copy = eval_copy(model)
+    with kept_state(copy):
+        first = run_no_grad(copy, inputs)
+    with kept_state(copy):
+        again = run_no_grad(copy, inputs)
+    differs = compare_outputs(first, again).failure
+    if differs:
+        raise InputError(
+            f"{type(model).__name__} gives other outputs each time it runs the same inputs ({differs}): its forward "
+            "draws random numbers (random masking or noise, a dropout left active), so no rewrite can be validated "
+            "against it; make it deterministic (pass its noise as an input, e.g. ViTMAE's noise=, or turn the "
+            "randomness off in its config), or pass validate=False"
+        )
