@@ -27,6 +27,11 @@ def _mask() -> torch.Tensor:
     return mask
 
 
+def _features(seed: int = 1) -> torch.Tensor:
+    """Log-mel features of a small Whisper: 16 bins, 32 frames (twice its max_source_positions)."""
+    return torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(seed))
+
+
 def _image(size: int = 32) -> tuple[torch.Tensor]:
     return (torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1)),)
 
@@ -61,7 +66,7 @@ def _zoo(T: Any) -> dict[str, tuple[Callable[[], nn.Module], Callable[[], tuple[
         "whisper-encoder": (lambda: T.WhisperForAudioClassification(T.WhisperConfig(
             d_model=32, encoder_layers=2, decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4,
             encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=16, max_source_positions=16, num_labels=3)),
-            lambda: (torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(1)),), r"encoder\.layers\.\d+\."),
+            lambda: (_features(),), r"encoder\.layers\.\d+\."),
         "segformer": (lambda: T.SegformerForSemanticSegmentation(T.SegformerConfig(
             num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[8, 16], num_attention_heads=[1, 2],
             decoder_hidden_size=16, num_labels=3)), _image, r"stages\.\d+\.blocks\."),
@@ -81,6 +86,13 @@ def _zoo(T: Any) -> dict[str, tuple[Callable[[], nn.Module], Callable[[], tuple[
         "t5": (lambda: T.T5ForConditionalGeneration(T.T5Config(
             vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)),
             lambda: (_ids(), {"attention_mask": _mask(), "decoder_input_ids": _ids(s=5)}), r"block\.\d+\.layer\."),
+        # speech to text: audio features into the encoder, the decoder's ids as the keyword input
+        "whisper": (lambda: T.WhisperForConditionalGeneration(T.WhisperConfig(
+            vocab_size=100, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+            decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=16,
+            max_source_positions=16, max_target_positions=32, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+            decoder_start_token_id=1)), lambda: (_features(), {"decoder_input_ids": _ids(s=4)}),
+            r"(encoder|decoder)\.layers\.\d+\."),
         # its Linears are FalconLinear, a subclass computing x @ W.T + b
         "falcon": (lambda: T.FalconForCausalLM(T.FalconConfig(
             vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4)), lambda: (_ids(),),
@@ -114,7 +126,7 @@ def zoo() -> dict[str, tuple[Callable[[], nn.Module], Callable[[], tuple[Any, ..
 
 
 ZOO = ("bert", "roberta", "distilbert", "gpt2", "llama", "mistral", "qwen2", "phi3", "gemma", "vit", "whisper-encoder",
-       "segformer", "resnet", "mobilenet_v2", "convnext", "bart", "t5", "falcon", "opt", "albert",
+       "segformer", "resnet", "mobilenet_v2", "convnext", "bart", "t5", "whisper", "falcon", "opt", "albert",
        "deberta-v2", "mixtral", "qwen2-moe")  # fmt: skip
 
 

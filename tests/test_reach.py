@@ -284,6 +284,26 @@ def test_the_rewritten_encoder_decoder_generates_what_the_original_generates(fam
     assert torch.equal(lm.generate(ids, do_sample=True, top_k=0, **settings), want)
 
 
+def test_the_rewritten_whisper_transcribes_what_the_original_transcribes():
+    """Speech to text as users call it: audio features into the encoder (not token ids), Whisper's own generate()
+    (its generation mixin around transformers')."""
+    model, x, blocks = build("whisper")
+    res = fxsurgery.linear_to_conv(model, x, token_layout=True, dynamic_sequence=True, precision="float64")
+    assert block_linears(model, blocks) <= {s.name for s in res.rewritten}, res.summary()
+    assert res.validation.max_rel_error < 1e-12
+    lm = fxsurgery.generation_model(res, model, x)
+    for seed, new in ((3, 4), (4, 9)):  # the decoder runs at every length up to 1 + new
+        audio = torch.randn(x[0].shape, generator=torch.Generator().manual_seed(seed))
+        settings = dict(max_new_tokens=new, min_new_tokens=new)
+        want = model.generate(audio, do_sample=False, **settings)
+        assert want.shape[1] >= new
+        assert torch.equal(lm.generate(audio, do_sample=False, **settings), want)
+        torch.manual_seed(7)
+        want = model.generate(audio, do_sample=True, top_k=0, **settings)
+        torch.manual_seed(7)
+        assert torch.equal(lm.generate(input_features=audio, do_sample=True, top_k=0, **settings), want)
+
+
 def test_an_encoder_decoder_graph_without_the_decoder_input_is_refused_for_generation_with_why():
     model, (ids, kw), _ = build("bart")
     x = (ids, {"attention_mask": kw["attention_mask"]})  # BART decodes the prompt shifted right: no decoder input

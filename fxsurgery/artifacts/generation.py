@@ -39,10 +39,13 @@ def generation_model(result: SurgeryResult, model: nn.Module, example_inputs: An
             f"{type(model).__name__} has no generate(): generation_model takes a HuggingFace model with generation"
         )
     ids = example_inputs[0] if isinstance(example_inputs, (tuple, list)) else example_inputs
-    if not (isinstance(ids, torch.Tensor) and ids.dim() == 2 and not ids.is_floating_point()):
-        raise InputError("example_inputs must start with token ids (batch, sequence), as the rewrite was given")
-    inputs = tuple(inspect.signature(result.module.forward).parameters)
     two_parts = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+    if not (isinstance(ids, torch.Tensor) and (two_parts or (ids.dim() == 2 and not ids.is_floating_point()))):
+        raise InputError(
+            "example_inputs must start with token ids (batch, sequence), or an encoder-decoder's encoder input "
+            "(ids, audio features, pixels), as the rewrite was given"
+        )
+    inputs = tuple(inspect.signature(result.module.forward).parameters)
     if two_parts and "decoder_input_ids" not in inputs:
         raise InputError(
             f"{type(model).__name__} is an encoder-decoder and the rewritten graph takes no decoder_input_ids: "
@@ -60,13 +63,15 @@ def generation_model(result: SurgeryResult, model: nn.Module, example_inputs: An
 
 
 def _longer(ids: torch.Tensor, example_inputs: Any, inputs: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    """The graph's token inputs one token longer than the example's (a mask of ones where it takes one)."""
+    """The graph's inputs one token longer than the example's: its token ids (a mask of ones where it takes one), an
+    encoder-decoder's decoder ids."""
     given = (
         example_inputs[-1] if isinstance(example_inputs, (tuple, list)) and isinstance(example_inputs[-1], dict) else {}
     )
-    feed = {"input_ids": torch.cat([ids, ids[:, -1:]], dim=1)}
-    if "attention_mask" in inputs:
-        feed["attention_mask"] = torch.ones_like(feed["input_ids"])
+    tokens = ids.dim() == 2 and not ids.is_floating_point()  # (an encoder's audio features or pixels keep their size)
+    feed = {inputs[0]: torch.cat([ids, ids[:, -1:]], dim=1) if tokens else ids}
+    if "attention_mask" in inputs and tokens:
+        feed["attention_mask"] = torch.ones_like(feed[inputs[0]])
     start = given.get("decoder_input_ids")
     if "decoder_input_ids" in inputs and isinstance(start, torch.Tensor):
         feed["decoder_input_ids"] = torch.cat([start, start[:, -1:]], dim=1)
@@ -76,7 +81,7 @@ def _longer(ids: torch.Tensor, example_inputs: Any, inputs: tuple[str, ...]) -> 
 def _check_lengths(graph: nn.Module, model: nn.Module, feed: dict[str, torch.Tensor]) -> None:
     """The graph run on ``feed`` (one token longer than the example) gives the logits of ``model`` (a copy of the
     user's) there."""
-    length = feed["input_ids"].shape[1]
+    length = feed.get("decoder_input_ids", next(iter(feed.values()))).shape[1]
     try:
         with torch.no_grad():
             got, want = graph(**feed).logits, model(**feed, use_cache=False).logits
@@ -97,7 +102,7 @@ def _check_lengths(graph: nn.Module, model: nn.Module, feed: dict[str, torch.Ten
 
 def _generate(self: Any, *args: Any, **kwargs: Any) -> Any:
     kwargs["use_cache"] = False  # the graph takes no cache: every step runs on the whole sequence
-    prompt = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
+    prompt = args[0] if args else kwargs.get(self.fxsurgery_inputs[0], kwargs.get("inputs"))
     self.fxsurgery_prompt = (prompt, kwargs.get("attention_mask"))  # an encoder-decoder's steps see only the decoder's
     try:
         return super(type(self), self).generate(*args, **kwargs)
@@ -110,7 +115,8 @@ def _forward(self: Any, input_ids: Any = None, attention_mask: Any = None, posit
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
     if cache is not None and getattr(cache, "get_seq_length", lambda: 0)() > 0:
         raise SurgeryError("the rewritten graph takes no KV cache: call generate() on it (it turns the cache off)")
-    feed = {}
+    feed, first = {}, self.fxsurgery_inputs[0]  # the graph's first input: token ids, or an encoder's features
+    input_ids = kwargs.pop(first, input_ids)
     if "decoder_input_ids" in self.fxsurgery_inputs:  # an encoder-decoder: the prompt, and the tokens decoded so far
         input_ids, attention_mask, feed = _encoder_decoder_step(self, input_ids, attention_mask, kwargs)
     length = input_ids.shape[1]
@@ -121,7 +127,7 @@ def _forward(self: Any, input_ids: Any = None, attention_mask: Any = None, posit
             "position ids other than 0..S-1 (a left-padded batch): the rewritten graph computes its own; generate "
             "each prompt alone, or unpadded"
         )
-    feed["input_ids"] = input_ids
+    feed[first] = input_ids
     if "attention_mask" in self.fxsurgery_inputs:
         feed["attention_mask"] = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
     elif attention_mask is not None and not bool(attention_mask.all()):
@@ -144,6 +150,8 @@ def _encoder_decoder_step(self: Any, input_ids: Any, attention_mask: Any, kwargs
     prompt, prompt_mask = self.fxsurgery_prompt or (None, None)
     input_ids = input_ids if input_ids is not None else prompt
     if input_ids is None or kwargs.get("decoder_input_ids") is None:
-        raise SurgeryError("the rewritten encoder-decoder runs on input_ids and decoder_input_ids together")
+        raise SurgeryError(
+            "the rewritten encoder-decoder runs on the encoder's input and decoder_input_ids together: call generate()"
+        )
     mask = attention_mask if attention_mask is not None else prompt_mask
     return input_ids, mask, {"decoder_input_ids": kwargs["decoder_input_ids"]}
