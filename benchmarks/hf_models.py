@@ -108,6 +108,11 @@ def _zoo(T: Any) -> dict[str, tuple[Callable[[], nn.Module], Callable[[], tuple[
         "deberta-v2": (lambda: T.DebertaV2ForSequenceClassification(T.DebertaV2Config(
             **_TEXT, relative_attention=True, position_buckets=8, max_relative_positions=16,
             pos_att_type=["p2c", "c2p"], share_att_key=True, num_labels=3)), text, r"encoder\.layer\.\d+\."),
+        # a state-space model: no attention; its cache a DynamicCache of linear-attention layers; dt_proj's weight is
+        # read by a product of its own (listed with why), the other three projections are token Linears
+        "mamba": (lambda: T.MambaForCausalLM(T.MambaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+                                                           state_size=4)), lambda: (_ids(),),
+                  r"layers\.\d+\.mixer\.(in|x|out)_proj"),
         # fused experts (gate_up_proj (E, 2I, C), down_proj (E, C, I)) behind a top-k router
         "mixtral": (lambda: T.MixtralForCausalLM(T.MixtralConfig(**_DECODER, num_local_experts=4,
                                                                  num_experts_per_tok=2)), lambda: (_ids(),),
@@ -127,7 +132,7 @@ def zoo() -> dict[str, tuple[Callable[[], nn.Module], Callable[[], tuple[Any, ..
 
 ZOO = ("bert", "roberta", "distilbert", "gpt2", "llama", "mistral", "qwen2", "phi3", "gemma", "vit", "whisper-encoder",
        "segformer", "resnet", "mobilenet_v2", "convnext", "bart", "t5", "whisper", "falcon", "opt", "albert",
-       "deberta-v2", "mixtral", "qwen2-moe")  # fmt: skip
+       "deberta-v2", "mamba", "mixtral", "qwen2-moe")  # fmt: skip
 
 
 def build(name: str) -> tuple[nn.Module, tuple[Any, ...], str]:

@@ -42,8 +42,8 @@ def test_token_layout_rewrites_every_linear_of_the_blocks(family):
 
 
 #: Falcon's fused multi-query q/k/v (``view(B, S, H + 2, D)``) and DeBERTa's disentangled attention (its scores add
-#: content-to-position terms) are not carried per head: their attention runs on tokens.
-@pytest.mark.parametrize("family", [n for n in TRANSFORMERS if n not in ("convnext", "falcon", "deberta-v2")])
+#: content-to-position terms) are not carried per head: their attention runs on tokens. Mamba has no attention.
+@pytest.mark.parametrize("family", [n for n in TRANSFORMERS if n not in ("convnext", "falcon", "deberta-v2", "mamba")])
 def test_token_layout_runs_every_attention_per_head_without_converting_the_tokens_back(family):
     model, x, _ = build(family)
     res = fxsurgery.linear_to_conv(model, x, token_layout=True)

@@ -304,6 +304,23 @@ def test_the_rewritten_whisper_transcribes_what_the_original_transcribes():
         assert torch.equal(lm.generate(input_features=audio, do_sample=True, top_k=0, **settings), want)
 
 
+def test_mamba_is_captured_with_its_cache_and_its_generation_is_refused_with_why():
+    """Mamba's cache is a DynamicCache of linear-attention layers (transformers' executorch flatten takes attention
+    layers only: its exporter's flatten of any layer is registered first); its scan loops over the tokens in
+    Python, so the graph holds the example's length."""
+    model, x, blocks = build("mamba")
+    res = fxsurgery.linear_to_conv(model, x, token_layout=True, dynamic_sequence=True, precision="float64")
+    assert block_linears(model, blocks) <= {s.name for s in res.rewritten}, res.summary()
+    dt = {s.name: s for s in res.skipped}["backbone.layers.0.mixer.dt_proj"]
+    assert "reads its weight in an operation of its own" in dt.reason
+    assert res.validation.max_rel_error < 1e-12
+    out, ref = res.module(*x), model(*x)
+    assert type(out) is type(ref) and type(out.cache) is type(ref.cache)
+    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-4, atol=1e-5)
+    with pytest.raises(fxsurgery.InputError, match="Mamba's scan"):
+        fxsurgery.generation_model(res, model, x)
+
+
 def test_an_encoder_decoder_graph_without_the_decoder_input_is_refused_for_generation_with_why():
     model, (ids, kw), _ = build("bart")
     x = (ids, {"attention_mask": kw["attention_mask"]})  # BART decodes the prompt shifted right: no decoder input

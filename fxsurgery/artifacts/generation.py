@@ -89,7 +89,9 @@ def _check_lengths(graph: nn.Module, model: nn.Module, feed: dict[str, torch.Ten
         raise InputError(
             f"the rewritten graph does not run at sequence length {length} ({one_line(e)}): it is specialised to "
             f"the example's {length - 1}; rewrite with dynamic_sequence=True (CLI --task with a HuggingFace model "
-            "sets it) so that generation can run at every length"
+            "sets it) so that generation can run at every length. A model that fixes the length itself as it is "
+            "captured (a Python loop over the tokens: Mamba's scan) gives a graph per length: generate with the "
+            "original, or run the rewritten graph at the example's length"
         ) from e
     errors = compare_leaves([want], [got], label="logits")  # validation's policy: the dtype's tolerance x scale
     if errors.failure:

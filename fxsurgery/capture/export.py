@@ -185,24 +185,26 @@ def _quiet_torch() -> Iterator[None]:
 
 def _register_hf_caches(model: nn.Module) -> None:
     """HuggingFace models return cache objects (a decoder's ``DynamicCache``, an encoder-decoder's
-    ``EncoderDecoderCache``, Mamba's cache), which ``torch.export`` can output only once transformers has registered
-    them as pytree nodes: ``DynamicCache`` by ``register_dynamic_cache_export_support``, every other cache class
-    (and those of ``model``'s own modeling module) by its exporter's ``register_cache_pytrees_for_model``. Both
-    idempotent and process-wide; the rewritten model returns the same cache type."""
+    ``EncoderDecoderCache``, Mamba's ``DynamicCache`` of linear-attention layers), which ``torch.export`` can output
+    only once transformers has registered them as pytree nodes: its exporter's ``register_cache_pytrees_for_model``
+    registers every ``Cache`` subclass (and the cache classes of ``model``'s own modeling module) with a flatten of
+    any layer type; before the exporters package, ``register_dynamic_cache_export_support`` (keys and values of
+    attention layers only). Idempotent and process-wide; the rewritten model returns the same cache type."""
     if "transformers" not in sys.modules:
         return
+    hf = next((m for m in model.modules() if type(m).__module__.startswith("transformers.")), None)
+    try:
+        from transformers.exporters.exporter_dynamo import register_cache_pytrees_for_model
+
+        if hf is not None:  # a user's wrapper reaches it too; the classes of a user's own module are left alone
+            register_cache_pytrees_for_model(cast(Any, hf))
+    except ImportError:  # transformers before its exporters package: DynamicCache of attention layers only
+        pass
     try:
         from transformers.integrations.executorch import register_dynamic_cache_export_support
     except ImportError:
         return
-    register_dynamic_cache_export_support()
-    try:
-        from transformers.exporters.exporter_dynamo import register_cache_pytrees_for_model
-    except ImportError:  # transformers before its exporters package: DynamicCache only
-        return
-    hf = next((m for m in model.modules() if type(m).__module__.startswith("transformers.")), None)
-    if hf is not None:  # a user's wrapper reaches it too; the classes of a user's own module are left alone
-        register_cache_pytrees_for_model(cast(Any, hf))
+    register_dynamic_cache_export_support()  # (a no-op where DynamicCache is registered already)
 
 
 def inert_hook(hook: Any) -> bool:
