@@ -79,6 +79,9 @@ if {which!r} == "export":
     step = lambda: linears(torch.export.export(model, (ids,), strict=False))
 elif {which!r} == "dynamic":  # what fxsurgery captures: a batch of 2, the batch dynamic (a batch-1 graph is static)
     step = lambda: linears(torch.export.export(model, (ids2,), dynamic_shapes=({{0: auto}},), strict=False))
+elif {which!r} == "static":  # fxsurgery asked for the example's batch, fixed (dynamic_batch=False)
+    step = lambda: len(fxsurgery.linear_to_conv(model, (ids,), validate=False, token_layout=True,
+                                                dynamic_batch=False).rewritten)
 else:
     step = lambda: len(fxsurgery.linear_to_conv(model, (ids,), validate=False, token_layout=True).rewritten)
 seconds, growth, peak, count = measured(step)
@@ -125,8 +128,9 @@ def _summary(rows: list[dict[str, Any]], key: str) -> float:
 def meta_rewrite(name: str, pairs: int = 2) -> dict[str, Any]:
     """The meta-device rewrite of one config against its bare export, ``pairs`` of each, alternating."""
     root, config = str(HERE.parent), repr(CONFIGS[name])
-    export, dynamic, rewrite = _alternate(*(_META.format(root=root, config=config, which=w)
-                                            for w in ("export", "dynamic", "rewrite")), pairs=pairs)  # fmt: skip
+    export, dynamic, rewrite, static = _alternate(*(_META.format(root=root, config=config, which=w)
+                                                    for w in ("export", "dynamic", "rewrite", "static")),
+                                                  pairs=pairs)  # fmt: skip
     per_layer = 6 if "num_local_experts" in CONFIGS[name] else 7  # an experts layer and a router for the MLP's 3
     blocks = CONFIGS[name]["num_hidden_layers"] * per_layer
     out = {"model": name, "export_s": _summary(export, "seconds"), "rewrite_s": _summary(rewrite, "seconds"),
@@ -134,7 +138,9 @@ def meta_rewrite(name: str, pairs: int = 2) -> dict[str, Any]:
            "rewrite_rss_growth": _summary(rewrite, "rss_growth"), "linear_nodes": export[0]["count"],
            "rewritten": rewrite[0]["count"], "block_linears": blocks, "pairs": pairs,
            "rewrite_s_all": [r["seconds"] for r in rewrite], "export_s_all": [r["seconds"] for r in export],
-           "dynamic_export_s": _summary(dynamic, "seconds"), "dynamic_export_s_all": [r["seconds"] for r in dynamic]}  # fmt: skip
+           "dynamic_export_s": _summary(dynamic, "seconds"), "dynamic_export_s_all": [r["seconds"] for r in dynamic],
+           "static_rewrite_s": _summary(static, "seconds"), "static_rewrite_s_all": [r["seconds"] for r in static],
+           "static_rewrite_peak_rss": _summary(static, "peak_rss"), "static_rewritten": static[0]["count"]}  # fmt: skip
     print(f"  meta {name}: rewrite {out['rewrite_s']:.1f}s, peak RSS {out['rewrite_peak_rss'] / 2**30:.2f} GiB "
           f"({out['rewritten']} sites rewritten; {blocks} in the blocks); bare export {out['export_s']:.1f}s, "
           f"{out['export_peak_rss'] / 2**30:.2f} GiB", flush=True)
@@ -213,19 +219,21 @@ def markdown(results: dict[str, Any]) -> list[str]:
         lines += ["", "## Language models on the meta device", "",
                   "`linear_to_conv(model_on_meta, ids_on_meta, validate=False, token_layout=True)` against the bare "
                   "`torch.export.export` (fresh process each, alternating; targets: under 20 s and 1.5 GB peak RSS; "
-                  "the rewrite at most 1.5x the bare export's time, #25). Two bare exports: the batch-1 example "
-                  "static, and what fxsurgery captures (a batch of 2, the batch dynamic, as its graph runs any "
-                  "batch).", "",
-                  "| config | rewritten sites | rewrite s | peak RSS | bare export s (static / dynamic batch) | "
-                  "export peak RSS | x static | x dynamic |",
+                  "the rewrite at most 1.5x the bare export's time, #25). Each rewrite against the bare export "
+                  "of the same shapes: by default fxsurgery captures a batch of 2 with the batch dynamic (its graph "
+                  "runs any batch), against a dynamic-batch export; with `dynamic_batch=False` it captures the "
+                  "batch-1 example as it is (the fixed batch an NPU runs at), against a static export.", "",
+                  "| config | rewritten sites | rewrite s (dynamic / static batch) | peak RSS | bare export s "
+                  "(dynamic / static batch) | export peak RSS | x export, dynamic batch | x export, static batch |",
                   "|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for r in results["meta"]:
-            dynamic = r.get("dynamic_export_s")
+            dynamic, static = r.get("dynamic_export_s"), r.get("static_rewrite_s")
+            nan = float("nan")
             lines.append(f"| {r['model']} | {r['rewritten']} (the blocks hold {r['block_linears']}; the rest: LM head) | "
-                         f"**{r['rewrite_s']:.1f}** | **{r['rewrite_peak_rss'] / 2**30:.2f} GiB** | "
-                         f"{r['export_s']:.1f} / {dynamic or float('nan'):.1f} | "
-                         f"{r['export_peak_rss'] / 2**30:.2f} GiB | {r['rewrite_s'] / r['export_s']:.2f} | "
-                         f"{r['rewrite_s'] / dynamic if dynamic else float('nan'):.2f} |")  # fmt: skip
+                         f"{r['rewrite_s']:.1f} / {static or nan:.1f} | **{r['rewrite_peak_rss'] / 2**30:.2f} GiB** | "
+                         f"{dynamic or nan:.1f} / {r['export_s']:.1f} | "
+                         f"{r['export_peak_rss'] / 2**30:.2f} GiB | **{r['rewrite_s'] / dynamic if dynamic else nan:.2f}** | "
+                         f"**{static / r['export_s'] if static else nan:.2f}** |")  # fmt: skip
     if results.get("convert"):
         lines += ["", "## Streamed checkpoint conversion", ""]
         for r in results["convert"]:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from fxsurgery.capture import keyword_call, normalize_inputs, prepare_model, refuse_meta, split_keywords
-from fxsurgery.capture.export import sequence_axis
+from fxsurgery.capture.export import dynamic_axes
 from fxsurgery.capture.programs import export_rewritten, module_of_program
 from fxsurgery.capture.quantized import quantized_program
 from fxsurgery.errors import InputError, ValidationError
@@ -60,7 +60,7 @@ def rewrite(
     if isinstance(model, torch.export.ExportedProgram):
         return _rewrite_program(model, example_inputs, direction, opts)
     model, inputs = _with_keywords(model, example_inputs)
-    with sequence_axis(opts.dynamic_sequence):
+    with dynamic_axes(opts.dynamic_batch, opts.dynamic_sequence):
         if direction == "auto":
             return run_auto(prepare_model(model), inputs, opts)
         return run_pass(model, inputs, direction, opts)

@@ -151,7 +151,9 @@ The ONNX cross-check (``check``, ``cross_check``):
 * ``exporter="dynamo"``: the torch.onnx exporter, ``"dynamo"`` or ``"torchscript"``.
 * ``providers=("CPUExecutionProvider",)``: onnxruntime's execution providers.
 * ``opset=None``: the ONNX opset (None: the exporter's).
-* ``dynamic_batch=True``: export the batch axis dynamic (and compare at a second batch size); False: static.
+* ``dynamic_batch=True``: the batch axis dynamic in the graph the export front end captures and in the ONNX files
+  (compared at a second batch size); False: the example's batch, fixed in both (a quicker capture: torch.export
+  reasons about no symbolic batch; for the fixed batch an NPU deployment runs at).
 * ``dynamic_sequence=False``: True: also the sequence axis (dim 1 of integer ``(batch, sequence)`` inputs), traced
   dynamic by the export front end and exported dynamic where both files keep it (the HuggingFace front door of the
   command line sets it; decoders then carry their rotary tables with a transpose).

@@ -82,6 +82,20 @@ def test_a_batch_of_one_is_exported_with_a_dynamic_batch():
     assert not any("fixed the batch" in n for n in res.notes)
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+def test_a_static_batch_is_captured_at_the_examples_batch_when_asked(batch):
+    """``dynamic_batch=False`` (``--static-batch``): the graph is exported at the example's batch (one export, no
+    symbolic batch to reason about), and refuses another batch with a clear error; validation says what it ran."""
+    m = Untraceable().eval()
+    res = fxsurgery.linear_to_conv(m, torch.randn(batch, 3, 4, 4), frontend="export", dynamic_batch=False)
+    assert {"fc1", "fc2"} <= {s.name for s in res.rewritten} and res.validation.batch_sizes == (batch,)
+    assert any("fixed the batch" in n for n in res.notes)
+    x = torch.randn(batch, 3, 4, 4)
+    torch.testing.assert_close(res.module(x), m(x))
+    with pytest.raises(RuntimeError, match=f"exported with size {batch} on dim 0"):
+        res.module(torch.randn(batch + 1, 3, 4, 4))
+
+
 def test_a_dim_the_export_kept_static_is_checked_with_a_clear_error():
     class Pool(nn.Module):  # accepts any image size itself
         def __init__(self):

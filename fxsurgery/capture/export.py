@@ -111,7 +111,7 @@ def export_model(model: nn.Module, args: tuple[Any, ...], dynamic_shapes: Any = 
     _register_hf_caches(model)
     if dynamic_shapes is not None:
         return _export(model, args, dynamic_shapes)
-    if not _batch_of_one(args):
+    if not _AXES.get()[0] or not _batch_of_one(args):  # (a static batch asked: the example's)
         return _export(model, args, _auto_batch(args))
     try:
         return _export(model, _twice(args), _auto_batch(args))
@@ -119,30 +119,35 @@ def export_model(model: nn.Module, args: tuple[Any, ...], dynamic_shapes: Any = 
         return _export(model, args, None)
 
 
-#: ``Options.dynamic_sequence`` while a rewrite runs (:func:`sequence_axis`): dim 1 of token inputs traced dynamic.
-_SEQUENCE: contextvars.ContextVar[bool] = contextvars.ContextVar("fxsurgery_dynamic_sequence", default=False)
+#: ``Options.dynamic_batch`` and ``Options.dynamic_sequence`` while a rewrite runs (:func:`dynamic_axes`).
+_AXES: contextvars.ContextVar[tuple[bool, bool]] = contextvars.ContextVar(
+    "fxsurgery_dynamic_axes", default=(True, False)
+)
 
 
 @contextlib.contextmanager
-def sequence_axis(dynamic: bool) -> Iterator[None]:
-    """While the block runs, torch.export traces dim 1 of token inputs (ids, masks: the sequence) as dynamic too."""
-    token = _SEQUENCE.set(dynamic)
+def dynamic_axes(batch: bool, sequence: bool) -> Iterator[None]:
+    """While the block runs, torch.export traces dim 0 of every tensor input (the batch: unless ``batch`` is false,
+    then the example's batch is fixed) and dim 1 of token inputs (ids, masks: the sequence, if ``sequence``) as
+    dynamic."""
+    token = _AXES.set((batch, sequence))
     try:
         yield
     finally:
-        _SEQUENCE.reset(token)
+        _AXES.reset(token)
 
 
-def _auto_batch(args: tuple[Any, ...]) -> tuple[Any, ...]:
-    """Dim 0 of every tensor input dynamic and, under :func:`sequence_axis`, dim 1 of token inputs, each
-    ``Dim.AUTO``: kept static where the model fixes it."""
-    auto, sequence = torch.export.Dim.AUTO, _SEQUENCE.get()
-    return tuple(
-        ({0: auto, 1: auto} if sequence and is_tokens(a) else {0: auto})
+def _auto_batch(args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    """Dim 0 of every tensor input dynamic and dim 1 of token inputs, each ``Dim.AUTO`` (kept static where the model
+    fixes it), as :func:`dynamic_axes` says."""
+    auto, (batch, sequence) = torch.export.Dim.AUTO, _AXES.get()
+    shapes = tuple(
+        ({0: auto} if batch else {}) | ({1: auto} if sequence and is_tokens(a) else {})
         if isinstance(a, torch.Tensor) and a.dim()
         else None
         for a in args
     )
+    return shapes if any(shapes) else None
 
 
 def _by_signature(model: nn.Module, args: tuple[Any, ...], dynamic_shapes: Any) -> Any:

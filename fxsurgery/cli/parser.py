@@ -81,7 +81,11 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--rtol", type=float, help="tolerance relative to the output scale (default: per dtype)")
     p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
-    p.add_argument("--static-batch", action="store_true", help="export the ONNX files with a fixed batch size")
+    p.add_argument(
+        "--static-batch",
+        action="store_true",
+        help="capture and export at the example's batch size, fixed (rewritten graph and ONNX files)",
+    )
 
 
 _UNCHANGED_HELP = "exit with code 3 when no site is rewritten (the model would be returned unchanged)"
