@@ -120,16 +120,13 @@ def export_model(model: nn.Module, args: tuple[Any, ...], dynamic_shapes: Any = 
 
 
 #: ``Options.dynamic_batch`` and ``Options.dynamic_sequence`` while a rewrite runs (:func:`dynamic_axes`).
-_AXES: contextvars.ContextVar[tuple[bool, bool]] = contextvars.ContextVar(
-    "fxsurgery_dynamic_axes", default=(True, False)
-)
+_AXES: contextvars.ContextVar[tuple[bool, bool]] = contextvars.ContextVar("fxsurgery_axes", default=(True, False))
 
 
 @contextlib.contextmanager
 def dynamic_axes(batch: bool, sequence: bool) -> Iterator[None]:
-    """While the block runs, torch.export traces dim 0 of every tensor input (the batch: unless ``batch`` is false,
-    then the example's batch is fixed) and dim 1 of token inputs (ids, masks: the sequence, if ``sequence``) as
-    dynamic."""
+    """While the block runs, torch.export traces dim 0 of tensor inputs (the batch, if ``batch``: else the example's
+    is fixed) and dim 1 of token inputs (ids, masks: the sequence, if ``sequence``) as dynamic."""
     token = _AXES.set((batch, sequence))
     try:
         yield
