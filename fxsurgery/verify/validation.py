@@ -339,7 +339,8 @@ def validate(
     orig = original_copy if original_copy is not None else eval_copy(original, precision)
     rew = eval_copy(rewritten, precision)
     if precision == "float64" and isinstance(orig, fx.GraphModule) and isinstance(rew, fx.GraphModule):
-        widen_casts(orig), widen_casts(rew)  # two graphs of one program: their casts at the capture's dtype too
+        for graph in (orig, rew):  # two graphs of one program: their casts at the capture's dtype too
+            widen_casts(graph)
     histograms: dict[str, list[int]] = {}
     live, loose = _comparable_state(orig, rew)
     with kept_state(orig) as before:  # a copy reused by the caller starts the next comparison where this one started
