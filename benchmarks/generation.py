@@ -23,7 +23,8 @@ NEW_TOKENS = 8
 def _same(lm, model, prompt: torch.Tensor, sample: bool) -> bool:
     settings = dict(max_new_tokens=NEW_TOKENS, do_sample=sample, pad_token_id=0)
     if model.config.is_encoder_decoder:  # (random weights: an early end of sequence would leave little to compare)
-        settings.update(min_new_tokens=NEW_TOKENS, decoder_start_token_id=model.config.decoder_start_token_id or 2)
+        start = getattr(model.config, "decoder_start_token_id", None) or 2  # (T5's config has none: 2)
+        settings.update(min_new_tokens=NEW_TOKENS, decoder_start_token_id=start)
     torch.manual_seed(1)
     want = model.generate(prompt, **settings)
     torch.manual_seed(1)
