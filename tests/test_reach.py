@@ -308,6 +308,8 @@ def test_mamba_is_captured_with_its_cache_and_its_generation_is_refused_with_why
     """Mamba's cache is a DynamicCache of linear-attention layers (transformers' executorch flatten takes attention
     layers only: its exporter's flatten of any layer is registered first); its scan loops over the tokens in
     Python, so the graph holds the example's length."""
+    # a model without transformers modules captured first (a fresh process): the registration must not depend on it
+    fxsurgery.linear_to_conv(_head(nn.Linear(64, 5)), _image(), frontend="export", validate=False)
     model, x, blocks = build("mamba")
     res = fxsurgery.linear_to_conv(model, x, token_layout=True, dynamic_sequence=True, precision="float64")
     assert block_linears(model, blocks) <= {s.name for s in res.rewritten}, res.summary()

@@ -188,25 +188,25 @@ def _quiet_torch() -> Iterator[None]:
 def _register_hf_caches(model: nn.Module) -> None:
     """HuggingFace models return cache objects (a decoder's ``DynamicCache``, an encoder-decoder's
     ``EncoderDecoderCache``, Mamba's ``DynamicCache`` of linear-attention layers), which ``torch.export`` can output
-    only once transformers has registered them as pytree nodes: its exporter's ``register_cache_pytrees_for_model``
-    registers every ``Cache`` subclass (and the cache classes of ``model``'s own modeling module) with a flatten of
-    any layer type; before the exporters package, ``register_dynamic_cache_export_support`` (keys and values of
-    attention layers only). Idempotent and process-wide; the rewritten model returns the same cache type."""
+    only once transformers has registered them as pytree nodes (process-wide; a class's first registration stays):
+    its exporter's ``register_cache_pytrees_for_model`` registers every ``Cache`` subclass (and the cache classes of
+    the model's modeling module; with no transformers module, ``DynamicCache``) with a flatten of any layer type,
+    whichever model comes first; before that package, ``register_dynamic_cache_export_support`` (attention only)."""
     if "transformers" not in sys.modules:
         return
-    hf = next((m for m in model.modules() if type(m).__module__.startswith("transformers.")), None)
     try:
-        from transformers.exporters.exporter_dynamo import register_cache_pytrees_for_model
-
-        if hf is not None:  # a user's wrapper reaches it too; the classes of a user's own module are left alone
-            register_cache_pytrees_for_model(cast(Any, hf))
-    except ImportError:  # transformers before its exporters package: DynamicCache of attention layers only
-        pass
-    try:
-        from transformers.integrations.executorch import register_dynamic_cache_export_support
+        from transformers.cache_utils import DynamicCache
+        from transformers.exporters.exporter_dynamo import register_cache_pytrees_for_model, register_pytree_node
     except ImportError:
+        from transformers.integrations.executorch import register_dynamic_cache_export_support
+
+        register_dynamic_cache_export_support()
         return
-    register_dynamic_cache_export_support()  # (a no-op where DynamicCache is registered already)
+    hf = next((m for m in model.modules() if type(m).__module__.startswith("transformers.")), None)
+    if hf is None:  # (the classes of a user's own module are left alone)
+        register_pytree_node(DynamicCache)
+    else:  # a user's wrapper reaches it too
+        register_cache_pytrees_for_model(cast(Any, hf))
 
 
 def inert_hook(hook: Any) -> bool:
