@@ -4,11 +4,12 @@
 
 Each measurement runs in a fresh subprocess (peak RSS from ``/proc/self/status``: the high-water mark is reset with
 ``/proc/self/clear_refs`` once the model is built, so the figure is the step's own growth), the baseline and the
-measured step alternating (A B, B A ...; three steps: A B C, C B A ...), side by side in one run:
+measured steps alternating (A B C ..., then ... C B A), side by side in one run:
 
 * ``meta``: ``linear_to_conv(model_on_meta, meta_ids, validate=False, token_layout=True)`` against the bare
   ``torch.export.export(model, (ids,), strict=False)`` it starts from, on Llama-2-7B, Llama-3-8B, Llama-3-70B and
-  Mixtral-8x7B shapes (its sites: the attention's Linears, the router, the fused experts).
+  Mixtral-8x7B shapes (its sites: the attention's Linears, the router, the fused experts); the default rewrite (a
+  dynamic batch) against the export with a dynamic batch too, and the rewrite with ``dynamic_batch=False``.
 * ``convert``: ``fxsurgery.convert_checkpoint`` of a Llama-3.2-1B-shaped checkpoint (random bf16 weights written
   here, in two shards) against a plain ``safetensors`` ``load_file`` + ``save_file`` of the same files.
 """

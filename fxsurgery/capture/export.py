@@ -104,17 +104,17 @@ def _twice(args: tuple[Any, ...]) -> tuple[Any, ...]:
 
 
 def export_model(model: nn.Module, args: tuple[Any, ...], dynamic_shapes: Any = None) -> torch.export.ExportedProgram:
-    """``torch.export.export(model, args, strict=False)`` with a dynamic batch (dim 0 of every tensor input,
-    ``Dim.AUTO``: kept static where the model fixes it) unless ``dynamic_shapes`` says otherwise. A model that
-    cannot run at another batch than the given one of 1 (it holds state of that batch: a static KV cache) is
+    """``torch.export.export(model, args, strict=False)`` with the dims :func:`dynamic_axes` says dynamic (by default
+    dim 0 of every tensor input, ``Dim.AUTO``: kept static where the model fixes it), or ``dynamic_shapes``. A model
+    that cannot run at another batch than the given one of 1 (it holds state of that batch: a static KV cache) is
     exported at that batch. Keyword inputs reach it as positional ones (:mod:`fxsurgery.capture.inputs`)."""
     _register_hf_caches(model)
     if dynamic_shapes is not None:
         return _export(model, args, dynamic_shapes)
     if not _AXES.get()[0] or not _batch_of_one(args):  # (a static batch asked: the example's)
-        return _export(model, args, _auto_batch(args))
+        return _export(model, args, _dynamic_dims(args))
     try:
-        return _export(model, _twice(args), _auto_batch(args))
+        return _export(model, _twice(args), _dynamic_dims(args))
     except TraceError:
         return _export(model, args, None)
 
@@ -134,7 +134,7 @@ def dynamic_axes(batch: bool, sequence: bool) -> Iterator[None]:
         _AXES.reset(token)
 
 
-def _auto_batch(args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+def _dynamic_dims(args: tuple[Any, ...]) -> tuple[Any, ...] | None:
     """Dim 0 of every tensor input dynamic and dim 1 of token inputs, each ``Dim.AUTO`` (kept static where the model
     fixes it), as :func:`dynamic_axes` says."""
     auto, (batch, sequence) = torch.export.Dim.AUTO, _AXES.get()
