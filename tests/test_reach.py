@@ -319,8 +319,30 @@ def test_mamba_is_captured_with_its_cache_and_its_generation_is_refused_with_why
     out, ref = res.module(*x), model(*x)
     assert type(out) is type(ref) and type(out.cache) is type(ref.cache)
     torch.testing.assert_close(out.logits, ref.logits, rtol=1e-4, atol=1e-5)
-    with pytest.raises(fxsurgery.InputError, match="Mamba's scan"):
+    with pytest.raises(fxsurgery.InputError, match="Mamba's scan.*pass {length: result"):
         fxsurgery.generation_model(res, model, x)
+
+
+def test_a_model_that_fixes_its_length_generates_through_a_graph_per_length():
+    """Mamba's graph holds the length it was captured at: rewritten at each length generation runs through, it
+    generates the original's tokens (greedy and sampled); a step at a length without a graph is refused."""
+    model, _, _ = build("mamba")
+    prompt = torch.randint(1, 100, (2, 5), generator=torch.Generator().manual_seed(3))
+    graphs = {
+        n: fxsurgery.linear_to_conv(model, (torch.randint(1, 100, (2, n)),), token_layout=True, validate=False)
+        for n in range(5, 9)
+    }  # validate=False: generation_model compares each graph with the model at its length
+    lm = fxsurgery.generation_model(graphs, model, (prompt,))
+    want = model.generate(prompt, max_new_tokens=4, do_sample=False)
+    assert torch.equal(lm.generate(prompt, max_new_tokens=4, do_sample=False), want)
+    torch.manual_seed(5)
+    want = model.generate(prompt, max_new_tokens=4, do_sample=True, top_k=0)
+    torch.manual_seed(5)
+    assert torch.equal(lm.generate(prompt, max_new_tokens=4, do_sample=True, top_k=0), want)
+    with pytest.raises(fxsurgery.SurgeryError, match=r"runs on 9 tokens .* lengths \[5, 6, 7, 8\] only"):
+        lm.generate(prompt, max_new_tokens=5, do_sample=False)
+    with pytest.raises(fxsurgery.InputError, match="given for sequence length 7 does not run at that length"):
+        fxsurgery.generation_model({5: graphs[5], 7: graphs[6]}, model, (prompt,))
 
 
 def test_an_encoder_decoder_graph_without_the_decoder_input_is_refused_for_generation_with_why():

@@ -12,6 +12,7 @@ own bookkeeping; the logits are the graph's).
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -25,18 +26,31 @@ from fxsurgery.verify.policy import compare_leaves
 __all__ = ["generation_model"]
 
 
-def generation_model(result: SurgeryResult, model: nn.Module, example_inputs: Any) -> nn.Module:
+def generation_model(
+    result: SurgeryResult | Mapping[int, SurgeryResult], model: nn.Module, example_inputs: Any
+) -> nn.Module:
     """``model``'s class (a HuggingFace causal LM) with its forward running ``result.module``: ``.generate()`` works
     on it, greedy and sampled, with the original's generation settings (the cache off: the graph takes none).
 
     ``example_inputs`` are those of the rewrite (token ids, and a mask if the graph takes one). The graph must admit
     other sequence lengths (rewrite with ``dynamic_sequence=True``): it is run at one token more than the example and
-    compared with ``model``, and an ``InputError`` says so where it is specialised to the example's length. The user's
-    model is not touched: the copy's parameters are views of its weights.
+    compared with ``model``, and an ``InputError`` says so where it is specialised to the example's length. Where the
+    model fixes the length as it is captured (Mamba's scan), ``result`` is a mapping ``{length: result}`` of graphs
+    each rewritten at its length (a decoder's): each is checked at its own, a step runs the graph of its length, and
+    a step at a length without one raises a ``SurgeryError`` naming the lengths there are. The user's model is not
+    touched: the copy's parameters are views of its weights.
     """
-    if not hasattr(model, "generate") or not isinstance(result.module, nn.Module):
+    graph: Any = (
+        {n: getattr(r, "module", None) for n, r in result.items()}
+        if isinstance(result, Mapping)
+        else getattr(result, "module", None)
+    )
+    modules = list(graph.values()) if isinstance(graph, dict) else [graph]
+    if not hasattr(model, "generate") or not modules or not all(isinstance(g, nn.Module) for g in modules):
         raise InputError(
             f"{type(model).__name__} has no generate(): generation_model takes a HuggingFace model with generation"
+            if not hasattr(model, "generate")
+            else "result must be a SurgeryResult, or a mapping {sequence length: SurgeryResult}, of a module"
         )
     ids = example_inputs[0] if isinstance(example_inputs, (tuple, list)) else example_inputs
     two_parts = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
@@ -45,21 +59,48 @@ def generation_model(result: SurgeryResult, model: nn.Module, example_inputs: An
             "example_inputs must start with token ids (batch, sequence), or an encoder-decoder's encoder input "
             "(ids, audio features, pixels), as the rewrite was given"
         )
-    inputs = tuple(inspect.signature(result.module.forward).parameters)
-    if two_parts and "decoder_input_ids" not in inputs:
-        raise InputError(
-            f"{type(model).__name__} is an encoder-decoder and the rewritten graph takes no decoder_input_ids: "
-            "rewrite it with them among the inputs, (ids, {'attention_mask': mask, 'decoder_input_ids': start})"
-        )
-    lm = working_copy(model).eval()
-    _check_lengths(result.module, lm, _longer(ids, example_inputs, inputs))  # on the copy, still the original's class
+    inputs = _inputs_of(modules, two_parts, type(model).__name__, per_length=isinstance(graph, dict))
+    lm = working_copy(model).eval()  # checked on the copy, still the original's class
+    if isinstance(graph, dict):
+        for n, one in graph.items():
+            _check_lengths(one, lm, _at_length(ids, inputs, n), length_given=n)
+    else:
+        _check_lengths(graph, lm, _longer(ids, example_inputs, inputs))
     lm.__class__ = type(
         f"Rewritten{type(model).__name__}", (type(model),), {"forward": _forward, "generate": _generate}
     )
-    lm.fxsurgery_graph, lm.fxsurgery_inputs, lm.fxsurgery_prompt = result.module, inputs, None
+    lm.fxsurgery_graph = graph  # the graph, or the graphs per length
+    lm.fxsurgery_inputs, lm.fxsurgery_prompt = inputs, None
     if getattr(lm, "generation_config", None) is not None:
         lm.generation_config.use_cache = False
     return lm
+
+
+def _inputs_of(graphs: list[nn.Module], two_parts: bool, name: str, per_length: bool) -> tuple[str, ...]:
+    """The graphs' input names (the same for every length)."""
+    names = {tuple(inspect.signature(g.forward).parameters) for g in graphs}
+    if len(names) > 1:
+        raise InputError(f"the graphs per length take other inputs ({' / '.join(map(', '.join, sorted(names)))})")
+    inputs = names.pop()
+    if two_parts and "decoder_input_ids" not in inputs:
+        raise InputError(
+            f"{name} is an encoder-decoder and the rewritten graph takes no decoder_input_ids: "
+            "rewrite it with them among the inputs, (ids, {'attention_mask': mask, 'decoder_input_ids': start})"
+        )
+    if two_parts and per_length:
+        raise InputError("graphs per sequence length serve decoder-only models: rewrite an encoder-decoder once")
+    return inputs
+
+
+def _at_length(ids: torch.Tensor, inputs: tuple[str, ...], length: int) -> dict[str, torch.Tensor]:
+    """Token ids of ``length`` (the example's, cut, or longer by its last token repeated), a mask of ones where the
+    graph takes one."""
+    if not isinstance(length, int) or isinstance(length, bool) or length < 1:
+        raise InputError(f"a graph per length is keyed by its sequence length, a positive int (got {length!r})")
+    feed = {inputs[0]: torch.cat([ids, ids[:, -1:].expand(-1, max(0, length - ids.shape[1]))], dim=1)[:, :length]}
+    if "attention_mask" in inputs:
+        feed["attention_mask"] = torch.ones_like(feed[inputs[0]])
+    return feed
 
 
 def _longer(ids: torch.Tensor, example_inputs: Any, inputs: tuple[str, ...]) -> dict[str, torch.Tensor]:
@@ -78,27 +119,39 @@ def _longer(ids: torch.Tensor, example_inputs: Any, inputs: tuple[str, ...]) -> 
     return feed
 
 
-def _check_lengths(graph: nn.Module, model: nn.Module, feed: dict[str, torch.Tensor]) -> None:
-    """The graph run on ``feed`` (one token longer than the example) gives the logits of ``model`` (a copy of the
-    user's) there."""
+def _check_lengths(
+    graph: nn.Module, model: nn.Module, feed: dict[str, torch.Tensor], length_given: int | None = None
+) -> None:
+    """The graph run on ``feed`` (one token longer than the example, or the length it is given for) gives the logits
+    of ``model`` (a copy of the user's) there."""
     length = feed.get("decoder_input_ids", next(iter(feed.values()))).shape[1]
     try:
         with torch.no_grad():
             got, want = graph(**feed).logits, model(**feed, use_cache=False).logits
     except Exception as e:
+        if length_given is not None:
+            raise InputError(
+                f"the graph given for sequence length {length} does not run at that length ({one_line(e)}): "
+                "rewrite the model with token ids of that length"
+            ) from e
         raise InputError(
             f"the rewritten graph does not run at sequence length {length} ({one_line(e)}): it is specialised to "
             f"the example's {length - 1}; rewrite with dynamic_sequence=True (CLI --task with a HuggingFace model "
             "sets it) so that generation can run at every length. A model that fixes the length itself as it is "
-            "captured (a Python loop over the tokens: Mamba's scan) gives a graph per length: generate with the "
-            "original, or run the rewritten graph at the example's length"
+            "captured (a Python loop over the tokens: Mamba's scan) gives a graph per length: rewrite it at each "
+            "length generation runs through (the prompt's up to prompt + new tokens - 1) and pass "
+            "{length: result, ...} to generation_model"
         ) from e
     errors = compare_leaves([want], [got], label="logits")  # validation's policy: the dtype's tolerance x scale
     if errors.failure:
         raise InputError(
             f"the rewritten graph computes something else than the model at sequence length {length} "
-            f"({errors.failure}): a length baked into the graph (rewrite with dynamic_sequence=True), or the graph "
-            "of another model"
+            f"({errors.failure}): "
+            + (
+                "a graph rewritten at another length, or of another model"
+                if length_given is not None
+                else "a length baked into the graph (rewrite with dynamic_sequence=True), or the graph of another model"
+            )
         )
 
 
@@ -136,7 +189,7 @@ def _forward(self: Any, input_ids: Any = None, attention_mask: Any = None, posit
         raise SurgeryError(
             "a padding mask, and the rewritten graph takes none: rewrite with an attention_mask among the inputs"
         )
-    out = self.fxsurgery_graph(**feed)
+    out = _graph_at(self.fxsurgery_graph, length)(**feed)
     for key in ("cache", "past_key_values"):  # transformers 5 names it cache (past_key_values before)
         if isinstance(out, dict) and out.get(key) is not None:
             out[key] = None
@@ -157,3 +210,15 @@ def _encoder_decoder_step(self: Any, input_ids: Any, attention_mask: Any, kwargs
         )
     mask = attention_mask if attention_mask is not None else prompt_mask
     return input_ids, mask, {"decoder_input_ids": kwargs["decoder_input_ids"]}
+
+
+def _graph_at(graphs: nn.Module | dict[int, nn.Module], length: int) -> nn.Module:
+    """The graph a step of ``length`` tokens runs: the one graph, or the one given for that length."""
+    if isinstance(graphs, nn.Module):
+        return graphs
+    if length not in graphs:
+        raise SurgeryError(
+            f"this step runs on {length} tokens and the rewritten graphs are for lengths {sorted(graphs)} only (a "
+            "graph per length): rewrite the model at that length too, or generate fewer tokens (max_new_tokens)"
+        )
+    return graphs[length]
