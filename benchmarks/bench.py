@@ -539,6 +539,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runtimes", default="onnxruntime,torch", help="comma-separated: onnxruntime,torch")
     parser.add_argument("--only", default="", help="latency cases whose name contains this text")
     parser.add_argument("--to", choices=("conv", "linear"), help="latency cases of this direction only")
+    parser.add_argument("--meta-pairs", type=int, default=3, help="alternating runs of each step of the meta suite")
     parser.add_argument("--skip", action="append", default=[], metavar="NAME@BATCH",
                         help="leave out one latency case, e.g. vgg16@32 (repeatable)")  # fmt: skip
     parser.add_argument("--out", default=str(HERE / "results"), help="output path without suffix")
@@ -578,7 +579,7 @@ def main(argv: list[str] | None = None) -> int:
         results["auto"] = auto(cases, pairs, args.threads, runtimes)
     if "meta" in suites:
         names = ["tiny"] if args.quick else ["llama-2-7b", "llama-3-8b", "llama-3-70b", "mixtral-8x7b"]
-        results["meta"] = [llm.meta_rewrite(n, pairs=1 if args.quick else 2) for n in names]
+        results["meta"] = [llm.meta_rewrite(n, pairs=1 if args.quick else args.meta_pairs) for n in names]
     if "convert" in suites:
         results["convert"] = [llm.streamed_convert("tiny" if args.quick else "llama-3.2-1b", 1 if args.quick else 3)]
     command = ("python -m benchmarks " + " ".join(argv if argv is not None else sys.argv[1:])).strip()

@@ -4,7 +4,8 @@
 
 Each measurement runs in a fresh subprocess (peak RSS from ``/proc/self/status``: the high-water mark is reset with
 ``/proc/self/clear_refs`` once the model is built, so the figure is the step's own growth), the baseline and the
-measured steps alternating (A B C ..., then ... C B A), side by side in one run:
+measured steps alternating (A B C ..., then ... C B A), side by side in one run; each ratio is taken pair by pair (a
+rewrite against the baseline run beside it), and the median of those is reported with its spread:
 
 * ``meta``: ``linear_to_conv(model_on_meta, meta_ids, validate=False, token_layout=True)`` against the bare
   ``torch.export.export(model, (ids,), strict=False)`` it starts from, on Llama-2-7B, Llama-3-8B, Llama-3-70B and
@@ -129,8 +130,9 @@ def _summary(rows: list[dict[str, Any]], key: str) -> float:
 def meta_rewrite(name: str, pairs: int = 2) -> dict[str, Any]:
     """The meta-device rewrite of one config against its bare export, ``pairs`` of each, alternating."""
     root, config = str(HERE.parent), repr(CONFIGS[name])
-    export, dynamic, rewrite, static = _alternate(*(_META.format(root=root, config=config, which=w)
-                                                    for w in ("export", "dynamic", "rewrite", "static")),
+    # each rewrite next to its baseline: export, static rewrite, dynamic export, rewrite; then the other way
+    export, static, dynamic, rewrite = _alternate(*(_META.format(root=root, config=config, which=w)
+                                                    for w in ("export", "static", "dynamic", "rewrite")),
                                                   pairs=pairs)  # fmt: skip
     per_layer = 6 if "num_local_experts" in CONFIGS[name] else 7  # an experts layer and a router for the MLP's 3
     blocks = CONFIGS[name]["num_hidden_layers"] * per_layer
@@ -141,10 +143,14 @@ def meta_rewrite(name: str, pairs: int = 2) -> dict[str, Any]:
            "rewrite_s_all": [r["seconds"] for r in rewrite], "export_s_all": [r["seconds"] for r in export],
            "dynamic_export_s": _summary(dynamic, "seconds"), "dynamic_export_s_all": [r["seconds"] for r in dynamic],
            "static_rewrite_s": _summary(static, "seconds"), "static_rewrite_s_all": [r["seconds"] for r in static],
-           "static_rewrite_peak_rss": _summary(static, "peak_rss"), "static_rewritten": static[0]["count"]}  # fmt: skip
+           "static_rewrite_peak_rss": _summary(static, "peak_rss"), "static_rewritten": static[0]["count"],
+           # the ratios pair by pair (a rewrite against the baseline run beside it), their median and spread
+           "dynamic_ratios": [r["seconds"] / d["seconds"] for r, d in zip(rewrite, dynamic)],
+           "static_ratios": [s["seconds"] / e["seconds"] for s, e in zip(static, export)]}  # fmt: skip
     print(f"  meta {name}: rewrite {out['rewrite_s']:.1f}s, peak RSS {out['rewrite_peak_rss'] / 2**30:.2f} GiB "
           f"({out['rewritten']} sites rewritten; {blocks} in the blocks); bare export {out['export_s']:.1f}s, "
-          f"{out['export_peak_rss'] / 2**30:.2f} GiB", flush=True)
+          f"{out['export_peak_rss'] / 2**30:.2f} GiB; x export (dynamic / static batch) "
+          f"{statistics.median(out['dynamic_ratios']):.2f} / {statistics.median(out['static_ratios']):.2f}", flush=True)
     return out
 
 
@@ -214,13 +220,22 @@ def streamed_convert(name: str = "llama-3.2-1b", pairs: int = 2) -> dict[str, An
     return out
 
 
+def _ratio(ratios: list[float] | None) -> str:
+    """The median of per-pair ratios, bold, with their spread."""
+    if not ratios:
+        return "n/a"
+    return f"**{statistics.median(ratios):.2f}** ({min(ratios):.2f}..{max(ratios):.2f})"
+
+
 def markdown(results: dict[str, Any]) -> list[str]:
     lines: list[str] = []
     if results.get("meta"):
         lines += ["", "## Language models on the meta device", "",
                   "`linear_to_conv(model_on_meta, ids_on_meta, validate=False, token_layout=True)` against the bare "
                   "`torch.export.export` (fresh process each, alternating; targets: under 20 s and 1.5 GB peak RSS; "
-                  "the rewrite at most 1.5x the bare export's time, #25). Each rewrite against the bare export "
+                  "the rewrite at most 1.5x the bare export's time, #25). The ratios are taken pair by pair, each "
+                  "rewrite against the bare export run beside it: their median, with the lowest and highest in "
+                  "parentheses (the spread is the machine's noise; the times are medians). Each rewrite against the bare export "
                   "of the same shapes: by default fxsurgery captures a batch of 2 with the batch dynamic (its graph "
                   "runs any batch), against a dynamic-batch export; with `dynamic_batch=False` it captures the "
                   "batch-1 example as it is (the fixed batch an NPU runs at), against a static export.", "",
@@ -233,8 +248,8 @@ def markdown(results: dict[str, Any]) -> list[str]:
             lines.append(f"| {r['model']} | {r['rewritten']} (the blocks hold {r['block_linears']}; the rest: LM head) | "
                          f"{r['rewrite_s']:.1f} / {static or nan:.1f} | **{r['rewrite_peak_rss'] / 2**30:.2f} GiB** | "
                          f"{dynamic or nan:.1f} / {r['export_s']:.1f} | "
-                         f"{r['export_peak_rss'] / 2**30:.2f} GiB | **{r['rewrite_s'] / dynamic if dynamic else nan:.2f}** | "
-                         f"**{static / r['export_s'] if static else nan:.2f}** |")  # fmt: skip
+                         f"{r['export_peak_rss'] / 2**30:.2f} GiB | {_ratio(r.get('dynamic_ratios'))} | "
+                         f"{_ratio(r.get('static_ratios'))} |")  # fmt: skip
     if results.get("convert"):
         lines += ["", "## Streamed checkpoint conversion", ""]
         for r in results["convert"]:
