@@ -123,6 +123,11 @@ def _alternate(*codes: str, pairs: int) -> list[list[dict[str, Any]]]:
     return out
 
 
+def _pair_ratios(measured: list[dict[str, Any]], baseline: list[dict[str, Any]]) -> list[float]:
+    """The time of each measured run over that of the baseline run of the same pair."""
+    return [m["seconds"] / b["seconds"] for m, b in zip(measured, baseline)]
+
+
 def _summary(rows: list[dict[str, Any]], key: str) -> float:
     return statistics.median(r[key] for r in rows)
 
@@ -145,8 +150,7 @@ def meta_rewrite(name: str, pairs: int = 2) -> dict[str, Any]:
            "static_rewrite_s": _summary(static, "seconds"), "static_rewrite_s_all": [r["seconds"] for r in static],
            "static_rewrite_peak_rss": _summary(static, "peak_rss"), "static_rewritten": static[0]["count"],
            # the ratios pair by pair (a rewrite against the baseline run beside it), their median and spread
-           "dynamic_ratios": [r["seconds"] / d["seconds"] for r, d in zip(rewrite, dynamic)],
-           "static_ratios": [s["seconds"] / e["seconds"] for s, e in zip(static, export)]}  # fmt: skip
+           "dynamic_ratios": _pair_ratios(rewrite, dynamic), "static_ratios": _pair_ratios(static, export)}  # fmt: skip
     print(f"  meta {name}: rewrite {out['rewrite_s']:.1f}s, peak RSS {out['rewrite_peak_rss'] / 2**30:.2f} GiB "
           f"({out['rewritten']} sites rewritten; {blocks} in the blocks); bare export {out['export_s']:.1f}s, "
           f"{out['export_peak_rss'] / 2**30:.2f} GiB; x export (dynamic / static batch) "
@@ -212,7 +216,7 @@ def streamed_convert(name: str = "llama-3.2-1b", pairs: int = 2) -> dict[str, An
     out = {"model": name, "bytes": total, "largest_tensor_bytes": largest, "rewritten": rewritten, "pairs": pairs,
            "plain_s": _summary(plain, "seconds"), "streamed_s": _summary(streamed, "seconds"),
            "plain_rss_growth": _summary(plain, "rss_growth"), "streamed_rss_growth": _summary(streamed, "rss_growth"),
-           "ratios": [s["seconds"] / p["seconds"] for p, s in zip(plain, streamed)]}  # fmt: skip
+           "ratios": _pair_ratios(streamed, plain)}  # fmt: skip
     out["ratio"] = statistics.median(out["ratios"])
     print(f"  convert {name} ({total / 2**30:.2f} GiB bf16, largest tensor {largest / 2**20:.0f} MiB): streamed "
           f"{out['streamed_s']:.1f}s, RSS +{out['streamed_rss_growth'] / 2**20:.0f} MiB; plain safetensors read+write "

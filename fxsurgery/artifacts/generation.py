@@ -110,9 +110,7 @@ def _longer(ids: torch.Tensor, example_inputs: Any, inputs: tuple[str, ...]) -> 
         example_inputs[-1] if isinstance(example_inputs, (tuple, list)) and isinstance(example_inputs[-1], dict) else {}
     )
     tokens = ids.dim() == 2 and not ids.is_floating_point()  # (an encoder's audio features or pixels keep their size)
-    feed = {inputs[0]: torch.cat([ids, ids[:, -1:]], dim=1) if tokens else ids}
-    if "attention_mask" in inputs and tokens:
-        feed["attention_mask"] = torch.ones_like(feed[inputs[0]])
+    feed = _at_length(ids, inputs, ids.shape[1] + 1) if tokens else {inputs[0]: ids}
     start = given.get("decoder_input_ids")
     if "decoder_input_ids" in inputs and isinstance(start, torch.Tensor):
         feed["decoder_input_ids"] = torch.cat([start, start[:, -1:]], dim=1)
