@@ -21,7 +21,7 @@ from torch import nn
 from fxsurgery.capture.copies import working_copy
 from fxsurgery.errors import InputError, SurgeryError, one_line
 from fxsurgery.report import SurgeryResult
-from fxsurgery.verify.policy import compare_leaves
+from fxsurgery.verify.policy import compare_leaves, full_float32
 
 __all__ = ["generation_model"]
 
@@ -124,7 +124,7 @@ def _check_lengths(
     of ``model`` (a copy of the user's) there."""
     length = feed.get("decoder_input_ids", next(iter(feed.values()))).shape[1]
     try:
-        with torch.no_grad():
+        with torch.no_grad(), full_float32():
             got, want = graph(**feed).logits, model(**feed, use_cache=False).logits
     except Exception as e:
         if length_given is not None:

@@ -14,7 +14,8 @@ boolean outputs must be equal. Complex outputs are compared by the modulus of th
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +34,12 @@ __all__ = [
     "compare_tensor",
     "compare_outputs",
     "compare_leaves",
+    "full_float32",
+    "floating_leaves",
+    "half_tolerance",
+    "tf32_note",
+    "HALF_CAP",
+    "HALF_FACTOR",
 ]
 
 #: Relative tolerance per output dtype, against the output's largest magnitude.
@@ -52,6 +59,59 @@ QUANTIZED_RTOL = 2e-2
 STRUCTURE = "output structure differs"
 #: Outputs smaller than this in magnitude are compared as if they were this large.
 SCALE_FLOOR = 1e-3
+#: A half-precision comparison that fails at its dtype's tolerance widens to this many times the original's own error
+#: against its float32 run (:func:`half_tolerance`), while that stays below ``HALF_CAP`` of the output scale (beyond
+#: it the half-precision original says too little).
+HALF_FACTOR = 3
+HALF_CAP = 0.1
+
+
+def floating_leaves(outputs: Any) -> list[torch.Tensor]:
+    """The floating-point tensors of an output structure, in order."""
+    return [t for t in pytree.tree_leaves(outputs) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+def _fp32_backends() -> tuple[Any, ...]:
+    """torch's per-backend settings of how float32 products run ("ieee", "tf32", "bf16" or "none": inherit)."""
+    b: Any = torch.backends
+    return (b.cuda.matmul, b.cudnn.conv, b.cudnn.rnn, b.mkldnn.matmul, b.mkldnn.conv, b.mkldnn.rnn)
+
+
+@contextmanager
+def full_float32() -> Iterator[None]:
+    """Float32 matrix products and convolutions in full float32 (no TF32 in cuBLAS or cuDNN, no bf16 in oneDNN)
+    while both sides of a comparison run, the process's settings put back after: CUDA runs float32 convolutions in
+    TF32 by default and matrix products not, so a Linear and its conv would differ by TF32's rounding (~1e-3 of the
+    scale), which says nothing about the rewrite."""
+    backends = _fp32_backends()
+    saved = [backend.fp32_precision for backend in backends]
+    try:
+        for backend in backends:
+            backend.fp32_precision = "ieee"
+        yield
+    finally:
+        for backend, value in zip(backends, saved):
+            backend.fp32_precision = value
+
+
+def tf32_note(tensors: Sequence[torch.Tensor]) -> str | None:
+    """What validation's full float32 hides where float32 ``tensors`` live on CUDA and this process lets cuBLAS or
+    cuDNN round to TF32 (None otherwise)."""
+    if not any(t.is_cuda and t.dtype == torch.float32 for t in tensors):
+        return None
+    b: Any = torch.backends
+    pairs = (("cuDNN convolutions", b.cudnn.conv), ("cuBLAS matrix products", b.cuda.matmul))
+    tf32 = [name for name, backend in pairs if backend.fp32_precision == "tf32"]
+    if torch.get_float32_matmul_precision() != "highest" and "cuBLAS matrix products" not in tf32:
+        tf32.append("cuBLAS matrix products")
+    if not tf32:
+        return None
+    return (
+        f"compared in full float32 (TF32 off while validation ran): this process lets {' and '.join(tf32)} round "
+        "to TF32 (cuDNN's is torch's default), so run as they are here a Linear and its convolution differ by TF32's "
+        "rounding (~1e-3 of the output scale), not by the rewrite; torch.backends.cudnn.conv.fp32_precision = "
+        "'ieee' (and torch.backends.cuda.matmul.fp32_precision = 'ieee') runs them as validated"
+    )
 
 
 def tolerance(dtype: torch.dtype, rtol: float | None = None) -> float:
@@ -178,3 +238,28 @@ def compare_leaves(
         b = b if isinstance(b, torch.Tensor) else torch.as_tensor(b)
         compare_tensor(a, b, f"{label}[{i}]" if len(ref) > 1 else label, errors, rtol=rtol, check_dtype=False)
     return errors
+
+
+HALF = (torch.float16, torch.bfloat16)
+
+
+def half_tolerance(ref: Any, got: Any, dtype: torch.dtype, float32_run: Any) -> tuple[float | None, str]:
+    """The tolerance for a model that computes in ``dtype`` (float16 or bfloat16) and its note: None (each output's
+    dtype's own) where ``got`` passes at the dtype's tolerance; else three times the original's own error against
+    its float32 run (``float32_run()``: its outputs), where that stays below ``HALF_CAP``.
+
+    Rounding to a half type at each layer compounds with depth (24 bfloat16 Linear + LayerNorm layers: ~3e-2 of the
+    scale between the original and its float32 run, the type's tolerance), and a Linear and its conv round alike but
+    not identically: a rewrite at most twice as far from the float32 run as the original is within three times the
+    original's own error of it. A wrong rewrite errs by the output's magnitude."""
+    if not compare_outputs(ref, got).failure:
+        return None, ""
+    own = compare_leaves(floating_leaves(float32_run()), floating_leaves(ref)).max_rel
+    tol = max(tolerance(dtype), HALF_FACTOR * own)
+    if not tol < HALF_CAP:  # (also NaN): the original in half precision says too little for a comparison in it
+        return None, ""
+    return tol, (
+        f"a {str(dtype).removeprefix('torch.')} model: outputs compared to {tol:.2g} x output scale (three times "
+        f"the original's own error against its float32 run, {own:.2g}), the type's {tolerance(dtype):g} being below "
+        "what its rounding compounds to; precision='float64' proves the rewrite exact"
+    )

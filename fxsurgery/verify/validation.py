@@ -15,14 +15,23 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.fx as fx
-import torch.utils._pytree as pytree
 from torch import nn
 
 from fxsurgery._runtime import OutsideExportedRange
 from fxsurgery.capture.copies import eval_copy, widen_casts
 from fxsurgery.errors import InputError, one_line
 from fxsurgery.report import Validation
-from fxsurgery.verify.policy import SCALE_FLOOR, Errors, compare_outputs
+from fxsurgery.verify.notes import floor_warning, independence_note
+from fxsurgery.verify.policy import (
+    HALF,
+    SCALE_FLOOR,
+    Errors,
+    compare_outputs,
+    floating_leaves,
+    full_float32,
+    half_tolerance,
+    tf32_note,
+)
 
 if TYPE_CHECKING:
     from fxsurgery.options import Precision
@@ -30,13 +39,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 __all__ = ["validate", "random_inputs", "run_no_grad", "kept_state", "identical_values"]
-
-_CONSTANT_NOTE = (
-    "the original's outputs do not depend on the input ({which} the same on every validation input, "
-    "e.g. a zero-initialised head such as torchvision's ViT before training, or a Linear with zero "
-    "weights): this comparison cannot see the rewritten sites that feed {them}; validate with trained "
-    "or randomised weights"
-)
 
 
 def random_inputs(example: Sequence[torch.Tensor], generator: torch.Generator, batch: int | None = None) -> tuple:
@@ -83,19 +85,24 @@ def _padding_mask(t: torch.Tensor) -> bool:
 
 
 def run_no_grad(model: nn.Module, inputs: Sequence[torch.Tensor]) -> Any:
-    """``model`` on clones of ``inputs`` (so a model that writes to its input cannot change them), without grad."""
-    with torch.no_grad():
+    """``model`` on clones of ``inputs`` (so a model that writes to its input cannot change them), without grad, in
+    full float32 (:func:`~fxsurgery.verify.policy.full_float32`)."""
+    with torch.no_grad(), full_float32():
         return model(*[t.clone() for t in inputs])
 
 
 def identical_values(original: nn.Module, rewritten: nn.Module, inputs: Sequence[torch.Tensor]) -> str:
     """How many output values of ``rewritten`` equal ``original``'s bit for bit on ``inputs``, said in words."""
-    ref, got = (_floating_leaves(run_no_grad(m, inputs)) for m in (original, rewritten))
+    ref, got = (floating_leaves(run_no_grad(m, inputs)) for m in (original, rewritten))
     if len(ref) != len(got) or any(a.shape != b.shape for a, b in zip(ref, got)):
         return "the outputs differ in structure"
     same = sum(int((a == b).sum()) for a, b in zip(ref, got))
     total = sum(a.numel() for a in ref)
     return "the outputs are bit-identical" if same == total else f"{same} of {total} output values are bit-identical"
+
+
+def _float32(inputs: Sequence[torch.Tensor]) -> tuple:
+    return tuple(t.float() if t.dtype in HALF else t for t in inputs)
 
 
 def _cast(inputs: Sequence[torch.Tensor], precision: Precision) -> tuple:
@@ -108,58 +115,6 @@ def _wide(t: torch.Tensor) -> torch.Tensor:
     if t.is_complex():
         return t.to(torch.complex128)
     return t.double() if t.is_floating_point() else t
-
-
-def _floating_leaves(outputs: Any) -> list[torch.Tensor]:
-    return [t for t in pytree.tree_leaves(outputs) if isinstance(t, torch.Tensor) and t.is_floating_point()]
-
-
-def input_independent(refs: list[Any]) -> list[int]:
-    """Indices of the floating outputs that are the same whatever the input: equal on every validation input of the
-    example's shape or, with one such input, equal for every sample of its batch."""
-    leaves = [_floating_leaves(r) for r in refs]
-    same_shape = [ls for ls in leaves if [t.shape for t in ls] == [t.shape for t in leaves[0]]]
-    out = []
-    for i, t in enumerate(leaves[0]):
-        if t.numel() == 0:
-            continue
-        if len(same_shape) > 1:
-            fixed = all(torch.equal(t, other[i]) for other in same_shape[1:])
-        else:
-            fixed = t.dim() > 0 and t.shape[0] > 1 and bool((t == t[:1]).all())
-        if fixed:
-            out.append(i)
-    return out
-
-
-def _independence_note(refs: list[Any]) -> str | None:
-    fixed = input_independent(refs)
-    if not fixed:
-        return None
-    n = len(_floating_leaves(refs[0]))
-    which = "every output is" if len(fixed) == n else f"output{'s' if len(fixed) > 1 else ''} {fixed} of {n}"
-    return _CONSTANT_NOTE.format(which=which, them="them" if len(fixed) == n else "those outputs")
-
-
-def _floor_warning(refs: list[Any], rtol: float) -> str:
-    """What the comparison floor hides when the original's float outputs are all below it ("" when they are not):
-    errors are measured against ``SCALE_FLOOR``, so outputs far below it are compared loosely, or not at all."""
-    finite = [t.detach()[torch.isfinite(t)] for r in refs for t in _floating_leaves(r)]
-    finite = [t for t in finite if t.numel()]
-    if not finite:
-        return ""
-    scale = max(float(t.abs().max()) for t in finite)
-    if scale >= SCALE_FLOOR:
-        return ""
-    if scale <= rtol * SCALE_FLOOR:
-        what = "an output of zeros would pass: this validation tested nothing"
-    else:
-        what = f"the tolerance is {SCALE_FLOOR / scale:.3g}x looser than stated"
-    return (
-        f"the original's outputs are at most {scale:.3g} in magnitude, below the comparison floor {SCALE_FLOOR:g} "
-        f"errors are measured against: {what}; validate with trained weights (--weights, load_state_dict) or inputs "
-        "that give outputs of real size"
-    )
 
 
 def _batches(
@@ -248,7 +203,7 @@ def _run(model: nn.Module, inputs: Sequence[torch.Tensor], state: list[str]) -> 
     """The outputs of ``model`` on clones of ``inputs``, and what the forward left behind: the buffers named in
     ``state`` and the input clones (a forward that writes to its input)."""
     clones = [t.clone() for t in inputs]
-    with torch.no_grad():
+    with torch.no_grad(), full_float32():
         out = model(*clones)
     buffers = dict(model.named_buffers())
     after = {f"buffer {name}": buffers[name].detach().clone() for name in state if name in buffers}
@@ -270,6 +225,9 @@ class _Comparison:
     state_errors: Errors = field(default_factory=Errors)
     notes: list[str] = field(default_factory=list)
     refs: list[Any] = field(default_factory=list)
+    half: torch.dtype | None = None  # the dtype a half-precision original computes in
+    wide: nn.Module | None = None  # its float32 copy, made where an output is outside the half type's tolerance
+    wide_noted: bool = False
 
     def run(self, k: int, inputs: tuple) -> str:
         """One validation input through both sides: "ok", "skipped" (the original fails on it), "refused" (outside
@@ -298,7 +256,13 @@ class _Comparison:
             self.errors.fail(label, f"the rewritten model fails where the original runs: {type(e).__name__}: {e}")
             return "stop"
         self.errors.prefix = label  # the histograms pool every input's elements per output
-        compare_outputs(ref, got, rtol=self.rtol, label=f"{label} output", errors=self.errors)
+        rtol = self.rtol
+        if rtol is None and self.half is not None:
+            rtol, note = half_tolerance(ref, got, self.half, lambda: run_no_grad(self._wide(), _float32(inputs)))
+            if note and not self.wide_noted:
+                self.notes.append(f"{label}: {note}")
+                self.wide_noted = True
+        compare_outputs(ref, got, rtol=rtol, label=f"{label} output", errors=self.errors)
         for name, value in ref_state.items():
             compare_outputs(
                 value,
@@ -309,6 +273,11 @@ class _Comparison:
             )
         self.refs.append(ref)
         return "ok"
+
+    def _wide(self) -> nn.Module:
+        if self.wide is None:
+            self.wide = eval_copy(self.orig)._apply(lambda t: t.float() if t.dtype in HALF else t)
+        return self.wide
 
     def result(self) -> Errors:
         """The outputs' errors, failing with the state's first failure where the outputs passed."""
@@ -347,6 +316,8 @@ def validate(
         notes: list[str] = []
         batches, two = _batches(orig, example_inputs, num_random, precision, seed, notes)
         run = _Comparison(orig, rew, live, rtol, precision, Errors(histograms=histograms), notes=notes)
+        if precision == "native":
+            run.half = next((p.dtype for p in orig.parameters() if p.dtype in HALF), None)
         batch_sizes: set[int] = set()  # those compared
         for k, inputs in enumerate(batches):
             outcome = run.run(k, inputs)
@@ -360,11 +331,14 @@ def validate(
         if unfollowed:
             notes.append(unfollowed)
     errors, refs = run.result(), run.refs
-    note = _independence_note(refs) if refs and not errors.failure else None
+    note = independence_note(refs) if refs and not errors.failure else None
     if note:
         notes.append(note)
         log.warning("validation: %s", note)
-    warning = _floor_warning(refs, errors.rtol or rtol or 0.0) if not errors.failure else ""
+    note = tf32_note([*example_inputs, *original.parameters()])
+    if note:
+        notes.append(note)
+    warning = floor_warning(refs, errors.rtol or rtol or 0.0) if not errors.failure else ""
     if warning:
         log.warning("validation: %s", warning)
     return Validation(

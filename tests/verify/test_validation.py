@@ -139,3 +139,49 @@ def test_the_culprit_search_rewrites_from_the_graph_already_captured(frontend, m
         )
     assert info.value.sites == ("classifier.1",)
     assert calls == ({"trace": 1, "export": 0} if frontend == "fx" else {"trace": 0, "export": 1}), calls
+
+
+def _deep_half(dtype: torch.dtype) -> nn.Module:
+    """24 Linear + LayerNorm + GELU layers after a flattened head: half-precision rounding compounds past the type's
+    tolerance (the original against its own float32 run: ~3e-3 of the scale in float16)."""
+    torch.manual_seed(0)
+    layers = [m for _ in range(24) for m in (nn.Linear(256, 256), nn.LayerNorm(256), nn.GELU())]
+    return nn.Sequential(nn.Flatten(), nn.Linear(768, 256), *layers).to(dtype).eval()
+
+
+def test_a_deep_half_precision_model_is_compared_within_its_own_rounding_and_a_wrong_mapping_still_fails():
+    model, x = _deep_half(torch.float16), torch.randn(2, 3, 16, 16).half()
+    res = fxsurgery.linear_to_conv(model, x)
+    v = res.validation
+    assert v.passed and policy.RTOL[torch.float16] < v.rtol < policy.HALF_CAP, v
+    assert any("a float16 model: outputs compared to" in n for n in v.notes), v.notes
+    with pytest.raises(fxsurgery.ValidationError) as info:  # off by the output's magnitude, far past any widening
+        fxsurgery.linear_to_conv(model, x, rules=_rules_with_wrong_head_mapping())
+    assert info.value.sites == ("1",) and info.value.result.validation.max_rel_error > policy.HALF_CAP
+    with pytest.raises(fxsurgery.ValidationError):  # an rtol given is the tolerance: nothing widens it
+        fxsurgery.linear_to_conv(model, x, rtol=policy.RTOL[torch.float16])
+
+
+def test_the_half_tolerance_is_three_times_the_originals_own_error_below_its_cap():
+    want = torch.linspace(-1, 1, 9, dtype=torch.float64)  # the float32 run (values exact in bfloat16)
+    ref = (want + 2**-6).bfloat16()  # the original: 1.6e-2 of the scale from it
+    assert policy.half_tolerance(ref, ref, torch.bfloat16, lambda: want) == (None, "")  # passes as it is
+    tol, note = policy.half_tolerance(ref, ref + 0.04, torch.bfloat16, lambda: want.float())
+    assert tol == 3 * 2**-6 and "three times the original's own error" in note
+    assert not policy.compare_outputs(ref, ref + 0.04, rtol=tol).failure
+    assert policy.compare_outputs(ref, -ref, rtol=tol).failure  # a wrong result errs by the magnitude
+    far = (want + 2**-4).bfloat16()  # 3 x 6e-2 is past the cap: the type's tolerance stands
+    assert policy.half_tolerance(far, far + 0.05, torch.bfloat16, lambda: want) == (None, "")
+
+
+def test_full_float32_turns_tf32_off_while_it_runs_and_puts_the_settings_back():
+    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+    before = conv.fp32_precision, matmul.fp32_precision
+    try:
+        conv.fp32_precision, matmul.fp32_precision = "tf32", "tf32"
+        with pytest.raises(RuntimeError, match="inside"), policy.full_float32():
+            assert conv.fp32_precision == matmul.fp32_precision == "ieee"
+            raise RuntimeError("inside")
+        assert (conv.fp32_precision, matmul.fp32_precision) == ("tf32", "tf32")
+    finally:
+        conv.fp32_precision, matmul.fp32_precision = before
