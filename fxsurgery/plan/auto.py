@@ -72,7 +72,8 @@ def _site_alone(model: nn.Module, site: Site, direction: str, timing: str) -> tu
     except AttributeError:
         return None  # a functional site: no module to time alone
     shape = tuple(site.input_shape)
-    x = torch.randn(shape, dtype=next(layer.parameters()).dtype)
+    weight = next(layer.parameters())
+    x = torch.randn(shape, dtype=weight.dtype, device=weight.device)  # (on the GPU for a model there)
     if direction != "linear_to_conv":
         return nn.Sequential(layer), x
     if isinstance(layer, nn.MultiheadAttention):
