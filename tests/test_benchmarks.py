@@ -50,3 +50,13 @@ def test_merge_replaces_only_the_rows_measured_again():
     out = merge(old, new)
     assert out["rewrite_cost"] == old["rewrite_cost"]
     assert [(r["case"], r["ratio"]) for r in out["latency"]] == [("a", 1.0), ("b", 0.9), ("c", 1.1)]
+
+
+def test_the_cuda_benchmark_runs_at_quick_sizes_where_there_is_no_gpu(tmp_path):
+    """benchmarks/cuda.py on whatever device torch has (here, the CPU): every case rewritten, validated and timed."""
+    out = tmp_path / "cuda.md"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.cuda", "--quick", "--pairs", "1", "--out", str(out)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert len(rows) == 5 and all("| passed (" in r and r.count("**") == 4 for r in rows), rows
