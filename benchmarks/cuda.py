@@ -87,8 +87,8 @@ def _fp32(setting: str) -> Iterator[None]:
     backends = (torch.backends.cudnn.conv, torch.backends.cuda.matmul)
     saved = [b.fp32_precision for b in backends]
     try:
-        for b in backends:
-            b.fp32_precision = setting if setting != "defaults" else b.fp32_precision
+        for b in backends if setting != "defaults" else ():
+            b.fp32_precision = setting
         yield
     finally:
         for b, value in zip(backends, saved):

@@ -97,7 +97,7 @@ def full_float32() -> Iterator[None]:
 def tf32_note(tensors: Sequence[torch.Tensor]) -> str | None:
     """What validation's full float32 hides where float32 ``tensors`` live on CUDA and this process lets cuBLAS or
     cuDNN round to TF32 (None otherwise)."""
-    if not any(t.is_cuda and t.dtype == torch.float32 for t in tensors):
+    if not any(isinstance(t, torch.Tensor) and t.is_cuda and t.dtype == torch.float32 for t in tensors):
         return None
     b: Any = torch.backends
     pairs = (("cuDNN convolutions", b.cudnn.conv), ("cuBLAS matrix products", b.cuda.matmul))
