@@ -10,7 +10,7 @@ import torch
 
 import fxsurgery
 from fxsurgery.models import demo_model
-from fxsurgery.verify.policy import full_float32
+from fxsurgery.verify.policy import float32_products, full_float32
 from tests.conftest import assert_unchanged, snapshot
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none here)")
@@ -42,6 +42,17 @@ def test_a_gpu_model_is_rewritten_on_the_gpu_with_its_weights_as_views(direction
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
     assert_unchanged(model, before)
     assert torch.equal(x, x_before)
+
+
+def test_the_tf32_note_names_the_products_this_process_lets_round():
+    """TF32 asked for with torch's new API (cuBLAS's setting alone: torch.get_float32_matmul_precision would raise)."""
+    model = demo_model().to(CUDA).eval()
+    x = torch.randn(2, 3, 32, 32, device=CUDA)
+    with float32_products("tf32", (torch.backends.cuda.matmul, torch.backends.cudnn.conv)):
+        res = fxsurgery.conv_to_linear(model, x)
+        assert torch.backends.cuda.matmul.fp32_precision == "tf32"  # put back after validation
+    assert res.validation.passed and res.validation.max_rel_error < 1e-5, res.summary()
+    assert any("cuDNN convolutions and cuBLAS matrix products round to TF32" in n for n in res.validation.notes)
 
 
 def test_a_half_precision_gpu_model_validates_at_its_dtype():

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +35,7 @@ __all__ = [
     "compare_outputs",
     "compare_leaves",
     "full_float32",
+    "float32_products",
     "floating_leaves",
     "half_tolerance",
     "tf32_note",
@@ -78,20 +79,27 @@ def _fp32_backends() -> tuple[Any, ...]:
 
 
 @contextmanager
-def full_float32() -> Iterator[None]:
-    """Float32 matrix products and convolutions in full float32 (no TF32 in cuBLAS or cuDNN, no bf16 in oneDNN)
-    while both sides of a comparison run, the process's settings put back after: CUDA runs float32 convolutions in
-    TF32 by default and matrix products not, so a Linear and its conv would differ by TF32's rounding (~1e-3 of the
-    scale), which says nothing about the rewrite."""
-    backends = _fp32_backends()
+def float32_products(precision: str, backends: Sequence[Any] | None = None) -> Iterator[None]:
+    """Float32 matrix products and convolutions of ``backends`` (torch's ``fp32_precision`` settings; default: those
+    of cuBLAS, cuDNN and oneDNN) at ``precision`` ("ieee", "tf32") while the block runs, the process's settings put
+    back after, also on an exception."""
+    backends = _fp32_backends() if backends is None else tuple(backends)
     saved = [backend.fp32_precision for backend in backends]
     try:
         for backend in backends:
-            backend.fp32_precision = "ieee"
+            backend.fp32_precision = precision
         yield
     finally:
         for backend, value in zip(backends, saved):
             backend.fp32_precision = value
+
+
+def full_float32() -> AbstractContextManager[None]:
+    """Float32 matrix products and convolutions in full float32 (no TF32 in cuBLAS or cuDNN, no bf16 in oneDNN)
+    while both sides of a comparison run: CUDA runs float32 convolutions in TF32 by default and matrix products not,
+    so a Linear and its conv would differ by TF32's rounding (~1e-3 of the scale), which says nothing about the
+    rewrite."""
+    return float32_products("ieee")
 
 
 def tf32_note(tensors: Sequence[torch.Tensor]) -> str | None:
@@ -101,9 +109,9 @@ def tf32_note(tensors: Sequence[torch.Tensor]) -> str | None:
         return None
     b: Any = torch.backends
     pairs = (("cuDNN convolutions", b.cudnn.conv), ("cuBLAS matrix products", b.cuda.matmul))
+    # (set_float32_matmul_precision and the legacy allow_tf32 flags write these settings too, and a global
+    # torch.backends.fp32_precision reads through them; torch.get_float32_matmul_precision raises after a mix)
     tf32 = [name for name, backend in pairs if backend.fp32_precision == "tf32"]
-    if torch.get_float32_matmul_precision() != "highest" and "cuBLAS matrix products" not in tf32:
-        tf32.append("cuBLAS matrix products")
     if not tf32:
         return None
     return (
