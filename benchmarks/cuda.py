@@ -2,7 +2,8 @@
 
 Each case builds a model on the device (random weights), rewrites it there (validation on, native precision; the
 rewrite's own wall time is reported), then times the original and the rewritten model in alternating pairs
-(``../shared/BENCHMARKING.md``): CUDA events around enough calls to fill ~50 ms, the ratio rewritten / original of each
+(``../shared/BENCHMARKING.md``; ``fxsurgery.runtimes.timing``: eager copies, each call waited for on the GPU, enough
+calls to fill ~50 ms per sample), the ratio rewritten / original of each
 pair, the median with the lowest and highest; the original against itself, timed the same way, is the noise floor.
 Writes a Markdown table (``benchmarks/cuda.md``). Without a CUDA device it runs on the CPU (``--quick``: small shapes,
 the smoke test's run); the figures in ``benchmarks/cuda.md`` come from a GPU.
@@ -11,19 +12,23 @@ the smoke test's run); the figures in ``benchmarks/cuda.md`` come from a GPU.
 from __future__ import annotations
 
 import argparse
-import math
 import platform
-import statistics
+import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from fxsurgery.errors import one_line
+from fxsurgery.runtimes.timing import Ratio, interleaved, runner
+from fxsurgery.verify.policy import float32_products
 
 PAIRS = 9
+#: Calls repeated within each timed sample to fill at least this long.
+SAMPLE_S = 0.05
 
 
 def _resnet(device: torch.device, quick: bool) -> tuple[torch.nn.Module, tuple[Any, ...]]:
@@ -81,53 +86,15 @@ _BUILT: dict[str, Any] = {}
 _FP32 = {"defaults": "torch's defaults", "tf32": "TF32 everywhere", "ieee": "full float32"}
 
 
-@contextmanager
-def _fp32(setting: str) -> Iterator[None]:
-    """Float32 products as ``setting`` says while timing (``"defaults"``: as the process has them)."""
-    backends = (torch.backends.cudnn.conv, torch.backends.cuda.matmul)
-    saved = [b.fp32_precision for b in backends]
-    try:
-        for b in backends if setting != "defaults" else ():
-            b.fp32_precision = setting
-        yield
-    finally:
-        for b, value in zip(backends, saved):
-            b.fp32_precision = value
+def _fp32(setting: str) -> AbstractContextManager[None]:
+    """Float32 convolutions and matrix products as ``setting`` says while timing (``"defaults"``: as they are)."""
+    if setting == "defaults":
+        return nullcontext()
+    return float32_products(setting, (torch.backends.cudnn.conv, torch.backends.cuda.matmul))
 
 
-def _seconds(fn: Callable[[], Any], device: torch.device, calls: int) -> float:
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(calls):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / 1e3 / calls
-    start_s = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    return (time.perf_counter() - start_s) / calls
-
-
-def _ratios(a: Callable[[], Any], b: Callable[[], Any], device: torch.device, pairs: int) -> tuple[list[float], float]:
-    """b's time over a's, pair by pair in alternating order, and a's median time per call."""
-    for fn in (a, b, a, b):  # warm-up: allocation, kernel selection
-        fn()
-    once = _seconds(a, device, 1)
-    calls = max(3, math.ceil(0.05 / max(once, 1e-6)))
-    ratios, times = [], []
-    for i in range(pairs):
-        first, second = (a, b) if i % 2 == 0 else (b, a)
-        t1, t2 = _seconds(first, device, calls), _seconds(second, device, calls)
-        ta, tb = (t1, t2) if i % 2 == 0 else (t2, t1)
-        ratios.append(tb / ta)
-        times.append(ta)
-    return ratios, statistics.median(times)
-
-
-def _spread(ratios: list[float]) -> str:
-    return f"**{statistics.median(ratios):.2f}** ({min(ratios):.2f}..{max(ratios):.2f})"
+def _spread(ratio: Ratio) -> str:
+    return f"**{ratio.median:.2f}** ({ratio.low:.2f}..{ratio.high:.2f})"
 
 
 def row(
@@ -143,15 +110,17 @@ def row(
         res = fxsurgery.rewrite(model, inputs, to, **options)
         _BUILT[name] = (model, inputs, res, time.perf_counter() - start)
     model, inputs, res, seconds = _BUILT[name]
-    with torch.no_grad(), _fp32(fp32):
-        original, rewritten = (lambda: model(*inputs)), (lambda: res.module(*inputs))
-        ratios, base = _ratios(original, rewritten, device, pairs)
-        noise, _ = _ratios(original, original, device, pairs)
+    with _fp32(fp32), tempfile.TemporaryDirectory() as work:  # (eager timing writes nothing there)
+        original, again, rewritten = (  # (two copies of the original: interleaved times each callable apart)
+            runner(m, inputs, "torch", Path(work), torch.get_num_threads()) for m in (model, model, res.module)
+        )
+        ratio = interleaved(original, rewritten, pairs, min_sample_s=SAMPLE_S)
+        noise = interleaved(original, again, pairs, min_sample_s=SAMPLE_S)
     sites = f"{len(res.rewritten)}/{len(res.sites)}"
     passed = f"passed ({res.validation.max_rel_error:.1e})" if res.validation.passed else "FAILED"
     return (
-        f"| {name} | {what} | {_FP32[fp32]} | {sites} | {passed} | {seconds:.1f} | {base * 1e3:.2f} "
-        f"| {_spread(ratios)} | {_spread(noise)} |"
+        f"| {name} | {what} | {_FP32[fp32]} | {sites} | {passed} | {seconds:.1f} | {ratio.a_ms:.2f} "
+        f"| {_spread(ratio)} | {_spread(noise)} |"
     )
 
 
@@ -176,7 +145,8 @@ def main() -> None:
         f"Generated by `{command}` on {where}, torch {torch.__version__}; {tf32}. Each model is built on the "
         "device with random weights and rewritten there (validation on the device, native precision; *rewrite s*: "
         "the tool's wall time). *Rewritten / original*: the time per call of the rewritten model over the "
-        f"original's, {args.pairs} pairs in alternating order (CUDA events around enough calls to fill ~50 ms), "
+        f"original's, {args.pairs} pairs in alternating order (eager copies, each call waited for on the GPU, enough "
+        "calls to fill ~50 ms per sample), "
         "median (lowest..highest); below 1 the rewrite is faster. *Noise floor*: the original against itself, "
         "timed the same way. *float32 products*: how float32 convolutions and matrix products ran while timed "
         "(torch's defaults round cuDNN's convolutions to TF32 and not cuBLAS's products: a Linear and its conv then "
