@@ -322,3 +322,47 @@ def test_a_forward_taking_star_args_goes_through_torch_export_with_a_dynamic_bat
     assert res.frontend == "export" and len(res.rewritten) == 1 and res.validation.passed
     x3 = (torch.randn(3, 8, 4, 4), torch.randn(3, 8, 4, 4))
     torch.testing.assert_close(res.module(*x3), model(*x3), rtol=1e-5, atol=1e-6)
+
+
+class Stateful(nn.Module):
+    """What an unlift must carry: a buffer the forward updates, a parameter, a constant tensor held as a plain
+    attribute, a no_grad region (a graph of its own), keyword inputs and a dict of outputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn, self.fc = nn.BatchNorm1d(4), nn.Linear(4, 3)
+        self.register_buffer("steps", torch.zeros(()))
+        self.shift = torch.tensor([0.5, -1.0, 2.0])
+
+    def forward(self, x, scale=None):
+        self.steps.add_(1)
+        with torch.no_grad():
+            frozen = self.fc(x) * 2
+        y = self.fc(self.bn(x)) + self.shift
+        return {"y": y * scale, "frozen": frozen, "steps": self.steps + 0}
+
+
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("functional", [False, True])
+def test_the_exported_graph_is_unlifted_and_raised_to_what_the_model_computes(training, functional):
+    """Unlifted by fxsurgery (torch.export's training IR), or by ``ExportedProgram.module()`` (a program made
+    functional, which returns the buffers' new values): the raised module moves the buffers as the model does."""
+    from fxsurgery.capture.unlift import unlift
+
+    m = Stateful().train(training)
+    x, scale = torch.randn(3, 4), torch.tensor(3.0)
+    program = torch.export.export(working_copy(m), (x,), {"scale": scale}, strict=False)
+    program = program.run_decompositions({}) if functional else program
+    graph, _ = unlift(program)
+    assert any(n.op == "call_module" and n.target == "_guards_fn" for n in graph.nodes) == functional
+    assert [n.name for n in graph.nodes if n.op == "placeholder"] == ["x", "scale"]
+    ours, reference = raise_program(program, working_copy(m)), working_copy(m)
+    for _ in range(2):  # the buffers move alike, call after call
+        got, want = ours(x, scale=scale), reference(x, scale=scale)
+        assert got.keys() == want.keys()
+        for key in want:
+            torch.testing.assert_close(got[key], want[key])
+    buffers = dict(ours.named_buffers())  # (the constant is a buffer there: .double() converts it as the model)
+    for name, value in reference.named_buffers():
+        torch.testing.assert_close(buffers[name], value)
+    assert m.steps.item() == 0  # the user's model untouched

@@ -31,6 +31,7 @@ from fxsurgery.capture.inputs import is_tokens
 from fxsurgery.capture.layers import is_transposed_linear
 from fxsurgery.capture.modes import TRAINING, mode_reads
 from fxsurgery.capture.trace import guard_mode, keep_unused
+from fxsurgery.capture.unlift import unlift
 from fxsurgery.errors import InputError, TraceError, one_line, quiet_loggers
 
 __all__ = ["export_model", "raise_program", "inert_hook"]
@@ -278,8 +279,7 @@ def raise_program(ep: torch.export.ExportedProgram, root: nn.Module, batch_one: 
     """The exported graph at the torch level, as a GraphModule over ``root`` (a copy of the exported model: layers
     the graph calls again are its own modules), checking its inputs against the program's static sizes and ranges
     (``batch_one``: whether a range from 2, torch.export's own 0/1 specialisation, admits 0 and 1)."""
-    gm = ep.module()
-    graph = gm.graph
+    graph, lifted = unlift(ep)
     modules = dict(root.named_modules())
     for node in list(graph.nodes):  # first the patterns of several ATen ops, while they are ATen ops
         conv1d = _conv1d_call(node, modules) if node.op == "call_function" else None
@@ -294,7 +294,9 @@ def raise_program(ep: torch.export.ExportedProgram, root: nn.Module, batch_one: 
             graph.erase_node(node)  # the export's input guards and dtype assertions (validation runs in float64)
         elif node.op == "call_function":
             _raise_node(graph, node, modules, root)
-    graph.eliminate_dead_code(is_impure_node=_kept)  # what a raised layer no longer needs (a Conv1D's addmm)
+    graph.eliminate_dead_code(
+        is_impure_node=lambda n: _kept(n, root)
+    )  # what a raised layer no longer needs (a Conv1D's addmm)
     guard_sizes(graph, ep.range_constraints, batch_one)
     for node in graph.nodes:  # constants the export lifted out of the code (``lifted_tensor_0``): kept
         target = str(node.target)
@@ -302,7 +304,7 @@ def raise_program(ep: torch.export.ExportedProgram, root: nn.Module, batch_one: 
             owner, _, attr = target.rpartition(".")
             if not _has_attr(root, owner) and owner:
                 raise InputError(f"the exported program reads {target}, which the model does not have")
-            value, holder = _get_attr(gm, target), root.get_submodule(owner)
+            value, holder = lifted(target), root.get_submodule(owner)
             if isinstance(value, torch.Tensor):  # a buffer, so .double() / .to() convert it as they do the model
                 holder.register_buffer(attr, _dense(value), persistent=False)
             else:
@@ -324,21 +326,17 @@ def _dense(t: torch.Tensor) -> torch.Tensor:
     return t if dense else t.contiguous()
 
 
-def _kept(node: fx.Node) -> bool:
-    """Nodes dead-code removal must keep though nothing reads them: fx's impure ones, and every in-place op (a buffer
-    update such as ``running.mul_(0.9).add_(...)`` or BatchNorm's ``num_batches_tracked.add_(1)``, raised to
-    ``call_method`` ``mul_``/``add_``, which fx would drop)."""
+def _kept(node: fx.Node, root: nn.Module) -> bool:
+    """Nodes dead-code removal must keep though nothing reads them: fx's impure ones (a module call, where the
+    module of ``root`` says so), and every in-place op (a buffer update such as ``running.mul_(0.9).add_(...)`` or
+    BatchNorm's ``num_batches_tracked.add_(1)``, raised to ``call_method`` ``mul_``/``add_``, which fx would drop)."""
+    if node.op == "call_module":
+        return bool(getattr(root.get_submodule(str(node.target)), "_is_impure", False))
     if node.is_impure():
         return True
     target = node.target
     name = target if isinstance(target, str) else getattr(target, "__name__", "")
     return node.op in ("call_method", "call_function") and name.split(".")[0].endswith("_")
-
-
-def _get_attr(obj: Any, target: str) -> Any:
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _has_attr(root: nn.Module, target: str) -> bool:
