@@ -366,3 +366,32 @@ def test_the_exported_graph_is_unlifted_and_raised_to_what_the_model_computes(tr
     for name, value in reference.named_buffers():
         torch.testing.assert_close(buffers[name], value)
     assert m.steps.item() == 0  # the user's model untouched
+
+
+def test_the_collector_skips_what_a_step_holds_and_the_process_settings_come_back():
+    import gc
+
+    from fxsurgery.capture.heap import settled_heap
+
+    assert gc.get_freeze_count() == 0
+    with settled_heap():
+        assert gc.get_freeze_count() > 0  # what was alive at the start: not walked during the step
+        with settled_heap():  # (nested: the outer one's)
+            pass
+        assert gc.get_freeze_count() > 0
+    assert gc.get_freeze_count() == 0 and gc.isenabled()
+    gc.freeze()  # the process's own frozen objects: left frozen
+    try:
+        frozen = gc.get_freeze_count()
+        with settled_heap():
+            pass
+        assert gc.get_freeze_count() == frozen
+    finally:
+        gc.unfreeze()
+    gc.disable()  # the collector off: left off, nothing frozen
+    try:
+        with settled_heap():
+            assert gc.get_freeze_count() == 0
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

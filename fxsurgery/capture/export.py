@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxsurgery.capture.guards import guard_sizes
+from fxsurgery.capture.heap import settled_heap
 from fxsurgery.capture.inputs import is_tokens
 from fxsurgery.capture.layers import is_transposed_linear
 from fxsurgery.capture.modes import TRAINING, mode_reads
@@ -275,6 +276,7 @@ def _conv_matches(node: fx.Node, mod: Any, modules: Mapping[str, nn.Module]) -> 
     )
 
 
+@settled_heap()
 def raise_program(ep: torch.export.ExportedProgram, root: nn.Module, batch_one: bool = True) -> fx.GraphModule:
     """The exported graph at the torch level, as a GraphModule over ``root`` (a copy of the exported model: layers
     the graph calls again are its own modules), checking its inputs against the program's static sizes and ranges

@@ -17,6 +17,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from fxsurgery.capture.heap import settled_heap
 from fxsurgery.engine import cleanup, provenance, subgraph
 from fxsurgery.engine.layout import Layout, composes_to_identity, permute_dims
 from fxsurgery.engine.nodes import NoShape, first_input, reader_name
@@ -290,6 +291,7 @@ def _signature(mod: nn.Module) -> tuple[object, ...]:
     return type(mod), repr(mod), tuple((k, t.shape, t.stride(), t.dtype, t.data_ptr()) for k, t in tensors)
 
 
+@settled_heap()
 def rewrite_alike(
     fresh: Callable[[], fx.GraphModule],
     rules: RuleSet,
