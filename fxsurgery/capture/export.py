@@ -105,6 +105,7 @@ def _twice(args: tuple[Any, ...]) -> tuple[Any, ...]:
     return tuple(torch.cat([a, a]) if isinstance(a, torch.Tensor) and a.dim() else a for a in args)
 
 
+@settled_heap()
 def export_model(model: nn.Module, args: tuple[Any, ...], dynamic_shapes: Any = None) -> torch.export.ExportedProgram:
     """``torch.export.export(model, args, strict=False)`` with the dims :func:`dynamic_axes` says dynamic (by default
     dim 0 of every tensor input, ``Dim.AUTO``: kept static where the model fixes it), or ``dynamic_shapes``. A model
