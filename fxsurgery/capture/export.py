@@ -297,9 +297,8 @@ def raise_program(ep: torch.export.ExportedProgram, root: nn.Module, batch_one: 
             graph.erase_node(node)  # the export's input guards and dtype assertions (validation runs in float64)
         elif node.op == "call_function":
             _raise_node(graph, node, modules, root)
-    graph.eliminate_dead_code(
-        is_impure_node=lambda n: _kept(n, root)
-    )  # what a raised layer no longer needs (a Conv1D's addmm)
+    # what a raised layer no longer needs (a Conv1D's addmm)
+    graph.eliminate_dead_code(is_impure_node=lambda node: _kept(node, root))
     guard_sizes(graph, ep.range_constraints, batch_one)
     for node in graph.nodes:  # constants the export lifted out of the code (``lifted_tensor_0``): kept
         target = str(node.target)
