@@ -101,8 +101,9 @@ def identical_values(original: nn.Module, rewritten: nn.Module, inputs: Sequence
     return "the outputs are bit-identical" if same == total else f"{same} of {total} output values are bit-identical"
 
 
-def _float32(inputs: Sequence[torch.Tensor]) -> tuple:
-    return tuple(t.float() if t.dtype in HALF else t for t in inputs)
+def _float32(t: torch.Tensor) -> torch.Tensor:
+    """A float16/bfloat16 tensor as float32 (a half-precision model's inputs and weights, for its float32 run)."""
+    return t.float() if t.dtype in HALF else t
 
 
 def _cast(inputs: Sequence[torch.Tensor], precision: Precision) -> tuple:
@@ -226,8 +227,8 @@ class _Comparison:
     notes: list[str] = field(default_factory=list)
     refs: list[Any] = field(default_factory=list)
     half: torch.dtype | None = None  # the dtype a half-precision original computes in
-    wide: nn.Module | None = None  # its float32 copy, made where an output is outside the half type's tolerance
-    wide_noted: bool = False
+    float32_copy: nn.Module | None = None  # made where an output is outside the half type's tolerance
+    half_noted: bool = False
 
     def run(self, k: int, inputs: tuple) -> str:
         """One validation input through both sides: "ok", "skipped" (the original fails on it), "refused" (outside
@@ -258,10 +259,10 @@ class _Comparison:
         self.errors.prefix = label  # the histograms pool every input's elements per output
         rtol = self.rtol
         if rtol is None and self.half is not None:
-            rtol, note = half_tolerance(ref, got, self.half, lambda: run_no_grad(self._wide(), _float32(inputs)))
-            if note and not self.wide_noted:
+            rtol, note = half_tolerance(ref, got, self.half, lambda: self._float32_run(inputs))
+            if note and not self.half_noted:
                 self.notes.append(f"{label}: {note}")
-                self.wide_noted = True
+                self.half_noted = True
         compare_outputs(ref, got, rtol=rtol, label=f"{label} output", errors=self.errors)
         for name, value in ref_state.items():
             compare_outputs(
@@ -274,10 +275,11 @@ class _Comparison:
         self.refs.append(ref)
         return "ok"
 
-    def _wide(self) -> nn.Module:
-        if self.wide is None:
-            self.wide = eval_copy(self.orig)._apply(lambda t: t.float() if t.dtype in HALF else t)
-        return self.wide
+    def _float32_run(self, inputs: tuple) -> Any:
+        """The original's outputs on ``inputs`` computed in float32 (its copy made once)."""
+        if self.float32_copy is None:
+            self.float32_copy = eval_copy(self.orig)._apply(_float32)
+        return run_no_grad(self.float32_copy, [_float32(t) for t in inputs])
 
     def result(self) -> Errors:
         """The outputs' errors, failing with the state's first failure where the outputs passed."""
