@@ -172,18 +172,34 @@ def _moves(gm: torch.fx.GraphModule) -> int:
                for n in gm.graph.nodes)  # fmt: skip
 
 
+#: timm models, tiny: their options, input size, block Linears, and the moves (permutes and transposes) of the
+#: rewritten graph, fx / export, against the original's (symbolic_trace)
+_TIMM = {
+    "vit_tiny_patch16_224": (dict(img_size=64, depth=2), 64, 8, (2, 3, 5)),
+    "deit_tiny_patch16_224": (dict(img_size=64, depth=2), 64, 8, (2, 3, 5)),
+    # EVA-02: q/k/v by F.linear on qkv's weight (the site keeps its name), interleaved rotary embedding, SwiGLU
+    "eva02_tiny_patch14_224": (dict(img_size=56, depth=2), 56, 8, (2, 2, 5)),
+    # Swin: window partition and reverse, cyclic shift, padding, relative-position bias, patch merging
+    "swin_tiny_patch4_window7_224": (
+        dict(img_size=56, depths=(2, 2), num_heads=(3, 6), embed_dim=48), 56, 17, (13, 13, 26)
+    ),
+}
+
+
 @pytest.mark.parametrize("frontend", ["fx", "export"])
-@pytest.mark.parametrize("arch", ["vit_tiny_patch16_224", "deit_tiny_patch16_224"])
-def test_timm_vit_attention_is_carried_per_head_with_fewer_transposes_than_the_original(arch, frontend):
+@pytest.mark.parametrize("arch", list(_TIMM))
+def test_timm_attention_is_carried_per_head_with_fewer_transposes_than_the_original(arch, frontend):
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
-    model = timm.create_model(arch, pretrained=False, num_classes=10, img_size=64, depth=2).eval()
-    res = fxsurgery.linear_to_conv(model, torch.randn(2, 3, 64, 64), token_layout=True, frontend=frontend,
+    options, size, count, (fx_moves, export_moves, original) = _TIMM[arch]
+    model = timm.create_model(arch, pretrained=False, num_classes=10, **options).eval()
+    res = fxsurgery.linear_to_conv(model, torch.randn(2, 3, size, size), token_layout=True, frontend=frontend,
                                    precision="float64")  # fmt: skip
-    blocks = {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("blocks.")}
-    assert len(blocks) == 8 and blocks <= {s.name for s in res.rewritten}, res.summary()
+    blocks = {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith(("blocks.", "layers."))}
+    assert len(blocks) == count and blocks <= {s.name for s in res.rewritten}, res.summary()
     assert res.validation.max_rel_error < 1e-12
-    assert _moves(res.module) <= _moves(torch.fx.symbolic_trace(model)), res.module.code
+    moves = fx_moves if frontend == "fx" else export_moves
+    assert _moves(res.module) == moves < _moves(torch.fx.symbolic_trace(model)) == original, res.module.code
 
 
 T = pytest.importorskip("transformers")

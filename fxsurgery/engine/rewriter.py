@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import operator
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
+import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+from torch.fx.node import map_aggregate
 
 from fxsurgery.capture.heap import settled_heap
 from fxsurgery.engine import cleanup, provenance, subgraph
@@ -84,6 +88,8 @@ class Rewriter:
         self._as_linear: Counter[str] = Counter()  # calls of a replaced Linear left as F.linear on its new weight
         # values that depend on a model input (the rest is constant: parameters and buffers only)
         self.dynamic: set[fx.Node] = set()
+        self._constants: dict[fx.Node, object] = {}
+        self._written: set[str] | None = None  # the attributes an in-place op of the graph writes
         for n in self.graph.nodes:
             if n.op == "placeholder" or any(i in self.dynamic for i in n.all_input_nodes):
                 self.dynamic.add(n)
@@ -132,6 +138,33 @@ class Rewriter:
     def claims(self, node: fx.Node) -> bool:
         """Whether a rule of the set claims ``node``."""
         return self.rules.claim(node, self) is not None
+
+    def constant(self, node: object) -> torch.Tensor | None:
+        """The tensor ``node`` computes when neither a model input nor the state dict reaches it: a traced constant
+        or a non-persistent buffer that the graph does not write (a rotary table), or pure ops on such constants (the
+        table split by ``chunk``), computed here once; else None (a parameter or a persistent buffer, which loading
+        a state dict may change; a value on the meta device)."""
+        value = self._constant(node)
+        return value if isinstance(value, torch.Tensor) else None
+
+    def _constant(self, node: object) -> object:
+        """:meth:`constant`, or a tuple of tensors (``chunk``'s) whose items are."""
+        if not isinstance(node, fx.Node) or node in self.dynamic:
+            return None
+        if self._written is None:
+            self._written = {str(n.target) for n in self.graph.nodes if n.op == "get_attr" and _written(n)}
+        if node not in self._constants:
+            self._constants[node] = _constant_value(node, self.modules, self._constant, self._written)
+        return self._constants[node]
+
+    def add_constant(self, value: torch.Tensor, name: str) -> fx.Node:
+        """A new constant of the graph holding ``value`` (a constant already in a layout), read where the graph is
+        being built."""
+        attr = f"_{name.lstrip('_')}_carried"
+        while hasattr(self.gm, attr):
+            attr += "_"
+        self.gm.register_buffer(attr, value, persistent=False)  # .to() / .double() convert it as the model's
+        return self.graph.get_attr(attr)
 
     # -- the pass -----------------------------------------------------------------------------------------------
     def run(self) -> list[Site]:
@@ -256,6 +289,51 @@ class Rewriter:
         if isinstance(first, fx.Node) and first not in self.dynamic and first in self.original_nodes:
             return CONSTANT_INPUT
         return None
+
+
+_IMPURE = ("rand", "normal", "bernoulli", "uniform", "dropout", "multinomial", "empty")
+
+
+def _written(node: fx.Node) -> bool:
+    """Whether an in-place op writes the value ``node`` reads (``buf.copy_(x)``, ``buf[i] = x``)."""
+    return any(
+        getattr(u.target, "__name__", str(u.target)).endswith("_")
+        or u.target is operator.setitem
+        or getattr(getattr(u.target, "_schema", None), "is_mutable", False)
+        for u in node.users
+    )
+
+
+def _constant_value(
+    node: fx.Node, modules: Mapping[str, nn.Module], constant: Callable[[object], object], written: set[str]
+) -> object:
+    """What :meth:`Rewriter.constant` computes for a node not yet seen."""
+    if node.op == "get_attr":
+        owner, _, attr = str(node.target).rpartition(".")
+        holder = modules.get(owner)
+        value = getattr(holder, attr, None)
+        if not isinstance(value, torch.Tensor) or isinstance(value, nn.Parameter) or value.is_meta:
+            return None
+        persistent = attr in getattr(holder, "_buffers", {}) and attr not in holder._non_persistent_buffers_set  # type: ignore[union-attr]
+        traced = attr.startswith("_tensor_constant")  # torch.fx keeps a tensor the code made as such a buffer
+        return None if persistent and not traced or str(node.target) in written else value
+    name = getattr(node.target, "__name__", str(node.target))
+    if node.op not in ("call_function", "call_method") or name.endswith("_") or any(w in name for w in _IMPURE):
+        return None  # in place, random or empty: not a value to compute ahead
+    inputs = node.all_input_nodes
+    values = [constant(n) for n in inputs]
+    if not inputs or any(v is None for v in values):
+        return None
+    lookup: dict[fx.Node, Any] = dict(zip(inputs, values))
+    args, kwargs = map_aggregate((node.args, node.kwargs), lambda a: lookup[a] if isinstance(a, fx.Node) else a)
+    fn: Any = getattr(args[0], str(node.target)) if node.op == "call_method" else node.target
+    try:
+        with torch.no_grad():
+            out = fn(*args[1:], **kwargs) if node.op == "call_method" else fn(*args, **kwargs)
+    except Exception:  # (an op that does not run outside its graph: the value stays computed there)
+        return None
+    tensors = isinstance(out, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in out)
+    return out if isinstance(out, torch.Tensor) or tensors else None
 
 
 class _Installs(dict[str, nn.Module]):

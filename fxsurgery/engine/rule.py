@@ -12,7 +12,7 @@ layout change.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -96,7 +96,8 @@ class RuleContext(Protocol):
     modules, which values are computed from the inputs (``dynamic``), the layouts carried so far (``alt``,
     ``carried``), and the steps that change them; ``new_modules`` for a replacement layer, ``param_owners`` (who
     shares a parameter; ``param_readers``: which code reads it; ``module_calls``: how often each module is called),
-    and ``claims``: whether a rule of the set claims a node. Nothing else of the pass."""
+    ``claims``: whether a rule of the set claims a node, and ``constant``/``add_constant``: a constant's value, a new
+    one (a constant entered into a layout once, when the graph is rewritten). Nothing else of the pass."""
 
     graph: fx.Graph
     modules: dict[str, nn.Module]
@@ -118,6 +119,10 @@ class RuleContext(Protocol):
     def carried(self, node: object) -> tuple[fx.Node, Layout] | None: ...
 
     def claims(self, node: fx.Node) -> bool: ...
+
+    def constant(self, node: object) -> torch.Tensor | None: ...
+
+    def add_constant(self, value: torch.Tensor, name: str) -> fx.Node: ...
 
 
 class Propagator(Protocol):
@@ -204,10 +209,13 @@ def weight_skip_reason(weight: object, rw: RuleContext, site: fx.Node | None = N
     return shared_reason(p, target, rw, site) if isinstance(p, torch.Tensor) else None
 
 
-def feeds_candidate(start: fx.Node, rw: RuleContext, through: Sequence[type] = (), depth: int = 16) -> bool:
+def feeds_candidate(
+    start: fx.Node, rw: RuleContext, through: Sequence[type] = (), depth: int = 16, moves: Collection[Any] = ()
+) -> bool:
     """Whether a site of the rule set reads ``start``, or an elementwise op joins it with a value already carried in
-    a layout (a residual add), through elementwise ops and modules of the exact types ``through`` only: then
-    carrying ``start`` in that layout saves a conversion instead of adding one."""
+    a layout (a residual add), through elementwise ops, modules of the exact types ``through`` and ops whose target
+    is in ``moves`` (reshapes the rule set carries) only: then carrying ``start`` in that layout saves a conversion
+    instead of adding one."""
     frontier = [start]
     for _ in range(depth):
         nxt = []
@@ -215,7 +223,11 @@ def feeds_candidate(start: fx.Node, rw: RuleContext, through: Sequence[type] = (
             for u in n.users:
                 if rw.claims(u) and (u.args[:1] or (None,))[0] is n:
                     return True
-                is_through = u.op == "call_module" and type(rw.modules.get(str(u.target))) in tuple(through)
+                is_through = (
+                    u.op == "call_module"
+                    and type(rw.modules.get(str(u.target))) in tuple(through)
+                    or (u.op in ("call_method", "call_function") and u.target in moves and u.args[:1] == (n,))
+                )
                 inputs = elementwise_tensor_inputs(u, rw.modules)
                 if inputs and any(i is not n and i in rw.alt for i in inputs):
                     return True

@@ -33,7 +33,7 @@ from fxsurgery.rules.linear_to_conv.decoder import (
     ShapeRead,
     Slice,
 )
-from fxsurgery.rules.linear_to_conv.decoder_heads import HeadExpand, HeadReshape, HeadUnsqueeze
+from fxsurgery.rules.linear_to_conv.decoder_heads import HeadExpand, HeadStack, HeadUnsqueeze
 from fxsurgery.rules.linear_to_conv.flatten_head import FlattenHead
 from fxsurgery.rules.linear_to_conv.fused_heads import HeadUnbind
 from fxsurgery.rules.linear_to_conv.heads import (
@@ -50,6 +50,7 @@ from fxsurgery.rules.linear_to_conv.layer_norm import LayerNormChannels
 from fxsurgery.rules.linear_to_conv.layouts import BATCH_LAYOUTS
 from fxsurgery.rules.linear_to_conv.pool1d_head import Pool1dHead
 from fxsurgery.rules.linear_to_conv.pool_head import PoolHead
+from fxsurgery.rules.linear_to_conv.regroup import Pad, Regroup, Roll
 from fxsurgery.rules.linear_to_conv.self_attention import SelfAttention
 from fxsurgery.rules.linear_to_conv.token_linear import TokenLinear
 from fxsurgery.rules.linear_to_conv.window_attention import WindowAttention
@@ -74,7 +75,7 @@ def rule_set(batch_layout: str = "spatial", token_layout: bool = False, quantize
     ]
     propagators: tuple[Propagator, ...] = (
         StaticRank(),
-        PermuteSeed(),
+        PermuteSeed(token_layout),
         SelectToken(),
         StochasticDepth(),
         TokenRows(),
@@ -92,7 +93,7 @@ def rule_set(batch_layout: str = "spatial", token_layout: bool = False, quantize
             ChannelAttention(sdpa=quantize),
             ChannelMatmul(matmul=quantize),
         )
-        # decoders: RMSNorm over channels, rotary embeddings, grouped-query heads
+        # decoders: RMSNorm over channels, rotary embeddings, grouped-query heads; reshapes, pads and rolls (Swin)
         propagators += (
             Broadcast(),
             Reduce(),
@@ -100,7 +101,10 @@ def rule_set(batch_layout: str = "spatial", token_layout: bool = False, quantize
             Slice(),
             HeadUnsqueeze(),
             HeadExpand(),
-            HeadReshape(),
+            HeadStack(),
+            Regroup(),
+            Pad(),
+            Roll(),
             ShapeRead(),
         )
     return RuleSet(DIRECTION, tuple(rules), propagators + (Elementwise(),))

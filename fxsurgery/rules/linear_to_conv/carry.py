@@ -1,6 +1,7 @@
 """Propagators that keep a Linear -> conv region carried without conversions.
 
-* :class:`PermuteSeed`: ``z.permute(0, 2, 3, 1)`` that leads to a Linear (through LayerNorms) *is* ``z`` in NCHW.
+* :class:`PermuteSeed`: ``z.permute(0, 2, 3, 1)`` that leads to a Linear (through LayerNorms; with the token layout,
+  through the reshapes, pads and rolls it carries: timm's Swin) *is* ``z`` in NCHW.
 * :class:`SelectToken`: ``x[:, i]`` of tokens carried as ``(B, C, 1, S)`` (ViT's class token) reads
   ``alt[:, :, 0, i]``.
 * :class:`TokenRows`: tokens carried as ``(B, C, 1, S)`` reshaped to rows ``(B*S, C)`` stay carried (the rows are
@@ -21,15 +22,19 @@ from fxsurgery.engine.layout import permute_dims
 from fxsurgery.engine.nodes import is_torchvision
 from fxsurgery.engine.rule import RuleContext, feeds_candidate
 from fxsurgery.rules.linear_to_conv.layouts import NCHW_LAYOUT, TOKEN_LAYOUT, rows_of_tokens, tokens_of_rows
+from fxsurgery.rules.linear_to_conv.regroup import MOVES
 
 __all__ = ["PermuteSeed", "SelectToken", "StochasticDepth", "TokenRows"]
 
 
 class PermuteSeed:
+    def __init__(self, token_layout: bool = False) -> None:
+        self.moves = MOVES if token_layout else ()  # (the token layout carries reshapes: timm's Swin partitions)
+
     def propagate(self, node: fx.Node, rw: RuleContext) -> bool:
         if permute_dims(node) != (0, 2, 3, 1) or len(shape_of(node.args[0]) or ()) != 4:
             return False
-        if not feeds_candidate(node, rw, through=(nn.LayerNorm,)):
+        if not feeds_candidate(node, rw, through=(nn.LayerNorm, nn.Identity), moves=self.moves):
             return False
         rw.seed(node, node.args[0], NCHW_LAYOUT)  # type: ignore[arg-type]
         return True

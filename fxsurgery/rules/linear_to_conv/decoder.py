@@ -7,11 +7,13 @@ names dims runs on the carried value with its dims renamed:
 * :class:`Broadcast`: ``x * w`` / ``x * rsqrt(...)`` / ``q * cos`` where the shapes broadcast (RMSNorm's weight and
   statistic, rotary embeddings): carried inputs are used as they are; the others are entered into the layout (a
   lower-rank one first padded with leading unit dims, as broadcasting reads it).
-* :class:`Reduce`: ``x.mean(-1, keepdim=True)`` (RMSNorm's mean square) reduces over the carried dim.
+* :class:`Reduce`: ``x.mean(-1, keepdim=True)`` (RMSNorm's mean square) reduces over the carried dim; one that drops
+  its dims (a channels-last head's ``x.mean((1, 2))``) too, on a value carried as a permutation.
 * :class:`Cast`: ``x.to(torch.float32)``, ``x.type_as(y)`` (RMSNorm's casts) cast the carried value; an alias
   (``hidden[:, slice(None)]`` before the LM head) is the carried value.
 * :class:`Slice`: ``x[..., :D // 2]`` (rotate-half; ``aten.slice`` once exported) slices the carried dim.
-* :class:`ShapeRead`: ``b, h, s, d = k.shape`` (``repeat_kv``) of a carried value is read from the carried value.
+* :class:`ShapeRead`: ``b, h, s, d = k.shape`` (``repeat_kv``) of a carried value is read from the carried value;
+  ``x.dtype`` (timm's rotary embedding casts back to it) too: no layout changes it.
 * :mod:`~fxsurgery.rules.linear_to_conv.decoder_heads`: grouped-query attention's ``repeat_kv`` on keys and values
   carried per head.
 """
@@ -31,6 +33,7 @@ from fxsurgery.engine.layout import Layout
 from fxsurgery.engine.nodes import is_shape_read
 from fxsurgery.engine.rule import RuleContext
 from fxsurgery.rules.linear_to_conv.layouts import TOKEN_LAYOUT
+from fxsurgery.rules.linear_to_conv.regroup import carry, permuted
 
 __all__ = ["Broadcast", "Reduce", "Cast", "Slice", "ShapeRead", "carried_with_dims"]
 
@@ -62,7 +65,7 @@ _CASTS: set[Any] = {
     aten.clone.default,
     aten.type_as.default,
 }
-_CAST_METHODS = {"to", "float", "double", "half", "bfloat16", "type_as"}
+_CAST_METHODS = {"to", "float", "double", "half", "bfloat16", "type_as", "contiguous"}
 _TYPE_AS = ("type_as", aten.type_as.default)
 
 
@@ -92,6 +95,19 @@ def _fixed_shape(shape: tuple[int, ...], layout: Layout) -> tuple[int, ...] | No
     alt = tuple(1 if d is None else padded[d] for d in layout.dims)
     order = [d for d in layout.dims if d is not None and padded[d] != 1]
     return alt if order == sorted(order) else None
+
+
+def _in_layout(value: torch.Tensor, layout: Layout, rank: int) -> torch.Tensor:
+    """A constant as a value carried in ``layout`` holds it (padded to ``rank`` with leading unit dims, as
+    broadcasting reads it), computed once: a rotary table ``(S, D)`` for queries carried as ``(B, H, D, S)``."""
+    assert layout.dims is not None
+    alt = value.reshape((1,) * (rank - value.dim()) + tuple(value.shape)).permute(
+        [d for d in layout.dims if d is not None]
+    )
+    for at, d in enumerate(layout.dims):
+        if d is None:
+            alt = alt.unsqueeze(at)
+    return alt.clone(memory_format=torch.contiguous_format)
 
 
 class Broadcast:
@@ -127,6 +143,8 @@ class Broadcast:
                     mapped[t] = rw.alt[t][0]
                 elif t not in rw.dynamic and (fixed := _fixed_shape(shape, layout)) is not None:
                     mapped[t] = rw.graph.call_method("reshape", (t, fixed))
+                elif (value := rw.constant(t)) is not None:
+                    mapped[t] = rw.add_constant(_in_layout(value, layout, rank), t.name)
                 elif len(shape) == rank:
                     mapped[t] = rw.enter(t, layout, node.name)
                 else:  # broadcasting pads a lower rank with leading unit dims: so does the conversion
@@ -222,10 +240,11 @@ class Reduce:
         args = dict(zip(("input", "dim", "keepdim"), node.args), **node.kwargs)
         x, dim = args.get("input"), args.get("dim")
         dims = [dim] if isinstance(dim, int) else list(dim) if isinstance(dim, (list, tuple)) else None
-        if set(args) != {"input", "dim", "keepdim"} or args["keepdim"] is not True:
-            return False  # all dims, a dtype, or a reduction that drops a dim: left in its layout
-        if not dims or not all(isinstance(d, int) for d in dims):
-            return False
+        if not set(args) <= {"input", "dim", "keepdim"} or not dims or not all(isinstance(d, int) for d in dims):
+            return False  # all dims, or a dtype: left in its layout
+        reduce = torch.mean if node.target in (torch.mean, "mean") else torch.sum
+        if args.get("keepdim") is not True:
+            return _dropping(node, x, dims, reduce, rw)
         carried = carried_with_dims(x, rw)
         if (
             carried is None
@@ -238,10 +257,28 @@ class Reduce:
         if carried is None:
             return False
         alt, layout = carried
-        reduce = torch.mean if node.target in (torch.mean, "mean") else torch.sum
         with rw.graph.inserting_before(node):
             rw.set_alt(node, rw.graph.call_function(reduce, (alt, [_alt_dim(layout, d) for d in dims], True)), layout)
         return True
+
+
+def _dropping(node: fx.Node, x: object, dims: list[int], reduce: Any, rw: RuleContext) -> bool:
+    """A reduction that drops its dims (a channels-last head's ``x.mean((1, 2))``) of a value carried as a
+    permutation: the dims left keep their carried order; when that is the original's, ``node`` reads the carried
+    value itself."""
+    carried = permuted(x, rw)
+    if carried is None:
+        return False
+    alt, perm = carried
+    gone = {d % len(perm) for d in dims}
+    left = tuple(p - sum(p > d for d in gone) for p in perm if p not in gone)
+    with rw.graph.inserting_before(node):
+        out = rw.graph.call_function(reduce, (alt, [perm.index(d) for d in sorted(gone)], False))
+    if left != tuple(range(len(left))):
+        return carry(node, out, left, rw)
+    node.replace_all_uses_with(out)
+    rw.graph.erase_node(node)
+    return True
 
 
 class Cast:
@@ -252,7 +289,9 @@ class Cast:
         # ``x.type_as(other)`` reads only the dtype of ``other``: its counterpart, or itself, gives that
         other = node.args[1] if node.target in _TYPE_AS and len(node.args) == 2 and not node.kwargs else None
         rest = () if isinstance(other, fx.Node) else (node.args[1:], node.kwargs)
-        if carried is None or not no_nodes(rest) or shape_of(node) != shape_of(node.args[0]):
+        found: list[fx.Node] = []
+        fx.map_arg(rest, found.append)  # the dtype it casts to may be read from a value: ``x.to(dtype=y.dtype)``
+        if carried is None or not all(map(_is_dtype_read, found)) or shape_of(node) != shape_of(node.args[0]):
             return False
         mapped: dict[Any, fx.Node] = {node.args[0]: carried[0]}
         if isinstance(other, fx.Node) and other in rw.alt:
@@ -265,14 +304,14 @@ class Cast:
 
 
 def _slices(index: Any, rank: int) -> list[slice] | None:
-    """``x[index]`` as one slice per dim, when ``index`` has only slices of constants and an Ellipsis."""
+    """``x[index]`` as one slice per dim, when ``index`` has only slices and an Ellipsis."""
     index = index if isinstance(index, tuple) else (index,)
     if sum(i is Ellipsis for i in index) > 1:
         return None
     if Ellipsis in index:
         at = index.index(Ellipsis)
         index = index[:at] + (slice(None),) * (rank - len(index) + 1) + index[at + 1 :]
-    ok = all(isinstance(i, slice) and no_nodes((i.start, i.stop, i.step)) for i in index)
+    ok = all(isinstance(i, slice) for i in index)  # (bounds may be traced sizes: ``x[:, :H, :W]``; they stay)
     return [*index, *[slice(None)] * (rank - len(index))] if ok and len(index) <= rank else None
 
 
@@ -305,8 +344,18 @@ class Slice:
         return True
 
 
+def _is_dtype_read(node: fx.Node) -> bool:
+    """Whether ``node`` is ``x.dtype``."""
+    return node.op == "call_function" and node.target is getattr and node.args[1:] == ("dtype",) and not node.kwargs
+
+
 class ShapeRead:
     def propagate(self, node: fx.Node, rw: RuleContext) -> bool:
+        if _is_dtype_read(node) and (carried := rw.carried(node.args[0])) is not None:
+            with rw.graph.inserting_before(node):
+                node.replace_all_uses_with(rw.graph.call_function(getattr, (carried[0], "dtype")))
+            rw.graph.erase_node(node)
+            return True
         carried = carried_with_dims(node.args[0], rw) if is_shape_read(node) else None
         if carried is None:
             return False

@@ -1,7 +1,9 @@
 """Grouped-query attention's ``repeat_kv`` in the token layout
 (``k[:, :, None].expand(B, KV, n, S, D).reshape(B, H, S, D)``) on keys and values carried per head: the new dim goes
-beside the kv-head dim, so the reshape merges dims that are adjacent in the carried value too (no copy of a
-transposed tensor). :class:`HeadUnsqueeze`, :class:`HeadExpand`, :class:`HeadReshape`."""
+beside the kv-head dim, so the reshape (:class:`~.regroup.Regroup`) merges dims that are adjacent in the carried value
+too (no copy of a transposed tensor). :class:`HeadUnsqueeze`, :class:`HeadExpand`; :class:`HeadStack` the same for a
+stack (timm's interleaved rotary embedding, ``torch.stack([-x[..., 1::2], x[..., ::2]], -1).reshape(x.shape)``: the
+pairs go beside head_dim, and the reshape merges them back into it)."""
 
 from __future__ import annotations
 
@@ -11,12 +13,12 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from fxsurgery.capture.shapes import shape_of
 from fxsurgery.engine.rule import RuleContext
 from fxsurgery.rules.linear_to_conv.decoder import carried_with_dims
 from fxsurgery.rules.linear_to_conv.heads import heads_layout
+from fxsurgery.rules.linear_to_conv.regroup import carry
 
-__all__ = ["HeadUnsqueeze", "HeadExpand", "HeadReshape"]
+__all__ = ["HeadUnsqueeze", "HeadExpand", "HeadStack"]
 
 aten = torch.ops.aten
 
@@ -27,13 +29,6 @@ def _per_head(node: object, rw: RuleContext) -> tuple[fx.Node, tuple[int, ...]] 
     if carried is None or carried[1].to_alt is None or carried[1] is not heads_layout(carried[1].to_alt):
         return None
     return carried[0], carried[1].to_alt
-
-
-def _carry(node: fx.Node, alt: fx.Node, perm: tuple[int, ...], rw: RuleContext) -> bool:
-    if perm == tuple(range(len(perm))):
-        return False  # the original layout itself: converting back is what the rewriter does anyway
-    rw.set_alt(node, alt, heads_layout(perm))
-    return True
 
 
 def _unsqueezed_dim(node: fx.Node) -> Any:
@@ -55,12 +50,37 @@ class HeadUnsqueeze:
         if carried is None or not isinstance(d, int):
             return False
         alt, perm = carried
-        d %= len(perm) + 1
-        at = perm.index(d - 1) + 1 if d else 0  # beside the dim it follows in the original
-        shifted = [p + (p >= d) for p in perm]
+        at, new_perm = _new_dim(perm, d)
         with rw.graph.inserting_before(node):
             new = rw.graph.call_method("unsqueeze", (alt, at))
-        return _carry(node, new, tuple(shifted[:at] + [d] + shifted[at:]), rw)
+        return carry(node, new, new_perm, rw)
+
+
+def _new_dim(perm: tuple[int, ...], d: int) -> tuple[int, tuple[int, ...]]:
+    """Where a dim inserted at ``d`` of the original goes in a value carried as ``perm`` (beside the dim it follows
+    in the original), and the permutation with it."""
+    d %= len(perm) + 1
+    at = perm.index(d - 1) + 1 if d else 0
+    shifted = [p + (p >= d) for p in perm]
+    return at, tuple(shifted[:at] + [d] + shifted[at:])
+
+
+class HeadStack:
+    def propagate(self, node: fx.Node, rw: RuleContext) -> bool:
+        if not (node.op == "call_function" and node.target in (torch.stack, aten.stack.default)):
+            return False
+        parts = node.args[0] if node.args else None
+        d = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        if not isinstance(parts, (list, tuple)) or not isinstance(d, int) or len(node.args) + len(node.kwargs) > 2:
+            return False
+        carried = [_per_head(p, rw) for p in parts]
+        perms = {c[1] for c in carried if c is not None}
+        if not parts or None in carried or len(perms) != 1:
+            return False  # every part carried, all alike
+        at, new_perm = _new_dim(perms.pop(), d)
+        with rw.graph.inserting_before(node):
+            new = rw.graph.call_function(torch.stack, ([c[0] for c in carried if c is not None], at))
+        return carry(node, new, new_perm, rw)
 
 
 class HeadExpand:
@@ -74,57 +94,4 @@ class HeadExpand:
         alt, perm = carried
         with rw.graph.inserting_before(node):
             new = rw.graph.call_method("expand", (alt, [sizes[p] for p in perm]))
-        return _carry(node, new, perm, rw)
-
-
-def _groups(before: tuple[int, ...], after: tuple[int, ...]) -> list[tuple[list[int], list[int]]] | None:
-    """How a reshape from ``before`` to ``after`` splits and merges dims: ``(dims before, dims after)`` with equal
-    products, in order; None when the sizes do not pair up (or a dim is empty)."""
-    if 0 in before or 0 in after:
-        return None
-    groups: list[tuple[list[int], list[int]]] = []
-    i = j = 0
-    while i < len(before) and j < len(after):
-        gi, gj, pi, pj = [i], [j], before[i], after[j]
-        i, j = i + 1, j + 1
-        while pi != pj:
-            if pi < pj and i < len(before):
-                gi.append(i)
-                pi, i = pi * before[i], i + 1
-            elif pj < pi and j < len(after):
-                gj.append(j)
-                pj, j = pj * after[j], j + 1
-            else:
-                return None
-        groups.append((gi, gj))
-    if not groups:
-        return None
-    groups[-1][0].extend(range(i, len(before)))  # trailing unit dims
-    groups[-1][1].extend(range(j, len(after)))
-    return groups
-
-
-class HeadReshape:
-    def propagate(self, node: fx.Node, rw: RuleContext) -> bool:
-        if not (node.op == "call_method" and node.target in ("view", "reshape")) or node.kwargs:
-            return False
-        carried = _per_head(node.args[0], rw)
-        before, after = shape_of(node.args[0]), shape_of(node)
-        sizes = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
-        if carried is None or before is None or after is None or len(sizes) != len(after):
-            return False
-        groups = _groups(before, after)
-        alt, perm = carried
-        if groups is None:
-            return False
-        order = []  # the groups as the carried value holds them: each group's dims adjacent and in order there
-        for gi, gj in groups:
-            at = [perm.index(d) for d in gi]
-            if at != list(range(at[0], at[0] + len(at))):
-                return False
-            order.append((at[0], gj))
-        order.sort()
-        new_perm = tuple(d for _, gj in order for d in gj)
-        with rw.graph.inserting_before(node):
-            new = rw.graph.call_method("reshape", (alt, [sizes[d] for d in new_perm]))
-        return _carry(node, new, new_perm, rw)
+        return carry(node, new, perm, rw)

@@ -23,8 +23,8 @@ always exact.
   ``out[b,h,d,s] = sum_t p[b,h,s,t] v[b,h,d,t]``: the output is carried as ``(B, H, D, S)``. With ``quantize=``,
   SDPA itself on permuted views (the one op quantizers leave whole).
 * :class:`ChannelMatmul`: the same attention written out (``q @ k.transpose(-2, -1)``, softmax, ``p @ v``, the
-  "eager" implementation): ``q @ k^T`` of queries and keys carried per head is the scores (an Einsum, in the
-  original layout); ``p @ v`` with values carried per head is the output carried per head. With ``quantize=``,
+  "eager" implementation; timm's Swin): ``q @ k^T`` of queries and keys carried per head is the scores (an Einsum,
+  in the original layout); ``p @ v`` with values carried per head is the output carried per head. With ``quantize=``,
   both are MatMuls of permuted operands (onnxruntime quantizes MatMul, not Einsum).
 * :class:`HeadMerge`: ``reshape(B, S, H*D)`` of ``(B, S, H, D)`` carried as ``(B, H, D, S)`` is tokens
   ``(B, C, 1, S)`` again, where the output projection (a 1x1 conv) reads them.
@@ -44,7 +44,7 @@ from fxsurgery import _runtime
 from fxsurgery.capture.shapes import shape_of
 from fxsurgery.engine.layout import Layout, permutation_layout, permute_dims
 from fxsurgery.engine.rule import RuleContext
-from fxsurgery.rules.linear_to_conv.layouts import TOKEN_LAYOUT
+from fxsurgery.rules.linear_to_conv.layouts import NCHW_LAYOUT, TOKEN_LAYOUT
 
 __all__ = [
     "HeadSplit",
@@ -70,8 +70,9 @@ _RESHAPES = ("view", "reshape")
 @functools.cache
 def heads_layout(to_alt: tuple[int, ...]) -> Layout:
     """The layout of a 4-D value carried as ``(B, H, D, S)``: the original is ``alt.permute(inverse of to_alt)``.
-    One object per permutation, so layouts compare by identity."""
-    return permutation_layout(f"heads{to_alt}", to_alt)
+    One object per permutation, so layouts compare by identity; NCHW's permutation is :data:`~.layouts.NCHW_LAYOUT`
+    (a channels-last map regrouped by a reshape, as timm's Swin merges its windows back, is the conv rules' NCHW)."""
+    return NCHW_LAYOUT if to_alt == NCHW_LAYOUT.to_alt else permutation_layout(f"heads{to_alt}", to_alt)
 
 
 def _is_heads(layout: Layout) -> bool:
@@ -316,12 +317,15 @@ def _key_transposed(node: object, rw: RuleContext) -> fx.Node | None:
     return carried[0] if carried is not None and carried[1] is heads_layout(_PER_HEAD) else None
 
 
+_MATMULS = (torch.matmul, operator.matmul, torch.ops.aten.matmul.default)  # (``q @ k`` is ``operator.matmul``)
+
+
 class ChannelMatmul:
     def __init__(self, matmul: bool = False) -> None:
         self.matmul = matmul  # quantize=: matrix products of permuted operands, not Einsums
 
     def propagate(self, node: fx.Node, rw: RuleContext) -> bool:
-        if not (node.op == "call_function" and node.target is torch.matmul and len(node.args) == 2) or node.kwargs:
+        if not (node.op == "call_function" and node.target in _MATMULS and len(node.args) == 2) or node.kwargs:
             return False
         a, b = node.args
         shapes = [shape_of(a), shape_of(b)]
