@@ -272,13 +272,12 @@ def _dropping(node: fx.Node, x: object, dims: list[int], reduce: Any, rw: RuleCo
     alt, perm = carried
     gone = {d % len(perm) for d in dims}
     left = tuple(p - sum(p > d for d in gone) for p in perm if p not in gone)
+    at = [perm.index(d) for d in sorted(gone)]
+    if left == tuple(range(len(left))):  # the result is the original's: the node reads the carried value
+        node.args, node.kwargs = (alt, at), {"keepdim": False}
+        return True
     with rw.graph.inserting_before(node):
-        out = rw.graph.call_function(reduce, (alt, [perm.index(d) for d in sorted(gone)], False))
-    if left != tuple(range(len(left))):
-        return carry(node, out, left, rw)
-    node.replace_all_uses_with(out)
-    rw.graph.erase_node(node)
-    return True
+        return carry(node, rw.graph.call_function(reduce, (alt, at, False)), left, rw)
 
 
 class Cast:

@@ -147,3 +147,23 @@ def test_a_table_the_forward_writes_is_read_where_it_is_written():
     ref.table.copy_(res.module.get_buffer("table"))
     for _ in range(2):  # the second call reads the halved table in both
         torch.testing.assert_close(res.module(x), ref(x))
+
+
+class BatchMean(nn.Module):
+    """Tokens averaged over the batch (a reduction whose result is carried transposed) and over the sequence (one
+    read in place), then added."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        y = self.fc(x)
+        return y.mean(0) + y.sum(1, keepdim=False).mean(0, keepdim=True)
+
+
+def test_reductions_that_drop_dims_of_carried_tokens_are_exact():
+    model = BatchMean().eval()
+    res = run_surgery("linear_to_conv", model, torch.randn(3, 5, 8), rewritten=["fc"], token_layout=True)
+    # the tokens enter once; the reductions read the carried value (the one over the batch leaves (C, S) behind)
+    assert sum(n.target == "transpose" for n in res.module.graph.nodes) == 1, res.module.code
