@@ -84,11 +84,12 @@ class Outer(nn.Module):
         super().__init__()
         self.inner = Untraceable()
         self.unused = nn.Linear(8, 8)
-        self.proj = nn.Linear(8, 8)
+        self.proj, self.mat = nn.Linear(8, 8), nn.Linear(8, 8)
 
     def forward(self, x):
         y = self.inner(x, scale=2.0)  # a keyword argument: the submodule cannot be rewritten alone either
-        return torch.nn.functional.linear(y, self.proj.weight)  # the layer's weight, not the layer
+        # the layer computed by F.linear on its weight (the site is the layer), and a weight in a product of its own
+        return torch.nn.functional.linear(y, self.proj.weight) + y @ self.mat.weight.t()
 
 
 def test_every_linear_is_a_listed_site_even_where_the_pass_does_not_reach():
@@ -99,7 +100,9 @@ def test_every_linear_is_a_listed_site_even_where_the_pass_does_not_reach():
     assert names <= {s.name for s in res.sites}, res.summary()
     assert reasons["inner.fc"].startswith("inside inner, which was left untouched: "), reasons
     assert reasons["unused"] == UNSEEN
-    assert reasons["proj"] == WEIGHT_ONLY
+    assert reasons["mat"] == WEIGHT_ONLY
+    assert reasons["proj"] == "input (inner) is not a flattened or pooled 4-D feature map"
+    assert len(res.sites) == len(names), res.summary()  # F.linear on proj's weight is proj: listed once
 
 
 class RowsMLP(nn.Module):

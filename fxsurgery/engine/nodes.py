@@ -92,8 +92,26 @@ class LinearOp:
 
     @property
     def name(self) -> str:
-        """The site name: the module's qualified name, or the graph node's name for a functional call."""
-        return str(self.node.target) if self.module is not None else self.node.name
+        """The site name: the module's qualified name; for ``F.linear`` on the weight of a Linear that the graph
+        never calls, outside that Linear's own forward (not a subclass traced through), where no other op reads the
+        weight (timm's EVA: ``F.linear(x, self.qkv.weight, qkv_bias)``; ``nn.MultiheadAttention``'s ``out_proj``
+        once exported), that Linear's: the one layer it is; else the graph node's name."""
+        if self.module is not None:
+            return str(self.node.target)
+        weight, graph = self.weight, self.node.graph
+        if not isinstance(weight, fx.Node) or weight.op != "get_attr" or not str(weight.target).endswith(".weight"):
+            return self.node.name
+        owner = str(weight.target).removesuffix(".weight")
+        try:  # (a layer the graph does not call is held by a plain module in a traced graph)
+            layer = graph.owning_module.get_submodule(owner) if graph.owning_module is not None else None
+        except AttributeError:
+            layer = None
+        if type(layer) not in (nn.Linear, nn.Module) or reader_name(self.node) == owner:
+            return self.node.name
+        if graph.find_nodes(op="call_module", target=owner):
+            return self.node.name
+        readers = {u for n in graph.find_nodes(op="get_attr", target=weight.target) for u in n.users}  # (indexed)
+        return owner if readers == {self.node} else self.node.name
 
     def features(self) -> tuple[int, int]:
         """``(in_features, out_features)``."""

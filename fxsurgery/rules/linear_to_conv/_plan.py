@@ -56,16 +56,9 @@ class ConvPlan(Match):
 
 
 def linear_name(node: fx.Node) -> str:
-    """The site name of a Linear call: the module's qualified name; for ``F.linear`` on a Linear's weight that no
-    other op reads (timm's EVA: ``F.linear(x, self.qkv.weight, qkv_bias)``), that Linear's; else the node's name."""
-    if node.op == "call_module":
-        return str(node.target)
-    weight = node.args[1] if node.target is F.linear and len(node.args) > 1 else node.kwargs.get("weight")
-    if not isinstance(weight, fx.Node) or weight.op != "get_attr" or not str(weight.target).endswith(".weight"):
-        return node.name
-    target = weight.target
-    readers = {u for n in node.graph.nodes if n.op == "get_attr" and n.target == target for u in n.users}
-    return str(target).removesuffix(".weight") if readers == {node} else node.name
+    """The site name of a Linear call: :attr:`~fxsurgery.engine.nodes.LinearOp.name`."""
+    op = as_linear(node, {}) if node.op == "call_function" else None
+    return op.name if op is not None else str(node.target) if node.op == "call_module" else node.name
 
 
 def linear_input(node: fx.Node, rw: RuleContext) -> Any:

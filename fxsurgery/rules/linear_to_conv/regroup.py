@@ -125,7 +125,7 @@ def _moved(found: list[tuple[list[int], list[int]]], perm: tuple[int, ...], rank
 
 def _reshape(node: fx.Node) -> tuple[fx.Node, Any] | None:
     """``(x, sizes)`` of ``x.view(...)`` / ``x.reshape(...)`` / ``torch.reshape`` / ``aten.view``, or
-    ``(x, (start, end))`` of ``x.flatten(start, end)`` (sizes ``None``: see :func:`_flatten_dims`)."""
+    ``(x, None)`` of ``x.flatten(start, end)`` (its sizes: :func:`_flatten_sizes`)."""
     if node.kwargs or not node.args or not isinstance(node.args[0], fx.Node):
         return None
     if node.op == "call_method" and node.target in ("view", "reshape"):

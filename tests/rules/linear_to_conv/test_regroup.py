@@ -167,3 +167,33 @@ def test_reductions_that_drop_dims_of_carried_tokens_are_exact():
     res = run_surgery("linear_to_conv", model, torch.randn(3, 5, 8), rewritten=["fc"], token_layout=True)
     # the tokens enter once; the reductions read the carried value (the one over the batch leaves (C, S) behind)
     assert sum(n.target == "transpose" for n in res.module.graph.nodes) == 1, res.module.code
+
+
+class FunctionalQKV(nn.Module):
+    """timm's EVA projection: ``F.linear`` on a Linear's weight with biases of its own (the layer is never called)."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.qkv, self.out = nn.Linear(c, 3 * c, bias=False), nn.Linear(3 * c, c)
+        self.q_bias, self.v_bias = nn.Parameter(torch.randn(c)), nn.Parameter(torch.randn(c))
+
+    def forward(self, x):
+        bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))
+        return self.out(F.linear(x, weight=self.qkv.weight, bias=bias))
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = FunctionalQKV()
+
+    def forward(self, x):
+        return self.attn(x)
+
+
+def test_f_linear_on_a_layers_weight_is_that_layers_site_and_can_be_excluded_by_its_name():
+    model, x = Block().eval(), torch.randn(2, 5, 8)
+    res = run_surgery("linear_to_conv", model, x, rewritten=["attn.qkv", "attn.out"], token_layout=True)
+    assert len(res.sites) == 2, res.summary()  # the layer is listed once, as the F.linear that computes it
+    run_surgery("linear_to_conv", model, x, rewritten=["attn.out"], skipped={"attn.qkv": "excluded"},
+                token_layout=True, exclude=["attn.qkv"])  # fmt: skip
