@@ -141,9 +141,10 @@ class Rewriter:
 
     def constant(self, node: object) -> torch.Tensor | None:
         """The tensor ``node`` computes when neither a model input nor the state dict reaches it: a traced constant
-        or a non-persistent buffer that the graph does not write (a rotary table), or pure ops on such constants (the
-        table split by ``chunk``), computed here once; else None (a parameter or a persistent buffer, which loading
-        a state dict may change; a value on the meta device)."""
+        or a non-persistent buffer that the graph does not write (a rotary table), or ops that only move or select
+        the values of such constants (the table split by ``chunk``: :data:`_EXACT`), computed here once; else None
+        (a parameter or a persistent buffer, which loading a state dict may change; a value on the meta device;
+        arithmetic)."""
         value = self._constant(node)
         return value if isinstance(value, torch.Tensor) else None
 
@@ -291,7 +292,13 @@ class Rewriter:
         return None
 
 
-_IMPURE = ("rand", "normal", "bernoulli", "uniform", "dropout", "multinomial", "empty")
+#: Ops that move or select values without computing new ones: a constant made of them is the same computed ahead in
+#: any dtype (a float64 copy of the rewritten model holds what the original computes in float64).
+_EXACT = frozenset(
+    {"getitem", "chunk", "split", "tensor_split", "unbind", "select", "narrow", "slice", "view", "reshape", "flatten"}
+    | {"unflatten", "permute", "transpose", "t", "unsqueeze", "squeeze", "expand", "contiguous", "clone", "detach"}
+    | {"cat", "stack", "neg", "alias", "_unsafe_view"}
+)
 
 
 def _written(node: fx.Node) -> bool:
@@ -317,9 +324,9 @@ def _constant_value(
         persistent = attr in getattr(holder, "_buffers", {}) and attr not in holder._non_persistent_buffers_set  # type: ignore[union-attr]
         traced = attr.startswith("_tensor_constant")  # torch.fx keeps a tensor the code made as such a buffer
         return None if persistent and not traced or str(node.target) in written else value
-    name = getattr(node.target, "__name__", str(node.target))
-    if node.op not in ("call_function", "call_method") or name.endswith("_") or any(w in name for w in _IMPURE):
-        return None  # in place, random or empty: not a value to compute ahead
+    name = getattr(node.target, "__name__", str(node.target)).split(".")[0]  # (``aten.chunk.default``: chunk)
+    if node.op not in ("call_function", "call_method") or name not in _EXACT:
+        return None  # arithmetic (rounded as the model's dtype is), random or in place: computed where it is
     inputs = node.all_input_nodes
     values = [constant(n) for n in inputs]
     if not inputs or any(v is None for v in values):

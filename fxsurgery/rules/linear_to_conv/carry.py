@@ -13,6 +13,8 @@
 from __future__ import annotations
 
 import operator
+from collections.abc import Collection
+from typing import Any
 
 import torch.fx as fx
 from torch import nn
@@ -29,12 +31,14 @@ __all__ = ["PermuteSeed", "SelectToken", "StochasticDepth", "TokenRows"]
 
 class PermuteSeed:
     def __init__(self, token_layout: bool = False) -> None:
-        self.moves = MOVES if token_layout else ()  # (the token layout carries reshapes: timm's Swin partitions)
+        # (the token layout carries reshapes: timm's Swin partitions; and its stem's Identity downsample)
+        self.moves: Collection[Any] = MOVES if token_layout else ()
+        self.through: tuple[type, ...] = (nn.LayerNorm, nn.Identity) if token_layout else (nn.LayerNorm,)
 
     def propagate(self, node: fx.Node, rw: RuleContext) -> bool:
         if permute_dims(node) != (0, 2, 3, 1) or len(shape_of(node.args[0]) or ()) != 4:
             return False
-        if not feeds_candidate(node, rw, through=(nn.LayerNorm, nn.Identity), moves=self.moves):
+        if not feeds_candidate(node, rw, through=self.through, moves=self.moves):
             return False
         rw.seed(node, node.args[0], NCHW_LAYOUT)  # type: ignore[arg-type]
         return True

@@ -197,3 +197,25 @@ def test_f_linear_on_a_layers_weight_is_that_layers_site_and_can_be_excluded_by_
     assert len(res.sites) == 2, res.summary()  # the layer is listed once, as the F.linear that computes it
     run_surgery("linear_to_conv", model, x, rewritten=["attn.out"], skipped={"attn.qkv": "excluded"},
                 token_layout=True, exclude=["attn.qkv"])  # fmt: skip
+
+
+class SinTable(nn.Module):
+    """Tokens times a table computed from a non-persistent buffer by arithmetic (``sin``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 8), nn.Linear(8, 8)
+        self.register_buffer("angle", torch.randn(5, 8) * 3, persistent=False)
+
+    def forward(self, x):
+        return self.fc2(self.fc1(x) * self.angle.sin())
+
+
+def test_a_table_computed_by_arithmetic_is_computed_in_the_graph_in_the_models_dtype():
+    """Computed ahead in float32, a float64 copy of the rewritten model would hold float32-rounded values (torch.export
+    keeps the ``sin`` in the graph; torch.fx computes it while tracing, a constant of the traced graph)."""
+    model, x = SinTable().eval(), torch.randn(2, 5, 8)
+    res = run_surgery("linear_to_conv", model, x, rewritten=["fc1", "fc2"], token_layout=True, precision="native",
+                      frontend="export")  # fmt: skip
+    wide = res.module.double()
+    torch.testing.assert_close(wide(x.double()), model.double()(x.double()), rtol=1e-12, atol=1e-12)
