@@ -77,6 +77,14 @@ def layout_ops(gm: torch.fx.GraphModule) -> int:
     return sum(n.target in _LAYOUT_OPS for n in calls) + sum(_LAYOUT_HELPERS.get(n.target, 0) for n in calls)
 
 
+_MOVES = {"permute", "transpose", torch.permute, torch.transpose}
+
+
+def moves(gm: torch.fx.GraphModule) -> int:
+    """How many permutes and transposes a graph runs (the ops that move data; a reshape of them is a view)."""
+    return sum(n.op in ("call_method", "call_function") and n.target in _MOVES for n in gm.graph.nodes)
+
+
 def _deepcopy(model: nn.Module) -> nn.Module:
     """copy.deepcopy, also for modules holding computed tensors (old-style weight_norm's ``weight``)."""
     memo = {id(v): v.detach() for m in model.modules() for v in vars(m).values()

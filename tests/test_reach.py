@@ -9,6 +9,7 @@ from torch import nn
 
 import fxsurgery
 from fxsurgery.rules import UNSEEN, WEIGHT_ONLY
+from tests.conftest import moves
 
 
 class ExplicitLinear(nn.Linear):
@@ -170,11 +171,6 @@ def test_a_view_of_a_value_converted_back_from_the_token_layout_still_runs():
     assert [s.name for s in res.rewritten] == ["fc"] and res.validation.max_rel_error < 1e-12
 
 
-def _moves(gm: torch.fx.GraphModule) -> int:
-    return sum(str(n.target) in ("permute", "transpose") or n.target in (torch.permute, torch.transpose)
-               for n in gm.graph.nodes)  # fmt: skip
-
-
 #: timm models, tiny: their options, input size, block Linears, and the moves (permutes and transposes) of the
 #: rewritten graph, fx / export, against the original's (symbolic_trace)
 _TIMM = {
@@ -201,8 +197,8 @@ def test_timm_attention_is_carried_per_head_with_fewer_transposes_than_the_origi
     blocks = {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith(("blocks.", "layers."))}
     assert len(blocks) == count and blocks <= {s.name for s in res.rewritten}, res.summary()
     assert res.validation.max_rel_error < 1e-12
-    moves = fx_moves if frontend == "fx" else export_moves
-    assert _moves(res.module) == moves < _moves(torch.fx.symbolic_trace(model)) == original, res.module.code
+    expected = fx_moves if frontend == "fx" else export_moves
+    assert moves(res.module) == expected < moves(torch.fx.symbolic_trace(model)) == original, res.module.code
 
 
 T = pytest.importorskip("transformers")

@@ -10,19 +10,16 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import operator
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
-from torch.fx.node import map_aggregate
 
 from fxsurgery.capture.heap import settled_heap
-from fxsurgery.engine import cleanup, provenance, subgraph
+from fxsurgery.engine import cleanup, constants, provenance, subgraph
 from fxsurgery.engine.layout import Layout, composes_to_identity, permute_dims
 from fxsurgery.engine.nodes import NoShape, first_input, reader_name
 from fxsurgery.engine.rule import Rule, RuleSet, Skip
@@ -142,9 +139,9 @@ class Rewriter:
     def constant(self, node: object) -> torch.Tensor | None:
         """The tensor ``node`` computes when neither a model input nor the state dict reaches it: a traced constant
         or a non-persistent buffer that the graph does not write (a rotary table), or ops that only move or select
-        the values of such constants (the table split by ``chunk``: :data:`_EXACT`), computed here once; else None
-        (a parameter or a persistent buffer, which loading a state dict may change; a value on the meta device;
-        arithmetic)."""
+        the values of such constants (the table split by ``chunk``), computed here once
+        (:func:`~fxsurgery.engine.constants.constant_value`); else None (a parameter or a persistent buffer, which
+        loading a state dict may change; a value on the meta device; arithmetic)."""
         value = self._constant(node)
         return value if isinstance(value, torch.Tensor) else None
 
@@ -153,9 +150,9 @@ class Rewriter:
         if not isinstance(node, fx.Node) or node in self.dynamic:
             return None
         if self._written is None:
-            self._written = {str(n.target) for n in self.graph.nodes if n.op == "get_attr" and _written(n)}
+            self._written = constants.written_attributes(self.graph, self.modules)
         if node not in self._constants:
-            self._constants[node] = _constant_value(node, self.modules, self._constant, self._written)
+            self._constants[node] = constants.constant_value(node, self.modules, self._constant, self._written)
         return self._constants[node]
 
     def add_constant(self, value: torch.Tensor, name: str) -> fx.Node:
@@ -290,57 +287,6 @@ class Rewriter:
         if isinstance(first, fx.Node) and first not in self.dynamic and first in self.original_nodes:
             return CONSTANT_INPUT
         return None
-
-
-#: Ops that move or select values without computing new ones: a constant made of them is the same computed ahead in
-#: any dtype (a float64 copy of the rewritten model holds what the original computes in float64).
-_EXACT = frozenset(
-    {"getitem", "chunk", "split", "tensor_split", "unbind", "select", "narrow", "slice", "view", "reshape", "flatten"}
-    | {"unflatten", "permute", "transpose", "t", "unsqueeze", "squeeze", "expand", "contiguous", "clone", "detach"}
-    | {"cat", "stack", "neg", "alias", "_unsafe_view"}
-)
-
-
-def _written(node: fx.Node) -> bool:
-    """Whether an in-place op writes the value ``node`` reads (``buf.copy_(x)``, ``buf[i] = x``)."""
-    return any(
-        getattr(u.target, "__name__", str(u.target)).endswith("_")
-        or u.target is operator.setitem
-        or getattr(getattr(u.target, "_schema", None), "is_mutable", False)
-        for u in node.users
-    )
-
-
-def _constant_value(
-    node: fx.Node, modules: Mapping[str, nn.Module], constant: Callable[[object], object], written: set[str]
-) -> object:
-    """What :meth:`Rewriter.constant` computes for a node not yet seen."""
-    if node.op == "get_attr":
-        owner, _, attr = str(node.target).rpartition(".")
-        holder = modules.get(owner)
-        value = getattr(holder, attr, None)
-        if not isinstance(value, torch.Tensor) or isinstance(value, nn.Parameter) or value.is_meta:
-            return None
-        persistent = attr in getattr(holder, "_buffers", {}) and attr not in holder._non_persistent_buffers_set  # type: ignore[union-attr]
-        traced = attr.startswith("_tensor_constant")  # torch.fx keeps a tensor the code made as such a buffer
-        return None if persistent and not traced or str(node.target) in written else value
-    name = getattr(node.target, "__name__", str(node.target)).split(".")[0]  # (``aten.chunk.default``: chunk)
-    if node.op not in ("call_function", "call_method") or name not in _EXACT:
-        return None  # arithmetic (rounded as the model's dtype is), random or in place: computed where it is
-    inputs = node.all_input_nodes
-    values = [constant(n) for n in inputs]
-    if not inputs or any(v is None for v in values):
-        return None
-    lookup: dict[fx.Node, Any] = dict(zip(inputs, values))
-    args, kwargs = map_aggregate((node.args, node.kwargs), lambda a: lookup[a] if isinstance(a, fx.Node) else a)
-    fn: Any = getattr(args[0], str(node.target)) if node.op == "call_method" else node.target
-    try:
-        with torch.no_grad():
-            out = fn(*args[1:], **kwargs) if node.op == "call_method" else fn(*args, **kwargs)
-    except Exception:  # (an op that does not run outside its graph: the value stays computed there)
-        return None
-    tensors = isinstance(out, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in out)
-    return out if isinstance(out, torch.Tensor) or tensors else None
 
 
 class _Installs(dict[str, nn.Module]):

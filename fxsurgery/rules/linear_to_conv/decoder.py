@@ -33,7 +33,7 @@ from fxsurgery.engine.layout import Layout
 from fxsurgery.engine.nodes import is_shape_read
 from fxsurgery.engine.rule import RuleContext
 from fxsurgery.rules.linear_to_conv.layouts import TOKEN_LAYOUT
-from fxsurgery.rules.linear_to_conv.regroup import carry, permuted
+from fxsurgery.rules.linear_to_conv.regroup import carry, permutation, permuted
 
 __all__ = ["Broadcast", "Reduce", "Cast", "Slice", "ShapeRead", "carried_with_dims"]
 
@@ -266,10 +266,10 @@ def _dropping(node: fx.Node, x: object, dims: list[int], reduce: Any, rw: RuleCo
     """A reduction that drops its dims (a channels-last head's ``x.mean((1, 2))``) of a value carried as a
     permutation: the dims left keep their carried order; when that is the original's, ``node`` reads the carried
     value itself."""
-    carried = permuted(x, rw)
-    if carried is None:
+    perm = permutation(x, rw)
+    if perm is None or not isinstance(x, fx.Node):
         return False
-    alt, perm = carried
+    alt = permuted(x, rw)
     gone = {d % len(perm) for d in dims}
     left = tuple(p - sum(p > d for d in gone) for p in perm if p not in gone)
     at = [perm.index(d) for d in sorted(gone)]

@@ -27,10 +27,10 @@ from fxsurgery import _runtime
 from fxsurgery.capture.shapes import shape_of
 from fxsurgery.engine.nodes import is_shape_read
 from fxsurgery.engine.rule import RuleContext
-from fxsurgery.rules.linear_to_conv.heads import heads_layout
+from fxsurgery.rules.linear_to_conv.heads import _reshape_input, heads_layout
 from fxsurgery.rules.linear_to_conv.layouts import TOKEN_LAYOUT
 
-__all__ = ["Regroup", "Pad", "Roll", "MOVES", "carry", "groups", "permuted"]
+__all__ = ["Regroup", "Pad", "Roll", "MOVES", "carry", "groups", "permutation", "permuted"]
 
 aten = torch.ops.aten
 
@@ -39,19 +39,26 @@ _TARGETS = {4: (0, 3, 1, 2), 3: (0, 2, 1)}
 _TOKENS = (0, 2, 1)
 
 
-def permuted(node: object, rw: RuleContext) -> tuple[fx.Node, tuple[int, ...]] | None:
-    """``(alt, perm)`` of a value carried as a permutation of the original (``alt = x.permute(perm)``): per head,
-    NCHW; tokens ``(B, C, 1, S)`` as ``(B, C, S)`` (their unit dim squeezed)."""
+def permutation(node: object, rw: RuleContext) -> tuple[int, ...] | None:
+    """The permutation of the original that the value carried for ``node`` holds (``alt = x.permute(perm)``): per
+    head, NCHW; tokens ``(B, C, 1, S)`` read as ``(B, C, S)``; None for any other layout. Nothing is built."""
     carried = rw.carried(node)
     if carried is None or len(shape_of(node) or ()) < 2:
         return None
-    alt, layout = carried
+    layout = carried[1]
     if layout is TOKEN_LAYOUT:
-        with rw.graph.inserting_after(alt):
-            return rw.graph.call_method("squeeze", (alt, 2)), _TOKENS
-    if layout.to_alt is None or layout is not heads_layout(layout.to_alt):
-        return None
-    return alt, layout.to_alt
+        return _TOKENS
+    return layout.to_alt if layout.to_alt is not None and layout is heads_layout(layout.to_alt) else None
+
+
+def permuted(node: fx.Node, rw: RuleContext) -> fx.Node:
+    """The value carried for ``node`` as :func:`permutation` reads it (tokens with their unit dim squeezed): called
+    once the op is carried."""
+    alt, layout = rw.alt[node]
+    if layout is not TOKEN_LAYOUT:
+        return alt
+    with rw.graph.inserting_after(alt):
+        return rw.graph.call_method("squeeze", (alt, 2))
 
 
 def carry(node: fx.Node, alt: fx.Node, perm: tuple[int, ...], rw: RuleContext) -> bool:
@@ -124,59 +131,60 @@ def _moved(found: list[tuple[list[int], list[int]]], perm: tuple[int, ...], rank
 
 
 def _reshape(node: fx.Node) -> tuple[fx.Node, Any] | None:
-    """``(x, sizes)`` of ``x.view(...)`` / ``x.reshape(...)`` / ``torch.reshape`` / ``aten.view``, or
-    ``(x, None)`` of ``x.flatten(start, end)`` (its sizes: :func:`_flatten_sizes`)."""
-    if node.kwargs or not node.args or not isinstance(node.args[0], fx.Node):
+    """``(x, sizes)`` of ``x.view(...)`` / ``x.reshape(...)`` / ``torch.reshape`` / ``aten.view`` (sizes as given:
+    a list, the values, or a shape), or ``(x, None)`` of ``x.flatten(start, end)`` (its sizes:
+    :func:`_flatten_sizes`)."""
+    if node.kwargs:
         return None
-    if node.op == "call_method" and node.target in ("view", "reshape"):
+    x = _reshape_input(node)
+    if x is not None:
         rest = node.args[1:]
-        return node.args[0], rest[0] if len(rest) == 1 and isinstance(rest[0], (list, tuple, fx.Node)) else rest
-    if node.op == "call_function" and node.target in (torch.reshape, aten.view.default, aten.reshape.default):
-        return (node.args[0], node.args[1]) if len(node.args) == 2 else None
-    if node.target in ("flatten", torch.flatten):
-        return node.args[0], None
+        return x, rest[0] if len(rest) == 1 and isinstance(rest[0], (list, tuple, fx.Node)) else rest
+    first = node.args[0] if node.target in ("flatten", torch.flatten) and node.args else None
+    if isinstance(first, fx.Node) and all(isinstance(d, int) for d in node.args[1:]):
+        return first, None
     return None
 
 
 class Regroup:
     def propagate(self, node: fx.Node, rw: RuleContext) -> bool:
         found = _reshape(node)
-        carried = permuted(found[0], rw) if found is not None else None
+        perm = permutation(found[0], rw) if found is not None else None
         before, after = shape_of(found[0]) if found else None, shape_of(node)
         split = groups(before, after) if before is not None and after is not None else None
-        if found is None or carried is None or split is None or after is None:
+        if found is None or perm is None or split is None or after is None:
             return False
-        alt, perm = carried
-        sizes = found[1]
-        if isinstance(sizes, fx.Node) and (is_shape_read(sizes) or sizes.target is _runtime.original_shape):
-            with rw.graph.inserting_before(node):  # ``y.reshape(x.shape)``: its sizes one by one
-                sizes = [rw.graph.call_function(operator.getitem, (sizes, i)) for i in range(len(after))]
-        if sizes is None:  # ``flatten``: the sizes of the result, read from the carried value as it goes
-            sizes = _flatten_sizes(node, alt, perm, rw)
-        if not isinstance(sizes, (list, tuple)) or len(sizes) != len(after):
+        x, sizes = found
+        shape = isinstance(sizes, fx.Node) and (is_shape_read(sizes) or sizes.target is _runtime.original_shape)
+        if not shape and sizes is not None and (not isinstance(sizes, (list, tuple)) or len(sizes) != len(after)):
             return False
-        new = _in_place(split, perm)
+        new, order = _in_place(split, perm), None
+        if new is None:
+            order = _moved(split, perm, len(after))
+            if order is None:
+                return False
+            new = _TARGETS[len(after)]
+        alt = permuted(x, rw)
         with rw.graph.inserting_before(node):
-            if new is None:
-                order = _moved(split, perm, len(after))
-                if order is None:
-                    return False
-                alt, new = rw.graph.call_method("permute", (alt, order)), _TARGETS[len(after)]
+            if shape:  # ``y.reshape(x.shape)``: its sizes one by one
+                sizes = [rw.graph.call_function(operator.getitem, (sizes, i)) for i in range(len(after))]
+            elif sizes is None:  # ``flatten``: the sizes of the result, read from the carried value as it goes
+                sizes = _flatten_sizes(node, alt, perm, rw)
+            if order is not None:
+                alt = rw.graph.call_method("permute", (alt, order))
             alt = rw.graph.call_method("reshape", (alt, [sizes[d] for d in new]))
         return carry(node, alt, new, rw)
 
 
 def _flatten_sizes(node: fx.Node, alt: fx.Node, perm: tuple[int, ...], rw: RuleContext) -> list[Any]:
-    """The sizes of ``x.flatten(start, end)``, read from the carried value (the merged dim as -1)."""
+    """The sizes of ``x.flatten(start, end)`` (constant dims: :func:`_reshape`), read from the carried value (the
+    merged dim as -1), built where the graph is being built."""
     rank = len(perm)
     start: Any = node.args[1] if len(node.args) > 1 else 0
     end: Any = node.args[2] if len(node.args) > 2 else -1
-    if not isinstance(start, int) or not isinstance(end, int):
-        return []
     start, end = start % rank, end % rank
-    with rw.graph.inserting_before(node):
-        shape = rw.graph.call_function(_runtime.original_shape, (alt, perm))
-        kept = [rw.graph.call_function(operator.getitem, (shape, d)) for d in range(rank)]
+    shape = rw.graph.call_function(_runtime.original_shape, (alt, perm))
+    kept = [rw.graph.call_function(operator.getitem, (shape, d)) for d in range(rank)]
     return kept[:start] + [-1] + kept[end + 1 :]
 
 
@@ -196,14 +204,13 @@ class Pad:
         if not (node.op == "call_function" and node.target in _PADS):
             return False
         args = dict(zip(("input", "pad", "mode", "value"), node.args), **node.kwargs)
-        carried = permuted(node.args[0] if len(node.args) > 1 else None, rw)  # (aten's first is ``self``)
-        pad = node.args[1] if carried is not None else None
-        if carried is None or args.get("mode", "constant") != "constant" or not isinstance(pad, (list, tuple)):
+        perm = permutation(node.args[0] if len(node.args) > 1 else None, rw)  # (aten's first is ``self``)
+        pad = node.args[1] if perm is not None else None
+        if perm is None or args.get("mode", "constant") != "constant" or not isinstance(pad, (list, tuple)):
             return False
         if len(pad) % 2:  # (a malformed pad: left for torch to reject)
             return False
-        alt, perm = carried
-        rank = len(perm)
+        alt, rank = permuted(node.args[0], rw), len(perm)  # type: ignore[arg-type]
         pairs = {rank - 1 - i: tuple(pad[2 * i : 2 * i + 2]) for i in range(len(pad) // 2)}  # by original dim
         new = [p for at in reversed(range(rank)) for p in pairs.get(perm[at], (0, 0))]
         with rw.graph.inserting_before(node):
@@ -218,14 +225,14 @@ class Roll:
         ):
             return False
         args = dict(zip(("input", "shifts", "dims"), node.args), **node.kwargs)
-        carried = permuted(args.get("input"), rw)
-        dims: Any = args.get("dims")
-        if carried is None or set(args) != {"input", "shifts", "dims"} or not isinstance(dims, (list, tuple, int)):
+        x, dims = args.get("input"), args.get("dims")  # type: Any, Any
+        perm = permutation(x, rw)
+        if perm is None or set(args) != {"input", "shifts", "dims"} or not isinstance(dims, (list, tuple, int)):
             return False
-        alt, perm = carried
         dims = [dims] if isinstance(dims, int) else dims
         if not all(isinstance(d, int) for d in dims):
             return False
+        alt = permuted(x, rw)
         with rw.graph.inserting_before(node):
             out = rw.graph.call_function(torch.roll, (alt, args["shifts"], [perm.index(d % len(perm)) for d in dims]))
         return carry(node, out, perm, rw)

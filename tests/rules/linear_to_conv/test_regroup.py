@@ -5,19 +5,12 @@ loading a state dict can. Every rewrite is checked against the original model in
 
 from __future__ import annotations
 
-import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import fxsurgery
-from tests.conftest import run_surgery
-
-_MOVES = {"transpose", "permute", torch.transpose, torch.permute}
-
-
-def _moves(gm: torch.fx.GraphModule) -> int:
-    return sum(n.op in ("call_function", "call_method") and n.target in _MOVES for n in gm.graph.nodes)
+from tests.conftest import moves, run_surgery
 
 
 class Windows(nn.Module):
@@ -49,7 +42,7 @@ def test_a_window_block_runs_on_the_carried_map_with_fewer_moves_than_the_origin
     model = Windows().eval()
     res = run_surgery("linear_to_conv", model, torch.randn(2, 3, 5, 5), rewritten=["qkv", "proj"], token_layout=True)
     # the original: the stem's permute and the two of the windows; rewritten: the windows' two (NCHW <-> windows)
-    assert _moves(res.module) == 2 < _moves(torch.fx.symbolic_trace(model)) == 3, res.module.code
+    assert moves(res.module) == 2 < moves(torch.fx.symbolic_trace(model)) == 3, res.module.code
     assert not any(n.target is torch.roll and n.args[2] != [2, 3] for n in res.module.graph.nodes)  # rolls H, W
 
 
@@ -80,7 +73,7 @@ class Interleaved(nn.Module):
 def test_an_interleaved_rotary_embedding_runs_per_head():
     model = Interleaved().eval()
     res = run_surgery("linear_to_conv", model, torch.randn(2, 5, 8), rewritten=["qkv", "out"], token_layout=True)
-    assert _moves(res.module) == 2, res.module.code  # the tokens in and out: the tables are entered once, here
+    assert moves(res.module) == 2, res.module.code  # the tokens in and out: the tables are entered once, here
 
 
 def test_an_interleaved_rotary_embedding_runs_per_head_once_exported():
@@ -89,7 +82,7 @@ def test_an_interleaved_rotary_embedding_runs_per_head_once_exported():
     model, x = Interleaved().eval(), torch.randn(2, 5, 8)
     res = fxsurgery.linear_to_conv(model, x, token_layout=True, frontend="export", precision="float64")
     assert res.frontend == "export" and {s.name for s in res.rewritten} == {"qkv", "out"}, res.summary()
-    assert res.validation.max_rel_error < 1e-12 and _moves(res.module) == 2, res.module.code
+    assert res.validation.max_rel_error < 1e-12 and moves(res.module) == 2, res.module.code
     torch.testing.assert_close(res.module(x), model(x))
 
 
@@ -109,7 +102,7 @@ def test_a_table_loading_cannot_change_is_entered_once_and_follows_the_model_to_
     model = Table(persistent=False).eval()
     x = torch.randn(2, 5, 8)
     res = run_surgery("linear_to_conv", model, x, rewritten=["fc1", "fc2"], token_layout=True, precision="native")
-    assert _moves(res.module) == 2  # the tokens in and out; the table is held as (1, C, 1, S)
+    assert moves(res.module) == 2  # the tokens in and out; the table is held as (1, C, 1, S)
     wide = res.module.double()  # a buffer of the rewritten model: converted with it
     torch.testing.assert_close(wide(x.double()), model.double()(x.double()), rtol=1e-12, atol=1e-12)
 
